@@ -1,0 +1,5 @@
+import sys
+
+from qtrap_proxy.cli import main
+
+sys.exit(main())

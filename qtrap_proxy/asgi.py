@@ -1,0 +1,94 @@
+"""Small ASGI helpers for the relay routes (raw ASGI keeps the per-chunk path lean)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Iterable, MutableMapping
+from typing import Any
+
+from qtrap_proxy.errors import PayloadTooLarge
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Any  # Callable[[], Awaitable[Message]]
+Send = Any  # Callable[[Message], Awaitable[None]]
+
+# Headers never relayed from an upstream response (hop-by-hop, or recomputed here).
+_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"})
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """First value of a request header (``name`` lower-case)."""
+    for k, v in scope["headers"]:
+        if k == name:
+            return str(v.decode("latin-1"))
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body, or PayloadTooLarge as soon as it exceeds ``limit`` bytes."""
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise asyncio.CancelledError("client disconnected while sending the body")
+        chunk = msg.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
+def relay_headers(upstream: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower(), v) for k, v in upstream if k.lower() not in _DROP]
+
+
+async def send_full(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], content_type: bytes | None
+) -> None:
+    hdrs = list(headers)
+    if content_type is not None:
+        hdrs.append((b"content-type", content_type))
+    hdrs.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def run_until_disconnect(work: Awaitable[None], receive: Receive) -> bool:
+    """Run ``work`` until it finishes or the client disconnects, whichever is first.
+
+    On disconnect ``work`` is cancelled at once (so upstream connections it holds
+    are closed and the backend stops generating) and True is returned.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task.done():
+        watcher.cancel()
+        task.result()
+        return False
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    return True

@@ -1,0 +1,177 @@
+"""Typed configuration: one YAML file, overridable by ``QTRAP_...`` environment variables.
+
+Nested keys use ``__`` in variable names: ``QTRAP_SERVER__PORT=9000`` overrides
+``server.port``; list-valued keys take JSON (``QTRAP_BACKENDS='[...]'``).
+Environment values win over the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from qtrap_proxy.errors import ConfigError
+
+BackendKind = Literal["vllm", "tgi", "openai"]
+
+_DEFAULT_HEALTH_PATH: dict[str, str] = {"vllm": "/health", "tgi": "/health", "openai": "/v1/models"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="requests with a larger body get 413")
+    health_timeout_s: float = Field(2.0, gt=0, description="per-backend probe timeout of GET /health")
+
+
+class Timeouts(_Strict):
+    connect_s: float = Field(5.0, gt=0, description="TCP connect to the backend")
+    read_s: float = Field(600.0, gt=0, description="longest silence from the backend (first byte or between chunks)")
+
+
+class Device(_Strict):
+    host: str = "localhost"
+    index: int = Field(0, ge=0)
+
+
+class BackendConfig(_Strict):
+    name: str = Field(min_length=1)
+    pool: str = Field(min_length=1)
+    precision: str = Field(min_length=1)
+    kind: BackendKind = "vllm"
+    url: str
+    model: str = Field(min_length=1, description="the model id the upstream serves")
+    devices: list[Device] = Field(default_factory=list)
+    api_key: SecretStr | None = None
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    health_path: str | None = None
+    max_connections: int = Field(4096, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    @field_validator("pool", "precision")
+    @classmethod
+    def _no_at(cls, v: str) -> str:
+        if "@" in v:
+            raise ValueError("must not contain '@' (clients use 'pool@precision' to pin a precision)")
+        return v
+
+    @property
+    def effective_health_path(self) -> str:
+        return self.health_path or _DEFAULT_HEALTH_PATH[self.kind]
+
+
+class PoolConfig(_Strict):
+    default_precision: str | None = None
+
+
+class MeterConfig(_Strict):
+    kind: Literal["nvml", "dcgm", "null"] = "null"
+    urls: list[str] = Field(default_factory=list)
+    interval_s: float = Field(0.02, gt=0)
+
+
+class LedgerConfig(_Strict):
+    path: str = "qtrap-ledger.sqlite"
+
+
+class ProxyConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QTRAP_", env_nested_delimiter="__", extra="forbid")
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    backends: list[BackendConfig] = Field(min_length=1)
+    pools: dict[str, PoolConfig] = Field(default_factory=dict)
+    meter: MeterConfig = Field(default_factory=MeterConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProxyConfig:
+        seen: set[str] = set()
+        for i, b in enumerate(self.backends):
+            if b.name in seen:
+                raise ValueError(f"backends[{i}].name: duplicate backend name {b.name!r}")
+            seen.add(b.name)
+        precisions: dict[str, set[str]] = {}
+        for b in self.backends:
+            precisions.setdefault(b.pool, set()).add(b.precision)
+        for pool, pc in self.pools.items():
+            if pool not in precisions:
+                raise ValueError(f"pools.{pool}: no backend serves this pool")
+            if pc.default_precision is not None and pc.default_precision not in precisions[pool]:
+                raise ValueError(
+                    f"pools.{pool}.default_precision: {pc.default_precision!r} is not served "
+                    f"(pool has {sorted(precisions[pool])})"
+                )
+        return self
+
+    def default_precision(self, pool: str) -> str:
+        """The pool's configured default, else the precision of its first listed backend."""
+        pc = self.pools.get(pool)
+        if pc is not None and pc.default_precision is not None:
+            return pc.default_precision
+        return next(b.precision for b in self.backends if b.pool == pool)
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def load_config(path: str | Path | None = None, data: dict[str, Any] | None = None) -> ProxyConfig:
+    """Read and validate a config file (or an already-parsed mapping).
+
+    Raises :class:`ConfigError` whose message names the offending key, e.g.
+    ``backends[1].kind: Input should be 'vllm', 'tgi' or 'openai'``.
+    """
+    where = str(path) if path is not None else "config"
+    if data is None:
+        if path is None:
+            raise ConfigError("no configuration given")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {where}: {e.strerror or e}") from e
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{where}: the top level must be a mapping")
+        data = loaded
+    try:
+        return ProxyConfig(**data)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = _format_loc(tuple(err["loc"]))
+            msg = err["msg"].removeprefix("Value error, ")
+            msgs.append(msg if loc == "(top level)" and ":" in msg else f"{loc}: {msg}")
+        raise ConfigError(f"{where}: " + "; ".join(msgs)) from e

@@ -1,0 +1,95 @@
+"""The one exception hierarchy of the proxy.
+
+Everything that can go wrong while serving a request is raised as a subclass of
+:class:`QtrapError`; the HTTP edge (``openai_route``/``tgi_route``) turns it into a
+status code and an error body. Nothing below the edge knows about HTTP bodies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class QtrapError(Exception):
+    """Base class. ``status`` is the HTTP status the edge answers with."""
+
+    status: int = 500
+    type: str = "internal_error"
+    code: str | None = None
+    label: str = "upstream_error"  # the ``status`` label of qtrap_requests_total
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def openai_body(self) -> bytes:
+        """The error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+        return openai_error_body(self.message, self.type, self.param, self.code)
+
+    def tgi_body(self) -> bytes:
+        """The error in TGI's native shape: ``{"error": "...", "error_type": "..."}``."""
+        return orjson.dumps({"error": self.message, "error_type": self.type})
+
+
+def openai_error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+class ConfigError(QtrapError):
+    """The configuration file or environment is invalid (raised at start-up, never per request)."""
+
+
+class BadRequest(QtrapError):
+    status = 400
+    label = "bad_request"
+    type = "invalid_request_error"
+
+
+class NotFound(QtrapError):
+    status = 404
+    label = "not_found"
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(QtrapError):
+    status = 413
+    label = "too_large"
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamError(QtrapError):
+    """A backend could not be used. ``backend`` names it for logs and metrics."""
+
+    def __init__(self, message: str, *, backend: str) -> None:
+        super().__init__(message)
+        self.backend = backend
+
+
+class UpstreamConnectError(UpstreamError):
+    status = 502
+    label = "upstream_unreachable"
+    type = "upstream_error"
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    label = "upstream_timeout"
+    type = "upstream_error"
+    code = "upstream_timeout"
+
+
+class UpstreamBroken(UpstreamError):
+    """The backend went away after the response had started (mid-stream)."""
+
+    status = 502
+    label = "stream_broken"
+    type = "upstream_error"
+    code = "upstream_stream_broken"

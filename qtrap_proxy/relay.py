@@ -1,0 +1,177 @@
+"""The relay shared by the OpenAI and TGI routes.
+
+A route subclass parses and validates the client's request, picks a backend,
+and supplies a stream filter; this module relays the upstream response, keeps
+the token timeline, and turns every fault into the right answer for the client:
+
+* before the response has started: an error body with the right HTTP status;
+* after it has started (mid-stream): an error event, then the stream ends;
+* a client that disconnects: the upstream request is cancelled at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from qtrap_proxy.asgi import Receive, Scope, Send, header, read_body, relay_headers, run_until_disconnect, send_full
+from qtrap_proxy.errors import BadRequest, QtrapError, UpstreamBroken, UpstreamError, UpstreamTimeout
+from qtrap_proxy.proxy import Proxy
+from qtrap_proxy.sse import SSESplitter
+from qtrap_proxy.timeline import Timeline, new_request_id
+from qtrap_proxy.upstream import Backend
+
+log = logging.getLogger("qtrap.relay")
+
+_JSON = b"application/json"
+
+
+class StreamFilter(ABC):
+    """Inspects relayed SSE events: records tokens on the timeline, may rewrite or drop events."""
+
+    upstream_error: str | None = None  # set when the backend itself sent an error event
+
+    @abstractmethod
+    def process(self, events: list[bytes], now: float) -> bytes:
+        """The bytes to forward for these complete events (may be empty)."""
+
+    @abstractmethod
+    def error_event(self, err: QtrapError) -> bytes:
+        """The bytes that end a stream the backend broke off."""
+
+
+@dataclass(slots=True)
+class Prepared:
+    """What a route decided: where to send what, and how to watch the answer."""
+
+    backend: Backend
+    path: str
+    body: bytes
+    stream: bool
+    filter: StreamFilter | None
+
+
+class RelayRoute(ABC):
+    """A raw ASGI endpoint relaying one kind of request."""
+
+    route_name: str = ""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    @abstractmethod
+    def prepare(self, scope: Scope, body: bytes, tl: Timeline) -> Prepared:
+        """Validate the request and choose a backend; raise QtrapError subclasses for bad input."""
+
+    @abstractmethod
+    def error_body(self, err: QtrapError) -> bytes: ...
+
+    @abstractmethod
+    def account_full_body(self, tl: Timeline, body: bytes, headers: Mapping[str, str]) -> None:
+        """Fill token counts from a non-streaming response."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        proxy = self.proxy
+        tl = Timeline(new_request_id(), route=self.route_name)
+        try:
+            body = await read_body(scope, receive, proxy.config.server.max_body_bytes)
+            _read_chain_headers(scope, tl)
+            prep = self.prepare(scope, body, tl)
+        except QtrapError as e:
+            tl.finish(e.label, e.status, e.message)
+            proxy.end(tl, was_inflight=False)
+            await send_full(send, e.status, self.error_body(e), proxy.response_headers(tl), _JSON)
+            return
+        tl.stream = prep.stream
+        proxy.begin(tl, prep.backend)
+        try:
+            disconnected = await run_until_disconnect(
+                self._relay(prep, tl, header(scope, b"authorization"), send), receive
+            )
+            if disconnected:
+                tl.finish("client_disconnected", 499, "client disconnected")
+        except OSError:  # the client went away while an error was being sent to it
+            if tl.end is None:
+                tl.finish("client_disconnected", 499, "client disconnected")
+        except Exception as e:  # a bug: log it, keep serving
+            log.exception("relay of request %s failed", tl.request_id)
+            if tl.end is None:
+                tl.finish("internal_error", 500, f"{type(e).__name__}: {e}")
+        finally:
+            if tl.end is None:  # cancelled from outside (server shutdown)
+                tl.finish("client_disconnected", 499, "cancelled")
+            proxy.end(tl, was_inflight=True)
+
+    async def _relay(self, prep: Prepared, tl: Timeline, client_auth: str | None, send: Send) -> None:
+        started = False
+        own = self.proxy.response_headers(tl)
+        try:
+            async with prep.backend.post(prep.path, prep.body, tl.request_id, client_auth) as resp:
+                tl.first_byte = time.monotonic()
+                hdrs = relay_headers(resp.raw_headers) + own
+                if resp.status != 200:
+                    data = await resp.read()
+                    await send_full(send, resp.status, data, hdrs, None)
+                    tl.finish("upstream_error", resp.status, data[:300].decode("utf-8", "replace"))
+                    return
+                if not prep.stream or prep.filter is None:
+                    data = await resp.read()
+                    self.account_full_body(tl, data, resp.headers)
+                    await send_full(send, 200, data, hdrs, None)
+                    tl.finish("ok", 200)
+                    return
+                filt = prep.filter
+                await send({"type": "http.response.start", "status": 200, "headers": hdrs})
+                started = True
+                splitter = SSESplitter()
+                async for data in resp.content.iter_any():
+                    events = splitter.feed(data)
+                    if events:
+                        out = filt.process(events, time.monotonic())
+                        if out:
+                            await send({"type": "http.response.body", "body": out, "more_body": True})
+                if splitter.pending.strip():
+                    raise UpstreamBroken(
+                        f"backend {prep.backend.name} ended the stream inside an event", backend=prep.backend.name
+                    )
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if filt.upstream_error is not None:
+                    tl.finish("upstream_error", 200, filt.upstream_error)
+                else:
+                    tl.finish("ok", 200)
+        except (aiohttp.ClientError, TimeoutError, UpstreamError) as e:
+            err = _as_upstream_error(e, prep.backend, started)
+            if started:
+                assert prep.filter is not None
+                await send({"type": "http.response.body", "body": prep.filter.error_event(err), "more_body": False})
+                tl.finish(err.label, 200, err.message)
+            else:
+                await send_full(send, err.status, self.error_body(err), own, _JSON)
+                tl.finish(err.label, err.status, err.message)
+        except OSError:
+            # uvicorn raises OSError from send() once the client is gone: same as a disconnect.
+            tl.finish("client_disconnected", 499, "client disconnected")
+
+
+def _as_upstream_error(e: BaseException, backend: Backend, started: bool) -> UpstreamError:
+    if isinstance(e, UpstreamError):
+        return e
+    if isinstance(e, TimeoutError):
+        return UpstreamTimeout(f"backend {backend.name} went silent for longer than its read timeout",
+                               backend=backend.name)
+    what = "mid-stream" if started else "before answering"
+    return UpstreamBroken(f"backend {backend.name} failed {what}: {type(e).__name__}: {e}", backend=backend.name)
+
+
+def _read_chain_headers(scope: Scope, tl: Timeline) -> None:
+    tl.chain_id = header(scope, b"x-qtrap-chain-id")
+    hop = header(scope, b"x-qtrap-hop")
+    if hop is not None:
+        if not hop.strip().isdigit() or int(hop) < 1:
+            raise BadRequest(f"x-qtrap-hop must be a positive integer (1-based), got {hop!r}", param="x-qtrap-hop")
+        tl.hop = int(hop)

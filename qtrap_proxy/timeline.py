@@ -1,0 +1,95 @@
+"""The token timeline of one request: what energy attribution consumes.
+
+The per-chunk path only appends a float and an int to two lists; everything
+derived (TTFT, durations, the JSON record) is computed once, when the request
+has ended.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class Timeline:
+    """Times are ``time.monotonic()`` seconds; ``start_unix_s`` anchors them to wall time."""
+
+    request_id: str
+    route: str
+    stream: bool = False
+    pool: str | None = None
+    precision: str | None = None
+    backend: str | None = None
+    chain_id: str | None = None
+    hop: int | None = None
+    start: float = field(default_factory=time.monotonic)
+    start_unix_s: float = field(default_factory=time.time)
+    first_byte: float | None = None
+    end: float | None = None
+    chunk_t: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    # True when chunk_tokens come from the backend's own counters (vLLM continuous
+    # usage stats, TGI's one-token events); False when they are one-per-chunk estimates.
+    tokens_exact: bool = False
+    status: str = "in_flight"
+    http_status: int | None = None
+    error: str | None = None
+
+    def add_chunk(self, t: float, tokens: int) -> None:
+        self.chunk_t.append(t)
+        self.chunk_tokens.append(tokens)
+
+    def finish(self, status: str, http_status: int, error: str | None = None) -> None:
+        self.end = time.monotonic()
+        self.status = status
+        self.http_status = http_status
+        self.error = error
+        if self.completion_tokens is None and self.chunk_tokens and self.tokens_exact:
+            self.completion_tokens = sum(self.chunk_tokens)
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Time to the first content chunk (streams) or to the response (non-streaming)."""
+        if self.chunk_t:
+            return self.chunk_t[0] - self.start
+        return None
+
+    @property
+    def e2e_s(self) -> float | None:
+        return None if self.end is None else self.end - self.start
+
+    def record(self) -> dict[str, Any]:
+        """The request's record (DESIGN.md). Energy fields are null until a meter attributes them."""
+        return {
+            "id": self.request_id,
+            "chain_id": self.chain_id,
+            "hop": self.hop,
+            "route": self.route,
+            "stream": self.stream,
+            "pool": self.pool,
+            "backend": self.backend,
+            "precision": self.precision,
+            "status": self.status,
+            "http_status": self.http_status,
+            "error": self.error,
+            "start_unix_s": self.start_unix_s,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "ttft_s": self.ttft_s,
+            "e2e_s": self.e2e_s,
+            "chunks": len(self.chunk_t),
+            "tokens_exact": self.tokens_exact,
+            "timeline": {
+                "t_s": [round(t - self.start, 6) for t in self.chunk_t],
+                "tokens": list(self.chunk_tokens),
+            },
+        }

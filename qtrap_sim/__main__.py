@@ -1,0 +1,5 @@
+import sys
+
+from qtrap_sim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,182 @@
+"""One simulated backend: a served model on one simulated GPU, its engine and its metrics."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, ConfigDict, Field
+
+from qtrap_sim.engine import Engine, SimRequest
+from qtrap_sim.perf import LinearPerf
+from qtrap_sim.textgen import TextStream
+
+_LAT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class SimBackendConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    model: str = Field("qwen3-8b", description="model shape (and default served name)")
+    served_model_name: str | None = None
+    precision: str = "bf16"
+    gpu: str = "h100"
+    api: Literal["vllm", "tgi"] = "vllm"
+    host: str = "127.0.0.1"
+    port: int = Field(8101, ge=0, le=65535)
+    max_num_seqs: int = Field(256, gt=0)
+    max_model_len: int = Field(32768, gt=0)
+    step_ms: float = Field(10.0, ge=0, description="fixed cost of one engine step")
+    per_seq_us: float = Field(20.0, ge=0, description="extra step time per decoding sequence")
+    per_prefill_token_us: float = Field(5.0, ge=0, description="extra step time per prompt token prefilled")
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_name or self.model
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"{self.model}-{self.precision}"
+
+
+class SimBackend:
+    def __init__(self, cfg: SimBackendConfig) -> None:
+        self.cfg = cfg
+        self.engine = Engine(
+            LinearPerf(cfg.step_ms / 1e3, cfg.per_seq_us / 1e6, cfg.per_prefill_token_us / 1e6),
+            max_num_seqs=cfg.max_num_seqs,
+            max_model_len=cfg.max_model_len,
+        )
+        self.registry = CollectorRegistry()
+        self.started_unix_s = int(time.time())
+        self.finished: dict[str, int] = {}
+        if cfg.api == "vllm":
+            self._vllm_metrics()
+        else:
+            self._tgi_metrics()
+
+    # -- metrics -------------------------------------------------------------
+    def _vllm_metrics(self) -> None:
+        r, name = self.registry, self.cfg.served_name
+        labels = ("model_name", "engine")
+        self.m_prompt = Counter("vllm:prompt_tokens", "Prefill tokens processed", labels, registry=r).labels(name, "0")
+        self.m_gen = Counter("vllm:generation_tokens", "Generation tokens processed", labels, registry=r).labels(
+            name, "0"
+        )
+        self.m_success = Counter(
+            "vllm:request_success", "Finished requests", (*labels, "finished_reason"), registry=r
+        )
+        self.m_ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Time to first token", labels, buckets=_LAT, registry=r
+        ).labels(name, "0")
+        self.m_e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency", labels, buckets=_LAT, registry=r
+        ).labels(name, "0")
+        self.m_queue = Histogram(
+            "vllm:request_queue_time_seconds", "Time spent waiting", labels, buckets=_LAT, registry=r
+        ).labels(name, "0")
+        r.register(_EngineGauges(self, "vllm"))
+
+    def _tgi_metrics(self) -> None:
+        r = self.registry
+        self.m_prompt = Counter("tgi_request_input_count", "Prompt tokens received", registry=r)
+        self.m_gen = Counter("tgi_request_generated_tokens_count", "Tokens generated", registry=r)
+        self.m_success = Counter("tgi_request_success", "Requests that finished", ("finished_reason",), registry=r)
+        self.m_ttft = Histogram("tgi_request_queue_duration", "Time queued before the first token", buckets=_LAT,
+                                registry=r)
+        self.m_e2e = Histogram("tgi_request_duration", "Request duration", buckets=_LAT, registry=r)
+        self.m_queue = self.m_ttft
+        r.register(_EngineGauges(self, "tgi"))
+
+    @asynccontextmanager
+    async def lifespan(self, _app: object) -> AsyncIterator[None]:
+        """Starlette lifespan: the engine runs while the server does."""
+        self.engine.start()
+        try:
+            yield
+        finally:
+            await self.engine.stop()
+
+    # -- generation ------------------------------------------------------------
+    def new_request(self, request_id: str | None, prompt_tokens: int, max_tokens: int) -> SimRequest:
+        return SimRequest(request_id or uuid.uuid4().hex, prompt_tokens, max_tokens)
+
+    async def generate(
+        self, req: SimRequest, prompt: str, seed: int | None, temperature: float, stop: Iterable[str]
+    ) -> AsyncIterator[tuple[str, int]]:
+        """Yield (text, tokens) as the engine produces tokens; abort the request if the consumer stops."""
+        text = TextStream(prompt, seed, temperature)
+        stops = [s for s in stop if s]
+        tail = ""
+        sent = 0
+        self.engine.submit(req)
+        self.m_prompt.inc(req.prompt_tokens)
+        try:
+            while not req.done or sent < req.generated:
+                await req.wait_progress()
+                n = req.generated - sent
+                if n <= 0:
+                    continue
+                delta = text.next_words(n)
+                sent += n
+                if stops:
+                    window = tail + delta
+                    cut = min((i for i in (window.find(s) for s in stops) if i >= 0), default=-1)
+                    if cut >= 0:
+                        delta = window[:cut][len(tail):] if cut >= len(tail) else ""
+                        self.engine.finish(req, "stop")
+                        if delta:
+                            yield delta, n
+                        break
+                    tail = window[-64:]
+                yield delta, n
+        finally:
+            if not req.done:
+                self.engine.finish(req, "abort")
+            self.m_gen.inc(sent)
+            reason = req.finish_reason or "abort"
+            self.m_success.labels(*self._success_labels(reason)).inc()
+            end = req.finished_at or time.monotonic()
+            self.m_e2e.observe(end - req.arrival)
+            if req.first_token_at is not None:
+                self.m_ttft.observe(req.first_token_at - req.arrival)
+            self.finished[reason] = self.finished.get(reason, 0) + 1
+
+    def _success_labels(self, reason: str) -> tuple[str, ...]:
+        if self.cfg.api == "vllm":
+            return (self.cfg.served_name, "0", reason)
+        return (reason,)
+
+
+class _EngineGauges(Collector):
+    """Gauges read from the engine at scrape time."""
+
+    def __init__(self, backend: SimBackend, api: str) -> None:
+        self.b = backend
+        self.api = api
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        eng = self.b.engine
+        capacity = eng.max_model_len * eng.max_num_seqs
+        kv = min(1.0, eng.kv_tokens / capacity) if capacity else 0.0
+        if self.api == "vllm":
+            labels = ["model_name", "engine"]
+            values = [self.b.cfg.served_name, "0"]
+            for name, doc, v in (
+                ("vllm:num_requests_running", "Requests in model execution batches", len(eng.running)),
+                ("vllm:num_requests_waiting", "Requests waiting to be processed", len(eng.waiting)),
+                ("vllm:kv_cache_usage_perc", "KV-cache usage (1 means 100 percent)", kv),
+            ):
+                g = GaugeMetricFamily(name, doc, labels=labels)
+                g.add_metric(values, v)
+                yield g
+        else:
+            yield GaugeMetricFamily("tgi_queue_size", "Requests waiting", value=len(eng.waiting))
+            yield GaugeMetricFamily("tgi_batch_current_size", "Requests in the running batch", value=len(eng.running))

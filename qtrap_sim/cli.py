@@ -1,0 +1,68 @@
+"""``qtrap-sim``: serve simulated vLLM/TGI backends."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from qtrap_sim import __version__
+from qtrap_sim.backend import SimBackendConfig
+from qtrap_sim.server import SimConfigError, load_sim_config, serve_all
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qtrap-sim",
+        description="A vLLM/TGI-compatible inference server on a simulated GPU (no GPU needed).",
+    )
+    p.add_argument("--version", action="version", version=f"qtrap-sim {__version__}")
+    p.add_argument("--config", metavar="FILE", help="YAML with a `backends:` list: several backends in one process")
+    p.add_argument("--model", default="qwen3-8b", help="model shape, also the served name (default: qwen3-8b)")
+    p.add_argument("--served-model-name", help="name clients use in `model` (default: --model)")
+    p.add_argument("--precision", default="bf16", help="precision / kernel label (default: bf16)")
+    p.add_argument("--gpu", default="h100", help="simulated GPU (default: h100)")
+    p.add_argument("--api", choices=["vllm", "tgi"], default="vllm", help="API to speak (default: vllm)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8101)
+    p.add_argument("--max-num-seqs", type=int, default=256, help="largest running batch (default: 256)")
+    p.add_argument("--max-model-len", type=int, default=32768)
+    p.add_argument("--step-ms", type=float, default=10.0, help="fixed engine step time in ms (default: 10)")
+    p.add_argument("--per-seq-us", type=float, default=20.0, help="extra step time per sequence in us")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if args.config:
+            configs = load_sim_config(args.config).backends
+        else:
+            configs = [SimBackendConfig(
+                model=args.model, served_model_name=args.served_model_name, precision=args.precision,
+                gpu=args.gpu, api=args.api, host=args.host, port=args.port, max_num_seqs=args.max_num_seqs,
+                max_model_len=args.max_model_len, step_ms=args.step_ms, per_seq_us=args.per_seq_us,
+            )]
+    except (SimConfigError, ValidationError) as e:
+        msg = str(e).splitlines()[0] if isinstance(e, SimConfigError) else _first_error(e)
+        print(f"qtrap-sim: {msg}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve_all(configs, args.log_level))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    return f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""vLLM's OpenAI-compatible API over a simulated backend."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from qtrap_proxy.asgi import run_until_disconnect
+from qtrap_sim.backend import SimBackend
+from qtrap_sim.textgen import count_tokens
+
+
+class VLLMError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+    def response(self) -> Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+        return Response(orjson.dumps(body), status_code=self.status, media_type="application/json")
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
+
+
+def _prompt_of(body: dict[str, Any], chat: bool) -> tuple[str, int]:
+    if chat:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise VLLMError(400, "messages: Field required (a non-empty list)", param="messages")
+        parts = []
+        for m in msgs:
+            if not isinstance(m, dict) or "role" not in m:
+                raise VLLMError(400, "messages: each message needs a role", param="messages")
+            c = m.get("content")
+            if isinstance(c, list):
+                c = " ".join(p.get("text", "") for p in c if isinstance(p, dict))
+            parts.append(str(c or ""))
+        text = "\n".join(parts)
+        return text, count_tokens(text) + 4 * len(msgs)  # chat-template tokens per message
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return " ".join(map(str, prompt)), len(prompt)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise VLLMError(400, "prompt: a string, a one-element list of strings, or a list of token ids", param="prompt")
+    return prompt, count_tokens(prompt)
+
+
+def create_vllm_app(backend: SimBackend) -> Starlette:
+    cfg = backend.cfg
+
+    async def completions(request: Request, chat: bool) -> Response:
+        try:
+            try:
+                body = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as e:
+                raise VLLMError(400, f"invalid JSON: {e}") from e
+            if not isinstance(body, dict):
+                raise VLLMError(400, "request body must be a JSON object")
+            model = body.get("model")
+            if model != cfg.served_name:
+                raise VLLMError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+            prompt, prompt_tokens = _prompt_of(body, chat)
+            if body.get("n", 1) not in (1, None):
+                raise VLLMError(400, "qtrap_sim supports n=1 only", param="n")
+            max_tokens = body.get("max_completion_tokens") if chat else None
+            max_tokens = max_tokens or body.get("max_tokens")
+            room = cfg.max_model_len - prompt_tokens
+            if max_tokens is None:
+                max_tokens = min(256, room)
+            if not isinstance(max_tokens, int) or max_tokens < 1:
+                raise VLLMError(400, "max_tokens must be a positive integer", param="max_tokens")
+            if max_tokens > room:
+                raise VLLMError(
+                    400,
+                    f"This model's maximum context length is {cfg.max_model_len} tokens. However, you requested "
+                    f"{max_tokens + prompt_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                    "completion). Please reduce the length of the messages or completion.",
+                    param="max_tokens",
+                )
+            stop = body.get("stop") or []
+            if isinstance(stop, str):
+                stop = [stop]
+            temperature = body.get("temperature")
+            temperature = 1.0 if temperature is None else float(temperature)
+            seed = body.get("seed")
+            stream = bool(body.get("stream"))
+            so = body.get("stream_options") or {}
+        except VLLMError as e:
+            return e.response()
+        except (TypeError, ValueError) as e:
+            return VLLMError(400, str(e)).response()
+
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        req = backend.new_request(rid, prompt_tokens, max_tokens)
+        gen = backend.generate(req, prompt, seed, temperature, stop)
+        oid = ("chatcmpl-" if chat else "cmpl-") + rid
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+
+        def usage() -> dict[str, int]:
+            return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + req.generated,
+                    "completion_tokens": req.generated}
+
+        if not stream:
+            parts: list[str] = []
+
+            async def collect() -> None:
+                async for t, _ in gen:
+                    parts.append(t)
+
+            if await run_until_disconnect(collect(), request.receive):
+                await gen.aclose()
+                return Response(b"", status_code=499)
+            text = "".join(parts)
+            if chat:
+                choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                          "logprobs": None, "finish_reason": req.finish_reason}
+            else:
+                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason}
+            return _json({"id": oid, "object": obj, "created": created, "model": cfg.served_name,
+                          "choices": [choice], "usage": usage()}, 200)
+
+        include_usage = bool(so.get("include_usage")) if isinstance(so, dict) else False
+        continuous = include_usage and bool(so.get("continuous_usage_stats"))
+        head = {"id": oid, "object": obj + ".chunk" if chat else obj, "created": created, "model": cfg.served_name}
+
+        def chunk(text: str | None, finish: str | None, role: bool = False) -> bytes:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": text}
+                c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                c = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            d: dict[str, Any] = {**head, "choices": [c]}
+            if continuous:
+                d["usage"] = usage()
+            return b"data: " + orjson.dumps(d) + b"\n\n"
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                if chat:
+                    yield chunk(None, None, role=True)
+                async for text, _ in gen:
+                    yield chunk(text, req.finish_reason if req.done else None)
+                if include_usage:
+                    yield b"data: " + orjson.dumps({**head, "choices": [], "usage": usage()}) + b"\n\n"
+                yield b"data: [DONE]\n\n"
+            finally:
+                await gen.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def chat_route(request: Request) -> Response:
+        return await completions(request, True)
+
+    async def completions_route(request: Request) -> Response:
+        return await completions(request, False)
+
+    async def models(_: Request) -> Response:
+        return _json({"object": "list", "data": [
+            {"id": cfg.served_name, "object": "model", "created": backend.started_unix_s, "owned_by": "qtrap_sim",
+             "root": cfg.model, "max_model_len": cfg.max_model_len}]})
+
+    async def health(_: Request) -> Response:
+        return Response(b"", status_code=200)
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(backend.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", chat_route, methods=["POST"]),
+        Route("/v1/completions", completions_route, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ], lifespan=backend.lifespan)
