@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Set up qtrap on a fresh Debian machine: a virtual environment in .venv with the
+# project installed. With --test, also the test tools: Debian's prometheus (promtool),
+# the CPU build of PyTorch and HF transformers (for a real `transformers serve`
+# backend), the openai SDK and TGI's text-generation client.
+# Idempotent: a second run only checks what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[[ "${1:-}" == "--test" ]] && want_test=1
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "setup: Python >= 3.11 is required ($PY is $("$PY" --version 2>&1))" >&2
+  exit 1
+fi
+
+if [[ $want_test == 1 ]] && ! command -v promtool >/dev/null 2>&1; then
+  echo "setup: installing Debian packages: prometheus"
+  SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+
+stamp=.venv/.qtrap-setup
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$want_test"
+if [[ -f $stamp && "$(cat $stamp)" == "$want" ]]; then
+  exit 0
+fi
+
+if [[ $want_test == 1 ]]; then
+  # The CPU wheel first, so that nothing below pulls the CUDA build of torch.
+  echo "setup: installing torch 2.13.0 (CPU)"
+  "${PIP[@]}" "torch==2.13.0"
+  echo "setup: installing qtrap with test extras"
+  "${PIP[@]}" -e ".[test]"
+  # text-generation pins huggingface-hub<1.0, which transformers 5 cannot use; the client
+  # itself only needs requests, aiohttp and pydantic, so it goes in without its pins.
+  "${PIP[@]}" --no-deps "text-generation==0.7.0"
+else
+  echo "setup: installing qtrap"
+  "${PIP[@]}" -e .
+fi
+echo "$want" > "$stamp"

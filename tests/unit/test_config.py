@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qtrap_proxy.cli import main
+from qtrap_proxy.config import load_config
+from qtrap_proxy.errors import ConfigError
+
+
+def _cfg(**over: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "backends": [
+            {"name": "a", "pool": "p", "precision": "bf16", "kind": "vllm", "url": "http://h:1", "model": "m"},
+            {"name": "b", "pool": "p", "precision": "int4", "kind": "tgi", "url": "http://h:2/", "model": "m"},
+        ]
+    }
+    base.update(over)
+    return base
+
+
+def test_valid_config_and_defaults() -> None:
+    cfg = load_config(data=_cfg())
+    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8080
+    assert cfg.backends[1].url == "http://h:2"  # trailing slash removed
+    assert cfg.default_precision("p") == "bf16"  # first listed backend
+    assert cfg.backends[0].effective_health_path == "/health"
+    assert cfg.meter.kind == "null"
+
+
+def test_pool_default_precision() -> None:
+    cfg = load_config(data=_cfg(pools={"p": {"default_precision": "int4"}}))
+    assert cfg.default_precision("p") == "int4"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda c: c["backends"][1].update(kind="triton"), "backends[1].kind"),
+        (lambda c: c["backends"][1].update(name="a"), "backends[1].name: duplicate backend name 'a'"),
+        (lambda c: c["backends"][0].update(url="gpu-node:8000"), "backends[0].url: must start with http"),
+        (lambda c: c["backends"][0].pop("model"), "backends[0].model: Field required"),
+        (lambda c: c["backends"][0].update(pool="p@x"), "backends[0].pool: must not contain '@'"),
+        (lambda c: c.update(pools={"p": {"default_precision": "fp8"}}), "pools.p.default_precision: 'fp8'"),
+        (lambda c: c.update(pools={"q": {}}), "pools.q: no backend serves this pool"),
+        (lambda c: c.update(backends=[]), "backends: List should have at least 1 item"),
+        (lambda c: c.update(server={"port": "eighty"}), "server.port"),
+        (lambda c: c.update(sever={"port": 1}), "sever: Extra inputs are not permitted"),
+    ],
+)
+def test_errors_name_the_key(mutate: object, needle: str) -> None:
+    data = _cfg()
+    mutate(data)  # type: ignore[operator]
+    with pytest.raises(ConfigError) as ei:
+        load_config(data=data)
+    assert needle in str(ei.value)
+
+
+def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QTRAP_SERVER__PORT", "9123")
+    monkeypatch.setenv("QTRAP_LEDGER__PATH", "/tmp/x.sqlite")
+    cfg = load_config(data=_cfg(server={"host": "0.0.0.0", "port": 1}))
+    assert cfg.server.port == 9123
+    assert cfg.server.host == "0.0.0.0"  # untouched keys of the file stay
+    assert cfg.ledger.path == "/tmp/x.sqlite"
+
+
+def test_env_bad_value_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QTRAP_SERVER__PORT", "99999")
+    with pytest.raises(ConfigError, match=r"server\.port"):
+        load_config(data=_cfg())
+
+
+def test_cli_bad_config_one_line_nonzero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = _cfg()
+    bad["backends"][0]["kind"] = "nope"  # type: ignore[index]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "backends[0].kind" in err
+
+
+def test_cli_missing_file_and_bad_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read config file" in capsys.readouterr().err
+    (tmp_path / "b.yaml").write_text("backends: [\n")
+    assert main(["check-config", "--config", str(tmp_path / "b.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_cli_check_config_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_cfg()))
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "pool p (default precision bf16)" in out and "int4:b (tgi http://h:2)" in out

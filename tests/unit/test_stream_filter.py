@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import orjson
+
+from qtrap_proxy.errors import UpstreamBroken
+from qtrap_proxy.openai_route import OpenAIStreamFilter
+from qtrap_proxy.sse import SSESplitter
+from qtrap_proxy.tgi_route import TGIStreamFilter
+from qtrap_proxy.timeline import Timeline
+
+
+def _chunk(content: str | None, usage: tuple[int, int] | None, choices: bool = True) -> bytes:
+    d: dict[str, object] = {"id": "x", "object": "chat.completion.chunk", "choices": []}
+    if choices:
+        d["choices"] = [{"index": 0, "delta": {"content": content}, "finish_reason": None}]
+    if usage is not None:
+        d["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+    return b"data: " + orjson.dumps(d)
+
+
+def _events(out: bytes) -> list[bytes]:
+    s = SSESplitter()
+    ev = s.feed(out)
+    assert s.pending == b""
+    return ev
+
+
+def test_vllm_continuous_usage_stripped_when_not_asked() -> None:
+    tl = Timeline("r", "chat")
+    f = OpenAIStreamFilter(tl, continuous=True, keep_usage_chunk=False, strip_usage=True)
+    out = f.process([_chunk("a", (7, 1)), _chunk("b c", (7, 3)), _chunk(None, (7, 3), choices=False),
+                     b"data: [DONE]"], now=1.0)
+    ev = _events(out)
+    assert len(ev) == 3 and ev[-1] == b"data: [DONE]"
+    for e in ev[:2]:
+        assert "usage" not in orjson.loads(e[6:])
+    assert tl.chunk_tokens == [1, 2] and tl.tokens_exact
+    assert (tl.prompt_tokens, tl.completion_tokens) == (7, 3)
+
+
+def test_usage_chunk_kept_when_asked_and_bytes_unchanged() -> None:
+    tl = Timeline("r", "chat")
+    f = OpenAIStreamFilter(tl, continuous=True, keep_usage_chunk=True, strip_usage=False)
+    events = [_chunk("a", (7, 1)), _chunk(None, (7, 1), choices=False), b"data: [DONE]"]
+    assert f.process(events, 1.0) == b"\n\n".join(events) + b"\n\n"
+
+
+def test_estimated_tokens_without_continuous_usage() -> None:
+    # e.g. transformers serve: usage only on the last content chunk
+    tl = Timeline("r", "chat")
+    f = OpenAIStreamFilter(tl, continuous=False, keep_usage_chunk=False, strip_usage=True)
+    out = f.process([_chunk("a", None), _chunk("", None), _chunk("bcd", (3, 5))], 2.0)
+    ev = _events(out)
+    assert len(ev) == 3 and "usage" not in orjson.loads(ev[2][6:])
+    assert tl.chunk_tokens == [1, 1] and not tl.tokens_exact
+    assert tl.completion_tokens == 5
+
+
+def test_upstream_error_event_passes_and_is_noted() -> None:
+    tl = Timeline("r", "chat")
+    f = OpenAIStreamFilter(tl, continuous=True, keep_usage_chunk=False, strip_usage=True)
+    ev = b'data: {"error": {"message": "boom", "code": 500}}'
+    assert f.process([ev], 1.0) == ev + b"\n\n"
+    assert f.upstream_error is not None and "boom" in f.upstream_error
+
+
+def test_error_event_ends_openai_stream() -> None:
+    f = OpenAIStreamFilter(Timeline("r", "chat"), continuous=True, keep_usage_chunk=False, strip_usage=True)
+    ev = _events(f.error_event(UpstreamBroken("gone", backend="b")))
+    assert orjson.loads(ev[0][6:])["error"]["message"] == "gone"
+    assert ev[1] == b"data: [DONE]"
+
+
+def test_tgi_filter_counts_one_token_per_event() -> None:
+    tl = Timeline("r", "tgi_generate_stream")
+    f = TGIStreamFilter(tl)
+    events = [b'data:{"index":1,"token":{"id":1,"text":" a","special":false}}',
+              b'data:{"index":2,"token":{"id":2,"text":" b","special":false},"generated_text":" a b"}']
+    assert f.process(events, 1.0) == b"\n\n".join(events) + b"\n\n"
+    assert tl.chunk_tokens == [2]
+    f.process([b'data:{"error":"oops","error_type":"generation"}'], 2.0)
+    assert f.upstream_error is not None
