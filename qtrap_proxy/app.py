@@ -64,4 +64,6 @@ def create_app(proxy: Proxy) -> Starlette:
 
 
 def _error(status: int, message: str, kind: str) -> Response:
-    return Response(openai_error_body(message, kind, None, status), status_code=status, media_type="application/json")
+    return Response(
+        openai_error_body(message, kind, None, status), status_code=status, media_type="application/json"
+    )

@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
 
     check = sub.add_parser(
-        "check-config", help="validate a configuration file", description="Validate a configuration and summarise it."
+        "check-config",
+        help="validate a configuration file",
+        description="Validate a configuration and summarise it.",
     )
     check.add_argument("--config", "-c", required=True, metavar="FILE")
     return p
@@ -58,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.server.host = args.host
     if args.port is not None:
         cfg.server.port = args.port
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from qtrap_proxy.server import serve
 
     serve(cfg, log_level=args.log_level, access_log=args.access_log)

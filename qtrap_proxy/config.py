@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from qtrap_proxy.errors import ConfigError
@@ -34,7 +42,9 @@ class ServerConfig(_Strict):
 
 class Timeouts(_Strict):
     connect_s: float = Field(5.0, gt=0, description="TCP connect to the backend")
-    read_s: float = Field(600.0, gt=0, description="longest silence from the backend (first byte or between chunks)")
+    read_s: float = Field(
+        600.0, gt=0, description="longest silence from the backend (first byte or between chunks)"
+    )
 
 
 class Device(_Strict):

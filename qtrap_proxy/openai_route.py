@@ -111,7 +111,12 @@ def _content_choices(choices: Any) -> int:
                 continue
             d = c.get("delta")
             if isinstance(d, dict):
-                if d.get("content") or d.get("reasoning_content") or d.get("tool_calls") or d.get("reasoning"):
+                if (
+                    d.get("content")
+                    or d.get("reasoning_content")
+                    or d.get("tool_calls")
+                    or d.get("reasoning")
+                ):
                     n += 1
             elif c.get("text"):
                 n += 1

@@ -110,7 +110,12 @@ class Proxy:
             data.append({"id": pool, "object": "model", "created": self.started_unix_s, "owned_by": "qtrap"})
             for precision in precisions:
                 data.append(
-                    {"id": f"{pool}@{precision}", "object": "model", "created": self.started_unix_s,
-                     "owned_by": "qtrap", "root": pool}
+                    {
+                        "id": f"{pool}@{precision}",
+                        "object": "model",
+                        "created": self.started_unix_s,
+                        "owned_by": "qtrap",
+                        "root": pool,
+                    }
                 )
         return {"object": "list", "data": data}

@@ -19,7 +19,16 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from qtrap_proxy.asgi import Receive, Scope, Send, header, read_body, relay_headers, run_until_disconnect, send_full
+from qtrap_proxy.asgi import (
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    relay_headers,
+    run_until_disconnect,
+    send_full,
+)
 from qtrap_proxy.errors import BadRequest, QtrapError, UpstreamBroken, UpstreamError, UpstreamTimeout
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.sse import SSESplitter
@@ -137,7 +146,8 @@ class RelayRoute(ABC):
                             await send({"type": "http.response.body", "body": out, "more_body": True})
                 if splitter.pending.strip():
                     raise UpstreamBroken(
-                        f"backend {prep.backend.name} ended the stream inside an event", backend=prep.backend.name
+                        f"backend {prep.backend.name} ended the stream inside an event",
+                        backend=prep.backend.name,
                     )
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 if filt.upstream_error is not None:
@@ -148,7 +158,9 @@ class RelayRoute(ABC):
             err = _as_upstream_error(e, prep.backend, started)
             if started:
                 assert prep.filter is not None
-                await send({"type": "http.response.body", "body": prep.filter.error_event(err), "more_body": False})
+                await send(
+                    {"type": "http.response.body", "body": prep.filter.error_event(err), "more_body": False}
+                )
                 tl.finish(err.label, 200, err.message)
             else:
                 await send_full(send, err.status, self.error_body(err), own, _JSON)
@@ -162,10 +174,13 @@ def _as_upstream_error(e: BaseException, backend: Backend, started: bool) -> Ups
     if isinstance(e, UpstreamError):
         return e
     if isinstance(e, TimeoutError):
-        return UpstreamTimeout(f"backend {backend.name} went silent for longer than its read timeout",
-                               backend=backend.name)
+        return UpstreamTimeout(
+            f"backend {backend.name} went silent for longer than its read timeout", backend=backend.name
+        )
     what = "mid-stream" if started else "before answering"
-    return UpstreamBroken(f"backend {backend.name} failed {what}: {type(e).__name__}: {e}", backend=backend.name)
+    return UpstreamBroken(
+        f"backend {backend.name} failed {what}: {type(e).__name__}: {e}", backend=backend.name
+    )
 
 
 def _read_chain_headers(scope: Scope, tl: Timeline) -> None:
@@ -173,5 +188,7 @@ def _read_chain_headers(scope: Scope, tl: Timeline) -> None:
     hop = header(scope, b"x-qtrap-hop")
     if hop is not None:
         if not hop.strip().isdigit() or int(hop) < 1:
-            raise BadRequest(f"x-qtrap-hop must be a positive integer (1-based), got {hop!r}", param="x-qtrap-hop")
+            raise BadRequest(
+                f"x-qtrap-hop must be a positive integer (1-based), got {hop!r}", param="x-qtrap-hop"
+            )
         tl.hop = int(hop)

@@ -63,14 +63,22 @@ class Router:
     def pools(self) -> dict[str, dict[str, list[Backend]]]:
         return self._by_pool
 
-    def resolve(self, model: str, header_precision: str | None) -> tuple[str, str]:
-        """(pool, precision) for a request, or NotFound / BadRequest."""
+    def resolve(
+        self, model: str, header_precision: str | None, kinds: frozenset[str] | None = None
+    ) -> tuple[str, str]:
+        """(pool, precision) for a request, or NotFound / BadRequest.
+
+        With ``kinds`` (e.g. TGI's native routes) and no pin, the default is the pool's
+        default precision if a backend of those kinds serves it, else the first such precision.
+        """
         pool, _, pinned = model.partition("@")
         pool = self._aliases.get(pool, pool)
         precisions = self._by_pool.get(pool)
         if precisions is None:
-            raise NotFound(f"The model `{model}` does not exist. Known: {', '.join(sorted(self._by_pool))}.",
-                           param="model")
+            raise NotFound(
+                f"The model `{model}` does not exist. Known: {', '.join(sorted(self._by_pool))}.",
+                param="model",
+            )
         header_precision = header_precision.strip() if header_precision else None
         if pinned and header_precision and pinned != header_precision:
             raise BadRequest(
@@ -78,6 +86,10 @@ class Router:
                 param="model",
             )
         precision = pinned or header_precision or self.default_precision[pool]
+        if kinds is not None and not (pinned or header_precision):
+            usable = [p for p, bs in precisions.items() if any(b.kind in kinds for b in bs)]
+            if usable and precision not in usable:
+                precision = usable[0]
         if precision not in precisions:
             raise NotFound(
                 f"pool `{pool}` has no backend at precision `{precision}`; it serves {', '.join(sorted(precisions))}",

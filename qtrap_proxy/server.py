@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import uvicorn
+from prometheus_client import disable_created_metrics
 
 from qtrap_proxy.app import create_app
 from qtrap_proxy.config import ProxyConfig
@@ -14,6 +15,7 @@ log = logging.getLogger("qtrap.server")
 
 
 def serve(cfg: ProxyConfig, *, log_level: str = "info", access_log: bool = False) -> None:
+    disable_created_metrics()  # no *_created series: they only add scrape volume
     proxy = Proxy(cfg)
     app = create_app(proxy)
     config = uvicorn.Config(

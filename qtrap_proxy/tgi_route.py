@@ -51,7 +51,9 @@ class TGIStreamFilter(StreamFilter):
 
     def error_event(self, err: QtrapError) -> bytes:
         # TGI's own type for a generation cut short; its client raises IncompleteGenerationError.
-        return b"data:" + orjson.dumps({"error": err.message, "error_type": "incomplete_generation"}) + b"\n\n"
+        return (
+            b"data:" + orjson.dumps({"error": err.message, "error_type": "incomplete_generation"}) + b"\n\n"
+        )
 
 
 class TGIRoute(RelayRoute):
@@ -75,7 +77,7 @@ class TGIRoute(RelayRoute):
                     param="x-qtrap-model",
                 )
             model = tgi_pools[0]
-        pool, precision = router.resolve(model, header(scope, b"x-qtrap-precision"))
+        pool, precision = router.resolve(model, header(scope, b"x-qtrap-precision"), kinds=_TGI)
         return pool, precision
 
     def prepare(self, scope: Scope, body: bytes, tl: Timeline) -> Prepared:

@@ -51,7 +51,10 @@ class Backend:
                 limit=self.cfg.max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60
             )
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
             )
         return self._session
 
@@ -79,7 +82,9 @@ class Backend:
         except (TimeoutError, aiohttp.ServerTimeoutError) as e:
             raise UpstreamTimeout(f"backend {self.name} did not answer in time", backend=self.name) from e
         except aiohttp.ClientError as e:
-            raise UpstreamConnectError(f"backend {self.name} is unreachable: {_describe(e)}", backend=self.name) from e
+            raise UpstreamConnectError(
+                f"backend {self.name} is unreachable: {_describe(e)}", backend=self.name
+            ) from e
         try:
             yield resp
         except BaseException:
@@ -97,7 +102,9 @@ class Backend:
                 ) as resp:
                     await resp.read()
                     ok = resp.status == 200
-                    return Health(ok, resp.status, time.monotonic() - t0, None if ok else f"HTTP {resp.status}")
+                    return Health(
+                        ok, resp.status, time.monotonic() - t0, None if ok else f"HTTP {resp.status}"
+                    )
         except TimeoutError:
             return Health(False, None, None, f"no answer within {timeout_s:g} s")
         except aiohttp.ClientError as e:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from collections.abc import AsyncIterator, Iterable
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -66,10 +66,12 @@ class SimBackend:
     def _vllm_metrics(self) -> None:
         r, name = self.registry, self.cfg.served_name
         labels = ("model_name", "engine")
-        self.m_prompt = Counter("vllm:prompt_tokens", "Prefill tokens processed", labels, registry=r).labels(name, "0")
-        self.m_gen = Counter("vllm:generation_tokens", "Generation tokens processed", labels, registry=r).labels(
+        self.m_prompt = Counter("vllm:prompt_tokens", "Prefill tokens processed", labels, registry=r).labels(
             name, "0"
         )
+        self.m_gen = Counter(
+            "vllm:generation_tokens", "Generation tokens processed", labels, registry=r
+        ).labels(name, "0")
         self.m_success = Counter(
             "vllm:request_success", "Finished requests", (*labels, "finished_reason"), registry=r
         )
@@ -88,9 +90,12 @@ class SimBackend:
         r = self.registry
         self.m_prompt = Counter("tgi_request_input_count", "Prompt tokens received", registry=r)
         self.m_gen = Counter("tgi_request_generated_tokens_count", "Tokens generated", registry=r)
-        self.m_success = Counter("tgi_request_success", "Requests that finished", ("finished_reason",), registry=r)
-        self.m_ttft = Histogram("tgi_request_queue_duration", "Time queued before the first token", buckets=_LAT,
-                                registry=r)
+        self.m_success = Counter(
+            "tgi_request_success", "Requests that finished", ("finished_reason",), registry=r
+        )
+        self.m_ttft = Histogram(
+            "tgi_request_queue_duration", "Time queued before the first token", buckets=_LAT, registry=r
+        )
         self.m_e2e = Histogram("tgi_request_duration", "Request duration", buckets=_LAT, registry=r)
         self.m_queue = self.m_ttft
         r.register(_EngineGauges(self, "tgi"))
@@ -110,7 +115,7 @@ class SimBackend:
 
     async def generate(
         self, req: SimRequest, prompt: str, seed: int | None, temperature: float, stop: Iterable[str]
-    ) -> AsyncIterator[tuple[str, int]]:
+    ) -> AsyncGenerator[tuple[str, int]]:
         """Yield (text, tokens) as the engine produces tokens; abort the request if the consumer stops."""
         text = TextStream(prompt, seed, temperature)
         stops = [s for s in stop if s]
@@ -130,7 +135,7 @@ class SimBackend:
                     window = tail + delta
                     cut = min((i for i in (window.find(s) for s in stops) if i >= 0), default=-1)
                     if cut >= 0:
-                        delta = window[:cut][len(tail):] if cut >= len(tail) else ""
+                        delta = window[:cut][len(tail) :] if cut >= len(tail) else ""
                         self.engine.finish(req, "stop")
                         if delta:
                             yield delta, n
@@ -179,4 +184,6 @@ class _EngineGauges(Collector):
                 yield g
         else:
             yield GaugeMetricFamily("tgi_queue_size", "Requests waiting", value=len(eng.waiting))
-            yield GaugeMetricFamily("tgi_batch_current_size", "Requests in the running batch", value=len(eng.running))
+            yield GaugeMetricFamily(
+                "tgi_batch_current_size", "Requests in the running batch", value=len(eng.running)
+            )

@@ -20,8 +20,12 @@ def _parser() -> argparse.ArgumentParser:
         description="A vLLM/TGI-compatible inference server on a simulated GPU (no GPU needed).",
     )
     p.add_argument("--version", action="version", version=f"qtrap-sim {__version__}")
-    p.add_argument("--config", metavar="FILE", help="YAML with a `backends:` list: several backends in one process")
-    p.add_argument("--model", default="qwen3-8b", help="model shape, also the served name (default: qwen3-8b)")
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML with a `backends:` list: several backends in one process"
+    )
+    p.add_argument(
+        "--model", default="qwen3-8b", help="model shape, also the served name (default: qwen3-8b)"
+    )
     p.add_argument("--served-model-name", help="name clients use in `model` (default: --model)")
     p.add_argument("--precision", default="bf16", help="precision / kernel label (default: bf16)")
     p.add_argument("--gpu", default="h100", help="simulated GPU (default: h100)")
@@ -43,11 +47,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             configs = load_sim_config(args.config).backends
         else:
-            configs = [SimBackendConfig(
-                model=args.model, served_model_name=args.served_model_name, precision=args.precision,
-                gpu=args.gpu, api=args.api, host=args.host, port=args.port, max_num_seqs=args.max_num_seqs,
-                max_model_len=args.max_model_len, step_ms=args.step_ms, per_seq_us=args.per_seq_us,
-            )]
+            configs = [
+                SimBackendConfig(
+                    model=args.model,
+                    served_model_name=args.served_model_name,
+                    precision=args.precision,
+                    gpu=args.gpu,
+                    api=args.api,
+                    host=args.host,
+                    port=args.port,
+                    max_num_seqs=args.max_num_seqs,
+                    max_model_len=args.max_model_len,
+                    step_ms=args.step_ms,
+                    per_seq_us=args.per_seq_us,
+                )
+            ]
     except (SimConfigError, ValidationError) as e:
         msg = str(e).splitlines()[0] if isinstance(e, SimConfigError) else _first_error(e)
         print(f"qtrap-sim: {msg}", file=sys.stderr)

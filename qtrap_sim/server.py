@@ -8,6 +8,7 @@ from pathlib import Path
 
 import uvicorn
 import yaml
+from prometheus_client import disable_created_metrics
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 
@@ -51,12 +52,28 @@ def create_app(backend: SimBackend) -> Starlette:
 
 
 async def serve_all(configs: list[SimBackendConfig], log_level: str = "warning") -> None:
+    disable_created_metrics()
     servers = []
     for c in configs:
         backend = SimBackend(c)
-        ucfg = uvicorn.Config(create_app(backend), host=c.host, port=c.port, log_level=log_level,
-                              access_log=False, backlog=4096, timeout_keep_alive=75)
+        ucfg = uvicorn.Config(
+            create_app(backend),
+            host=c.host,
+            port=c.port,
+            log_level=log_level,
+            access_log=False,
+            backlog=4096,
+            timeout_keep_alive=75,
+        )
         servers.append(uvicorn.Server(ucfg))
-        log.warning("qtrap-sim %s (%s API, %s at %s on a simulated %s) on http://%s:%d",
-                    c.display_name, c.api, c.served_name, c.precision, c.gpu, c.host, c.port)
+        log.warning(
+            "qtrap-sim %s (%s API, %s at %s on a simulated %s) on http://%s:%d",
+            c.display_name,
+            c.api,
+            c.served_name,
+            c.precision,
+            c.gpu,
+            c.host,
+            c.port,
+        )
     await asyncio.gather(*(s.serve() for s in servers))

@@ -25,8 +25,11 @@ class TGIError(Exception):
         self.status, self.message, self.error_type = status, message, error_type
 
     def response(self) -> Response:
-        return Response(orjson.dumps({"error": self.message, "error_type": self.error_type}),
-                        status_code=self.status, media_type="application/json")
+        return Response(
+            orjson.dumps({"error": self.message, "error_type": self.error_type}),
+            status_code=self.status,
+            media_type="application/json",
+        )
 
 
 def create_tgi_app(backend: SimBackend) -> Starlette:
@@ -52,8 +55,11 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
                 raise TGIError(422, "`max_new_tokens` must be strictly positive")
             prompt_tokens = count_tokens(inputs)
             if prompt_tokens + max_new > cfg.max_model_len:
-                raise TGIError(422, f"`inputs` tokens + `max_new_tokens` must be <= {cfg.max_model_len}. "
-                                    f"Given: {prompt_tokens} `inputs` tokens and {max_new} `max_new_tokens`")
+                raise TGIError(
+                    422,
+                    f"`inputs` tokens + `max_new_tokens` must be <= {cfg.max_model_len}. "
+                    f"Given: {prompt_tokens} `inputs` tokens and {max_new} `max_new_tokens`",
+                )
             temperature = params.get("temperature")
             temperature = 0.0 if not params.get("do_sample") else float(temperature or 1.0)
             stream = mode == "stream" or (mode == "compat" and body.get("stream") is True)
@@ -68,10 +74,14 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
         details_wanted = bool(params.get("details"))
 
         def details() -> dict[str, Any]:
-            return {"finish_reason": _FINISH.get(req.finish_reason or "length", "length"),
-                    "generated_tokens": req.generated, "seed": seed}
+            return {
+                "finish_reason": _FINISH.get(req.finish_reason or "length", "length"),
+                "generated_tokens": req.generated,
+                "seed": seed,
+            }
 
         if stream:
+
             async def events() -> AsyncIterator[bytes]:
                 # One event per token; the last is held back until the end is known,
                 # then carries generated_text (and details when asked for), as TGI does.
@@ -85,9 +95,13 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
                                 yield b"data:" + orjson.dumps(held) + b"\n\n"
                             index += 1
                             full.append(w)
-                            held = {"index": index, "token": {"id": index, "text": w, "logprob": -1.0,
-                                                              "special": False},
-                                    "generated_text": None, "details": None, "top_tokens": None}
+                            held = {
+                                "index": index,
+                                "token": {"id": index, "text": w, "logprob": -1.0, "special": False},
+                                "generated_text": None,
+                                "details": None,
+                                "top_tokens": None,
+                            }
                     if held is not None:
                         held["generated_text"] = "".join(full)
                         if details_wanted:
@@ -109,10 +123,18 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
             return Response(b"", status_code=499)
         out: dict[str, Any] = {"generated_text": "".join(parts)}
         if details_wanted:
-            out["details"] = {**details(), "prefill": [], "tokens": [], "top_tokens": None,
-                              "best_of_sequences": None}
-        headers = {"x-prompt-tokens": str(prompt_tokens), "x-generated-tokens": str(req.generated),
-                   "x-compute-type": f"sim-{cfg.gpu}"}
+            out["details"] = {
+                **details(),
+                "prefill": [],
+                "tokens": [],
+                "top_tokens": None,
+                "best_of_sequences": None,
+            }
+        headers = {
+            "x-prompt-tokens": str(prompt_tokens),
+            "x-generated-tokens": str(req.generated),
+            "x-compute-type": f"sim-{cfg.gpu}",
+        }
         payload = orjson.dumps([out] if mode == "compat" else out)
         return Response(payload, media_type="application/json", headers=headers)
 
@@ -126,9 +148,19 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
         return await handle(request, "compat")
 
     async def info(_: Request) -> Response:
-        return Response(orjson.dumps({"model_id": cfg.served_name, "model_dtype": cfg.precision,
-                                      "max_input_tokens": cfg.max_model_len - 1, "max_total_tokens": cfg.max_model_len,
-                                      "router": "qtrap_sim", "version": "sim"}), media_type="application/json")
+        return Response(
+            orjson.dumps(
+                {
+                    "model_id": cfg.served_name,
+                    "model_dtype": cfg.precision,
+                    "max_input_tokens": cfg.max_model_len - 1,
+                    "max_total_tokens": cfg.max_model_len,
+                    "router": "qtrap_sim",
+                    "version": "sim",
+                }
+            ),
+            media_type="application/json",
+        )
 
     async def health(_: Request) -> Response:
         return Response(b"", status_code=200)
@@ -136,11 +168,14 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(backend.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[
-        Route("/generate", generate, methods=["POST"]),
-        Route("/generate_stream", generate_stream, methods=["POST"]),
-        Route("/", compat, methods=["POST"]),
-        Route("/info", info, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-    ], lifespan=backend.lifespan)
+    return Starlette(
+        routes=[
+            Route("/generate", generate, methods=["POST"]),
+            Route("/generate_stream", generate_stream, methods=["POST"]),
+            Route("/", compat, methods=["POST"]),
+            Route("/info", info, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        lifespan=backend.lifespan,
+    )

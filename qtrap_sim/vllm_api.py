@@ -25,7 +25,9 @@ class VLLMError(Exception):
         self.status, self.message, self.type, self.param = status, message, type_, param
 
     def response(self) -> Response:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+        body = {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
+        }
         return Response(orjson.dumps(body), status_code=self.status, media_type="application/json")
 
 
@@ -54,7 +56,9 @@ def _prompt_of(body: dict[str, Any], chat: bool) -> tuple[str, int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise VLLMError(400, "prompt: a string, a one-element list of strings, or a list of token ids", param="prompt")
+        raise VLLMError(
+            400, "prompt: a string, a one-element list of strings, or a list of token ids", param="prompt"
+        )
     return prompt, count_tokens(prompt)
 
 
@@ -111,8 +115,11 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
         obj = "chat.completion" if chat else "text_completion"
 
         def usage() -> dict[str, int]:
-            return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + req.generated,
-                    "completion_tokens": req.generated}
+            return {
+                "prompt_tokens": prompt_tokens,
+                "total_tokens": prompt_tokens + req.generated,
+                "completion_tokens": req.generated,
+            }
 
         if not stream:
             parts: list[str] = []
@@ -126,16 +133,34 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
                 return Response(b"", status_code=499)
             text = "".join(parts)
             if chat:
-                choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                          "logprobs": None, "finish_reason": req.finish_reason}
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": req.finish_reason,
+                }
             else:
                 choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason}
-            return _json({"id": oid, "object": obj, "created": created, "model": cfg.served_name,
-                          "choices": [choice], "usage": usage()}, 200)
+            return _json(
+                {
+                    "id": oid,
+                    "object": obj,
+                    "created": created,
+                    "model": cfg.served_name,
+                    "choices": [choice],
+                    "usage": usage(),
+                },
+                200,
+            )
 
         include_usage = bool(so.get("include_usage")) if isinstance(so, dict) else False
         continuous = include_usage and bool(so.get("continuous_usage_stats"))
-        head = {"id": oid, "object": obj + ".chunk" if chat else obj, "created": created, "model": cfg.served_name}
+        head = {
+            "id": oid,
+            "object": obj + ".chunk" if chat else obj,
+            "created": created,
+            "model": cfg.served_name,
+        }
 
         def chunk(text: str | None, finish: str | None, role: bool = False) -> bytes:
             if chat:
@@ -169,9 +194,21 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
         return await completions(request, False)
 
     async def models(_: Request) -> Response:
-        return _json({"object": "list", "data": [
-            {"id": cfg.served_name, "object": "model", "created": backend.started_unix_s, "owned_by": "qtrap_sim",
-             "root": cfg.model, "max_model_len": cfg.max_model_len}]})
+        return _json(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": cfg.served_name,
+                        "object": "model",
+                        "created": backend.started_unix_s,
+                        "owned_by": "qtrap_sim",
+                        "root": cfg.model,
+                        "max_model_len": cfg.max_model_len,
+                    }
+                ],
+            }
+        )
 
     async def health(_: Request) -> Response:
         return Response(b"", status_code=200)
@@ -179,10 +216,13 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(backend.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[
-        Route("/v1/chat/completions", chat_route, methods=["POST"]),
-        Route("/v1/completions", completions_route, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-    ], lifespan=backend.lifespan)
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_route, methods=["POST"]),
+            Route("/v1/completions", completions_route, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        lifespan=backend.lifespan,
+    )

@@ -27,8 +27,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp: Path = tmp_path_factory.mktemp("fleet")
     p16, p4, ptgi = free_port(), free_port(), free_port()
     common = ["--model", "qwen3-8b", "--step-ms", "2"]
-    with sim(p16, *common, "--precision", "bf16"), sim(p4, *common, "--precision", "int4"), \
-            sim(ptgi, *common, "--precision", "int8", "--api", "tgi"):
+    with (
+        sim(p16, *common, "--precision", "bf16"),
+        sim(p4, *common, "--precision", "int4"),
+        sim(ptgi, *common, "--precision", "int8", "--api", "tgi"),
+    ):
         cfg = {
             "backends": [
                 backend("sim-bf16", p16, "bf16", model="qwen3-8b"),

@@ -32,7 +32,9 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float =
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered:\n{_log_tail(proc)}")
+            raise RuntimeError(
+                f"server exited with {proc.returncode} before {url} answered:\n{_log_tail(proc)}"
+            )
         try:
             if requests.get(url, timeout=1).status_code < 500:
                 return
@@ -43,12 +45,19 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float =
 
 
 @contextlib.contextmanager
-def server(cmd: list[str], ready_url: str, timeout_s: float = 60.0, env: dict[str, str] | None = None
-           ) -> Iterator[subprocess.Popen[bytes]]:
+def server(
+    cmd: list[str], ready_url: str, timeout_s: float = 60.0, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     log = tempfile.NamedTemporaryFile(prefix="qtrap-test-", suffix=".log", delete=False)  # noqa: SIM115
     with log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
     _LOGS[proc.pid] = log.name
     try:
         wait_http(ready_url, proc, timeout_s)
@@ -86,10 +95,24 @@ def proxy(tmp: Path, config: dict[str, Any]) -> contextlib.AbstractContextManage
     return server(cmd, f"http://127.0.0.1:{port}/v1/models")
 
 
-def backend(name: str, port: int, precision: str = "bf16", pool: str = "qwen3-8b", kind: str = "vllm",
-            model: str = "qwen3-8b", **extra: Any) -> dict[str, Any]:
-    return {"name": name, "pool": pool, "precision": precision, "kind": kind,
-            "url": f"http://127.0.0.1:{port}", "model": model, **extra}
+def backend(
+    name: str,
+    port: int,
+    precision: str = "bf16",
+    pool: str = "qwen3-8b",
+    kind: str = "vllm",
+    model: str = "qwen3-8b",
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "pool": pool,
+        "precision": precision,
+        "kind": kind,
+        "url": f"http://127.0.0.1:{port}",
+        "model": model,
+        **extra,
+    }
 
 
 def running_requests(sim_port: int) -> float:

@@ -20,24 +20,45 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-CANNED = orjson.dumps({
-    "id": "cmpl-1", "object": "chat.completion", "created": 1, "model": "echo",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-}, option=orjson.OPT_INDENT_2)  # indented on purpose: the proxy must relay bytes unchanged
+CANNED = orjson.dumps(
+    {
+        "id": "cmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "echo",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    },
+    option=orjson.OPT_INDENT_2,
+)  # indented on purpose: the proxy must relay bytes unchanged
 
 
 def _chunk(i: int) -> bytes:
-    return b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                                     "choices": [{"index": 0, "delta": {"content": f" t{i}"}}]}) + b"\n\n"
+    return (
+        b"data: "
+        + orjson.dumps(
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "m",
+                "choices": [{"index": 0, "delta": {"content": f" t{i}"}}],
+            }
+        )
+        + b"\n\n"
+    )
 
 
 class FakeBackend:
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
-        self.app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
-                                     Route("/health", self.health, methods=["GET"])])
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/health", self.health, methods=["GET"]),
+            ]
+        )
 
     async def health(self, _: Request) -> Response:
         return Response(b"")
@@ -49,8 +70,11 @@ class FakeBackend:
         mode = body["model"]
         if mode.startswith("status:"):
             code = int(mode.split(":")[1])
-            return Response(orjson.dumps({"error": {"message": f"backend says {code}", "code": code}}),
-                            status_code=code, media_type="application/json")
+            return Response(
+                orjson.dumps({"error": {"message": f"backend says {code}", "code": code}}),
+                status_code=code,
+                media_type="application/json",
+            )
         if mode == "slow-headers":
             await asyncio.sleep(5)
         if mode in ("stream-die", "stream-stall", "stream-cut-event"):

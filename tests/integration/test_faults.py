@@ -35,9 +35,26 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             "server": {"max_body_bytes": 4096},
             "backends": [
                 # the fake backend picks its behaviour from the upstream model id
-                *[backend(f"fake-{m}", fport, pool=m, model=m, kind="openai", timeouts=timeouts, health_path="/health")
-                  for m in ("echo", "status:503", "status:429", "slow-headers", "stream-die", "stream-stall",
-                            "stream-cut-event")],
+                *[
+                    backend(
+                        f"fake-{m}",
+                        fport,
+                        pool=m,
+                        model=m,
+                        kind="openai",
+                        timeouts=timeouts,
+                        health_path="/health",
+                    )
+                    for m in (
+                        "echo",
+                        "status:503",
+                        "status:429",
+                        "slow-headers",
+                        "stream-die",
+                        "stream-stall",
+                        "stream-cut-event",
+                    )
+                ],
                 backend("dead", dead, pool="dead", model="m", timeouts=timeouts),
                 backend("sim", sport, pool="sim", model="qwen3-8b"),
             ],
@@ -48,7 +65,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 
 def _post(s: Setup, body: object, path: str = "/v1/chat/completions", **kw: object) -> requests.Response:
     data = body if isinstance(body, bytes) else orjson.dumps(body)
-    return requests.post(s.url + path, data=data, headers={"content-type": "application/json"}, timeout=30, **kw)
+    return requests.post(
+        s.url + path, data=data, headers={"content-type": "application/json"}, timeout=30, **kw
+    )
 
 
 def _msgs() -> list[dict[str, str]]:
@@ -65,10 +84,19 @@ def _assert_openai_error(r: requests.Response, status: int) -> dict[str, object]
 
 def test_unknown_fields_pass_through_and_body_relayed_unchanged(setup: Setup) -> None:
     body = {
-        "model": "echo", "messages": _msgs(), "tools": [{"type": "function", "function": {"name": "f",
-                                                          "parameters": {"type": "object"}}}],
-        "logprobs": True, "top_logprobs": 2, "n": 2, "response_format": {"type": "json_object"}, "seed": 42,
-        "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "guided_choice": ["a", "b"], "priority": -1,
+        "model": "echo",
+        "messages": _msgs(),
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "logprobs": True,
+        "top_logprobs": 2,
+        "n": 2,
+        "response_format": {"type": "json_object"},
+        "seed": 42,
+        "top_k": 5,
+        "min_p": 0.1,
+        "repetition_penalty": 1.1,
+        "guided_choice": ["a", "b"],
+        "priority": -1,
     }
     r = _post(setup, body)
     assert r.status_code == 200
@@ -80,8 +108,9 @@ def test_unknown_fields_pass_through_and_body_relayed_unchanged(setup: Setup) ->
     r = _post(setup, {**body, "stream": True, "stream_options": {"include_usage": False, "x_extra": 1}})
     sent = setup.fake.received[-1]
     assert sent["stream_options"] == {"include_usage": True, "x_extra": 1}  # openai kind: no continuous stats
-    assert {k: v for k, v in sent.items() if k != "stream_options"} == {
-        k: v for k, v in body.items()} | {"stream": True}
+    assert {k: v for k, v in sent.items() if k != "stream_options"} == {k: v for k, v in body.items()} | {
+        "stream": True
+    }
 
 
 def test_malformed_json_400(setup: Setup) -> None:
@@ -109,13 +138,20 @@ def test_completions_needs_prompt(setup: Setup) -> None:
 
 
 def test_bad_hop_header_400(setup: Setup) -> None:
-    r = requests.post(setup.url + "/v1/chat/completions", json={"model": "echo", "messages": _msgs()},
-                      headers={"x-qtrap-hop": "zero"}, timeout=10)
+    r = requests.post(
+        setup.url + "/v1/chat/completions",
+        json={"model": "echo", "messages": _msgs()},
+        headers={"x-qtrap-hop": "zero"},
+        timeout=10,
+    )
     assert _assert_openai_error(r, 400)["param"] == "x-qtrap-hop"
 
 
 def test_unknown_model_or_precision_404(setup: Setup) -> None:
-    assert _assert_openai_error(_post(setup, {"model": "nope", "messages": _msgs()}), 404)["code"] == "model_not_found"
+    assert (
+        _assert_openai_error(_post(setup, {"model": "nope", "messages": _msgs()}), 404)["code"]
+        == "model_not_found"
+    )
     err = _assert_openai_error(_post(setup, {"model": "sim@int3", "messages": _msgs()}), 404)
     assert err["code"] == "precision_not_found"
 
@@ -125,8 +161,12 @@ def test_body_too_large_413(setup: Setup) -> None:
     assert _assert_openai_error(_post(setup, big), 413)["code"] == "request_too_large"
     # chunked upload without a Content-Length is cut off as it arrives
     payload = orjson.dumps(big)
-    r = requests.post(setup.url + "/v1/chat/completions", data=iter([payload[:3000], payload[3000:]]),
-                      headers={"content-type": "application/json"}, timeout=10)
+    r = requests.post(
+        setup.url + "/v1/chat/completions",
+        data=iter([payload[:3000], payload[3000:]]),
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
     _assert_openai_error(r, 413)
     # the proxy still serves normally afterwards
     assert _post(setup, {"model": "echo", "messages": _msgs()}).status_code == 200
@@ -173,8 +213,11 @@ def test_backend_failing_mid_stream_ends_stream_with_error_and_done(setup: Setup
 def test_openai_sdk_raises_on_mid_stream_failure(setup: Setup) -> None:
     client = openai.OpenAI(base_url=setup.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.APIError, match="mid-stream"):
-        for _ in client.chat.completions.create(model="stream-die", messages=_msgs(),  # type: ignore[arg-type]
-                                                stream=True):
+        for _ in client.chat.completions.create(
+            model="stream-die",
+            messages=_msgs(),  # type: ignore[arg-type]
+            stream=True,
+        ):
             pass
 
 
@@ -184,8 +227,12 @@ def test_backend_process_killed_mid_stream(setup: Setup, tmp_path: Path) -> None
         cfg = {"backends": [backend("victim", sport, pool="victim", model="qwen3-8b")]}
         with proxy(tmp_path, cfg):
             url = f"http://127.0.0.1:{cfg['server']['port']}/v1/chat/completions"  # type: ignore[index]
-            with requests.post(url, json={"model": "victim", "messages": _msgs(), "stream": True,
-                                          "max_tokens": 2000}, stream=True, timeout=30) as r:
+            with requests.post(
+                url,
+                json={"model": "victim", "messages": _msgs(), "stream": True, "max_tokens": 2000},
+                stream=True,
+                timeout=30,
+            ) as r:
                 lines = r.iter_lines()
                 got = [next(lines) for _ in range(3)]
                 assert all(g == b"" or g.startswith(b"data: {") for g in got)
@@ -202,8 +249,10 @@ def test_client_disconnect_cancels_upstream(setup: Setup) -> None:
         if not stream:
             body = body.replace(b'"stream":true', b'"stream":false')
         sock = socket.create_connection(("127.0.0.1", int(setup.url.rsplit(":", 1)[1])))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
         deadline = time.monotonic() + 10
         while running_requests(setup.sim_port) < 1:
             assert time.monotonic() < deadline, "request never reached the backend"

@@ -15,7 +15,10 @@ def _client(fleet: Fleet, **kw: object) -> openai.OpenAI:
 
 def test_chat_non_streaming(fleet: Fleet) -> None:
     raw = _client(fleet).chat.completions.with_raw_response.create(
-        model="qwen3-8b", messages=[{"role": "user", "content": "two plus two"}], max_tokens=7, seed=3,
+        model="qwen3-8b",
+        messages=[{"role": "user", "content": "two plus two"}],
+        max_tokens=7,
+        seed=3,
         temperature=0,
     )
     resp = raw.parse()
@@ -24,21 +27,35 @@ def test_chat_non_streaming(fleet: Fleet) -> None:
     assert raw.headers["x-qtrap-precision"] == "bf16" and raw.headers["x-qtrap-backend"] == "sim-bf16"
     rid = raw.headers["x-qtrap-request-id"]
     rec = requests.get(f"{fleet.proxy_url}/qtrap/v1/requests/{rid}", timeout=5).json()
-    assert rec["status"] == "ok" and rec["completion_tokens"] == 7 and rec["prompt_tokens"] == resp.usage.prompt_tokens
+    assert (
+        rec["status"] == "ok"
+        and rec["completion_tokens"] == 7
+        and rec["prompt_tokens"] == resp.usage.prompt_tokens
+    )
     assert rec["energy_j"] is None and rec["energy_null_reason"]
 
 
 def test_chat_streaming_with_and_without_usage(fleet: Fleet) -> None:
     client = _client(fleet)
-    chunks = list(client.chat.completions.create(
-        model="qwen3-8b@int4", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="qwen3-8b@int4", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True
+        )
+    )
     assert all(c.usage is None for c in chunks), "usage injected by the proxy must not leak to the client"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text.split()) == 6
 
-    chunks = list(client.chat.completions.create(
-        model="qwen3-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True,
-        stream_options={"include_usage": True}, extra_headers={"x-qtrap-precision": "int4"}))
+    chunks = list(
+        client.chat.completions.create(
+            model="qwen3-8b",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"x-qtrap-precision": "int4"},
+        )
+    )
     with_usage = [c for c in chunks if c.usage is not None]
     assert len(with_usage) == 1 and not with_usage[0].choices
     assert with_usage[0].usage is not None and with_usage[0].usage.completion_tokens == 6
@@ -46,7 +63,10 @@ def test_chat_streaming_with_and_without_usage(fleet: Fleet) -> None:
 
 def test_stream_records_token_timeline(fleet: Fleet) -> None:
     with _client(fleet).chat.completions.with_streaming_response.create(
-        model="qwen3-8b", messages=[{"role": "user", "content": "count"}], max_tokens=12, stream=True,
+        model="qwen3-8b",
+        messages=[{"role": "user", "content": "count"}],
+        max_tokens=12,
+        stream=True,
         extra_headers={"x-qtrap-chain-id": "chain-1", "x-qtrap-hop": "2"},
     ) as resp:
         rid = resp.headers["x-qtrap-request-id"]
@@ -82,8 +102,11 @@ def test_errors_surface_as_sdk_exceptions(fleet: Fleet) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="qwen3-8b", messages=[])
     with pytest.raises(openai.BadRequestError, match="pinned twice"):
-        client.chat.completions.create(model="qwen3-8b@int4", messages=msgs,  # type: ignore[arg-type]
-                                       extra_headers={"x-qtrap-precision": "bf16"})
+        client.chat.completions.create(
+            model="qwen3-8b@int4",
+            messages=msgs,  # type: ignore[arg-type]
+            extra_headers={"x-qtrap-precision": "bf16"},
+        )
     # the backend's own 400 (context too long) is passed through with its body
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.chat.completions.create(model="qwen3-8b", messages=msgs, max_tokens=10**6)  # type: ignore[arg-type]
@@ -93,5 +116,8 @@ def test_health_reports_each_backend(fleet: Fleet) -> None:
     r = requests.get(f"{fleet.proxy_url}/health", timeout=10)
     body = r.json()
     assert r.status_code == 200 and body["status"] == "ok"
-    assert {b["name"]: b["ok"] for b in body["backends"]} == {"sim-bf16": True, "sim-int4": True,
-                                                              "sim-tgi-int8": True}
+    assert {b["name"]: b["ok"] for b in body["backends"]} == {
+        "sim-bf16": True,
+        "sim-int4": True,
+        "sim-tgi-int8": True,
+    }

@@ -13,8 +13,22 @@ from qtrap_proxy.errors import ConfigError
 def _cfg(**over: object) -> dict[str, object]:
     base: dict[str, object] = {
         "backends": [
-            {"name": "a", "pool": "p", "precision": "bf16", "kind": "vllm", "url": "http://h:1", "model": "m"},
-            {"name": "b", "pool": "p", "precision": "int4", "kind": "tgi", "url": "http://h:2/", "model": "m"},
+            {
+                "name": "a",
+                "pool": "p",
+                "precision": "bf16",
+                "kind": "vllm",
+                "url": "http://h:1",
+                "model": "m",
+            },
+            {
+                "name": "b",
+                "pool": "p",
+                "precision": "int4",
+                "kind": "tgi",
+                "url": "http://h:2/",
+                "model": "m",
+            },
         ]
     }
     base.update(over)

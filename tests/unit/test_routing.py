@@ -9,16 +9,42 @@ from qtrap_proxy.upstream import Backend
 
 
 def _router() -> Router:
-    cfg = load_config(data={
-        "backends": [
-            {"name": "bf16-a", "pool": "q8", "precision": "bf16", "url": "http://h:1", "model": "Qwen/Qwen3-8B"},
-            {"name": "bf16-b", "pool": "q8", "precision": "bf16", "url": "http://h:2", "model": "Qwen/Qwen3-8B"},
-            {"name": "int4", "pool": "q8", "precision": "int4", "kind": "tgi", "url": "http://h:3",
-             "model": "Qwen/Qwen3-8B-AWQ"},
-            {"name": "small", "pool": "q06", "precision": "bf16", "url": "http://h:4", "model": "Qwen/Qwen3-0.6B"},
-        ],
-        "pools": {"q8": {"default_precision": "bf16"}},
-    })
+    cfg = load_config(
+        data={
+            "backends": [
+                {
+                    "name": "bf16-a",
+                    "pool": "q8",
+                    "precision": "bf16",
+                    "url": "http://h:1",
+                    "model": "Qwen/Qwen3-8B",
+                },
+                {
+                    "name": "bf16-b",
+                    "pool": "q8",
+                    "precision": "bf16",
+                    "url": "http://h:2",
+                    "model": "Qwen/Qwen3-8B",
+                },
+                {
+                    "name": "int4",
+                    "pool": "q8",
+                    "precision": "int4",
+                    "kind": "tgi",
+                    "url": "http://h:3",
+                    "model": "Qwen/Qwen3-8B-AWQ",
+                },
+                {
+                    "name": "small",
+                    "pool": "q06",
+                    "precision": "bf16",
+                    "url": "http://h:4",
+                    "model": "Qwen/Qwen3-0.6B",
+                },
+            ],
+            "pools": {"q8": {"default_precision": "bf16"}},
+        }
+    )
     return Router(cfg, [Backend(b) for b in cfg.backends])
 
 
@@ -54,6 +80,9 @@ def test_round_robin_over_replicas() -> None:
 
 def test_kind_filter() -> None:
     r = _router()
+    tgi = frozenset({"tgi"})
+    assert r.resolve("q8", None, kinds=tgi) == ("q8", "int4")  # the default (bf16) has no TGI backend
+    assert r.resolve("q8", "bf16", kinds=tgi) == ("q8", "bf16")  # a pin is kept (choose() then says 404)
     assert r.choose("q8", "int4", kinds=frozenset({"tgi"})).name == "int4"
     with pytest.raises(NotFound, match="no backend of kind tgi"):
         r.choose("q8", "bf16", kinds=frozenset({"tgi"}))

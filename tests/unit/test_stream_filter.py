@@ -28,8 +28,10 @@ def _events(out: bytes) -> list[bytes]:
 def test_vllm_continuous_usage_stripped_when_not_asked() -> None:
     tl = Timeline("r", "chat")
     f = OpenAIStreamFilter(tl, continuous=True, keep_usage_chunk=False, strip_usage=True)
-    out = f.process([_chunk("a", (7, 1)), _chunk("b c", (7, 3)), _chunk(None, (7, 3), choices=False),
-                     b"data: [DONE]"], now=1.0)
+    out = f.process(
+        [_chunk("a", (7, 1)), _chunk("b c", (7, 3)), _chunk(None, (7, 3), choices=False), b"data: [DONE]"],
+        now=1.0,
+    )
     ev = _events(out)
     assert len(ev) == 3 and ev[-1] == b"data: [DONE]"
     for e in ev[:2]:
@@ -74,8 +76,10 @@ def test_error_event_ends_openai_stream() -> None:
 def test_tgi_filter_counts_one_token_per_event() -> None:
     tl = Timeline("r", "tgi_generate_stream")
     f = TGIStreamFilter(tl)
-    events = [b'data:{"index":1,"token":{"id":1,"text":" a","special":false}}',
-              b'data:{"index":2,"token":{"id":2,"text":" b","special":false},"generated_text":" a b"}']
+    events = [
+        b'data:{"index":1,"token":{"id":1,"text":" a","special":false}}',
+        b'data:{"index":2,"token":{"id":2,"text":" b","special":false},"generated_text":" a b"}',
+    ]
     assert f.process(events, 1.0) == b"\n\n".join(events) + b"\n\n"
     assert tl.chunk_tokens == [2]
     f.process([b'data:{"error":"oops","error_type":"generation"}'], 2.0)
