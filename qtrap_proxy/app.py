@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qtrap_proxy.errors import openai_error_body
 from qtrap_proxy.openai_route import OpenAIRoute
@@ -18,7 +19,27 @@ from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.tgi_route import TGIRoute
 
 
-def create_app(proxy: Proxy) -> Starlette:
+class _FastPath:
+    """Sends the relay routes straight to their handlers; everything else goes through Starlette.
+
+    The relay routes do their own error handling, so Starlette's middleware layers
+    (which wrap every send) would only add cost on the hottest path.
+    """
+
+    def __init__(self, routes: dict[str, ASGIApp], app: Starlette) -> None:
+        self.routes = routes
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self.routes.get(scope["path"])
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(proxy: Proxy) -> ASGIApp:
     async def models(_: Request) -> JSONResponse:
         return JSONResponse(proxy.models())
 
@@ -41,13 +62,16 @@ def create_app(proxy: Proxy) -> Starlette:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error(exc.status_code, str(exc.detail), kind)
 
+    relay: dict[str, ASGIApp] = {
+        "/v1/chat/completions": OpenAIRoute(proxy, chat=True),
+        "/v1/completions": OpenAIRoute(proxy, chat=False),
+        "/generate": TGIRoute(proxy, "/generate"),
+        "/generate_stream": TGIRoute(proxy, "/generate_stream"),
+        "/": TGIRoute(proxy, "/"),
+    }
     routes = [
-        Route("/v1/chat/completions", OpenAIRoute(proxy, chat=True), methods=["POST"]),
-        Route("/v1/completions", OpenAIRoute(proxy, chat=False), methods=["POST"]),
+        *(Route(path, handler, methods=["POST"]) for path, handler in relay.items()),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/generate", TGIRoute(proxy, "/generate"), methods=["POST"]),
-        Route("/generate_stream", TGIRoute(proxy, "/generate_stream"), methods=["POST"]),
-        Route("/", TGIRoute(proxy, "/"), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/qtrap/v1/requests/{request_id}", request_record, methods=["GET"]),
@@ -60,7 +84,8 @@ def create_app(proxy: Proxy) -> Starlette:
         finally:
             await proxy.close()
 
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    return _FastPath(relay, app)
 
 
 def _error(status: int, message: str, kind: str) -> Response:

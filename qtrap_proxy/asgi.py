@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterable, MutableMapping
+from collections.abc import Coroutine, Iterable, MutableMapping
 from typing import Any
 
 from qtrap_proxy.errors import PayloadTooLarge
@@ -61,34 +61,32 @@ async def send_full(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def run_until_disconnect(work: Awaitable[None], receive: Receive) -> bool:
+async def run_until_disconnect(work: Coroutine[Any, Any, None], receive: Receive) -> bool:
     """Run ``work`` until it finishes or the client disconnects, whichever is first.
 
     On disconnect ``work`` is cancelled at once (so upstream connections it holds
-    are closed and the backend stops generating) and True is returned.
+    are closed and the backend stops generating) and True is returned. ``work``
+    runs in the calling task; only the disconnect watcher is a task of its own.
     """
-    task = asyncio.ensure_future(work)
+    me = asyncio.current_task()
+    assert me is not None
+    disconnected = False
 
     async def watch() -> None:
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
+        nonlocal disconnected
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        disconnected = True
+        me.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        await work
     except asyncio.CancelledError:
-        task.cancel()
+        if not disconnected:
+            raise
+        me.uncancel()
+        return True
+    finally:
         watcher.cancel()
-        raise
-    if task.done():
-        watcher.cancel()
-        task.result()
-        return False
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    return True
+    return False

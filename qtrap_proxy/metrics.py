@@ -57,26 +57,45 @@ class Metrics:
         self.backend_up = Gauge(
             "qtrap_backend_up", "1 if the backend's last health probe succeeded", ("backend",), registry=r
         )
+        self._children: dict[tuple[str, str, str], BackendMetrics] = {}
 
-    def started(self, pool: str, backend: str, precision: str) -> None:
-        self.inflight.labels(pool, backend, precision).inc()
+    def child(self, pool: str | None, backend: str | None, precision: str | None) -> BackendMetrics:
+        """The metric children of one (pool, backend, precision), bound once and reused."""
+        key = (pool or _UNROUTED, backend or _UNROUTED, precision or _UNROUTED)
+        bm = self._children.get(key)
+        if bm is None:
+            bm = self._children[key] = BackendMetrics(self, *key)
+        return bm
+
+
+class BackendMetrics:
+    """Pre-bound label children: ``labels()`` costs a lock and a lookup, so it is done once."""
+
+    __slots__ = ("completion", "duration", "inflight", "prompt", "requests", "routed", "ttft")
+
+    def __init__(self, m: Metrics, pool: str, backend: str, precision: str) -> None:
+        lv = (pool, backend, precision)
+        self.routed = backend != _UNROUTED
+        self.inflight = m.inflight.labels(*lv)
+        self.prompt = m.tokens.labels(*lv, "prompt")
+        self.completion = m.tokens.labels(*lv, "completion")
+        self.ttft = m.ttft.labels(*lv)
+        self.duration = m.duration.labels(*lv)
+        self.requests = {status: m.requests.labels(*lv, status) for status in STATUSES}
 
     def finished(self, tl: Timeline, *, was_inflight: bool) -> None:
         """Account one finished request (called once, at its end: never per chunk)."""
-        pool = tl.pool or _UNROUTED
-        backend = tl.backend or _UNROUTED
-        precision = tl.precision or _UNROUTED
         if was_inflight:
-            self.inflight.labels(pool, backend, precision).dec()
-        self.requests.labels(pool, backend, precision, tl.status).inc()
+            self.inflight.dec()
+        self.requests[tl.status].inc()
         if tl.prompt_tokens:
-            self.tokens.labels(pool, backend, precision, "prompt").inc(tl.prompt_tokens)
+            self.prompt.inc(tl.prompt_tokens)
         if tl.completion_tokens:
-            self.tokens.labels(pool, backend, precision, "completion").inc(tl.completion_tokens)
-        if tl.backend is not None:
+            self.completion.inc(tl.completion_tokens)
+        if self.routed:
             ttft = tl.ttft_s
             if ttft is not None:
-                self.ttft.labels(pool, backend, precision).observe(ttft)
+                self.ttft.observe(ttft)
             e2e = tl.e2e_s
             if e2e is not None:
-                self.duration.labels(pool, backend, precision).observe(e2e)
+                self.duration.observe(e2e)

@@ -20,6 +20,32 @@ from qtrap_proxy.sse import data_of
 from qtrap_proxy.timeline import Timeline
 
 _DONE = b"[DONE]"
+_USAGE = b'"usage":{'
+_NO_CHOICES = b'"choices":[]'
+
+
+def usage_span(payload: bytes) -> tuple[int, int, int, int] | None:
+    """Where the ``"usage":{...}`` member sits in a compact JSON chunk (as vLLM writes them).
+
+    Returns (cut_start, cut_end, obj_start, obj_end): ``payload[obj_start:obj_end]`` is the
+    usage object and removing ``payload[cut_start:cut_end]`` leaves valid JSON without it.
+    A key inside a string value cannot match: its quotes would be escaped.
+    """
+    u = payload.find(_USAGE)
+    if u < 0:
+        return None
+    start = u + 8
+    end = payload.find(b"}", start)
+    while end >= 0 and payload.count(b"{", start, end + 1) > payload.count(b"}", start, end + 1):
+        end = payload.find(b"}", end + 1)
+    if end < 0:
+        return None
+    end += 1
+    if payload[u - 1 : u] == b",":
+        return u - 1, end, start, end
+    if payload[end : end + 1] == b",":
+        return u, end + 1, start, end
+    return u, end, start, end
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -55,6 +81,25 @@ class OpenAIStreamFilter(StreamFilter):
                 if ev:
                     out.append(ev)
                 continue
+            if self.continuous:
+                span = usage_span(payload)
+                if span is not None:  # fast path: vLLM's compact chunk with continuous usage
+                    try:
+                        usage = orjson.loads(payload[span[2] : span[3]])
+                    except orjson.JSONDecodeError:
+                        usage = None
+                    if isinstance(usage, dict):
+                        tokens = self._usage(usage)
+                        if tokens > 0:
+                            tl.add_chunk(now, tokens)
+                        if _NO_CHOICES in payload:  # the usage-only chunk
+                            if self.keep_usage_chunk:
+                                out.append(ev)
+                        elif self.strip_usage:
+                            out.append(b"data: " + payload[: span[0]] + payload[span[1] :])
+                        else:
+                            out.append(ev)
+                        continue
             try:
                 obj = orjson.loads(payload)
             except orjson.JSONDecodeError:
@@ -71,14 +116,7 @@ class OpenAIStreamFilter(StreamFilter):
             usage = obj.get("usage")
             tokens = 0
             if isinstance(usage, dict):
-                pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
-                if isinstance(pt, int):
-                    tl.prompt_tokens = pt
-                if isinstance(ct, int):
-                    tl.completion_tokens = ct
-                    if self.continuous:
-                        tokens = ct - self.last_completion
-                        self.last_completion = ct
+                tokens = self._usage(usage)
                 if not choices:  # the usage-only chunk
                     if tokens > 0:
                         tl.add_chunk(now, tokens)
@@ -88,14 +126,30 @@ class OpenAIStreamFilter(StreamFilter):
                 if self.strip_usage:
                     del obj["usage"]
                     ev = b"data: " + orjson.dumps(obj)
-            if choices and not self.continuous:
+            if choices and (not self.continuous or not isinstance(usage, dict)):
                 tokens = _content_choices(choices)
+                if self.continuous and tokens:
+                    tl.tokens_exact = False  # the backend ignored continuous_usage_stats
             if tokens > 0:
                 tl.add_chunk(now, tokens)
             out.append(ev)
         if not out:
             return b""
         return b"\n\n".join(out) + b"\n\n"
+
+    def _usage(self, usage: dict[str, Any]) -> int:
+        """Record a usage object; returns the new completion tokens it reports (continuous usage only)."""
+        tl = self.tl
+        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(pt, int):
+            tl.prompt_tokens = pt
+        if isinstance(ct, int):
+            tl.completion_tokens = ct
+            if self.continuous and tl.tokens_exact:  # not after a fallback to per-chunk estimates
+                new = ct - self.last_completion
+                self.last_completion = ct
+                return new
+        return 0
 
     def error_event(self, err: QtrapError) -> bytes:
         body = openai_error_body(err.message, err.type, None, err.status)

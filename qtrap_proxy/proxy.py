@@ -37,7 +37,9 @@ class Proxy:
         self.router = Router(config, self.backends, policy)
         self.metrics = Metrics(registry)
         self.started_unix_s = int(time.time())
-        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        for b in self.backends:
+            b.metrics = self.metrics.child(b.pool, b.name, b.precision)
+        self._recent: OrderedDict[str, Timeline] = OrderedDict()
         self._keep = keep_records
 
     async def close(self) -> None:
@@ -46,23 +48,27 @@ class Proxy:
     # -- request lifecycle -------------------------------------------------
     def begin(self, tl: Timeline, backend: Backend) -> None:
         tl.pool, tl.precision, tl.backend = backend.pool, backend.precision, backend.name
-        self.metrics.started(backend.pool, backend.name, backend.precision)
+        backend.metrics.inflight.inc()
 
     def end(self, tl: Timeline, *, was_inflight: bool) -> None:
         """A request has finished (any outcome): account it once."""
         try:
-            self.metrics.finished(tl, was_inflight=was_inflight)
-            self._records[tl.request_id] = tl.record()
-            if len(self._records) > self._keep:
-                self._records.popitem(last=False)
+            self.metrics.child(tl.pool, tl.backend, tl.precision).finished(tl, was_inflight=was_inflight)
+            self._recent[tl.request_id] = tl
+            if len(self._recent) > self._keep:
+                self._recent.popitem(last=False)
         except Exception:  # accounting must never take a request down
             log.exception("accounting failed for request %s", tl.request_id)
 
     def record(self, request_id: str) -> dict[str, Any] | None:
-        rec = self._records.get(request_id)
-        if rec is None:
+        tl = self._recent.get(request_id)
+        if tl is None:
             return None
-        return {**rec, "energy_j": None, "energy_null_reason": "no energy meter in this version of the proxy"}
+        return {
+            **tl.record(),
+            "energy_j": None,
+            "energy_null_reason": "no energy meter in this version of the proxy",
+        }
 
     @staticmethod
     def response_headers(tl: Timeline) -> list[tuple[bytes, bytes]]:

@@ -7,14 +7,20 @@ has ended.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+# Request ids: 64 random bits per process, then a counter. Unique across restarts and
+# replicas for all practical purposes, and far cheaper than uuid4 on the request path.
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
 
 
 @dataclass(slots=True)

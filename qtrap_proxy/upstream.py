@@ -17,6 +17,7 @@ import aiohttp
 
 from qtrap_proxy.config import BackendConfig
 from qtrap_proxy.errors import UpstreamConnectError, UpstreamTimeout
+from qtrap_proxy.metrics import BackendMetrics
 
 
 @dataclass(slots=True)
@@ -37,6 +38,7 @@ class Backend:
         self.precision = cfg.precision
         self.kind = cfg.kind
         self._session: aiohttp.ClientSession | None = None
+        self.metrics: BackendMetrics  # bound by the Proxy that owns this backend
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=cfg.timeouts.connect_s, sock_read=cfg.timeouts.read_s
         )

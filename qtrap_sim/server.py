@@ -52,7 +52,7 @@ def create_app(backend: SimBackend) -> Starlette:
 
 
 async def serve_all(configs: list[SimBackendConfig], log_level: str = "warning") -> None:
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     servers = []
     for c in configs:
         backend = SimBackend(c)

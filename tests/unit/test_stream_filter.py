@@ -84,3 +84,26 @@ def test_tgi_filter_counts_one_token_per_event() -> None:
     assert tl.chunk_tokens == [2]
     f.process([b'data:{"error":"oops","error_type":"generation"}'], 2.0)
     assert f.upstream_error is not None
+
+
+def test_usage_span_removes_member_anywhere() -> None:
+    from qtrap_proxy.openai_route import usage_span
+
+    for obj in (
+        {"id": "x", "choices": [{"delta": {"content": "a"}}], "usage": {"prompt_tokens": 1, "completion_tokens": 2}},
+        {"usage": {"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 0}}, "id": "x", "choices": []},
+        {"id": "x", "usage": {"completion_tokens": 2, "d": {"e": {}}}, "choices": [{"text": '"usage":{'}]},
+    ):
+        payload = orjson.dumps(obj)
+        span = usage_span(payload)
+        assert span is not None
+        assert orjson.loads(payload[span[2] : span[3]]) == obj["usage"]
+        assert orjson.loads(payload[: span[0]] + payload[span[1] :]) == {k: v for k, v in obj.items() if k != "usage"}
+    assert usage_span(b'{"choices":[{"delta":{"content":"\\"usage\\":{"}}]}') is None
+
+
+def test_continuous_mode_falls_back_when_backend_ignores_it() -> None:
+    tl = Timeline("r", "chat")
+    f = OpenAIStreamFilter(tl, continuous=True, keep_usage_chunk=False, strip_usage=True)
+    f.process([_chunk("a", None), _chunk("b", None), _chunk(None, (4, 2), choices=False)], 1.0)
+    assert tl.chunk_tokens == [1, 1] and not tl.tokens_exact and tl.completion_tokens == 2
