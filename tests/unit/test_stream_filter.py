@@ -90,15 +90,25 @@ def test_usage_span_removes_member_anywhere() -> None:
     from qtrap_proxy.openai_route import usage_span
 
     for obj in (
-        {"id": "x", "choices": [{"delta": {"content": "a"}}], "usage": {"prompt_tokens": 1, "completion_tokens": 2}},
-        {"usage": {"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 0}}, "id": "x", "choices": []},
+        {
+            "id": "x",
+            "choices": [{"delta": {"content": "a"}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+        },
+        {
+            "usage": {"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 0}},
+            "id": "x",
+            "choices": [],
+        },
         {"id": "x", "usage": {"completion_tokens": 2, "d": {"e": {}}}, "choices": [{"text": '"usage":{'}]},
     ):
         payload = orjson.dumps(obj)
         span = usage_span(payload)
         assert span is not None
         assert orjson.loads(payload[span[2] : span[3]]) == obj["usage"]
-        assert orjson.loads(payload[: span[0]] + payload[span[1] :]) == {k: v for k, v in obj.items() if k != "usage"}
+        assert orjson.loads(payload[: span[0]] + payload[span[1] :]) == {
+            k: v for k, v in obj.items() if k != "usage"
+        }
     assert usage_span(b'{"choices":[{"delta":{"content":"\\"usage\\":{"}}]}') is None
 
 
