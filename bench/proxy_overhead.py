@@ -19,9 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +27,8 @@ from typing import Any
 
 import aiohttp
 import yaml
+
+from qtrap_proxy.localproc import child, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
@@ -41,29 +40,6 @@ def stream_body(interval_ms: float) -> bytes:
     return json.dumps(
         {"model": "m", "messages": msg, "stream": True, "bench_interval_ms": interval_ms}
     ).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(cmd: list[str], health: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    import urllib.request
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(health, timeout=1)
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"server did not come up: {' '.join(cmd)}")
 
 
 def rss_mb(pid: int) -> float:
@@ -214,17 +190,7 @@ def main() -> None:
         args.requests, args.rounds, args.seconds = 300, 1, 2.0
     bport, pport = free_port(), free_port()
     py = sys.executable
-    backend = start(
-        [
-            py,
-            str(ROOT / "bench/instant_backend.py"),
-            "--port",
-            str(bport),
-            "--chunks",
-            str(args.chunks),
-        ],
-        f"http://127.0.0.1:{bport}/health",
-    )
+    tmp = Path(tempfile.mkdtemp(prefix="qtrap-bench-"))
     cfg = {
         "server": {"port": pport},
         "backends": [
@@ -238,13 +204,29 @@ def main() -> None:
             }
         ],
     }
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(cfg, f)
-    proxy = start(
-        [py, "-m", "qtrap_proxy", "serve", "--config", f.name, "--log-level", "warning"],
-        f"http://127.0.0.1:{pport}/v1/models",
-    )
-    try:
+    (tmp / "proxy.yaml").write_text(yaml.safe_dump(cfg))
+    backend_cmd = [
+        py,
+        str(ROOT / "bench/instant_backend.py"),
+        "--port",
+        str(bport),
+        "--chunks",
+        str(args.chunks),
+    ]
+    proxy_cmd = [
+        py,
+        "-m",
+        "qtrap_proxy",
+        "serve",
+        "--config",
+        str(tmp / "proxy.yaml"),
+        "--log-level",
+        "warning",
+    ]
+    with (
+        child(backend_cmd, f"http://127.0.0.1:{bport}/health", tmp / "backend.log"),
+        child(proxy_cmd, f"http://127.0.0.1:{pport}/health", tmp / "proxy.log") as proxy,
+    ):
         try:
             import uvloop
 
@@ -252,15 +234,10 @@ def main() -> None:
         except ImportError:
             pass
         res = asyncio.run(run(args, f"http://127.0.0.1:{bport}", f"http://127.0.0.1:{pport}", proxy.pid))
-        res["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
-        res["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2))
-    finally:
-        for p in (proxy, backend):
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(10)
-        os.unlink(f.name)
+    res["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
+    res["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

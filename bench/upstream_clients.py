@@ -12,17 +12,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy_overhead import ROOT, free_port, start
+from qtrap_proxy.localproc import child, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 SBODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
@@ -56,37 +57,36 @@ async def with_httpx(url: str, body: bytes, concurrency: int, total: int) -> Non
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=6000)
-    args = ap.parse_args()
-    port = free_port()
-    backend = start(
-        [sys.executable, str(ROOT / "bench/instant_backend.py"), "--port", str(port)],
-        f"http://127.0.0.1:{port}/health",
-    )
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+def measure(requests: int, url: str) -> None:
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    try:
-        for kind, body, n in (("non-stream", BODY, args.requests), ("stream", SBODY, args.requests // 4)):
-            for c in (64, 200):
-                for name, fn in (("aiohttp", with_aiohttp), ("httpx", with_httpx)):
-                    asyncio.run(fn(url, body, c, min(n, 1000)))  # warm-up
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    asyncio.run(fn(url, body, c, n))
-                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                    print(
-                        f"{kind:>10} c={c:>3} {name:>7}: {n / wall:8,.0f} req/s, client CPU {cpu / n * 1e6:6.0f} us/request",
-                        flush=True,
-                    )
-    finally:
-        os.killpg(backend.pid, signal.SIGTERM)
-        backend.wait(10)
+    for kind, body, n in (("non-stream", BODY, requests), ("stream", SBODY, requests // 4)):
+        for c in (64, 200):
+            for name, fn in (("aiohttp", with_aiohttp), ("httpx", with_httpx)):
+                asyncio.run(fn(url, body, c, min(n, 1000)))  # warm-up
+                t0, c0 = time.perf_counter(), time.process_time()
+                asyncio.run(fn(url, body, c, n))
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                print(
+                    f"{kind:>10} c={c:>3} {name:>7}: {n / wall:8,.0f} req/s, "
+                    f"client CPU {cpu / n * 1e6:6.0f} us/request",
+                    flush=True,
+                )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=6000)
+    args = ap.parse_args()
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "bench/instant_backend.py"), "--port", str(port)]
+    log = Path(tempfile.mkdtemp(prefix="qtrap-bench-")) / "backend.log"
+    with child(cmd, f"http://127.0.0.1:{port}/health", log):
+        measure(args.requests, f"http://127.0.0.1:{port}/v1/chat/completions")
 
 
 if __name__ == "__main__":

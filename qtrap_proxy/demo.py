@@ -10,16 +10,10 @@ and stops everything it started.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,43 +21,9 @@ import aiohttp
 import orjson
 import yaml
 
+from qtrap_proxy.localproc import child, free_port
+
 PRECISIONS = ("bf16", "int8", "int4")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def _child(args: list[str], ready_url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{' '.join(args[:2])} exited early:\n{log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(
-                    ("127.0.0.1", int(ready_url.rsplit(":", 1)[1].split("/")[0])), 0.2
-                ):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{ready_url} did not come up") from None
-                time.sleep(0.05)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def _level(url: str, precision: str, concurrency: int, requests: int, max_tokens: int) -> list[str]:
@@ -102,8 +62,8 @@ async def _records(url: str, ids: list[str]) -> list[dict[str, Any]]:
 
 def run_demo(concurrency: list[int], requests: int, max_tokens: int) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="qtrap-demo-"))
-    ports = {p: _free_port() for p in PRECISIONS}
-    proxy_port = _free_port()
+    ports = {p: free_port() for p in PRECISIONS}
+    proxy_port = free_port()
     (tmp / "sim.yaml").write_text(
         yaml.safe_dump(
             {
@@ -137,13 +97,11 @@ def run_demo(concurrency: list[int], requests: int, max_tokens: int) -> int:
     url = f"http://127.0.0.1:{proxy_port}"
     print(f"qtrap demo: 3 simulated backends + proxy on {url} (logs in {tmp})", flush=True)
     rows = []
+    sim_cmd = [sys.executable, "-m", "qtrap_sim", "--config", str(tmp / "sim.yaml")]
+    proxy_cmd = [sys.executable, "-m", "qtrap_proxy", "serve", "--config", str(tmp / "proxy.yaml")]
     with (
-        _child(["-m", "qtrap_sim", "--config", str(tmp / "sim.yaml")], f"x:{ports['int4']}", tmp / "sim.log"),
-        _child(
-            ["-m", "qtrap_proxy", "serve", "--config", str(tmp / "proxy.yaml"), "--log-level", "warning"],
-            f"x:{proxy_port}",
-            tmp / "proxy.log",
-        ),
+        child(sim_cmd, f"http://127.0.0.1:{ports['int4']}/health", tmp / "sim.log"),
+        child([*proxy_cmd, "--log-level", "warning"], url + "/health", tmp / "proxy.log"),
     ):
         for c in concurrency:
             for p in PRECISIONS:

@@ -267,3 +267,25 @@ def test_client_disconnect_cancels_upstream(setup: Setup) -> None:
             time.sleep(0.02)
     metrics = requests.get(setup.url + "/metrics", timeout=5).text
     assert 'status="client_disconnected"' in metrics
+
+
+def test_health_503_when_a_pool_has_no_healthy_backend(setup: Setup) -> None:
+    r = requests.get(setup.url + "/health", timeout=10)
+    body = r.json()
+    assert r.status_code == 503 and body["status"] == "down" and body["pools"]["dead"] is False
+    dead = next(b for b in body["backends"] if b["name"] == "dead")
+    assert dead["ok"] is False and dead["error"]
+    assert body["pools"]["sim"] is True
+    metrics = requests.get(setup.url + "/metrics", timeout=5).text
+    assert (
+        'qtrap_backend_up{backend="dead"} 0.0' in metrics and 'qtrap_backend_up{backend="sim"} 1.0' in metrics
+    )
+
+
+def test_unknown_route_and_wrong_method_get_openai_errors(setup: Setup) -> None:
+    r = requests.get(setup.url + "/v1/nothing", timeout=5)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = requests.get(setup.url + "/v1/chat/completions", timeout=5)
+    assert r.status_code == 405 and r.json()["error"]["message"]
+    r = requests.get(setup.url + "/qtrap/v1/requests/does-not-exist", timeout=5)
+    assert r.status_code == 404 and "does-not-exist" in r.json()["error"]["message"]

@@ -111,3 +111,23 @@ def test_cli_check_config_summary(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["check-config", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "pool p (default precision bf16)" in out and "int4:b (tgi http://h:2)" in out
+
+
+def test_python_dash_m_entry_point(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_cfg()))
+    r = subprocess.run(
+        [sys.executable, "-m", "qtrap_proxy", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and "pool p" in r.stdout
+
+
+def test_demo_rejects_bad_levels(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--concurrency", "1,x"]) == 2
+    assert "--concurrency" in capsys.readouterr().err
