@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Coroutine, Iterable, MutableMapping
 from typing import Any
 
-from qtrap_proxy.errors import PayloadTooLarge
+from qtrap_proxy.errors import ClientGone, PayloadTooLarge
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -35,7 +35,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client disconnected while sending the body")
+            raise ClientGone("client disconnected while sending the body")
         chunk = msg.get("body", b"")
         if chunk:
             size += len(chunk)

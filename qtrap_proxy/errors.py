@@ -64,6 +64,14 @@ class PayloadTooLarge(QtrapError):
     code = "request_too_large"
 
 
+class ClientGone(QtrapError):
+    """The client disconnected before its request was complete (nginx's 499: nobody reads the answer)."""
+
+    status = 499
+    type = "client_closed_request"
+    label = "client_disconnected"
+
+
 class UpstreamError(QtrapError):
     """A backend could not be used. ``backend`` names it for logs and metrics."""
 

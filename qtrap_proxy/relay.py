@@ -102,7 +102,7 @@ class RelayRoute(ABC):
             disconnected = await run_until_disconnect(
                 self._relay(prep, tl, header(scope, b"authorization"), send), receive
             )
-            if disconnected:
+            if disconnected and tl.end is None:
                 tl.finish("client_disconnected", 499, "client disconnected")
         except OSError:  # the client went away while an error was being sent to it
             if tl.end is None:

@@ -289,3 +289,28 @@ def test_unknown_route_and_wrong_method_get_openai_errors(setup: Setup) -> None:
     assert r.status_code == 405 and r.json()["error"]["message"]
     r = requests.get(setup.url + "/qtrap/v1/requests/does-not-exist", timeout=5)
     assert r.status_code == 404 and "does-not-exist" in r.json()["error"]["message"]
+
+
+def _disconnect_count(s: Setup) -> float:
+    text = requests.get(s.url + "/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("qtrap_requests_total{") and 'status="client_disconnected"' in line
+    )
+
+
+def test_client_gone_while_sending_body(setup: Setup) -> None:
+    before = _disconnect_count(setup)
+    sock = socket.create_connection(("127.0.0.1", int(setup.url.rsplit(":", 1)[1])))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"model": "echo"'
+    )
+    time.sleep(0.2)
+    sock.close()
+    deadline = time.monotonic() + 5
+    while _disconnect_count(setup) < before + 1:
+        assert time.monotonic() < deadline, "the half-sent request was not accounted as a disconnect"
+        time.sleep(0.05)
+    assert _post(setup, {"model": "echo", "messages": _msgs()}).status_code == 200
