@@ -6,13 +6,17 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Any, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
+from qtrap_proxy.asgi import run_until_disconnect
 from qtrap_sim.engine import Engine, SimRequest
 from qtrap_sim.perf import LinearPerf
 from qtrap_sim.textgen import TextStream
@@ -108,6 +112,31 @@ class SimBackend:
             yield
         finally:
             await self.engine.stop()
+
+    def common_routes(self) -> list[Route]:
+        """``/health`` and ``/metrics``, the same for both APIs."""
+
+        async def health(_: Request) -> Response:
+            return Response(b"", status_code=200)
+
+        async def metrics(_: Request) -> Response:
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return [Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
+
+    @staticmethod
+    async def collect(gen: AsyncGenerator[tuple[str, int]], receive: Any) -> str | None:
+        """The whole answer of a non-streaming request, or None if its client went away first."""
+        parts: list[str] = []
+
+        async def run() -> None:
+            async for t, _ in gen:
+                parts.append(t)
+
+        if await run_until_disconnect(run(), receive):
+            await gen.aclose()
+            return None
+        return "".join(parts)
 
     # -- generation ------------------------------------------------------------
     def new_request(self, request_id: str | None, prompt_tokens: int, max_tokens: int) -> SimRequest:

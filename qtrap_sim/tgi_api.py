@@ -6,13 +6,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from qtrap_proxy.asgi import run_until_disconnect
 from qtrap_sim.backend import SimBackend
 from qtrap_sim.textgen import count_tokens
 
@@ -112,16 +110,10 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        parts: list[str] = []
-
-        async def collect() -> None:
-            async for t, _ in gen:
-                parts.append(t)
-
-        if await run_until_disconnect(collect(), request.receive):
-            await gen.aclose()
+        text = await backend.collect(gen, request.receive)
+        if text is None:
             return Response(b"", status_code=499)
-        out: dict[str, Any] = {"generated_text": "".join(parts)}
+        out: dict[str, Any] = {"generated_text": text}
         if details_wanted:
             out["details"] = {
                 **details(),
@@ -162,20 +154,13 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
             media_type="application/json",
         )
 
-    async def health(_: Request) -> Response:
-        return Response(b"", status_code=200)
-
-    async def metrics(_: Request) -> Response:
-        return Response(generate_latest(backend.registry), media_type=CONTENT_TYPE_LATEST)
-
     return Starlette(
         routes=[
             Route("/generate", generate, methods=["POST"]),
             Route("/generate_stream", generate_stream, methods=["POST"]),
             Route("/", compat, methods=["POST"]),
             Route("/info", info, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"]),
+            *backend.common_routes(),
         ],
         lifespan=backend.lifespan,
     )

@@ -8,13 +8,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from qtrap_proxy.asgi import run_until_disconnect
 from qtrap_sim.backend import SimBackend
 from qtrap_sim.textgen import count_tokens
 
@@ -122,16 +120,9 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
             }
 
         if not stream:
-            parts: list[str] = []
-
-            async def collect() -> None:
-                async for t, _ in gen:
-                    parts.append(t)
-
-            if await run_until_disconnect(collect(), request.receive):
-                await gen.aclose()
+            text = await backend.collect(gen, request.receive)
+            if text is None:
                 return Response(b"", status_code=499)
-            text = "".join(parts)
             if chat:
                 choice: dict[str, Any] = {
                     "index": 0,
@@ -210,19 +201,12 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
             }
         )
 
-    async def health(_: Request) -> Response:
-        return Response(b"", status_code=200)
-
-    async def metrics(_: Request) -> Response:
-        return Response(generate_latest(backend.registry), media_type=CONTENT_TYPE_LATEST)
-
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_route, methods=["POST"]),
             Route("/v1/completions", completions_route, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"]),
+            *backend.common_routes(),
         ],
         lifespan=backend.lifespan,
     )
