@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -11,16 +12,18 @@ from typing import Any, Literal
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from qtrap_proxy.asgi import run_until_disconnect
 from qtrap_sim.engine import Engine, SimRequest
-from qtrap_sim.perf import LinearPerf
+from qtrap_sim.gpu import SimGPU
+from qtrap_sim.perf import KERNEL_OF_PRECISION, CalibratedPerf, LinearPerf, PerfModel, ProfileError
 from qtrap_sim.textgen import TextStream
 
+_KEEP_TRUTH = 100_000
 _LAT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -37,9 +40,31 @@ class SimBackendConfig(BaseModel):
     port: int = Field(8101, ge=0, le=65535)
     max_num_seqs: int = Field(256, gt=0)
     max_model_len: int = Field(32768, gt=0)
-    step_ms: float = Field(10.0, ge=0, description="fixed cost of one engine step")
-    per_seq_us: float = Field(20.0, ge=0, description="extra step time per decoding sequence")
-    per_prefill_token_us: float = Field(5.0, ge=0, description="extra step time per prompt token prefilled")
+    kernel: str | None = Field(None, description="calibrated kernel (default: from the precision label)")
+    gpu_index: int = Field(0, ge=0, description="index of the simulated GPU in its DCGM metrics")
+    step_ms: float | None = Field(
+        None,
+        ge=0,
+        description="use the simple linear model with this fixed step time instead of the calibrated one",
+    )
+    per_seq_us: float = Field(20.0, ge=0, description="linear model: extra step time per row")
+
+    @model_validator(mode="after")
+    def _known_profile(self) -> SimBackendConfig:
+        if self.step_ms is None:
+            self.perf_model()  # raises ProfileError (a ValueError) naming what is available
+        return self
+
+    def perf_model(self) -> PerfModel:
+        if self.step_ms is not None:
+            return LinearPerf(self.step_ms / 1e3, self.per_seq_us / 1e6)
+        kernel = self.kernel or KERNEL_OF_PRECISION.get(self.precision.lower())
+        if kernel is None:
+            raise ProfileError(
+                f"precision {self.precision!r} maps to no calibrated kernel; set kernel "
+                f"(one of {', '.join(sorted(set(KERNEL_OF_PRECISION.values())))})"
+            )
+        return CalibratedPerf(self.gpu, self.model, kernel)
 
     @property
     def served_name(self) -> str:
@@ -53,11 +78,13 @@ class SimBackendConfig(BaseModel):
 class SimBackend:
     def __init__(self, cfg: SimBackendConfig) -> None:
         self.cfg = cfg
+        self.perf = cfg.perf_model()
+        gpu_name = "NVIDIA H100 80GB HBM3 (simulated)" if cfg.gpu == "h100" else f"{cfg.gpu} (simulated)"
+        self.gpu = SimGPU(cfg.gpu_index, gpu_name, self.perf.idle_power_w)
         self.engine = Engine(
-            LinearPerf(cfg.step_ms / 1e3, cfg.per_seq_us / 1e6, cfg.per_prefill_token_us / 1e6),
-            max_num_seqs=cfg.max_num_seqs,
-            max_model_len=cfg.max_model_len,
+            self.perf, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len, gpu=self.gpu
         )
+        self.truth: OrderedDict[str, SimRequest] = OrderedDict()
         self.registry = CollectorRegistry()
         self.started_unix_s = int(time.time())
         self.finished: dict[str, int] = {}
@@ -108,21 +135,70 @@ class SimBackend:
     async def lifespan(self, _app: object) -> AsyncIterator[None]:
         """Starlette lifespan: the engine runs while the server does."""
         self.engine.start()
+        self.gpu.start()
         try:
             yield
         finally:
             await self.engine.stop()
+            await self.gpu.stop()
 
     def common_routes(self) -> list[Route]:
-        """``/health`` and ``/metrics``, the same for both APIs."""
+        """``/health``, ``/metrics`` (with the GPU's DCGM fields) and the ground-truth routes, for both APIs."""
 
         async def health(_: Request) -> Response:
             return Response(b"", status_code=200)
 
         async def metrics(_: Request) -> Response:
-            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+            body = generate_latest(self.registry) + self.gpu.dcgm_text().encode()
+            return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-        return [Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
+        async def dcgm(_: Request) -> Response:
+            return Response(self.gpu.dcgm_text().encode(), media_type=CONTENT_TYPE_LATEST)
+
+        async def truth(request: Request) -> Response:
+            rid = request.path_params["request_id"]
+            req = self.truth.get(rid)
+            if req is None:
+                return JSONResponse({"error": f"no request {rid!r}"}, status_code=404)
+            return JSONResponse(self.truth_record(req))
+
+        async def energy(_: Request) -> Response:
+            total = self.gpu.energy_j()
+            busy = self.engine.stats.request_energy_j
+            return JSONResponse(
+                {
+                    "gpu": self.gpu.index,
+                    "model": self.cfg.model,
+                    "precision": self.cfg.precision,
+                    "perf_model": type(self.perf).__name__,
+                    "energy_j": total,
+                    "requests_j": busy,
+                    "idle_j": total - busy,
+                    "counter_mj": self.gpu.counter_mj,
+                    "steps": self.engine.stats.steps,
+                    "slip_s_max": self.engine.stats.slip_s_max,
+                }
+            )
+
+        return [
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/dcgm/metrics", dcgm, methods=["GET"]),
+            Route("/sim/v1/requests/{request_id}", truth, methods=["GET"]),
+            Route("/sim/v1/energy", energy, methods=["GET"]),
+        ]
+
+    @staticmethod
+    def truth_record(req: SimRequest) -> dict[str, Any]:
+        return {
+            "id": req.id,
+            "energy_j": req.true_energy_j,
+            "prompt_tokens": req.prompt_tokens,
+            "completion_tokens": req.generated,
+            "steps": req.steps,
+            "finish_reason": req.finish_reason,
+            "finished": req.done,
+        }
 
     @staticmethod
     async def collect(gen: AsyncGenerator[tuple[str, int]], receive: Any) -> str | None:
@@ -140,7 +216,11 @@ class SimBackend:
 
     # -- generation ------------------------------------------------------------
     def new_request(self, request_id: str | None, prompt_tokens: int, max_tokens: int) -> SimRequest:
-        return SimRequest(request_id or uuid.uuid4().hex, prompt_tokens, max_tokens)
+        req = SimRequest(request_id or uuid.uuid4().hex, prompt_tokens, max_tokens)
+        self.truth[req.id] = req
+        if len(self.truth) > _KEEP_TRUTH:
+            self.truth.popitem(last=False)
+        return req
 
     async def generate(
         self, req: SimRequest, prompt: str, seed: int | None, temperature: float, stop: Iterable[str]

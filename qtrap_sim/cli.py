@@ -34,8 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8101)
     p.add_argument("--max-num-seqs", type=int, default=256, help="largest running batch (default: 256)")
     p.add_argument("--max-model-len", type=int, default=32768)
-    p.add_argument("--step-ms", type=float, default=10.0, help="fixed engine step time in ms (default: 10)")
-    p.add_argument("--per-seq-us", type=float, default=20.0, help="extra step time per sequence in us")
+    p.add_argument(
+        "--kernel", help="calibrated kernel (default: derived from --precision, e.g. int4 -> int4_tinygemm)"
+    )
+    p.add_argument("--gpu-index", type=int, default=0, help="GPU index in the DCGM metrics (default: 0)")
+    p.add_argument(
+        "--step-ms",
+        type=float,
+        help="use a simple linear model with this fixed step time (ms) instead of the calibrated profile",
+    )
+    p.add_argument(
+        "--per-seq-us", type=float, default=20.0, help="linear model: extra step time per row in us"
+    )
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -60,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                     max_model_len=args.max_model_len,
                     step_ms=args.step_ms,
                     per_seq_us=args.per_seq_us,
+                    kernel=args.kernel,
+                    gpu_index=args.gpu_index,
                 )
             ]
     except (SimConfigError, ValidationError) as e:
@@ -75,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    return f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if not err["loc"]:
+        return msg
+    return f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {msg}"
 
 
 if __name__ == "__main__":

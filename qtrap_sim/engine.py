@@ -6,6 +6,14 @@ afterwards it decodes one token per step. Waiting requests are admitted in
 arrival order as slots free up. A step lasts what the performance model says,
 scheduled against absolute deadlines so slow event-loop wake-ups do not
 accumulate (the slip is measured and exported).
+
+Energy: each step's modelled energy goes to the simulated GPU's counter, and to
+the requests in the step as their ground truth: every request pays the marginal
+energy of its own rows (1 per decode, its prompt length when prefilling) and of
+the context its attention reads, plus an equal share of the rest of the step
+(weights streamed once, fixed overheads, idle power). For a cost that is a
+shared part plus additive parts this is each request's Shapley value; it is
+deliberately not "step energy split by tokens".
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from qtrap_sim.gpu import SimGPU
 from qtrap_sim.perf import PerfModel
 
 
@@ -29,6 +38,8 @@ class SimRequest:
     first_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: str | None = None  # "length", "stop", "abort"
+    true_energy_j: float = 0.0  # ground truth under the performance model
+    steps: int = 0
     # Incremented counts of new tokens, consumed by the API layer.
     _event: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -48,11 +59,15 @@ class EngineStats:
     busy_s: float = 0.0
     slip_s_total: float = 0.0
     slip_s_max: float = 0.0
+    request_energy_j: float = 0.0  # energy given to requests (the rest of the GPU's energy is idle)
 
 
 class Engine:
-    def __init__(self, perf: PerfModel, max_num_seqs: int = 256, max_model_len: int = 32768) -> None:
+    def __init__(
+        self, perf: PerfModel, max_num_seqs: int = 256, max_model_len: int = 32768, gpu: SimGPU | None = None
+    ) -> None:
         self.perf = perf
+        self.gpu = gpu
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.running: list[SimRequest] = []
@@ -99,17 +114,32 @@ class Engine:
 
     async def _loop(self) -> None:
         deadline = time.monotonic()
+        busy_since: float | None = None  # end of the previous step while work continues
         while True:
             if not self.running and not self.waiting:
+                busy_since = None
                 self._wake.clear()
                 await self._wake.wait()
                 deadline = time.monotonic()
             while self.waiting and len(self.running) < self.max_num_seqs:
                 self.running.append(self.waiting.popleft())
-            prefill = sum(r.prompt_tokens for r in self.running if not r.prefilled)
-            decodes = sum(1 for r in self.running if r.prefilled)
-            dt = self.perf.step_time_s(decodes, prefill)
-            deadline += dt
+            batch = list(self.running)  # who pays for this step, even if aborted during it
+            rows = ctx = 0
+            for r in batch:
+                if r.prefilled:
+                    rows += 1
+                    ctx += r.prompt_tokens + r.generated
+                else:  # prefill: every prompt token is a row; attention reads the prompt once
+                    rows += r.prompt_tokens
+                    ctx += r.prompt_tokens
+            cost = self.perf.step(rows, ctx)
+            dt = cost.time_s
+            start = time.monotonic()
+            # between back-to-back steps the GPU is not idle: the gap belongs to this step
+            t_from = busy_since if busy_since is not None else start
+            if self.gpu is not None:
+                self.gpu.begin_step(t_from, cost.energy_j / dt if dt > 0 else self.perf.idle_power_w)
+            deadline = max(deadline, start - 0.25) + dt
             now = time.monotonic()
             if deadline > now:
                 await asyncio.sleep(deadline - now)
@@ -122,8 +152,20 @@ class Engine:
             st.busy_s += dt
             st.slip_s_total += slip
             st.slip_s_max = max(st.slip_s_max, slip)
-            if slip > 0.25:  # hopelessly behind (machine overloaded): re-anchor instead of bursting
-                deadline = end
+            # wall time beyond the modelled step (event-loop slip, scheduling gaps) draws idle power,
+            # shared by the step's requests
+            energy = cost.energy_j + self.perf.idle_power_w * max(0.0, (end - t_from) - dt)
+            busy_since = end
+            if self.gpu is not None:
+                self.gpu.end_step(end, energy)
+            st.request_energy_j += energy
+            shared = (energy - rows * cost.row_j - ctx * cost.ctx_j) / len(batch)
+            for r in batch:
+                if r.prefilled:
+                    r.true_energy_j += shared + cost.row_j + cost.ctx_j * (r.prompt_tokens + r.generated)
+                else:
+                    r.true_energy_j += shared + (cost.row_j + cost.ctx_j) * r.prompt_tokens
+                r.steps += 1
             finished: list[SimRequest] = []
             for r in self.running:
                 if not r.prefilled:

@@ -44,17 +44,47 @@ import torch.nn.functional as F
 
 SHAPES: dict[str, dict[str, int]] = {
     # from the models' public config.json files
-    "qwen3-0.6b": {"hidden": 1024, "inter": 3072, "layers": 28, "heads": 16, "kv_heads": 8, "head_dim": 128,
-                   "vocab": 151936},
-    "qwen3-8b": {"hidden": 4096, "inter": 12288, "layers": 36, "heads": 32, "kv_heads": 8, "head_dim": 128,
-                 "vocab": 151936},
-    "smoke": {"hidden": 256, "inter": 512, "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 64, "vocab": 1024},
+    "qwen3-0.6b": {
+        "hidden": 1024,
+        "inter": 3072,
+        "layers": 28,
+        "heads": 16,
+        "kv_heads": 8,
+        "head_dim": 128,
+        "vocab": 151936,
+    },
+    "qwen3-8b": {
+        "hidden": 4096,
+        "inter": 12288,
+        "layers": 36,
+        "heads": 32,
+        "kv_heads": 8,
+        "head_dim": 128,
+        "vocab": 151936,
+    },
+    "smoke": {
+        "hidden": 256,
+        "inter": 512,
+        "layers": 2,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 64,
+        "vocab": 1024,
+    },
 }
 KERNELS = ("bf16", "int4_tinygemm", "fp8_w8a8", "int8_w8a8", "int8_dequant", "bnb_nf4", "bnb_int8")
 # bitsandbytes' LLM.int8 path synchronises with the host (outlier columns): it cannot be captured
 # in a CUDA graph, and a failed capture leaves the CUDA generator unusable, so it runs eagerly.
 NO_GRAPH = frozenset({"bnb_int8"})
-BITS = {"bf16": 16, "int4_tinygemm": 4, "fp8_w8a8": 8, "int8_w8a8": 8, "int8_dequant": 8, "bnb_nf4": 4, "bnb_int8": 8}
+BITS = {
+    "bf16": 16,
+    "int4_tinygemm": 4,
+    "fp8_w8a8": 8,
+    "int8_w8a8": 8,
+    "int8_dequant": 8,
+    "bnb_nf4": 4,
+    "bnb_int8": 8,
+}
 
 
 # ---------------------------------------------------------------------------- energy meter
@@ -191,11 +221,17 @@ def build_stack(kind: str, shape: dict[str, int], device: torch.device) -> Stack
     qd, kvd = shape["heads"] * hd, shape["kv_heads"] * hd
     layers = []
     for _ in range(shape["layers"]):
-        layers.append({
-            "q": Linear(kind, qd, h, device), "k": Linear(kind, kvd, h, device), "v": Linear(kind, kvd, h, device),
-            "o": Linear(kind, h, qd, device), "gate": Linear(kind, i, h, device), "up": Linear(kind, i, h, device),
-            "down": Linear(kind, h, i, device),
-        })
+        layers.append(
+            {
+                "q": Linear(kind, qd, h, device),
+                "k": Linear(kind, kvd, h, device),
+                "v": Linear(kind, kvd, h, device),
+                "o": Linear(kind, h, qd, device),
+                "gate": Linear(kind, i, h, device),
+                "up": Linear(kind, i, h, device),
+                "down": Linear(kind, h, i, device),
+            }
+        )
     lm_head = torch.randn(shape["vocab"], h, device=device, dtype=torch.bfloat16) * (1.0 / math.sqrt(h))
     return Stack(layers, lm_head, h)
 
@@ -204,12 +240,17 @@ def weight_bytes(kind: str, shape: dict[str, int]) -> dict[str, float]:
     h, i, hd = shape["hidden"], shape["inter"], shape["head_dim"]
     qd, kvd = shape["heads"] * hd, shape["kv_heads"] * hd
     params = shape["layers"] * (h * qd + 2 * h * kvd + qd * h + 3 * h * i)
-    return {"linear_params": params, "linear_bytes": params * BITS[kind] / 8, "lm_head_bytes": shape["vocab"] * h * 2}
+    return {
+        "linear_params": params,
+        "linear_bytes": params * BITS[kind] / 8,
+        "lm_head_bytes": shape["vocab"] * h * 2,
+    }
 
 
 # ---------------------------------------------------------------------------- measurement
-def measure(fn: Callable[[], Any], meter: Meter | None, window_s: float, idle_w: float | None,
-            use_graph: bool) -> dict[str, Any]:
+def measure(
+    fn: Callable[[], Any], meter: Meter | None, window_s: float, idle_w: float | None, use_graph: bool
+) -> dict[str, Any]:
     """Time (and meter) repeated calls of ``fn`` for about ``window_s`` seconds."""
     run: Callable[[], Any] = fn
     graph_used = False
@@ -251,8 +292,13 @@ def measure(fn: Callable[[], Any], meter: Meter | None, window_s: float, idle_w:
         tail_s = max(0.0, u1 - t_end)
         lead_s = max(0.0, t_start - u0)
         energy_j = (c1 - c0) / 1000.0 - (idle_w or 0.0) * (tail_s + lead_s)
-        res.update(step_s=(t_end - t_start) / iters, step_j=energy_j / iters, window_s=t_end - t_start,
-                   avg_power_w=energy_j / (t_end - t_start), tail_s=tail_s)
+        res.update(
+            step_s=(t_end - t_start) / iters,
+            step_j=energy_j / iters,
+            window_s=t_end - t_start,
+            avg_power_w=energy_j / (t_end - t_start),
+            tail_s=tail_s,
+        )
     else:
         t_start = time.perf_counter()
         for _ in range(iters):
@@ -293,11 +339,17 @@ def main() -> None:
         "schema_version": 1,
         "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
-        "host": {"python": platform.python_version(), "torch": torch.__version__,
-                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 "driver": _driver(meter)},
-        "method": {"window_s": args.window_s, "cuda_graph": not args.no_graph,
-                   "energy": "NVML nvmlDeviceGetTotalEnergyConsumption at update instants, idle-corrected tail"},
+        "host": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "driver": _driver(meter),
+        },
+        "method": {
+            "window_s": args.window_s,
+            "cuda_graph": not args.no_graph,
+            "energy": "NVML nvmlDeviceGetTotalEnergyConsumption at update instants, idle-corrected tail",
+        },
         "idle_power_w": idle_power(meter),
         "models": {},
     }
@@ -315,20 +367,28 @@ def main() -> None:
                 stack = build_stack(kind, shape, device)
                 for b in batches:
                     x = torch.randn(b, shape["hidden"], device=device, dtype=torch.bfloat16)
-                    r = measure(lambda x=x: stack.step(x), meter, args.window_s, out["idle_power_w"],
-                                not args.no_graph and kind not in NO_GRAPH)
+                    r = measure(
+                        lambda x=x, stack=stack: stack.step(x),
+                        meter,
+                        args.window_s,
+                        out["idle_power_w"],
+                        not args.no_graph and kind not in NO_GRAPH,
+                    )
                     r["batch"] = b
                     if r["step_j"] is not None:
                         r["j_per_token"] = r["step_j"] / b
                     entry["points"].append(r)
-                    print(f"  b={b:>3} step {r['step_s'] * 1e3:8.3f} ms  "
-                          f"energy {r['step_j'] if r['step_j'] is None else round(r['step_j'], 4)} J "
-                          f"graph={r['graph']}", flush=True)
+                    print(
+                        f"  b={b:>3} step {r['step_s'] * 1e3:8.3f} ms  "
+                        f"energy {r['step_j'] if r['step_j'] is None else round(r['step_j'], 4)} J "
+                        f"graph={r['graph']}",
+                        flush=True,
+                    )
             except Exception as e:
                 entry["error"] = f"{type(e).__name__}: {e}"[:500]
                 traceback.print_exc()
             finally:
-                stack = None  # noqa: F841
+                stack = None
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -337,15 +397,26 @@ def main() -> None:
         for ctx in [int(c) for c in args.contexts.split(",")]:
             for b in batches:
                 try:
-                    q = torch.randn(b, shape["heads"], 1, shape["head_dim"], device=device, dtype=torch.bfloat16)
-                    kv = torch.randn(b, shape["kv_heads"], ctx, shape["head_dim"], device=device, dtype=torch.bfloat16)
-                    r = measure(lambda q=q, kv=kv: F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True),
-                                meter, min(args.window_s, 0.6), out["idle_power_w"], not args.no_graph)
+                    q = torch.randn(
+                        b, shape["heads"], 1, shape["head_dim"], device=device, dtype=torch.bfloat16
+                    )
+                    kv = torch.randn(
+                        b, shape["kv_heads"], ctx, shape["head_dim"], device=device, dtype=torch.bfloat16
+                    )
+                    r = measure(
+                        lambda q=q, kv=kv: F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True),
+                        meter,
+                        min(args.window_s, 0.6),
+                        out["idle_power_w"],
+                        not args.no_graph,
+                    )
                     r.update(batch=b, context=ctx)
                     mres["attention"].append(r)
                     del q, kv
                 except Exception as e:
-                    mres["attention"].append({"batch": b, "context": ctx, "error": f"{type(e).__name__}: {e}"[:500]})
+                    mres["attention"].append(
+                        {"batch": b, "context": ctx, "error": f"{type(e).__name__}: {e}"[:500]}
+                    )
             print(f"  attention ctx={ctx} done", flush=True)
         _save(args.out, out)
     print(f"calibrate: wrote {args.out}", flush=True)
