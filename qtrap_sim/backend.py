@@ -177,6 +177,8 @@ class SimBackend:
                     "counter_mj": self.gpu.counter_mj,
                     "steps": self.engine.stats.steps,
                     "slip_s_max": self.engine.stats.slip_s_max,
+                    "slip_s_mean": self.engine.stats.slip_s_total / max(1, self.engine.stats.steps),
+                    "busy_s": self.engine.stats.busy_s,
                 }
             )
 

@@ -12,7 +12,9 @@ share (the rest is shared equally by the requests in the step).
 
     t_lin(rows) = k_t(rows) * (t0 + smoothmax_p(A, B*rows) + C*rows)
     t_att(ctx)  = layers * a0 + layers * a1 * ctx                 (when anything runs)
-    E(rows,ctx) = k_e(rows) * (P_idle*t_lin + e0 + e1*rows) + P_idle*t_att + ea*layers*ctx
+    E(rows,ctx) = k_e(rows) * (P_idle*t_par + e0 + e1*rows) + P_idle*t_att + ea*layers*ctx
+
+(t_par: the bracket of t_lin, before the correction)
 
 t0 is the fixed per-step overhead, A the time to stream the weights once, B the
 compute per row (FLOPs per token), C the per-row dequantisation or activation
@@ -150,15 +152,20 @@ class CalibratedPerf:
         self.att_ctx_j = att["e_j_per_ctx_token"] * self.layers
         self.measured = k["measured"]
 
-    def linear_time_s(self, rows: int) -> float:
+    def linear_cost(self, rows: int) -> tuple[float, float]:
+        """(time, energy) of the linear layers alone: what bench/gpu/calibrate.py measures."""
         t = self.t0 + (self.a**self.p + (self.b * rows) ** self.p) ** (1.0 / self.p) + self.c * rows
-        return float(t if self._flat else t * _interp_log(self._cb, self._ct, rows))
+        e = self.idle_power_w * t + self.e0 + self.e1 * rows
+        if self._flat:
+            return float(t), float(e)
+        return float(t * _interp_log(self._cb, self._ct, rows)), float(
+            e * _interp_log(self._cb, self._ce, rows)
+        )
 
     def step(self, rows: int, ctx_tokens: int) -> StepCost:
         rows = max(rows, 1)
+        t_lin, e_lin = self.linear_cost(rows)
         k_e = 1.0 if self._flat else _interp_log(self._cb, self._ce, rows)
-        t_lin = self.linear_time_s(rows)
         t_att = self.att_fixed_s + self.att_ctx_s * ctx_tokens
-        energy = k_e * (self.idle_power_w * t_lin + self.e0 + self.e1 * rows)
-        energy += self.idle_power_w * t_att + self.att_ctx_j * ctx_tokens
+        energy = e_lin + self.idle_power_w * t_att + self.att_ctx_j * ctx_tokens
         return StepCost(t_lin + t_att, energy, k_e * self.e1, self.att_ctx_j)
