@@ -20,8 +20,9 @@ from starlette.routing import Route
 from qtrap_proxy.asgi import run_until_disconnect
 from qtrap_sim.engine import Engine, SimRequest
 from qtrap_sim.gpu import SimGPU
+from qtrap_sim.oracle import Oracle, default_hop_accuracy, load_problems
 from qtrap_sim.perf import KERNEL_OF_PRECISION, CalibratedPerf, LinearPerf, PerfModel, ProfileError
-from qtrap_sim.textgen import TextStream
+from qtrap_sim.textgen import ScriptedText, TextStream
 
 _KEEP_TRUTH = 100_000
 _LAT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -48,17 +49,29 @@ class SimBackendConfig(BaseModel):
         description="use the simple linear model with this fixed step time instead of the calibrated one",
     )
     per_seq_us: float = Field(20.0, ge=0, description="linear model: extra step time per row")
+    oracle_data: list[str] = Field(
+        default_factory=list, description="GSM8K .jsonl / MathQA .json files to answer"
+    )
+    hop_accuracy: float | None = Field(
+        None, ge=0, le=1, description="per-hop accuracy (default: by model, kernel)"
+    )
 
     @model_validator(mode="after")
     def _known_profile(self) -> SimBackendConfig:
         if self.step_ms is None:
             self.perf_model()  # raises ProfileError (a ValueError) naming what is available
+        for path in self.oracle_data:
+            load_problems(path)  # raises OracleDataError (a ValueError) for unreadable or malformed files
         return self
+
+    @property
+    def kernel_name(self) -> str | None:
+        return self.kernel or KERNEL_OF_PRECISION.get(self.precision.lower())
 
     def perf_model(self) -> PerfModel:
         if self.step_ms is not None:
             return LinearPerf(self.step_ms / 1e3, self.per_seq_us / 1e6)
-        kernel = self.kernel or KERNEL_OF_PRECISION.get(self.precision.lower())
+        kernel = self.kernel_name
         if kernel is None:
             raise ProfileError(
                 f"precision {self.precision!r} maps to no calibrated kernel; set kernel "
@@ -85,6 +98,15 @@ class SimBackend:
             self.perf, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len, gpu=self.gpu
         )
         self.truth: OrderedDict[str, SimRequest] = OrderedDict()
+        self.oracle: Oracle | None = None
+        self.oracle_outcome: dict[str, dict[str, Any]] = {}
+        if cfg.oracle_data:
+            acc = (
+                cfg.hop_accuracy
+                if cfg.hop_accuracy is not None
+                else default_hop_accuracy(cfg.model, cfg.kernel_name)
+            )
+            self.oracle = Oracle.from_files(cfg.oracle_data, acc)
         self.registry = CollectorRegistry()
         self.started_unix_s = int(time.time())
         self.finished: dict[str, int] = {}
@@ -190,8 +212,7 @@ class SimBackend:
             Route("/sim/v1/energy", energy, methods=["GET"]),
         ]
 
-    @staticmethod
-    def truth_record(req: SimRequest) -> dict[str, Any]:
+    def truth_record(self, req: SimRequest) -> dict[str, Any]:
         return {
             "id": req.id,
             "energy_j": req.true_energy_j,
@@ -200,6 +221,7 @@ class SimBackend:
             "steps": req.steps,
             "finish_reason": req.finish_reason,
             "finished": req.done,
+            "oracle": self.oracle_outcome.get(req.id),
         }
 
     @staticmethod
@@ -217,18 +239,35 @@ class SimBackend:
         return "".join(parts)
 
     # -- generation ------------------------------------------------------------
-    def new_request(self, request_id: str | None, prompt_tokens: int, max_tokens: int) -> SimRequest:
+    def new_request(
+        self,
+        request_id: str | None,
+        prompt: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        seed: int | None,
+        temperature: float,
+    ) -> tuple[SimRequest, TextStream | ScriptedText]:
+        """A request and the text it will write: the oracle's answer if it knows the problem, else filler."""
         req = SimRequest(request_id or uuid.uuid4().hex, prompt_tokens, max_tokens)
+        text: TextStream | ScriptedText = TextStream(prompt, seed, temperature)
+        prob = self.oracle.find(prompt) if self.oracle is not None else None
+        if prob is not None and self.oracle is not None:
+            answer, correct = self.oracle.answer(prob, prompt, seed, temperature)
+            text = ScriptedText(answer)
+            if len(text) <= max_tokens:
+                req.max_tokens, req.stop_at_end = len(text), True
+            self.oracle_outcome[req.id] = {"dataset": prob.dataset, "hops": prob.hops, "correct": correct}
         self.truth[req.id] = req
         if len(self.truth) > _KEEP_TRUTH:
-            self.truth.popitem(last=False)
-        return req
+            old, _ = self.truth.popitem(last=False)
+            self.oracle_outcome.pop(old, None)
+        return req, text
 
     async def generate(
-        self, req: SimRequest, prompt: str, seed: int | None, temperature: float, stop: Iterable[str]
+        self, req: SimRequest, text: TextStream | ScriptedText, stop: Iterable[str]
     ) -> AsyncGenerator[tuple[str, int]]:
         """Yield (text, tokens) as the engine produces tokens; abort the request if the consumer stops."""
-        text = TextStream(prompt, seed, temperature)
         stops = [s for s in stop if s]
         tail = ""
         sent = 0

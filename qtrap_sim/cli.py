@@ -46,6 +46,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--per-seq-us", type=float, default=20.0, help="linear model: extra step time per row in us"
     )
+    p.add_argument(
+        "--oracle-data",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="GSM8K .jsonl / MathQA .json files: prompts containing their problems get step-by-step answers",
+    )
+    p.add_argument(
+        "--hop-accuracy",
+        type=float,
+        help="probability of getting one reasoning hop right (default: per model and precision)",
+    )
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -72,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                     per_seq_us=args.per_seq_us,
                     kernel=args.kernel,
                     gpu_index=args.gpu_index,
+                    oracle_data=args.oracle_data,
+                    hop_accuracy=args.hop_accuracy,
                 )
             ]
     except (SimConfigError, ValidationError) as e:

@@ -38,6 +38,7 @@ class SimRequest:
     first_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: str | None = None  # "length", "stop", "abort"
+    stop_at_end: bool = False  # the answer ends at max_tokens by itself (finish_reason "stop")
     true_energy_j: float = 0.0  # ground truth under the performance model
     steps: int = 0
     # Incremented counts of new tokens, consumed by the API layer.
@@ -174,7 +175,7 @@ class Engine:
                 r.generated += 1
                 st.tokens += 1
                 if r.generated >= r.max_tokens:
-                    r.finish_reason = "length"
+                    r.finish_reason = "stop" if r.stop_at_end else "length"
                     r.finished_at = end
                     finished.append(r)
                 r._event.set()

@@ -41,6 +41,9 @@ def load_sim_config(path: str | Path) -> SimConfig:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
         raise SimConfigError(f"{path}: {loc}: {err['msg']}") from e
+    for i, b in enumerate(cfg.backends):
+        if "gpu_index" not in b.model_fields_set:
+            b.gpu_index = i  # one simulated GPU per backend
     ports = [b.port for b in cfg.backends if b.port]
     if len(ports) != len(set(ports)):
         raise SimConfigError(f"{path}: two backends share a port")

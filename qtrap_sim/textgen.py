@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 
 _WORDS = [
     "the",
@@ -155,3 +156,24 @@ class TextStream:
     def next_words(self, n: int) -> str:
         rng = self._rng
         return "".join(" " + _WORDS[rng.randrange(len(_WORDS))] for _ in range(n))
+
+
+_PIECE = re.compile(r"\s*\S+")
+
+
+class ScriptedText:
+    """Renders a fixed answer token by token (a token is a word with the whitespace before it)."""
+
+    __slots__ = ("_pieces", "_pos")
+
+    def __init__(self, text: str) -> None:
+        self._pieces = _PIECE.findall(text)
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._pieces)
+
+    def next_words(self, n: int) -> str:
+        out = "".join(self._pieces[self._pos : self._pos + n])
+        self._pos += n
+        return out

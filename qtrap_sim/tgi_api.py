@@ -66,9 +66,11 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
         except (TypeError, ValueError) as e:
             return TGIError(422, str(e)).response()
 
-        req = backend.new_request(request.headers.get("x-request-id"), prompt_tokens, max_new)
         seed = params.get("seed")
-        gen = backend.generate(req, inputs, seed, temperature, params.get("stop") or [])
+        req, text = backend.new_request(
+            request.headers.get("x-request-id"), inputs, prompt_tokens, max_new, seed, temperature
+        )
+        gen = backend.generate(req, text, params.get("stop") or [])
         details_wanted = bool(params.get("details"))
 
         def details() -> dict[str, Any]:
@@ -110,10 +112,10 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        text = await backend.collect(gen, request.receive)
-        if text is None:
+        answer = await backend.collect(gen, request.receive)
+        if answer is None:
             return Response(b"", status_code=499)
-        out: dict[str, Any] = {"generated_text": text}
+        out: dict[str, Any] = {"generated_text": answer}
         if details_wanted:
             out["details"] = {
                 **details(),

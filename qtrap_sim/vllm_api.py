@@ -106,8 +106,8 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
             return VLLMError(400, str(e)).response()
 
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        req = backend.new_request(rid, prompt_tokens, max_tokens)
-        gen = backend.generate(req, prompt, seed, temperature, stop)
+        req, text = backend.new_request(rid, prompt, prompt_tokens, max_tokens, seed, temperature)
+        gen = backend.generate(req, text, stop)
         oid = ("chatcmpl-" if chat else "cmpl-") + rid
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -120,18 +120,18 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
             }
 
         if not stream:
-            text = await backend.collect(gen, request.receive)
-            if text is None:
+            answer = await backend.collect(gen, request.receive)
+            if answer is None:
                 return Response(b"", status_code=499)
             if chat:
                 choice: dict[str, Any] = {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "message": {"role": "assistant", "content": answer},
                     "logprobs": None,
                     "finish_reason": req.finish_reason,
                 }
             else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason}
+                choice = {"index": 0, "text": answer, "logprobs": None, "finish_reason": req.finish_reason}
             return _json(
                 {
                     "id": oid,

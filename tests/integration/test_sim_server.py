@@ -124,3 +124,50 @@ def test_tgi_client_directly() -> None:
         client = Client(f"http://127.0.0.1:{port}")
         assert client.generate("hello", max_new_tokens=3).details.generated_tokens == 3
         assert len(list(client.generate_stream("hello", max_new_tokens=4))) == 4
+
+
+def test_oracle_answers_through_the_api() -> None:
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
+    if not data.exists():
+        pytest.skip("development data (../shared/data) not present")
+    import json
+    import re
+
+    problem = json.loads(data.read_text().splitlines()[3])
+    port = free_port()
+    with sim(
+        port,
+        "--model",
+        "qwen3-8b",
+        "--precision",
+        "int4",
+        "--oracle-data",
+        str(data),
+        "--hop-accuracy",
+        "1.0",
+    ):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="qwen3-8b",
+            max_tokens=500,
+            temperature=0,
+            messages=[{"role": "user", "content": f"Question: {problem['question']}\nAnswer step by step."}],
+            extra_headers={"x-request-id": "oracle-1"},
+        )
+        r = raw.parse()
+        text = r.choices[0].message.content or ""
+        assert r.choices[0].finish_reason == "stop"  # the answer ended before max_tokens
+        m = re.search(r"#### (\-?[0-9\.\,]+)", text)
+        assert m and m.group(1) == problem["answer"].rsplit("#### ", 1)[1].strip()
+        truth = requests.get(f"http://127.0.0.1:{port}/sim/v1/requests/oracle-1", timeout=5).json()
+        assert truth["oracle"]["correct"] is True and truth["oracle"]["dataset"] == "gsm8k"
+        assert truth["completion_tokens"] == r.usage.completion_tokens if r.usage else False
+        # an unknown prompt gets filler of the requested length
+        r2 = client.completions.create(model="qwen3-8b", prompt="tell me a story", max_tokens=7)
+        assert (
+            r2.usage is not None
+            and r2.usage.completion_tokens == 7
+            and r2.choices[0].finish_reason == "length"
+        )

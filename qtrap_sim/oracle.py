@@ -1,0 +1,213 @@
+"""Oracle answers: the simulator "solves" GSM8K and MathQA problems it recognises.
+
+When a prompt contains a problem from the ``--oracle-data`` files, the sim writes
+a step-by-step answer in the dataset's format that is correct with probability
+
+    p_hop(model, precision) ** hops
+
+so errors compound with the number of reasoning hops, and lower precisions can
+be made less accurate per hop. Hops are counted as loadgen counts them: GSM8K,
+the non-empty solution lines before ``####``; MathQA, the operations in
+``linear_formula``. Wrong answers look like answers (a nearby wrong number, or
+another option letter), so scoring has to do real work.
+
+Default per-hop accuracies (``DEFAULT_HOP_ACCURACY``) are assumptions derived
+from public figures, to be replaced by your own evaluation (docs/calibration.md):
+BF16 from the GSM8K (4-shot) accuracy the Qwen3 Technical Report (2025) gives for
+the base models, Qwen3-8B-Base 89.8% and Qwen3-0.6B-Base 59.6%, spread over the
+3.65 hops a GSM8K test problem has on average by the count above (4,819 lines
+over 1,319 problems): p = accuracy ** (1 / 3.65). Quantised precisions assume
+GSM8K losses of 0.5 points for 8-bit and FP8, 2.0 (8B) / 5.0 (0.6B) points for
+fused INT4 and 2.5 / 6.0 for NF4, following the direction reported in "An
+Empirical Study of Qwen3 Quantization" (Zheng et al., May 2025): 8-bit close to
+lossless, 4-bit weight-only losing more, and more so for small models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+# per-hop accuracy by (model, kernel); p ** 3.2 gives the GSM8K accuracy implied
+DEFAULT_HOP_ACCURACY: dict[str, dict[str, float]] = {
+    "qwen3-8b": {
+        "bf16": 0.9710,
+        "fp8_w8a8": 0.9695,
+        "int8_w8a8": 0.9695,
+        "int8_dequant": 0.9695,
+        "bnb_int8": 0.9695,
+        "int4_tinygemm": 0.9650,
+        "bnb_nf4": 0.9635,
+    },
+    "qwen3-0.6b": {
+        "bf16": 0.8679,
+        "fp8_w8a8": 0.8659,
+        "int8_w8a8": 0.8659,
+        "int8_dequant": 0.8659,
+        "bnb_int8": 0.8659,
+        "int4_tinygemm": 0.8474,
+        "bnb_nf4": 0.8431,
+    },
+}
+_WINDOW = 8  # words of a question used to recognise it in a prompt
+_CALC = re.compile(r"<<[^>]*>>")
+_WORD = re.compile(r"\S+")
+
+
+class OracleDataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    dataset: str  # "gsm8k" | "mathqa"
+    question: str
+    steps: tuple[str, ...]
+    answer: str  # GSM8K: the number; MathQA: the correct letter
+    options: tuple[tuple[str, str], ...] = ()  # MathQA (letter, value)
+
+    @property
+    def hops(self) -> int:
+        return len(self.steps)
+
+
+def _norm_words(text: str) -> list[str]:
+    return [w.lower().strip(".,?!;:\"'") for w in _WORD.findall(text)]
+
+
+def parse_mathqa_options(text: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for part in re.split(r"\s*,\s*(?=[a-e]\s*\))", text.strip()):
+        m = re.match(r"([a-e])\s*\)\s*(.*)", part.strip())
+        if m:
+            out.append((m.group(1), m.group(2).strip()))
+    return tuple(out)
+
+
+def load_problems(path: str | Path) -> list[Problem]:
+    """GSM8K (.jsonl with question/answer) or MathQA (.json array with Problem/options/correct)."""
+    return list(_load(str(Path(path).resolve())))
+
+
+@cache
+def _load(path: str) -> tuple[Problem, ...]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise OracleDataError(f"cannot read oracle data {p}: {e.strerror or e}") from e
+    problems: list[Problem] = []
+    try:
+        if text.lstrip().startswith("["):
+            for i, row in enumerate(json.loads(text)):
+                try:
+                    ops = [o for o in row["linear_formula"].split("|") if o.strip()]
+                    steps = tuple(f"Step {k + 1}: {op.strip()}" for k, op in enumerate(ops))
+                    problems.append(
+                        Problem(
+                            "mathqa",
+                            row["Problem"],
+                            steps or ("Step 1: read the options",),
+                            row["correct"].strip(),
+                            parse_mathqa_options(row["options"]),
+                        )
+                    )
+                except (KeyError, AttributeError, TypeError) as e:
+                    raise OracleDataError(f"{p}: MathQA item {i} lacks {e}") from e
+        else:
+            for i, line in enumerate(text.splitlines()):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                try:
+                    body, _, final = row["answer"].rpartition("####")
+                    steps = tuple(_CALC.sub("", s).strip() for s in body.splitlines() if s.strip())
+                    problems.append(Problem("gsm8k", row["question"], steps, final.strip().replace(",", "")))
+                except (KeyError, AttributeError, TypeError) as e:
+                    raise OracleDataError(f"{p}: GSM8K line {i + 1} lacks {e}") from e
+    except json.JSONDecodeError as e:
+        raise OracleDataError(f"{p}: not GSM8K JSON lines or a MathQA JSON array: {e}") from e
+    if not problems:
+        raise OracleDataError(f"{p}: no problems found")
+    return tuple(problems)
+
+
+class Oracle:
+    def __init__(self, problems: list[Problem], hop_accuracy: float) -> None:
+        if not 0.0 <= hop_accuracy <= 1.0:
+            raise ValueError(f"hop accuracy must be within [0, 1], got {hop_accuracy}")
+        self.hop_accuracy = hop_accuracy
+        self._index: dict[tuple[str, ...], Problem] = {}
+        for prob in problems:
+            words = _norm_words(prob.question)
+            if len(words) >= 3:
+                self._index.setdefault(tuple(words[:_WINDOW]), prob)
+
+    @classmethod
+    def from_files(cls, paths: list[str], hop_accuracy: float) -> Oracle:
+        problems: list[Problem] = []
+        for path in paths:
+            problems.extend(load_problems(path))
+        return cls(problems, hop_accuracy)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def find(self, prompt: str) -> Problem | None:
+        """The first known problem whose question's opening words appear in ``prompt``."""
+        words = _norm_words(prompt)
+        index = self._index
+        for i in range(len(words)):
+            prob = index.get(tuple(words[i : i + _WINDOW]))
+            if prob is not None:
+                return prob
+        # a question shorter than the window
+        for n in range(3, _WINDOW):
+            for i in range(len(words) - n + 1):
+                prob = index.get(tuple(words[i : i + n]))
+                if prob is not None:
+                    return prob
+        return None
+
+    def answer(self, prob: Problem, prompt: str, seed: int | None, temperature: float) -> tuple[str, bool]:
+        """(answer text, whether it is correct). Deterministic for temperature 0 or a given seed."""
+        if seed is None and temperature > 0:
+            rng = random.Random()
+        else:
+            rng = random.Random(
+                int.from_bytes(hashlib.blake2b(f"{seed}:{prompt}".encode(), digest_size=8).digest())
+            )
+        correct = rng.random() < self.hop_accuracy**prob.hops
+        lines = list(prob.steps)
+        if prob.dataset == "gsm8k":
+            final = prob.answer if correct else _wrong_number(prob.answer, rng)
+            lines.append(f"#### {final}")
+        else:
+            letters = [letter for letter, _ in prob.options] or ["a", "b", "c", "d", "e"]
+            wrong = [x for x in letters if x != prob.answer] or letters
+            letter = prob.answer if correct else rng.choice(wrong)
+            value = dict(prob.options).get(letter, "")
+            lines.append(f"Answer: {letter} ) {value}".rstrip())
+        return "\n".join(lines), correct
+
+
+def _wrong_number(answer: str, rng: random.Random) -> str:
+    try:
+        value = float(answer)
+    except ValueError:
+        return answer + "1"
+    delta = rng.choice([-10, -2, -1, 1, 2, 3, 10]) * (
+        1 if abs(value) < 100 else max(1, int(abs(value)) // 50)
+    )
+    wrong = value + delta
+    return str(int(wrong)) if wrong == int(wrong) else f"{wrong:.2f}"
+
+
+def default_hop_accuracy(model: str, kernel: str | None) -> float:
+    table = DEFAULT_HOP_ACCURACY.get(model, DEFAULT_HOP_ACCURACY["qwen3-8b"])
+    return table.get(kernel or "bf16", table["bf16"])

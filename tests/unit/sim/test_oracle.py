@@ -1,0 +1,119 @@
+"""Oracle answers against the GSM8K and MathQA test sets (../shared/data, development data only)."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from qtrap_sim.oracle import Oracle, OracleDataError, load_problems, parse_mathqa_options
+
+DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
+GSM8K = DATA / "gsm8k" / "test.jsonl"
+MATHQA = DATA / "mathqa" / "test.json"
+pytestmark = pytest.mark.skipif(not GSM8K.exists(), reason="development data (../shared/data) not present")
+
+STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # lm-evaluation-harness' GSM8K strict match
+
+
+def _strict(text: str) -> str | None:
+    m = STRICT.search(text)
+    return m.group(1).replace(",", "").replace("$", "").rstrip(".") if m else None
+
+
+def test_hop_counts_match_the_dataset_notes() -> None:
+    gsm = load_problems(GSM8K)
+    hops = Counter(min(p.hops, 9) for p in gsm)
+    assert len(gsm) == 1319
+    assert [hops[h] for h in range(2, 10)] == [326, 371, 297, 175, 87, 40, 20, 3]
+    mq = load_problems(MATHQA)
+    assert len(mq) == 2985
+    assert sum(p.hops for p in mq) / len(mq) == pytest.approx(4.36, abs=0.01)
+    assert max(p.hops for p in mq) == 23 and min(p.hops for p in mq) == 1
+
+
+def test_recognises_problems_inside_prompts() -> None:
+    gsm = load_problems(GSM8K)
+    oracle = Oracle(gsm, 1.0)
+    target = gsm[42]
+    prompt = (
+        f"Solve step by step.\n\nQuestion: {gsm[1].question[:20]}...\n\nQuestion: {target.question}\nAnswer:"
+    )
+    assert oracle.find(prompt) is target
+    assert oracle.find("What is the capital of France?") is None
+
+
+def test_answer_formats_and_correctness_extremes() -> None:
+    gsm = load_problems(GSM8K)
+    prob = gsm[0]
+    right, ok = Oracle(gsm, 1.0).answer(prob, prob.question, seed=1, temperature=0)
+    assert ok and _strict(right) == prob.answer and right.count("\n") == prob.hops
+    wrong, ok = Oracle(gsm, 0.0).answer(prob, prob.question, seed=1, temperature=0)
+    assert not ok and _strict(wrong) not in (None, prob.answer)
+    mq = load_problems(MATHQA)
+    text, ok = Oracle(mq, 1.0).answer(mq[0], mq[0].question, seed=None, temperature=0)
+    assert ok and text.endswith("Answer: a ) 38")
+    text, ok = Oracle(mq, 0.0).answer(mq[0], mq[0].question, seed=None, temperature=0)
+    assert not ok and re.search(r"Answer: ([b-e]) \)", text)
+
+
+def test_temperature_zero_is_deterministic() -> None:
+    gsm = load_problems(GSM8K)
+    o = Oracle(gsm, 0.5)
+    first = [o.answer(p, p.question, None, 0.0) for p in gsm[:50]]
+    assert first == [o.answer(p, p.question, None, 0.0) for p in gsm[:50]]
+
+
+@pytest.mark.parametrize("path", [GSM8K, MATHQA])
+def test_accuracy_matches_configured_probability_over_1000_chains(path: Path) -> None:
+    problems = load_problems(path)
+    p_hop = 0.9
+    oracle = Oracle(problems, p_hop)
+    rng = random.Random(7)
+    sample = [rng.choice(problems) for _ in range(1000)]
+    correct = 0
+    by_hops: dict[int, list[bool]] = {}
+    for i, prob in enumerate(sample):
+        text, ok = oracle.answer(prob, prob.question, seed=i, temperature=0.7)
+        scored = (
+            (_strict(text) == prob.answer)
+            if prob.dataset == "gsm8k"
+            else text.endswith(f"Answer: {prob.answer} ) {dict(prob.options).get(prob.answer, '')}".rstrip())
+        )
+        assert scored == ok  # what the sim says it did is what a scorer sees
+        correct += ok
+        by_hops.setdefault(prob.hops, []).append(ok)
+    expected = [p_hop**p.hops for p in sample]
+    mean = sum(expected)
+    sd = math.sqrt(sum(q * (1 - q) for q in expected))
+    assert abs(correct - mean) <= 3.5 * sd, (correct, mean, sd)
+    # errors compound per hop: short chains are right more often than long ones
+    short = [ok for h, oks in by_hops.items() if h <= 3 for ok in oks]
+    long = [ok for h, oks in by_hops.items() if h >= 6 for ok in oks]
+    assert sum(short) / len(short) > sum(long) / len(long)
+
+
+def test_bad_data_files(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"question": "q"}\n')
+    with pytest.raises(OracleDataError, match="GSM8K line 1 lacks 'answer'"):
+        load_problems(tmp_path / "a.jsonl")
+    (tmp_path / "b.json").write_text("[1, 2")
+    with pytest.raises(OracleDataError, match="not GSM8K JSON lines or a MathQA JSON array"):
+        load_problems(tmp_path / "b.json")
+    (tmp_path / "c.jsonl").write_text("\n")
+    with pytest.raises(OracleDataError, match="no problems"):
+        load_problems(tmp_path / "c.jsonl")
+
+
+def test_mathqa_options_parse() -> None:
+    assert parse_mathqa_options("a ) 38 , b ) 27.675 , c ) 30 , d ) data inadequate , e ) none of these") == (
+        ("a", "38"),
+        ("b", "27.675"),
+        ("c", "30"),
+        ("d", "data inadequate"),
+        ("e", "none of these"),
+    )
