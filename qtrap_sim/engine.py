@@ -23,6 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from qtrap_sim.background import Background
 from qtrap_sim.gpu import SimGPU
 from qtrap_sim.perf import PerfModel
 
@@ -63,7 +64,9 @@ class EngineStats:
     request_energy_j: float = 0.0  # energy given to requests (the rest of the GPU's energy is idle)
 
 
-class Engine:
+class Engine(Background):
+    task_name = "sim-engine"
+
     def __init__(
         self, perf: PerfModel, max_num_seqs: int = 256, max_model_len: int = 32768, gpu: SimGPU | None = None
     ) -> None:
@@ -75,20 +78,6 @@ class Engine:
         self.waiting: deque[SimRequest] = deque()
         self.stats = EngineStats()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="sim-engine")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
 
     def submit(self, req: SimRequest) -> None:
         self.waiting.append(req)
@@ -113,7 +102,7 @@ class Engine:
     def kv_tokens(self) -> int:
         return sum(r.prompt_tokens + r.generated for r in self.running)
 
-    async def _loop(self) -> None:
+    async def _run(self) -> None:
         deadline = time.monotonic()
         busy_since: float | None = None  # end of the previous step while work continues
         while True:

@@ -14,8 +14,10 @@ import random
 import time
 import uuid
 
+from qtrap_sim.background import Background
 
-class SimGPU:
+
+class SimGPU(Background):
     def __init__(
         self,
         index: int,
@@ -36,7 +38,7 @@ class SimGPU:
         self.counter_mj = 0  # what readers see
         self.power_w = idle_power_w
         self.updates = 0
-        self._task: asyncio.Task[None] | None = None
+        self.task_name = f"sim-gpu-{index}"
 
     # -- written by the engine ------------------------------------------------
     def begin_step(self, t: float, power_w: float) -> None:
@@ -60,19 +62,6 @@ class SimGPU:
         if mj > self.counter_mj:
             self.counter_mj = mj
         self.updates += 1
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"sim-gpu-{self.index}")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
 
     async def _run(self) -> None:
         last_t, last_mj = time.monotonic(), self.counter_mj
