@@ -193,6 +193,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="qtrap-bench-"))
     cfg = {
         "server": {"port": pport},
+        "ledger": {"path": str(tmp / "ledger.sqlite")},
         "backends": [
             {
                 "name": "instant",

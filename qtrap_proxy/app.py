@@ -57,6 +57,16 @@ def create_app(proxy: Proxy) -> ASGIApp:
             return _error(404, f"no record of request {rid!r}", "not_found_error")
         return JSONResponse(rec)
 
+    async def chain_record(request: Request) -> Response:
+        cid = request.path_params["chain_id"]
+        rec = proxy.chain(cid)
+        if rec is None:
+            return _error(404, f"no record of chain {cid!r}", "not_found_error")
+        return JSONResponse(rec)
+
+    async def energy(_: Request) -> JSONResponse:
+        return JSONResponse(proxy.energy.energy_report())
+
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -75,10 +85,13 @@ def create_app(proxy: Proxy) -> ASGIApp:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/qtrap/v1/requests/{request_id}", request_record, methods=["GET"]),
+        Route("/qtrap/v1/chains/{chain_id}", chain_record, methods=["GET"]),
+        Route("/qtrap/v1/energy", energy, methods=["GET"]),
     ]
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await proxy.start()
         try:
             yield
         finally:

@@ -7,6 +7,7 @@ Environment values win over the file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,12 +91,33 @@ class PoolConfig(_Strict):
 
 class MeterConfig(_Strict):
     kind: Literal["nvml", "dcgm", "null"] = "null"
-    urls: list[str] = Field(default_factory=list)
-    interval_s: float = Field(0.02, gt=0)
+    urls: list[str] = Field(default_factory=list, description="dcgm: exporter metrics URLs, one per node")
+    interval_s: float = Field(0.02, gt=0, description="sampling cadence")
+    settle_s: float = Field(1.0, ge=0, description="how long an interval waits for in-flight requests' facts")
+    policy: Literal["full", "active"] = "full"
+    prefill_weight: float = Field(
+        0.1, ge=0, description="work of one prompt token relative to one decode token"
+    )
+    idle_power_w: float | None = Field(
+        None, ge=0, description="active policy: idle power (default: estimated)"
+    )
+    hop_split_regex: str = Field(r"\n", description="x-qtrap-hop-split: regex splits hops where this matches")
+
+    @model_validator(mode="after")
+    def _urls(self) -> MeterConfig:
+        if self.kind == "dcgm" and not self.urls:
+            raise ValueError("meter.urls: the dcgm meter needs at least one exporter URL")
+        try:
+            re.compile(self.hop_split_regex)
+        except re.error as e:
+            raise ValueError(f"meter.hop_split_regex: not a regular expression: {e}") from e
+        return self
 
 
 class LedgerConfig(_Strict):
     path: str = "qtrap-ledger.sqlite"
+    retention_days: float | None = Field(30.0, gt=0, description="records older than this are deleted")
+    batch_s: float = Field(0.05, gt=0, description="longest wait before a batch of records is committed")
 
 
 class ProxyConfig(BaseSettings):

@@ -78,6 +78,7 @@ def run_demo(concurrency: list[int], requests: int, max_tokens: int) -> int:
         yaml.safe_dump(
             {
                 "server": {"host": "127.0.0.1", "port": proxy_port},
+                "ledger": {"path": str(tmp / "ledger.sqlite")},
                 "backends": [
                     {
                         "name": f"sim-{p}",

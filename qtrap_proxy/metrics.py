@@ -7,9 +7,19 @@ request or chain id is ever a label. Tests pass a fresh ``CollectorRegistry``.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from qtrap_proxy.timeline import Timeline
+
+if TYPE_CHECKING:
+    from qtrap_proxy.energy.attribution import Tracked
+    from qtrap_proxy.energy.service import EnergyService
 
 STATUSES = (
     "ok",
@@ -24,6 +34,9 @@ STATUSES = (
     "internal_error",
 )
 
+_ENERGY_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
+_MAX_HOP_LABEL = 16
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _UNROUTED = ""  # label value for requests rejected before a backend was chosen
 
@@ -57,7 +70,64 @@ class Metrics:
         self.backend_up = Gauge(
             "qtrap_backend_up", "1 if the backend's last health probe succeeded", ("backend",), registry=r
         )
+        self.itl = Histogram(
+            "qtrap_inter_token_latency_seconds",
+            "Time between streamed chunks of one request",
+            labels,
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.energy = Counter(
+            "qtrap_energy_joules",
+            "GPU energy attributed to finished requests (final figures)",
+            labels,
+            registry=r,
+        )
+        self.request_energy = Histogram(
+            "qtrap_request_energy_joules",
+            "Attributed energy per request (final figures)",
+            labels,
+            buckets=_ENERGY_BUCKETS,
+            registry=r,
+        )
+        self.hop_energy = Histogram(
+            "qtrap_hop_energy_joules",
+            f"Attributed energy per reasoning hop (hop label 1..{_MAX_HOP_LABEL}, then {_MAX_HOP_LABEL + 1}+)",
+            ("pool", "precision", "hop"),
+            buckets=_ENERGY_BUCKETS,
+            registry=r,
+        )
+        self.energy_unknown = Counter(
+            "qtrap_energy_unknown_requests",
+            "Finished requests whose energy could not be measured",
+            labels,
+            registry=r,
+        )
         self._children: dict[tuple[str, str, str], BackendMetrics] = {}
+
+    def register_energy(self, service: EnergyService) -> None:
+        """Per-device figures read from the energy service at scrape time."""
+        self.registry.register(_DeviceCollector(service))
+
+    def energy_final(self, tr: Tracked, rec: dict[str, Any]) -> None:
+        tl = tr.tl
+        if tl.backend is None:
+            return
+        bm = self.child(tl.pool, tl.backend, tl.precision)
+        energy = rec.get("energy_j")
+        if energy is None:
+            bm.energy_unknown.inc()
+        else:
+            bm.energy.inc(energy)
+            bm.request_energy.observe(energy)
+            for hop in rec.get("hops", ()):
+                if hop.get("energy_j") is not None and hop.get("index") is not None:
+                    idx = int(hop["index"])
+                    label = str(idx) if idx <= _MAX_HOP_LABEL else f"{_MAX_HOP_LABEL + 1}+"
+                    self.hop_energy.labels(tl.pool or "", tl.precision or "", label).observe(hop["energy_j"])
+        times = tl.chunk_t
+        for a, b in itertools.pairwise(times[:257]):
+            bm.itl.observe(b - a)
 
     def child(self, pool: str | None, backend: str | None, precision: str | None) -> BackendMetrics:
         """The metric children of one (pool, backend, precision), bound once and reused."""
@@ -71,7 +141,19 @@ class Metrics:
 class BackendMetrics:
     """Pre-bound label children: ``labels()`` costs a lock and a lookup, so it is done once."""
 
-    __slots__ = ("completion", "duration", "inflight", "prompt", "requests", "routed", "ttft")
+    __slots__ = (
+        "completion",
+        "duration",
+        "energy",
+        "energy_unknown",
+        "inflight",
+        "itl",
+        "prompt",
+        "request_energy",
+        "requests",
+        "routed",
+        "ttft",
+    )
 
     def __init__(self, m: Metrics, pool: str, backend: str, precision: str) -> None:
         lv = (pool, backend, precision)
@@ -82,6 +164,10 @@ class BackendMetrics:
         self.ttft = m.ttft.labels(*lv)
         self.duration = m.duration.labels(*lv)
         self.requests = {status: m.requests.labels(*lv, status) for status in STATUSES}
+        self.itl = m.itl.labels(*lv)
+        self.energy = m.energy.labels(*lv)
+        self.request_energy = m.request_energy.labels(*lv)
+        self.energy_unknown = m.energy_unknown.labels(*lv)
 
     def finished(self, tl: Timeline, *, was_inflight: bool) -> None:
         """Account one finished request (called once, at its end: never per chunk)."""
@@ -99,3 +185,45 @@ class BackendMetrics:
             e2e = tl.e2e_s
             if e2e is not None:
                 self.duration.observe(e2e)
+
+
+class _DeviceCollector(Collector):
+    def __init__(self, service: EnergyService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterable[Any]:
+        report = self.service.energy_report()["devices"]
+        measured = CounterMetricFamily(
+            "qtrap_gpu_energy",
+            "GPU energy measured by the meter (settled intervals)",
+            labels=["device"],
+            unit="joules",
+        )
+        idle = CounterMetricFamily(
+            "qtrap_gpu_idle_energy",
+            "GPU energy in no request's share (idle bucket)",
+            labels=["device"],
+            unit="joules",
+        )
+        conservation = GaugeMetricFamily(
+            "qtrap_energy_conservation_error_ratio",
+            "|attributed + idle - measured| / measured",
+            labels=["device"],
+        )
+        up = GaugeMetricFamily(
+            "qtrap_meter_up", "1 if the device's meter answered its last reading", labels=["device"]
+        )
+        age = GaugeMetricFamily(
+            "qtrap_meter_last_update_age_seconds",
+            "Time since the device's counter last moved",
+            labels=["device"],
+        )
+        for d in report:
+            key = [d["device"]]
+            measured.add_metric(key, d["measured_j"])
+            idle.add_metric(key, d["idle_j"])
+            conservation.add_metric(key, d["conservation_error_ratio"])
+            up.add_metric(key, 1.0 if d["meter_up"] else 0.0)
+            if d["last_update_age_s"] is not None:
+                age.add_metric(key, d["last_update_age_s"])
+        yield from (measured, idle, conservation, up, age)

@@ -7,8 +7,9 @@ what the client did not ask for is taken out again before it reaches it.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -20,6 +21,7 @@ from qtrap_proxy.sse import data_of
 from qtrap_proxy.timeline import Timeline
 
 _DONE = b"[DONE]"
+_LINES = re.compile(r"\n")
 _USAGE = b'"usage":{'
 _NO_CHOICES = b'"choices":[]'
 
@@ -61,9 +63,29 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
 class OpenAIStreamFilter(StreamFilter):
     """Counts tokens per chunk and strips the usage the client did not ask for."""
 
-    __slots__ = ("continuous", "keep_usage_chunk", "last_completion", "strip_usage", "tl")
+    __slots__ = (
+        "continuous",
+        "fast",
+        "hop",
+        "hop_has_text",
+        "hop_pattern",
+        "keep_usage_chunk",
+        "last_completion",
+        "qtrap_info",
+        "strip_usage",
+        "tl",
+    )
 
-    def __init__(self, tl: Timeline, *, continuous: bool, keep_usage_chunk: bool, strip_usage: bool) -> None:
+    def __init__(
+        self,
+        tl: Timeline,
+        *,
+        continuous: bool,
+        keep_usage_chunk: bool,
+        strip_usage: bool,
+        hop_pattern: re.Pattern[str] | None = None,
+        qtrap_info: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.tl = tl
         self.continuous = continuous  # usage on every chunk: token counts are exact
         self.keep_usage_chunk = keep_usage_chunk
@@ -71,6 +93,14 @@ class OpenAIStreamFilter(StreamFilter):
         self.last_completion = 0
         self.upstream_error = None
         tl.tokens_exact = continuous
+        # hop splitting needs each chunk's text, so it skips the byte-level fast path
+        self.hop_pattern = hop_pattern
+        self.fast = continuous and hop_pattern is None
+        self.hop = 0
+        self.hop_has_text = False
+        if hop_pattern is not None:
+            tl.chunk_hop = []
+        self.qtrap_info = qtrap_info  # adds a `qtrap` object (provisional energy) to the usage chunk
 
     def process(self, events: list[bytes], now: float) -> bytes:
         out: list[bytes] = []
@@ -81,7 +111,7 @@ class OpenAIStreamFilter(StreamFilter):
                 if ev:
                     out.append(ev)
                 continue
-            if self.continuous:
+            if self.fast:
                 span = usage_span(payload)
                 if span is not None:  # fast path: vLLM's compact chunk with continuous usage
                     try:
@@ -91,10 +121,10 @@ class OpenAIStreamFilter(StreamFilter):
                     if isinstance(usage, dict):
                         tokens = self._usage(usage)
                         if tokens > 0:
-                            tl.add_chunk(now, tokens)
+                            tl.add_chunk(now, tokens)  # no hop split on the fast path
                         if _NO_CHOICES in payload:  # the usage-only chunk
                             if self.keep_usage_chunk:
-                                out.append(ev)
+                                out.append(self._with_qtrap(ev, payload))
                         elif self.strip_usage:
                             out.append(b"data: " + payload[: span[0]] + payload[span[1] :])
                         else:
@@ -119,9 +149,9 @@ class OpenAIStreamFilter(StreamFilter):
                 tokens = self._usage(usage)
                 if not choices:  # the usage-only chunk
                     if tokens > 0:
-                        tl.add_chunk(now, tokens)
+                        self._add(now, tokens, None)
                     if self.keep_usage_chunk:
-                        out.append(ev)
+                        out.append(self._with_qtrap(ev, payload))
                     continue
                 if self.strip_usage:
                     del obj["usage"]
@@ -131,11 +161,36 @@ class OpenAIStreamFilter(StreamFilter):
                 if self.continuous and tokens:
                     tl.tokens_exact = False  # the backend ignored continuous_usage_stats
             if tokens > 0:
-                tl.add_chunk(now, tokens)
+                self._add(now, tokens, choices)
             out.append(ev)
         if not out:
             return b""
         return b"\n\n".join(out) + b"\n\n"
+
+    def _add(self, now: float, tokens: int, choices: Any) -> None:
+        tl = self.tl
+        tl.add_chunk(now, tokens)
+        if self.hop_pattern is not None and tl.chunk_hop is not None:
+            tl.chunk_hop.append(self.hop)
+            text = _content_text(choices)
+            if text:
+                pieces = self.hop_pattern.split(text)
+                for k, piece in enumerate(pieces):
+                    if piece.strip():
+                        self.hop_has_text = True
+                    if k < len(pieces) - 1 and self.hop_has_text:  # a separator ends a hop that has text
+                        self.hop += 1
+                        self.hop_has_text = False
+
+    def _with_qtrap(self, ev: bytes, payload: bytes) -> bytes:
+        if self.qtrap_info is None:
+            return ev
+        try:
+            obj = orjson.loads(payload)
+            obj["qtrap"] = self.qtrap_info()
+            return b"data: " + orjson.dumps(obj)
+        except (orjson.JSONDecodeError, TypeError):
+            return ev
 
     def _usage(self, usage: dict[str, Any]) -> int:
         """Record a usage object; returns the new completion tokens it reports (continuous usage only)."""
@@ -154,6 +209,18 @@ class OpenAIStreamFilter(StreamFilter):
     def error_event(self, err: QtrapError) -> bytes:
         body = openai_error_body(err.message, err.type, None, err.status)
         return b"data: " + body + b"\n\ndata: [DONE]\n\n"
+
+
+def _content_text(choices: Any) -> str:
+    parts = []
+    if isinstance(choices, list):
+        for c in choices:
+            if isinstance(c, dict):
+                d = c.get("delta")
+                t = d.get("content") if isinstance(d, dict) else c.get("text")
+                if isinstance(t, str):
+                    parts.append(t)
+    return "".join(parts)
 
 
 def _content_choices(choices: Any) -> int:
@@ -207,6 +274,23 @@ class OpenAIRoute(RelayRoute):
         if so is not None and not isinstance(so, dict):
             raise BadRequest("`stream_options` must be an object", param="stream_options")
 
+        hop_split = header(scope, b"x-qtrap-hop-split")
+        hop_pattern: re.Pattern[str] | None = None
+        if hop_split is not None:
+            mode = hop_split.strip().lower()
+            if mode == "lines":
+                hop_pattern = _LINES
+            elif mode == "regex":
+                hop_pattern = self.proxy.hop_regex
+            else:
+                raise BadRequest(
+                    f"x-qtrap-hop-split must be `lines` or `regex`, got {hop_split!r}",
+                    param="x-qtrap-hop-split",
+                )
+            if not stream:
+                raise BadRequest(
+                    "x-qtrap-hop-split needs a streamed request (`stream: true`)", param="x-qtrap-hop-split"
+                )
         pool, precision = self.proxy.router.resolve(model, header(scope, b"x-qtrap-precision"))
         backend = self.proxy.router.choose(pool, precision)
         req["model"] = backend.cfg.model
@@ -221,13 +305,22 @@ class OpenAIRoute(RelayRoute):
             if continuous:
                 new_so["continuous_usage_stats"] = True
             req["stream_options"] = new_so
+            proxy = self.proxy
             filt = OpenAIStreamFilter(
                 tl,
                 continuous=continuous,
                 keep_usage_chunk=client_usage,
                 strip_usage=(not client_continuous) if continuous else not client_usage,
+                hop_pattern=hop_pattern,
+                qtrap_info=lambda: {
+                    "request_id": tl.request_id,
+                    "energy_j_provisional": proxy.provisional_j(tl),
+                    "record": f"/qtrap/v1/requests/{tl.request_id}",
+                },
             )
-        return Prepared(backend, self.path, orjson.dumps(req), stream, filt)
+        return Prepared(
+            backend, self.path, orjson.dumps(req), stream, filt, hop_split=hop_pattern is not None
+        )
 
     def account_full_body(self, tl: Timeline, body: bytes, headers: Mapping[str, str]) -> None:
         try:

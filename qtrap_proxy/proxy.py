@@ -1,9 +1,17 @@
-"""The proxy's shared state: backends, router, metrics and the recent request records."""
+"""The proxy's shared state: backends, router, metrics, energy attribution and the request records.
+
+A request's record lives in three places over its life: while in flight or waiting
+for its final energy figure, it is built on demand from its Tracked account
+(``final: false``, a provisional figure); once final it is queued for the ledger
+and, when the ledger has committed it, kept in a small cache of recent finals
+(``final: true``); older records are read back from the ledger.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import OrderedDict
 from typing import Any
@@ -11,7 +19,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from qtrap_proxy.config import ProxyConfig
+from qtrap_proxy.energy.attribution import Tracked
+from qtrap_proxy.energy.service import EnergyService
+from qtrap_proxy.ledger import Ledger
 from qtrap_proxy.metrics import Metrics
+from qtrap_proxy.record import build_record, chain_summary
 from qtrap_proxy.routing import Router, RoutingPolicy
 from qtrap_proxy.timeline import Timeline
 from qtrap_proxy.upstream import Backend, Health
@@ -39,36 +51,108 @@ class Proxy:
         self.started_unix_s = int(time.time())
         for b in self.backends:
             b.metrics = self.metrics.child(b.pool, b.name, b.precision)
-        self._recent: OrderedDict[str, Timeline] = OrderedDict()
+        self._finals: OrderedDict[str, dict[str, Any]] = OrderedDict()  # recent durable finals
+        self._committing: dict[str, dict[str, Any]] = {}  # final, queued for the ledger
         self._keep = keep_records
+        self.ledger = Ledger(config.ledger.path, config.ledger.retention_days, config.ledger.batch_s)
+        self.energy = EnergyService(config, self.backends, self._on_final)
+        self.metrics.register_energy(self.energy)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.hop_regex = re.compile(config.meter.hop_split_regex)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.ledger.start(self._on_durable)
+        self.energy.start()
 
     async def close(self) -> None:
+        await self.energy.stop()
+        # finalise what is left (the meter cannot measure it any more) so the ledger keeps it
+        for tr in list(self.energy.tracked.values()):
+            if tr.tl.end is not None:
+                tr.energy_known, tr.unknown_reason = (
+                    False,
+                    tr.unknown_reason or "proxy stopped before the final reading",
+                )
+                self.energy._finalise(tr)
         await asyncio.gather(*(b.close() for b in self.backends))
+        await asyncio.to_thread(self.ledger.close)
 
     # -- request lifecycle -------------------------------------------------
-    def begin(self, tl: Timeline, backend: Backend) -> None:
+    def begin(self, tl: Timeline, backend: Backend, hop_split: bool = False) -> None:
         tl.pool, tl.precision, tl.backend = backend.pool, backend.precision, backend.name
         backend.metrics.inflight.inc()
+        self.energy.begin(tl, backend, hop_split)
 
     def end(self, tl: Timeline, *, was_inflight: bool) -> None:
         """A request has finished (any outcome): account it once."""
         try:
             self.metrics.child(tl.pool, tl.backend, tl.precision).finished(tl, was_inflight=was_inflight)
-            self._recent[tl.request_id] = tl
-            if len(self._recent) > self._keep:
-                self._recent.popitem(last=False)
+            tr = self.energy.tracked.get(tl.request_id)
+            if tr is None:  # rejected before reaching a backend: nothing to measure
+                tr = Tracked(
+                    tl,
+                    devices=0,
+                    energy_known=False,
+                    unknown_reason="request rejected before it reached a backend",
+                )
+                self.energy.tracked[tl.request_id] = tr
+            self.energy.end(tr)
         except Exception:  # accounting must never take a request down
             log.exception("accounting failed for request %s", tl.request_id)
 
+    def _on_final(self, tr: Tracked) -> None:
+        rec = build_record(tr, final=True, meter=self.energy.kind, devices=self.energy.backend_devices_of(tr))
+        self.metrics.energy_final(tr, rec)
+        self._committing[rec["id"]] = rec
+        self.ledger.put(rec)
+
+    def _on_durable(self, records: list[dict[str, Any]]) -> None:
+        """Called by the ledger's writer thread once records are committed."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._durable, records)
+
+    def _durable(self, records: list[dict[str, Any]]) -> None:
+        for rec in records:
+            self._committing.pop(rec["id"], None)
+            self._finals[rec["id"]] = rec
+        while len(self._finals) > self._keep:
+            self._finals.popitem(last=False)
+
     def record(self, request_id: str) -> dict[str, Any] | None:
-        tl = self._recent.get(request_id)
-        if tl is None:
+        rec = self._finals.get(request_id)
+        if rec is not None:
+            return rec
+        rec = self._committing.get(request_id)
+        if rec is not None:  # final figure, not yet durable: it turns final once committed
+            return {**rec, "final": False}
+        tr = self.energy.tracked.get(request_id)
+        if tr is not None:
+            return build_record(
+                tr,
+                final=False,
+                meter=self.energy.kind,
+                devices=self.energy.backend_devices_of(tr),
+                provisional_j=self.energy.provisional_j(tr),
+            )
+        return self.ledger.get(request_id)
+
+    def chain(self, chain_id: str) -> dict[str, Any] | None:
+        recs = {r["id"]: r for r in self.ledger.chain(chain_id)}
+        for source in (self._committing.values(), self._finals.values()):
+            recs.update({r["id"]: r for r in source if r.get("chain_id") == chain_id})
+        for tr in self.energy.tracked.values():
+            if tr.tl.chain_id == chain_id:
+                recs[tr.tl.request_id] = self.record(tr.tl.request_id) or {}
+        if not recs:
             return None
-        return {
-            **tl.record(),
-            "energy_j": None,
-            "energy_null_reason": "no energy meter in this version of the proxy",
-        }
+        return chain_summary(
+            chain_id, sorted(recs.values(), key=lambda r: (r.get("hop") or 0, r["start_unix_s"]))
+        )
+
+    def provisional_j(self, tl: Timeline) -> float | None:
+        tr = self.energy.tracked.get(tl.request_id)
+        return None if tr is None else self.energy.provisional_j(tr)
 
     @staticmethod
     def response_headers(tl: Timeline) -> list[tuple[bytes, bytes]]:

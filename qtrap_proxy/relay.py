@@ -37,6 +37,9 @@ from qtrap_proxy.upstream import Backend
 
 log = logging.getLogger("qtrap.relay")
 
+# the provisional energy figure of a non-streaming answer (the final one is at /qtrap/v1/requests/{id})
+H_ENERGY = b"x-qtrap-energy-j-provisional"
+
 _JSON = b"application/json"
 
 
@@ -63,6 +66,7 @@ class Prepared:
     body: bytes
     stream: bool
     filter: StreamFilter | None
+    hop_split: bool = False
 
 
 class RelayRoute(ABC):
@@ -97,7 +101,7 @@ class RelayRoute(ABC):
             await send_full(send, e.status, self.error_body(e), proxy.response_headers(tl), _JSON)
             return
         tl.stream = prep.stream
-        proxy.begin(tl, prep.backend)
+        proxy.begin(tl, prep.backend, prep.hop_split)
         try:
             disconnected = await run_until_disconnect(
                 self._relay(prep, tl, header(scope, b"authorization"), send), receive
@@ -131,6 +135,9 @@ class RelayRoute(ABC):
                 if not prep.stream or prep.filter is None:
                     data = await resp.read()
                     self.account_full_body(tl, data, resp.headers)
+                    provisional = self.proxy.provisional_j(tl)
+                    if provisional is not None:
+                        hdrs.append((H_ENERGY, f"{provisional:.6g}".encode()))
                     await send_full(send, 200, data, hdrs, None)
                     tl.finish("ok", 200)
                     return

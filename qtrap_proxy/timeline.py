@@ -41,6 +41,7 @@ class Timeline:
     end: float | None = None
     chunk_t: list[float] = field(default_factory=list)
     chunk_tokens: list[int] = field(default_factory=list)
+    chunk_hop: list[int] | None = None  # hop (0-based) of each chunk, with x-qtrap-hop-split
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     # True when chunk_tokens come from the backend's own counters (vLLM continuous

@@ -37,6 +37,7 @@ def sim(port: int, *extra: str) -> contextlib.AbstractContextManager[subprocess.
 
 def proxy(tmp: Path, config: dict[str, Any]) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     port = config.setdefault("server", {}).setdefault("port", free_port())
+    config.setdefault("ledger", {}).setdefault("path", str(tmp / f"ledger-{port}.sqlite"))
     path = tmp / f"proxy-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     cmd = [str(BIN / "qtrap-proxy"), "serve", "--config", str(path), "--log-level", "warning"]

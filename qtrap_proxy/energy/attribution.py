@@ -1,0 +1,267 @@
+"""Attributing measured GPU energy to requests, interval by interval, conserving every joule.
+
+A meter reports a device's cumulative energy at its update instants (about every
+100 ms for an H100's NVML counter). Each pair of consecutive updates is an
+interval [t0, t1] holding E joules. The interval is settled once the facts are
+in (every overlapping request has ended, or ``settle_s`` has passed):
+
+1. The part of the interval no request was in flight on the device goes to the
+   device's idle bucket; the rest, E_busy, to the requests in flight.
+2. E_busy is split by work done in the interval (the work model):
+   * decode tokens whose chunks arrived in (t0, t1], from the token timeline;
+   * prefill: ``prefill_weight`` x prompt tokens, spread evenly over the time from
+     the request's start to its first chunk;
+   * a non-streaming request's tokens, spread evenly over its duration once its
+     usage is known;
+   * a request whose work in the interval is unknown counts its time in flight at
+     the average work rate of the requests whose work is known (pure time share
+     when none is known).
+3. Policy ``full``: E_busy is split as it is, so a request's J/token is what the
+   GPU really cost while it ran. Policy ``active``: the idle power times the busy
+   time is taken out first and goes to the idle bucket (each request's part of it
+   is reported as its ``idle_energy_j``).
+
+A request is final once the interval containing its end is settled. Its error
+bound is the energy another work model could move: in each interval it shared,
+min(its share, the others' share). Conservation holds by construction:
+attributed + idle = measured over settled intervals, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from qtrap_proxy.timeline import Timeline
+
+Policy = Literal["full", "active"]
+
+
+@dataclass(slots=True, eq=False)
+class Tracked:
+    """A request's energy account on the devices it runs on."""
+
+    tl: Timeline
+    devices: int = 1
+    hop_split: bool = False
+    energy_j: float = 0.0
+    idle_energy_j: float = 0.0
+    bound_j: float = 0.0
+    hop_energy_j: list[float] = field(default_factory=list)
+    pending_devices: int = 0  # devices whose interval containing the end is not settled yet
+    energy_known: bool = True
+    unknown_reason: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.tl.end is not None and self.pending_devices == 0
+
+    def work(self, t0: float, t1: float, prefill_weight: float) -> float | None:
+        """Work units done in (t0, t1], or None where the timeline cannot say."""
+        tl = self.tl
+        start, end = tl.start, tl.end
+        lo, hi = max(t0, start), min(t1, end if end is not None else t1)
+        if hi <= lo:
+            return 0.0
+        if not tl.stream:  # one answer at the end: spread its tokens evenly once they are known
+            if end is None or tl.completion_tokens is None:
+                return None
+            total = tl.completion_tokens + prefill_weight * (tl.prompt_tokens or 0)
+            return total * (hi - lo) / max(end - start, 1e-9)
+        times = tl.chunk_t
+        first = times[0] if times else None
+        w = 0.0
+        if times:
+            w += float(sum(tl.chunk_tokens[bisect.bisect_right(times, t0) : bisect.bisect_right(times, t1)]))
+        prefill_end = first if first is not None else (end if end is not None else t1)
+        p_lo, p_hi = max(t0, start), min(t1, prefill_end)
+        if p_hi > p_lo:
+            if first is None or tl.prompt_tokens is None:
+                return None  # prefilling a prompt of unknown size
+            w += prefill_weight * tl.prompt_tokens * (p_hi - p_lo) / max(first - start, 1e-9)
+        return w
+
+    def chunk_weights(self, t0: float, t1: float) -> list[tuple[int, int]]:
+        """(chunk index, tokens) of the chunks that arrived in (t0, t1]."""
+        times = self.tl.chunk_t
+        i = bisect.bisect_right(times, t0)
+        j = bisect.bisect_right(times, t1)
+        return [(k, self.tl.chunk_tokens[k]) for k in range(i, j)]
+
+
+@dataclass(slots=True)
+class Interval:
+    t0: float
+    t1: float
+    energy_j: float
+
+
+@dataclass(slots=True)
+class DeviceAccount:
+    """One device's intervals, the requests in flight on it, and its totals."""
+
+    key: str
+    policy: Policy = "full"
+    settle_s: float = 1.0
+    prefill_weight: float = 0.1
+    idle_power_w: float | None = None  # for the active policy: configured, else estimated from idle intervals
+    measured_j: float = 0.0
+    attributed_j: float = 0.0
+    idle_j: float = 0.0
+    settled_to: float | None = None  # end of the last settled interval
+    last_update_t: float | None = None
+    last_counter_j: float | None = None
+    updates: int = 0
+    resets: int = 0
+    tracked: list[Tracked] = field(default_factory=list)
+    pending: deque[Interval] = field(default_factory=deque)
+    busy_power_w: float | None = None  # recent power while requests were in flight (for provisional figures)
+    _idle_est_w: float | None = None
+
+    # -- requests ------------------------------------------------------------
+    def track(self, tr: Tracked) -> None:
+        self.tracked.append(tr)
+        tr.pending_devices += 1
+
+    # -- meter updates ---------------------------------------------------------
+    def on_reading(self, t: float, counter_j: float) -> None:
+        """A new counter value seen at time ``t`` (call only when the value changed)."""
+        if self.last_counter_j is not None and self.last_update_t is not None:
+            delta = counter_j - self.last_counter_j
+            if delta < 0:  # the counter went backwards: a driver reload, never negative energy
+                self.resets += 1
+                delta = 0.0
+            self.pending.append(Interval(self.last_update_t, t, delta))
+        self.last_update_t = t
+        self.last_counter_j = counter_j
+        self.updates += 1
+
+    def settle(self, now: float) -> list[Tracked]:
+        """Settle every interval whose facts are in; returns requests that became final."""
+        done: list[Tracked] = []
+        while self.pending:
+            iv = self.pending[0]
+            overlapping = [
+                tr for tr in self.tracked if tr.tl.start < iv.t1 and (tr.tl.end is None or tr.tl.end > iv.t0)
+            ]
+            ready = now >= iv.t1 + self.settle_s or all(tr.tl.end is not None for tr in overlapping)
+            if not ready:
+                break
+            self.pending.popleft()
+            self._settle_one(iv, overlapping)
+            self.settled_to = iv.t1
+            still: list[Tracked] = []
+            for tr in self.tracked:
+                if tr.tl.end is not None and tr.tl.end <= iv.t1:
+                    tr.pending_devices -= 1
+                    if tr.final:
+                        done.append(tr)
+                else:
+                    still.append(tr)
+            self.tracked = still
+        return done
+
+    def _settle_one(self, iv: Interval, overlapping: list[Tracked]) -> None:
+        e = iv.energy_j
+        self.measured_j += e
+        dt = iv.t1 - iv.t0
+        if not overlapping or dt <= 0:
+            self.idle_j += e
+            if dt > 0 and e > 0:
+                p = e / dt
+                self._idle_est_w = p if self._idle_est_w is None else 0.9 * self._idle_est_w + 0.1 * p
+            return
+        busy_s = _union_length(
+            [
+                (max(iv.t0, tr.tl.start), min(iv.t1, tr.tl.end if tr.tl.end is not None else iv.t1))
+                for tr in overlapping
+            ]
+        )
+        e_busy = e * busy_s / dt
+        e_idle = e - e_busy
+        p = e / dt
+        self.busy_power_w = p if self.busy_power_w is None else 0.7 * self.busy_power_w + 0.3 * p
+        idle_part = 0.0
+        if self.policy == "active":
+            p_idle = self.idle_power_w if self.idle_power_w is not None else self._idle_est_w
+            if p_idle is not None:
+                idle_part = min(e_busy, p_idle * busy_s)
+        self.idle_j += e_idle + idle_part
+        to_split = e_busy - idle_part
+        # work per request; unknown work counts time at the known requests' rate
+        works: list[float | None] = [tr.work(iv.t0, iv.t1, self.prefill_weight) for tr in overlapping]
+        overlaps = [
+            max(0.0, min(iv.t1, tr.tl.end if tr.tl.end is not None else iv.t1) - max(iv.t0, tr.tl.start))
+            for tr in overlapping
+        ]
+        known_w = sum(w for w in works if w is not None)
+        known_s = sum(o for w, o in zip(works, overlaps, strict=True) if w is not None)
+        rate = known_w / known_s if known_w > 0 and known_s > 0 else 1.0
+        weights = [w if w is not None else o * rate for w, o in zip(works, overlaps, strict=True)]
+        total_w = sum(weights)
+        if total_w <= 0:  # in flight but no work seen (queued, say): time share
+            weights, total_w = overlaps, sum(overlaps)
+        if total_w <= 0:
+            weights, total_w = [1.0] * len(overlapping), float(len(overlapping))
+        for tr, w in zip(overlapping, weights, strict=True):
+            share = to_split * w / total_w
+            tr.energy_j += share
+            tr.idle_energy_j += idle_part * w / total_w
+            tr.bound_j += min(share, to_split - share)
+            self.attributed_j += share
+            if tr.hop_split:
+                _split_hops(tr, iv, share, w)
+
+    def conservation_error_j(self) -> float:
+        return self.attributed_j + self.idle_j - self.measured_j
+
+    def conservation_error_ratio(self) -> float:
+        return abs(self.conservation_error_j()) / self.measured_j if self.measured_j > 0 else 0.0
+
+
+def _split_hops(tr: Tracked, iv: Interval, share: float, weight: float) -> None:
+    """Give a request's interval share to its hops by the tokens of its chunks in the interval."""
+    if weight <= 0 or share <= 0:
+        return
+    chunks = tr.chunk_weights(iv.t0, iv.t1)
+    decode = float(sum(n for _, n in chunks))
+    # whatever is not decode (prefill, unknown work) belongs to the hop in progress at the interval's start
+    rest = share * max(0.0, 1.0 - decode / weight) if weight > 0 else share
+    hops = tr.tl.chunk_hop or []
+    _add_hop(tr, _hop_at(hops, bisect.bisect_right(tr.tl.chunk_t, iv.t0)), rest)
+    if decode > 0:
+        per_token = (share - rest) / decode
+        for k, n in chunks:
+            _add_hop(tr, hops[k] if k < len(hops) else (hops[-1] if hops else 0), per_token * n)
+
+
+def _hop_at(hops: list[int], chunk_index: int) -> int:
+    """The hop in progress before chunk ``chunk_index`` arrives."""
+    if chunk_index == 0 or not hops:
+        return 0
+    return hops[min(chunk_index, len(hops)) - 1]
+
+
+def _add_hop(tr: Tracked, hop: int, joules: float) -> None:
+    while len(tr.hop_energy_j) <= hop:
+        tr.hop_energy_j.append(0.0)
+    tr.hop_energy_j[hop] += joules
+
+
+def _union_length(spans: list[tuple[float, float]]) -> float:
+    total, cur_lo, cur_hi = 0.0, -math.inf, -math.inf
+    for lo, hi in sorted(spans):
+        if hi <= lo:
+            continue
+        if lo > cur_hi:
+            if cur_hi > cur_lo:
+                total += cur_hi - cur_lo
+            cur_lo, cur_hi = lo, hi
+        else:
+            cur_hi = max(cur_hi, hi)
+    if cur_hi > cur_lo:
+        total += cur_hi - cur_lo
+    return total

@@ -1,0 +1,207 @@
+"""The energy service: samples the meter, feeds device accounts, finalises request records.
+
+One sampling task reads the meter every ``meter.interval_s`` (default 20 ms). A device's
+counter only moves at its own update instants (about every 100 ms for an H100), so a
+reading is only used when the value changed: those are the interval boundaries the
+attribution works on. A meter that fails marks its devices down (``qtrap_meter_up`` 0);
+requests that end while their device's meter is down are finalised with energy unknown
+and the reason; a meter that recovers resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from qtrap_proxy.config import ProxyConfig
+from qtrap_proxy.energy.attribution import DeviceAccount, Tracked
+from qtrap_proxy.energy.meters import DcgmMeter, Meter, MeterError, NullMeter, NvmlMeter, device_key
+from qtrap_proxy.timeline import Timeline
+from qtrap_proxy.upstream import Backend
+
+log = logging.getLogger("qtrap.energy")
+
+FinalSink = Callable[[Tracked], None]
+
+
+class EnergyService:
+    def __init__(
+        self, config: ProxyConfig, backends: list[Backend], on_final: FinalSink, meter: Meter | None = None
+    ) -> None:
+        mc = config.meter
+        self.cfg = mc
+        self.on_final = on_final
+        self.backend_devices: dict[str, list[str]] = {
+            b.name: [device_key(d.host, d.index) for d in b.cfg.devices] for b in backends
+        }
+        keys = sorted({k for ks in self.backend_devices.values() for k in ks})
+        self.accounts: dict[str, DeviceAccount] = {
+            k: DeviceAccount(
+                k,
+                policy=mc.policy,
+                settle_s=mc.settle_s,
+                prefill_weight=mc.prefill_weight,
+                idle_power_w=mc.idle_power_w,
+            )
+            for k in keys
+        }
+        self.meter_up: dict[str, bool] = dict.fromkeys(keys, False)
+        self.meter_error: dict[str, str | None] = dict.fromkeys(keys, "no reading yet")
+        self.last_change_t: dict[str, float] = {}
+        self._meter = meter
+        self._meter_init_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.tracked: dict[str, Tracked] = {}  # in flight or waiting for their final figure
+
+    @property
+    def kind(self) -> str:
+        return self.cfg.kind
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self) -> None:
+        if self.cfg.kind != "null" and self.accounts and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="qtrap-energy-sampler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._meter is not None:
+            await self._meter.close()
+
+    def _build_meter(self) -> Meter:
+        if self.cfg.kind == "dcgm":
+            return DcgmMeter(self.cfg.urls)
+        if self.cfg.kind == "nvml":
+            return NvmlMeter({k: int(k.rsplit(":", 1)[1]) for k in self.accounts})
+        return NullMeter()
+
+    async def _run(self) -> None:
+        interval = self.cfg.interval_s
+        while True:
+            t_next = time.monotonic() + interval
+            try:
+                await self.sample_once()
+            except Exception:  # the sampler must survive anything
+                log.exception("energy sampler failed")
+            await asyncio.sleep(max(0.0, t_next - time.monotonic()))
+
+    async def sample_once(self) -> None:
+        now = time.monotonic()
+        readings: dict[str, float] = {}
+        error: str | None = None
+        try:
+            if self._meter is None:
+                self._meter = self._build_meter()
+            readings = await asyncio.wait_for(self._meter.read(), timeout=max(1.0, 10 * self.cfg.interval_s))
+        except (MeterError, TimeoutError) as e:
+            error = str(e) or "meter timed out"
+            if isinstance(e, MeterError) and self.cfg.kind == "nvml" and "unavailable" in str(e):
+                self._meter = None  # retry the initialisation next time
+        t = time.monotonic()
+        for key, acc in self.accounts.items():
+            value = readings.get(key)
+            if value is None:
+                self.meter_up[key] = False
+                self.meter_error[key] = error or f"meter reports no device {key}"
+                continue
+            if not self.meter_up[key]:
+                log.info("meter for %s is up", key)
+            self.meter_up[key] = True
+            self.meter_error[key] = None
+            if acc.last_counter_j is None or value != acc.last_counter_j:
+                acc.on_reading(t, value)
+                self.last_change_t[key] = t
+        self.settle(now)
+
+    # -- requests -------------------------------------------------------------
+    def begin(self, tl: Timeline, backend: Backend, hop_split: bool) -> Tracked:
+        devices = self.backend_devices.get(backend.name, [])
+        tr = Tracked(tl, devices=len(devices), hop_split=hop_split)
+        if self.cfg.kind == "null":
+            tr.energy_known, tr.unknown_reason = False, "no energy meter configured (meter.kind: null)"
+        elif not devices:
+            tr.energy_known, tr.unknown_reason = False, f"backend {backend.name} lists no devices"
+        else:
+            for key in devices:
+                self.accounts[key].track(tr)
+        self.tracked[tl.request_id] = tr
+        return tr
+
+    def end(self, tr: Tracked) -> None:
+        """The request has ended (its timeline has an end): finalise now if nothing is to be measured."""
+        if tr.devices == 0 or (not tr.energy_known and tr.pending_devices == 0):
+            self._finalise(tr)
+
+    def settle(self, now: float) -> None:
+        for key, acc in self.accounts.items():
+            for tr in acc.settle(now):
+                self._finalise(tr)
+            if not self.meter_up[key]:
+                # no readings: requests that ended cannot be measured; finalise them as unknown
+                stale = [tr for tr in acc.tracked if tr.tl.end is not None and now - tr.tl.end > acc.settle_s]
+                for tr in stale:
+                    acc.tracked.remove(tr)
+                    tr.pending_devices -= 1
+                    tr.energy_known = False
+                    tr.unknown_reason = f"meter down for {key}: {self.meter_error[key]}"
+                    if tr.final:
+                        self._finalise(tr)
+
+    def _finalise(self, tr: Tracked) -> None:
+        if self.tracked.pop(tr.tl.request_id, None) is None:
+            return
+        try:
+            self.on_final(tr)
+        except Exception:
+            log.exception("finalising request %s failed", tr.tl.request_id)
+
+    # -- figures --------------------------------------------------------------
+    def provisional_j(self, tr: Tracked) -> float | None:
+        """Energy so far plus an estimate for the time not yet settled (null when unknown)."""
+        if not tr.energy_known or tr.devices == 0:
+            return None
+        est = tr.energy_j
+        end = tr.tl.end if tr.tl.end is not None else time.monotonic()
+        for key in self.backend_devices_of(tr):
+            acc = self.accounts[key]
+            settled = acc.settled_to if acc.settled_to is not None else tr.tl.start
+            gap = end - max(settled, tr.tl.start)
+            if gap > 0 and acc.busy_power_w is not None:
+                inflight = max(1, sum(1 for t in acc.tracked if t.tl.end is None or t.tl.end > settled))
+                est += acc.busy_power_w * gap / inflight
+        return est
+
+    def backend_devices_of(self, tr: Tracked) -> list[str]:
+        return self.backend_devices.get(tr.tl.backend or "", [])
+
+    def energy_report(self) -> dict[str, Any]:
+        now = time.monotonic()
+        devices = []
+        for key, acc in self.accounts.items():
+            last = self.last_change_t.get(key)
+            devices.append(
+                {
+                    "device": key,
+                    "meter": self.cfg.kind,
+                    "meter_up": self.meter_up[key],
+                    "meter_error": self.meter_error[key],
+                    "last_update_age_s": None if last is None else now - last,
+                    "updates": acc.updates,
+                    "counter_resets": acc.resets,
+                    "measured_j": acc.measured_j,
+                    "attributed_j": acc.attributed_j,
+                    "idle_j": acc.idle_j,
+                    "conservation_error_j": acc.conservation_error_j(),
+                    "conservation_error_ratio": acc.conservation_error_ratio(),
+                    "pending_intervals": len(acc.pending),
+                    "requests_in_flight": sum(1 for t in acc.tracked if t.tl.end is None),
+                }
+            )
+        return {"meter": self.cfg.kind, "policy": self.cfg.policy, "devices": devices}
