@@ -1,0 +1,124 @@
+"""Attribution on constructed timelines: where every joule goes."""
+
+from __future__ import annotations
+
+import pytest
+
+from qtrap_proxy.energy.attribution import DeviceAccount, Tracked
+from qtrap_proxy.timeline import Timeline
+
+
+def _tl(
+    rid: str,
+    start: float,
+    end: float | None,
+    chunks: list[tuple[float, int]],
+    prompt: int | None = 10,
+    stream: bool = True,
+) -> Timeline:
+    tl = Timeline(rid, "chat", stream=stream, start=start)
+    for t, n in chunks:
+        tl.add_chunk(t, n)
+    tl.prompt_tokens = prompt
+    tl.completion_tokens = sum(n for _, n in chunks)
+    tl.end = end
+    return tl
+
+
+def _feed(acc: DeviceAccount, readings: list[tuple[float, float]], now: float) -> list[Tracked]:
+    for t, j in readings:
+        acc.on_reading(t, j)
+    return acc.settle(now)
+
+
+def test_idle_when_nothing_in_flight_and_conservation() -> None:
+    acc = DeviceAccount("h:0", settle_s=0.5)
+    tr = Tracked(_tl("a", 1.05, 1.25, [(1.1, 1), (1.2, 1)]))
+    acc.track(tr)
+    done = _feed(acc, [(1.0, 0.0), (1.1, 10.0), (1.2, 20.0), (1.3, 30.0), (1.4, 40.0)], now=5.0)
+    assert done == [tr] and tr.final
+    # [1.0,1.1]: busy half the time (from 1.05); [1.1,1.2]: busy; [1.2,1.3]: busy until 1.25; [1.3,1.4]: idle
+    assert tr.energy_j == pytest.approx(5.0 + 10.0 + 5.0)
+    assert acc.idle_j == pytest.approx(5.0 + 5.0 + 10.0)
+    assert acc.measured_j == pytest.approx(40.0)
+    assert acc.conservation_error_ratio() < 1e-12
+
+
+def test_split_by_decode_tokens_and_prefill_weight() -> None:
+    acc = DeviceAccount("h:0", settle_s=0.0, prefill_weight=0.5)
+    # a: decodes 3 tokens in the interval; b: prefills 4 prompt tokens over the whole interval (first chunk later)
+    a = Tracked(_tl("a", 0.0, 2.0, [(0.5, 1), (1.2, 1), (1.5, 1), (1.8, 1)]))
+    b = Tracked(_tl("b", 1.0, 3.0, [(2.0, 1)], prompt=4))
+    for tr in (a, b):
+        acc.track(tr)
+    _feed(acc, [(1.0, 0.0), (2.0, 100.0)], now=10.0)
+    # interval (1, 2]: a has 3 decode tokens; b prefills 0.5 * 4 = 2 work units, and its first chunk at 2.0 is in too
+    wa, wb = 3.0, 2.0 + 1.0
+    assert a.energy_j == pytest.approx(100.0 * wa / (wa + wb))
+    assert b.energy_j == pytest.approx(100.0 * wb / (wa + wb))
+    assert a.bound_j == pytest.approx(min(a.energy_j, b.energy_j))
+
+
+def test_unknown_work_counts_time_at_the_known_rate() -> None:
+    acc = DeviceAccount("h:0", settle_s=0.0)
+    streamed = Tracked(_tl("s", 0.0, 2.0, [(0.1, 1), *[(1.0 + k / 10, 1) for k in range(1, 11)]]))
+    blocking = Tracked(_tl("n", 0.5, None, [], prompt=None, stream=False))  # non-streaming, still running
+    for tr in (streamed, blocking):
+        acc.track(tr)
+    _feed(acc, [(1.0, 0.0), (2.0, 60.0)], now=10.0)  # settled by time, the blocking request still in flight
+    # streamed: 10 tokens over 1 s; the blocking one's 1 s counts at that rate: 10 units
+    assert streamed.energy_j == pytest.approx(30.0) and blocking.energy_j == pytest.approx(30.0)
+    assert not blocking.final
+
+
+def test_non_streaming_tokens_spread_over_duration_once_known() -> None:
+    acc = DeviceAccount("h:0", settle_s=0.0, prefill_weight=0.0)
+    tl = _tl("n", 0.0, 4.0, [(4.0, 40)], stream=False)
+    other = Tracked(_tl("s", 0.0, 4.0, [(0.5 + k * 0.1, 1) for k in range(10)]))  # 10 tokens in (0, 2]
+    n = Tracked(tl)
+    for tr in (n, other):
+        acc.track(tr)
+    _feed(acc, [(0.0, 0.0), (2.0, 60.0), (4.0, 100.0)], now=10.0)
+    # (0,2]: n did 20 of its 40 tokens, other 10; (2,4]: n 20, other 0
+    assert n.energy_j == pytest.approx(60.0 * 20 / 30 + 40.0)
+    assert other.energy_j == pytest.approx(60.0 * 10 / 30)
+
+
+def test_counter_going_backwards_is_a_reset_not_negative_energy() -> None:
+    acc = DeviceAccount("h:0", settle_s=0.0)
+    _feed(acc, [(0.0, 1000.0), (0.1, 1010.0), (0.2, 5.0), (0.3, 15.0)], now=1.0)
+    assert acc.resets == 1 and acc.measured_j == pytest.approx(20.0)
+    assert acc.conservation_error_ratio() < 1e-12
+
+
+def test_active_policy_takes_idle_power_out() -> None:
+    acc = DeviceAccount("h:0", settle_s=0.0, policy="active", idle_power_w=100.0)
+    tr = Tracked(_tl("a", 0.0, 1.0, [(0.5, 5)]))
+    acc.track(tr)
+    _feed(acc, [(0.0, 0.0), (1.0, 300.0)], now=5.0)
+    assert tr.energy_j == pytest.approx(200.0) and tr.idle_energy_j == pytest.approx(100.0)
+    assert acc.idle_j == pytest.approx(100.0) and acc.conservation_error_ratio() < 1e-12
+
+
+def test_interval_waits_for_facts_until_settle() -> None:
+    acc = DeviceAccount("h:0", settle_s=1.0)
+    tl = _tl("a", 0.0, None, [(0.05, 1)])
+    tr = Tracked(tl)
+    acc.track(tr)
+    assert _feed(acc, [(0.0, 0.0), (0.1, 10.0)], now=0.5) == []
+    assert acc.measured_j == 0.0 and len(acc.pending) == 1  # the request is still in flight
+    tl.end = 0.15
+    acc.on_reading(0.2, 20.0)
+    done = acc.settle(0.3)  # both intervals' requests have ended: no need to wait
+    assert done == [tr] and tr.energy_j == pytest.approx(15.0) and acc.idle_j == pytest.approx(5.0)
+
+
+def test_hop_split_by_chunk_tokens() -> None:
+    acc = DeviceAccount("h:0", settle_s=0.0, prefill_weight=0.0)
+    tl = _tl("a", 0.0, 1.0, [(0.2, 2), (0.4, 2), (0.6, 4)])
+    tl.chunk_hop = [0, 0, 1]
+    tr = Tracked(tl, hop_split=True)
+    acc.track(tr)
+    _feed(acc, [(0.0, 0.0), (1.0, 80.0)], now=5.0)
+    assert tr.hop_energy_j == pytest.approx([40.0, 40.0])
+    assert sum(tr.hop_energy_j) == pytest.approx(tr.energy_j)
