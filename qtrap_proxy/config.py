@@ -93,7 +93,9 @@ class MeterConfig(_Strict):
     kind: Literal["nvml", "dcgm", "null"] = "null"
     urls: list[str] = Field(default_factory=list, description="dcgm: exporter metrics URLs, one per node")
     interval_s: float = Field(0.02, gt=0, description="sampling cadence")
-    settle_s: float = Field(1.0, ge=0, description="how long an interval waits for in-flight requests' facts")
+    settle_s: float = Field(
+        10.0, ge=0, description="longest an interval waits for in-flight requests' token facts before it is split"
+    )
     policy: Literal["full", "active"] = "full"
     prefill_weight: float = Field(
         0.1, ge=0, description="work of one prompt token relative to one decode token"

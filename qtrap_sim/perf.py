@@ -39,8 +39,8 @@ from typing import Any, Protocol
 class StepCost:
     time_s: float
     energy_j: float
-    row_j: float  # marginal energy of one row through the linear layers
-    ctx_j: float  # marginal energy of one context token read by attention
+    row_j: float  # marginal energy of one more row through the linear layers (the time it adds included)
+    ctx_j: float  # marginal energy of one more context token read by attention (likewise)
 
 
 class PerfModel(Protocol):
@@ -165,7 +165,12 @@ class CalibratedPerf:
     def step(self, rows: int, ctx_tokens: int) -> StepCost:
         rows = max(rows, 1)
         t_lin, e_lin = self.linear_cost(rows)
-        k_e = 1.0 if self._flat else _interp_log(self._cb, self._ce, rows)
         t_att = self.att_fixed_s + self.att_ctx_s * ctx_tokens
         energy = e_lin + self.idle_power_w * t_att + self.att_ctx_j * ctx_tokens
-        return StepCost(t_lin + t_att, energy, k_e * self.e1, self.att_ctx_j)
+        # marginal energies, including the idle power drawn for the time a row or a context token adds
+        row_j = max(0.0, self.linear_cost(rows + 1)[1] - e_lin)
+        ctx_j = self.att_ctx_j + self.idle_power_w * self.att_ctx_s
+        marginal = row_j * rows + ctx_j * ctx_tokens
+        if marginal > energy:  # convex stretch of the curve: marginals may not exceed the whole
+            row_j, ctx_j = row_j * energy / marginal, ctx_j * energy / marginal
+        return StepCost(t_lin + t_att, energy, row_j, ctx_j)

@@ -3,19 +3,27 @@
 A meter reports a device's cumulative energy at its update instants (about every
 100 ms for an H100's NVML counter). Each pair of consecutive updates is an
 interval [t0, t1] holding E joules. The interval is settled once the facts are
-in (every overlapping request has ended, or ``settle_s`` has passed):
+in (every overlapping request has ended, or has streamed past the interval with
+its prompt size known), or at the latest ``settle_s`` after it:
 
 1. The part of the interval no request was in flight on the device goes to the
-   device's idle bucket; the rest, E_busy, to the requests in flight.
-2. E_busy is split by work done in the interval (the work model):
+   device's idle bucket, at the device's idle power (configured, or learned from
+   intervals with nothing in flight; in proportion to time until then); the
+   rest, E_busy, to the requests in flight.
+2. E_busy is split by work done in the interval (the work model), counted in
+   rows through the model's layers:
    * decode tokens whose chunks arrived in (t0, t1], from the token timeline;
-   * prefill: ``prefill_weight`` x prompt tokens, spread evenly over the time from
-     the request's start to its first chunk;
+   * prefill: ``prefill_weight`` (default 1: a prompt token passes the layers
+     once, as a decoded token does) x prompt tokens, spread evenly over the time
+     from the request's start to its first chunk;
    * a non-streaming request's tokens, spread evenly over its duration once its
      usage is known;
    * a request whose work in the interval is unknown counts its time in flight at
      the average work rate of the requests whose work is known (pure time share
      when none is known).
+   In steady batched decoding every request emits one token per step, so this is
+   an equal share per step of the batch; a long prefill, during which the others
+   wait, is paid by the request that brought it.
 3. Policy ``full``: E_busy is split as it is, so a request's J/token is what the
    GPU really cost while it ran. Policy ``active``: the idle power times the busy
    time is taken out first and goes to the idle bucket (each request's part of it
@@ -58,6 +66,13 @@ class Tracked:
     @property
     def final(self) -> bool:
         return self.tl.end is not None and self.pending_devices == 0
+
+    def facts_in(self, t: float) -> bool:
+        """Whether the timeline already says all this request did up to ``t``."""
+        tl = self.tl
+        if tl.end is not None:
+            return True
+        return tl.stream and tl.prompt_tokens is not None and bool(tl.chunk_t) and tl.chunk_t[-1] > t
 
     def work(self, t0: float, t1: float, prefill_weight: float) -> float | None:
         """Work units done in (t0, t1], or None where the timeline cannot say."""
@@ -105,8 +120,8 @@ class DeviceAccount:
 
     key: str
     policy: Policy = "full"
-    settle_s: float = 1.0
-    prefill_weight: float = 0.1
+    settle_s: float = 10.0
+    prefill_weight: float = 1.0
     idle_power_w: float | None = None  # for the active policy: configured, else estimated from idle intervals
     measured_j: float = 0.0
     attributed_j: float = 0.0
@@ -147,7 +162,7 @@ class DeviceAccount:
             overlapping = [
                 tr for tr in self.tracked if tr.tl.start < iv.t1 and (tr.tl.end is None or tr.tl.end > iv.t0)
             ]
-            ready = now >= iv.t1 + self.settle_s or all(tr.tl.end is not None for tr in overlapping)
+            ready = now >= iv.t1 + self.settle_s or all(tr.facts_in(iv.t1) for tr in overlapping)
             if not ready:
                 break
             self.pending.popleft()
@@ -180,8 +195,13 @@ class DeviceAccount:
                 for tr in overlapping
             ]
         )
-        e_busy = e * busy_s / dt
-        e_idle = e - e_busy
+        # the idle part of the interval at idle power (when known), the rest is the requests'
+        p_idle_known = self.idle_power_w if self.idle_power_w is not None else self._idle_est_w
+        if p_idle_known is not None:
+            e_idle = min(e, p_idle_known * (dt - busy_s))
+        else:
+            e_idle = e * (dt - busy_s) / dt
+        e_busy = e - e_idle
         p = e / dt
         self.busy_power_w = p if self.busy_power_w is None else 0.7 * self.busy_power_w + 0.3 * p
         idle_part = 0.0
@@ -191,16 +211,12 @@ class DeviceAccount:
                 idle_part = min(e_busy, p_idle * busy_s)
         self.idle_j += e_idle + idle_part
         to_split = e_busy - idle_part
-        # work per request; unknown work counts time at the known requests' rate
-        works: list[float | None] = [tr.work(iv.t0, iv.t1, self.prefill_weight) for tr in overlapping]
+        # work per request; what the timeline cannot show counts time at the known requests' rate
         overlaps = [
             max(0.0, min(iv.t1, tr.tl.end if tr.tl.end is not None else iv.t1) - max(iv.t0, tr.tl.start))
             for tr in overlapping
         ]
-        known_w = sum(w for w in works if w is not None)
-        known_s = sum(o for w, o in zip(works, overlaps, strict=True) if w is not None)
-        rate = known_w / known_s if known_w > 0 and known_s > 0 else 1.0
-        weights = [w if w is not None else o * rate for w, o in zip(works, overlaps, strict=True)]
+        weights = _fill_unknown([tr.work(iv.t0, iv.t1, self.prefill_weight) for tr in overlapping], overlaps)
         total_w = sum(weights)
         if total_w <= 0:  # in flight but no work seen (queued, say): time share
             weights, total_w = overlaps, sum(overlaps)
@@ -220,6 +236,14 @@ class DeviceAccount:
 
     def conservation_error_ratio(self) -> float:
         return abs(self.conservation_error_j()) / self.measured_j if self.measured_j > 0 else 0.0
+
+
+def _fill_unknown(values: list[float | None], overlaps: list[float]) -> list[float]:
+    """Unknown amounts become time in flight at the known requests' average rate."""
+    known_v = sum(v for v in values if v is not None)
+    known_s = sum(o for v, o in zip(values, overlaps, strict=True) if v is not None)
+    rate = known_v / known_s if known_v > 0 and known_s > 0 else 0.0
+    return [v if v is not None else o * rate for v, o in zip(values, overlaps, strict=True)]
 
 
 def _split_hops(tr: Tracked, iv: Interval, share: float, weight: float) -> None:
