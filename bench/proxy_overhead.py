@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -184,6 +185,11 @@ def main() -> None:
         help="gap between a stream's chunks in the paced run (default 20 ms: 50 tokens/s per stream)",
     )
     ap.add_argument("--quick", action="store_true", help="short run for a smoke test")
+    ap.add_argument(
+        "--with-meter",
+        action="store_true",
+        help="run the proxy with a DCGM meter (a simulated GPU's counter) and energy attribution on",
+    )
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args()
     if args.quick:
@@ -205,6 +211,16 @@ def main() -> None:
             }
         ],
     }
+    meter_sim = contextlib.nullcontext()
+    if args.with_meter:
+        mport = free_port()
+        cfg["backends"][0]["devices"] = [{"host": "qtrap-sim", "index": 0}]  # type: ignore[index]
+        cfg["meter"] = {"kind": "dcgm", "urls": [f"http://127.0.0.1:{mport}/dcgm/metrics"]}
+        meter_sim = child(
+            [py, "-m", "qtrap_sim", "--port", str(mport), "--step-ms", "10"],
+            f"http://127.0.0.1:{mport}/health",
+            tmp / "meter-sim.log",
+        )
     (tmp / "proxy.yaml").write_text(yaml.safe_dump(cfg))
     backend_cmd = [
         py,
@@ -225,6 +241,7 @@ def main() -> None:
         "warning",
     ]
     with (
+        meter_sim,
         child(backend_cmd, f"http://127.0.0.1:{bport}/health", tmp / "backend.log"),
         child(proxy_cmd, f"http://127.0.0.1:{pport}/health", tmp / "proxy.log") as proxy,
     ):

@@ -94,7 +94,9 @@ class MeterConfig(_Strict):
     urls: list[str] = Field(default_factory=list, description="dcgm: exporter metrics URLs, one per node")
     interval_s: float = Field(0.02, gt=0, description="sampling cadence")
     settle_s: float = Field(
-        10.0, ge=0, description="longest an interval waits for in-flight requests' token facts before it is split"
+        10.0,
+        ge=0,
+        description="longest an interval waits for in-flight requests' token facts before it is split",
     )
     policy: Literal["full", "active"] = "full"
     prefill_weight: float = Field(

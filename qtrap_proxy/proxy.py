@@ -42,7 +42,7 @@ class Proxy:
         config: ProxyConfig,
         registry: CollectorRegistry | None = None,
         policy: RoutingPolicy | None = None,
-        keep_records: int = 10_000,
+        keep_records: int = 2_000,
     ) -> None:
         self.config = config
         self.backends = [Backend(b) for b in config.backends]

@@ -197,10 +197,7 @@ class DeviceAccount:
         )
         # the idle part of the interval at idle power (when known), the rest is the requests'
         p_idle_known = self.idle_power_w if self.idle_power_w is not None else self._idle_est_w
-        if p_idle_known is not None:
-            e_idle = min(e, p_idle_known * (dt - busy_s))
-        else:
-            e_idle = e * (dt - busy_s) / dt
+        e_idle = min(e, p_idle_known * (dt - busy_s)) if p_idle_known is not None else e * (dt - busy_s) / dt
         e_busy = e - e_idle
         p = e / dt
         self.busy_power_w = p if self.busy_power_w is None else 0.7 * self.busy_power_w + 0.3 * p
