@@ -127,6 +127,7 @@ class DeviceAccount:
     attributed_j: float = 0.0
     idle_j: float = 0.0
     settled_to: float | None = None  # end of the last settled interval
+    first_t: float | None = None  # the meter's first reading: energy before it is unknown
     last_update_t: float | None = None
     last_counter_j: float | None = None
     updates: int = 0
@@ -150,6 +151,8 @@ class DeviceAccount:
                 self.resets += 1
                 delta = 0.0
             self.pending.append(Interval(self.last_update_t, t, delta))
+        if self.first_t is None:
+            self.first_t = t
         self.last_update_t = t
         self.last_counter_j = counter_j
         self.updates += 1
@@ -171,6 +174,11 @@ class DeviceAccount:
             still: list[Tracked] = []
             for tr in self.tracked:
                 if tr.tl.end is not None and tr.tl.end <= iv.t1:
+                    if self.first_t is None or tr.tl.start < self.first_t:
+                        tr.energy_known = False
+                        tr.unknown_reason = (
+                            f"the meter's first reading on {self.key} came after the request started"
+                        )
                     tr.pending_devices -= 1
                     if tr.final:
                         done.append(tr)

@@ -122,3 +122,12 @@ def test_hop_split_by_chunk_tokens() -> None:
     _feed(acc, [(0.0, 0.0), (1.0, 80.0)], now=5.0)
     assert tr.hop_energy_j == pytest.approx([40.0, 40.0])
     assert sum(tr.hop_energy_j) == pytest.approx(tr.energy_j)
+
+
+def test_request_older_than_the_first_reading_is_unknown() -> None:
+    acc = DeviceAccount("h:0", settle_s=0.0)
+    tr = Tracked(_tl("a", 0.0, 0.5, [(0.4, 3)]))
+    acc.track(tr)
+    done = _feed(acc, [(0.3, 0.0), (0.6, 30.0)], now=5.0)
+    assert done == [tr] and not tr.energy_known and "first reading" in (tr.unknown_reason or "")
+    assert acc.conservation_error_ratio() < 1e-12  # its share is still accounted on the device
