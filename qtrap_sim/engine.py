@@ -10,7 +10,7 @@ accumulate (the slip is measured and exported).
 Energy: each step's modelled energy goes to the simulated GPU's counter, and to
 the requests in the step as their ground truth: every request pays the marginal
 energy of its own rows (1 per decode, its prompt length when prefilling) and of
-the context its attention reads, plus an equal share of the rest of the step
+the context its attention reads (the time they add to the step included), plus an equal share of the rest of the step
 (weights streamed once, fixed overheads, idle power). For a cost that is a
 shared part plus additive parts this is each request's Shapley value; it is
 deliberately not "step energy split by tokens".
