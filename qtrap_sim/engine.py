@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from qtrap_sim.background import Background
+from qtrap_proxy.background import Background
 from qtrap_sim.gpu import SimGPU
 from qtrap_sim.perf import PerfModel
 

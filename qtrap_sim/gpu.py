@@ -14,7 +14,7 @@ import random
 import time
 import uuid
 
-from qtrap_sim.background import Background
+from qtrap_proxy.background import Background
 
 
 class SimGPU(Background):

@@ -11,12 +11,12 @@ and the reason; a meter that recovers resumes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+from qtrap_proxy.background import Background
 from qtrap_proxy.config import ProxyConfig
 from qtrap_proxy.energy.attribution import DeviceAccount, Tracked
 from qtrap_proxy.energy.meters import DcgmMeter, Meter, MeterError, NullMeter, NvmlMeter, device_key
@@ -28,7 +28,9 @@ log = logging.getLogger("qtrap.energy")
 FinalSink = Callable[[Tracked], None]
 
 
-class EnergyService:
+class EnergyService(Background):
+    task_name = "qtrap-energy-sampler"
+
     def __init__(
         self, config: ProxyConfig, backends: list[Backend], on_final: FinalSink, meter: Meter | None = None
     ) -> None:
@@ -54,7 +56,6 @@ class EnergyService:
         self.last_change_t: dict[str, float] = {}
         self._meter = meter
         self._meter_init_error: str | None = None
-        self._task: asyncio.Task[None] | None = None
         self.tracked: dict[str, Tracked] = {}  # in flight or waiting for their final figure
 
     @property
@@ -63,15 +64,11 @@ class EnergyService:
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
-        if self.cfg.kind != "null" and self.accounts and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="qtrap-energy-sampler")
+        if self.cfg.kind != "null" and self.accounts:
+            super().start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().stop()
         if self._meter is not None:
             await self._meter.close()
 

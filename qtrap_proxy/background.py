@@ -1,4 +1,4 @@
-"""A component that runs one background task while its server runs."""
+"""A component that runs one background task while its server runs (the energy sampler, the simulator's engine and GPU counter)."""
 
 from __future__ import annotations
 
