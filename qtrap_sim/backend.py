@@ -98,15 +98,14 @@ class SimBackend:
             self.perf, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len, gpu=self.gpu
         )
         self.truth: OrderedDict[str, SimRequest] = OrderedDict()
-        self.oracle: Oracle | None = None
+        acc = (
+            cfg.hop_accuracy
+            if cfg.hop_accuracy is not None
+            else default_hop_accuracy(cfg.model, cfg.kernel_name)
+        )
+        # always on: synthetic problems need no data files
+        self.oracle = Oracle.from_files(cfg.oracle_data, acc)
         self.oracle_outcome: dict[str, dict[str, Any]] = {}
-        if cfg.oracle_data:
-            acc = (
-                cfg.hop_accuracy
-                if cfg.hop_accuracy is not None
-                else default_hop_accuracy(cfg.model, cfg.kernel_name)
-            )
-            self.oracle = Oracle.from_files(cfg.oracle_data, acc)
         self.registry = CollectorRegistry()
         self.started_unix_s = int(time.time())
         self.finished: dict[str, int] = {}
@@ -248,16 +247,15 @@ class SimBackend:
         seed: int | None,
         temperature: float,
     ) -> tuple[SimRequest, TextStream | ScriptedText]:
-        """A request and the text it will write: the oracle's answer if it knows the problem, else filler."""
+        """A request and the text it will write: the oracle's reply if it knows the problem, else filler."""
         req = SimRequest(request_id or uuid.uuid4().hex, prompt_tokens, max_tokens)
         text: TextStream | ScriptedText = TextStream(prompt, seed, temperature)
-        prob = self.oracle.find(prompt) if self.oracle is not None else None
-        if prob is not None and self.oracle is not None:
-            answer, correct = self.oracle.answer(prob, prompt, seed, temperature)
-            text = ScriptedText(answer)
+        reply = self.oracle.respond(prompt, seed, temperature)
+        if reply is not None:
+            text = ScriptedText(reply.text)
             if len(text) <= max_tokens:
                 req.max_tokens, req.stop_at_end = len(text), True
-            self.oracle_outcome[req.id] = {"dataset": prob.dataset, "hops": prob.hops, "correct": correct}
+            self.oracle_outcome[req.id] = reply.outcome
         self.truth[req.id] = req
         if len(self.truth) > _KEEP_TRUTH:
             old, _ = self.truth.popitem(last=False)

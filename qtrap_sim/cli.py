@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="FILE",
-        help="GSM8K .jsonl / MathQA .json files: prompts containing their problems get step-by-step answers",
+        help="GSM8K .jsonl / MathQA .json files: prompts containing their problems get step-by-step answers "
+        "(synthetic 'Start with N. ... What is the result?' problems are answered without data)",
     )
     p.add_argument(
         "--hop-accuracy",

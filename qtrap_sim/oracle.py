@@ -1,15 +1,59 @@
-"""Oracle answers: the simulator "solves" GSM8K and MathQA problems it recognises.
+"""Oracle answers: the simulator "solves" GSM8K, MathQA and synthetic problems it recognises.
 
-When a prompt contains a problem from the ``--oracle-data`` files, the sim writes
-a step-by-step answer in the dataset's format that is correct with probability
+When a prompt contains a problem from the ``--oracle-data`` files, or a synthetic
+arithmetic chain (always recognised, no data needed; format in
+``qtrap_sim.synthetic``), the sim writes an answer in the dataset's format that is
+correct with probability
 
     p_hop(model, precision) ** hops
 
 so errors compound with the number of reasoning hops, and lower precisions can
 be made less accurate per hop. Hops are counted as loadgen counts them: GSM8K,
 the non-empty solution lines before ``####``; MathQA, the operations in
-``linear_formula``. Wrong answers look like answers (a nearby wrong number, or
-another option letter), so scoring has to do real work.
+``linear_formula``; synthetic, the operations. Wrong answers look like answers (a
+nearby wrong number, or another option letter), so scoring has to do real work.
+
+Single request (no hop instruction in the prompt): the whole solution, one step
+per line, then the final answer: GSM8K, the reference solution lines and
+``#### N``; MathQA, ``Step k: {operation}`` lines and ``Answer: {letter} ) {value}``;
+synthetic, ``Step k: {prev} {+|-|*} {n} = {value}`` lines (each computed from the
+line before, each right with probability p_hop) and ``#### N``.
+
+Chain hops: a prompt whose last ``Write step {k} of {H}`` (or ``write ...``) asks for
+step k of H, in the form loadgen sends::
+
+    Problem: {question}
+
+    Steps so far:
+    Step 1: {what hop 1 wrote}
+    ...
+
+    Write step {k} of {H} of the solution as one line, and nothing else.
+
+(``Steps so far: none`` at k = 1; the last hop asks for step H "the last one ...
+then the final answer on its own line as "#### <number>"" or "Answer: <option
+letter>"".) The reply is ONE line for step k, WITHOUT a ``Step k:`` prefix (the
+client writes ``Step k: `` before it in later prompts; a leading ``Step i:`` in
+what it echoes is ignored all the same):
+
+* GSM8K / MathQA: the reference step k (k clamped to the problem's own steps;
+  MathQA's is the operation, e.g. ``subtract(n1,n2)``), with its last number
+  changed with probability 1 - p_hop;
+* synthetic: ``{prev} {+|-|*} {n} = {value}`` for op k, where ``prev`` is the last
+  integer of the prompt's ``Step k-1:`` line (the start value at k = 1), the value
+  right with probability p_hop.
+
+At the last hop (k >= H) a second line gives the final answer: ``#### N``
+(GSM8K, synthetic) or ``Answer: {letter} ) {value}`` (MathQA). A synthetic chain
+is right when N is the true result (a wrong earlier step propagates through the
+values); a GSM8K / MathQA chain is right when every earlier step in the prompt
+matches the reference step (ignoring case and spacing) and the last hop is right,
+so a chain of H hops is right with probability p_hop ** H either way. The outcome
+(``/sim/v1/requests/{id}``, ``oracle``) of a hop request has ``dataset``,
+``hops`` (H), ``hop`` (k), ``step_correct`` (this hop's step) and ``correct``
+(the chain's final answer; None before the last hop).
+
+Answers are deterministic for a given seed and prompt (or temperature 0).
 
 Default per-hop accuracies (``DEFAULT_HOP_ACCURACY``) are assumptions derived
 from public figures, to be replaced by your own evaluation (docs/calibration.md):
@@ -32,6 +76,10 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
+
+from qtrap_sim.chains import HopRequest, parse_hop, perturb_step, same_step, strip_step
+from qtrap_sim.synthetic import Synthetic, find_synthetic, last_int, solve, step
 
 # per-hop accuracy by (model, kernel); p ** 3.2 gives the GSM8K accuracy implied
 DEFAULT_HOP_ACCURACY: dict[str, dict[str, float]] = {
@@ -61,6 +109,14 @@ _WORD = re.compile(r"\S+")
 
 class OracleDataError(ValueError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the oracle writes for a prompt, and its outcome for the ground truth."""
+
+    text: str
+    outcome: dict[str, Any]  # dataset, hops, correct (+ hop, step_correct for a chain hop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +216,10 @@ class Oracle:
 
     def find(self, prompt: str) -> Problem | None:
         """The first known problem whose question's opening words appear in ``prompt``."""
-        words = _norm_words(prompt)
         index = self._index
+        if not index:
+            return None
+        words = _norm_words(prompt)
         for i in range(len(words)):
             prob = index.get(tuple(words[i : i + _WINDOW]))
             if prob is not None:
@@ -174,26 +232,92 @@ class Oracle:
                     return prob
         return None
 
-    def answer(self, prob: Problem, prompt: str, seed: int | None, temperature: float) -> tuple[str, bool]:
-        """(answer text, whether it is correct). Deterministic for temperature 0 or a given seed."""
-        if seed is None and temperature > 0:
-            rng = random.Random()
+    def respond(self, prompt: str, seed: int | None, temperature: float) -> Reply | None:
+        """The oracle's reply to ``prompt``: a whole solution or one chain hop; None for an unknown problem."""
+        prob: Problem | Synthetic | None = find_synthetic(prompt) or self.find(prompt)
+        if prob is None:
+            return None
+        hop = parse_hop(prompt)
+        if hop is None:
+            text, correct = self.answer(prob, prompt, seed, temperature)
+            return Reply(text, {"dataset": prob.dataset, "hops": prob.hops, "correct": correct})
+        rng = _rng(seed, prompt, temperature)
+        if isinstance(prob, Synthetic):
+            text, step_ok, final = self._synthetic_hop(prob, hop, rng)
         else:
-            rng = random.Random(
-                int.from_bytes(hashlib.blake2b(f"{seed}:{prompt}".encode(), digest_size=8).digest())
-            )
+            text, step_ok, final = self._dataset_hop(prob, hop, rng)
+        outcome = {
+            "dataset": prob.dataset,
+            "hops": hop.of,
+            "hop": hop.step,
+            "step_correct": step_ok,
+            "correct": final,
+        }
+        return Reply(text, outcome)
+
+    def answer(
+        self, prob: Problem | Synthetic, prompt: str, seed: int | None, temperature: float
+    ) -> tuple[str, bool]:
+        """(whole answer text, whether it is correct). Deterministic for temperature 0 or a given seed."""
+        rng = _rng(seed, prompt, temperature)
+        if isinstance(prob, Synthetic):
+            return solve(prob, self.hop_accuracy, rng)
         correct = rng.random() < self.hop_accuracy**prob.hops
         lines = list(prob.steps)
-        if prob.dataset == "gsm8k":
-            final = prob.answer if correct else _wrong_number(prob.answer, rng)
-            lines.append(f"#### {final}")
-        else:
-            letters = [letter for letter, _ in prob.options] or ["a", "b", "c", "d", "e"]
-            wrong = [x for x in letters if x != prob.answer] or letters
-            letter = prob.answer if correct else rng.choice(wrong)
-            value = dict(prob.options).get(letter, "")
-            lines.append(f"Answer: {letter} ) {value}".rstrip())
+        lines.append(_final_line(prob, correct, rng))
         return "\n".join(lines), correct
+
+    def _synthetic_hop(
+        self, prob: Synthetic, hop: HopRequest, rng: random.Random
+    ) -> tuple[str, bool, bool | None]:
+        prev = prob.start
+        for i in range(hop.step - 1, 0, -1):  # the value the previous written step reached
+            value = last_int(hop.earlier.get(i, ""))
+            if value is not None:
+                prev = value
+                break
+        sym, n = prob.op(hop.step)
+        right = rng.random() < self.hop_accuracy
+        truth = prob.value_after(hop.step) if hop.step <= prob.hops else None
+        line, value = step(prev, sym, n, right, rng, truth)
+        if not hop.last:
+            return line, right, None
+        return f"{line}\n#### {value}", right, str(value) == prob.answer
+
+    def _dataset_hop(
+        self, prob: Problem, hop: HopRequest, rng: random.Random
+    ) -> tuple[str, bool, bool | None]:
+        def reference(i: int) -> str:
+            return strip_step(prob.steps[min(i, prob.hops) - 1])
+
+        right = rng.random() < self.hop_accuracy
+        line = reference(hop.step)
+        if not right:
+            line = perturb_step(line, rng)
+        if not hop.last:
+            return line, right, None
+        earlier_ok = all(
+            i in hop.earlier and same_step(hop.earlier[i], reference(i)) for i in range(1, hop.step)
+        )
+        correct = earlier_ok and right
+        return f"{line}\n{_final_line(prob, correct, rng)}", right, correct
+
+
+def _rng(seed: int | None, prompt: str, temperature: float) -> random.Random:
+    if seed is None and temperature > 0:
+        return random.Random()
+    return random.Random(int.from_bytes(hashlib.blake2b(f"{seed}:{prompt}".encode(), digest_size=8).digest()))
+
+
+def _final_line(prob: Problem, correct: bool, rng: random.Random) -> str:
+    """``#### N`` (GSM8K) or ``Answer: {letter} ) {value}`` (MathQA), right when ``correct``."""
+    if prob.dataset == "gsm8k":
+        return f"#### {prob.answer if correct else _wrong_number(prob.answer, rng)}"
+    letters = [letter for letter, _ in prob.options] or ["a", "b", "c", "d", "e"]
+    wrong = [x for x in letters if x != prob.answer] or letters
+    letter = prob.answer if correct else rng.choice(wrong)
+    value = dict(prob.options).get(letter, "")
+    return f"Answer: {letter} ) {value}".rstrip()
 
 
 def _wrong_number(answer: str, rng: random.Random) -> str:

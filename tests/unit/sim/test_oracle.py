@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qtrap_sim.oracle import Oracle, OracleDataError, load_problems, parse_mathqa_options
+from qtrap_sim.oracle import Oracle, OracleDataError, Problem, load_problems, parse_mathqa_options
+from tests.unit.sim.chain_client import hop_prompt, play_oracle
 
 DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 GSM8K = DATA / "gsm8k" / "test.jsonl"
@@ -117,3 +118,78 @@ def test_mathqa_options_parse() -> None:
         ("d", "data inadequate"),
         ("e", "none of these"),
     )
+
+
+# -- chain hops ----------------------------------------------------------------------------------------
+
+
+def _reference(prob: Problem, k: int) -> str:
+    return re.sub(r"^Step \d+: ", "", prob.steps[min(k, prob.hops) - 1])
+
+
+@pytest.mark.parametrize("path", [GSM8K, MATHQA])
+def test_hops_write_the_reference_steps_then_the_answer(path: Path) -> None:
+    problems = load_problems(path)
+    prob = next(p for p in problems if p.hops == 4)
+    out, steps, outcomes = play_oracle(Oracle(problems, 1.0), prob.question, prob.dataset, 4, seed=3)
+    # one line per hop, without a ``Step k:`` prefix: the reference steps
+    assert steps == [_reference(prob, k) for k in range(1, 5)]
+    assert all(not s.startswith("Step") for s in steps)
+    assert [o["hop"] for o in outcomes] == [1, 2, 3, 4] and {o["hops"] for o in outcomes} == {4}
+    assert [o["correct"] for o in outcomes] == [None, None, None, True]
+    assert {o["dataset"] for o in outcomes} == {prob.dataset}
+    if prob.dataset == "gsm8k":
+        assert out == f"{steps[-1]}\n#### {prob.answer}" and _strict(out) == prob.answer
+    else:
+        assert out == f"{steps[-1]}\nAnswer: {prob.answer} ) {dict(prob.options)[prob.answer]}"
+    out, steps, outcomes = play_oracle(Oracle(problems, 0.0), prob.question, prob.dataset, 4, seed=3)
+    assert all(s != _reference(prob, k) for k, s in enumerate(steps, 1))  # every step has a number changed
+    assert outcomes[-1]["correct"] is False
+    if prob.dataset == "gsm8k":
+        assert _strict(out) not in (None, prob.answer)
+    else:
+        assert re.search(r"\nAnswer: ([a-e]) \)", out) and f"Answer: {prob.answer} )" not in out
+
+
+def test_a_wrong_earlier_step_makes_the_chain_wrong() -> None:
+    gsm = load_problems(GSM8K)
+    prob = next(p for p in gsm if p.hops == 3)
+    oracle = Oracle(gsm, 1.0)
+    good = [_reference(prob, 1), _reference(prob, 2)]
+    # case and spacing do not matter, a ``Step i:`` the client left in does not either
+    echoed = [f"Step 1: {good[0].upper()}", good[1].replace(" ", "  ")]
+    r = oracle.respond(hop_prompt(prob.question, "gsm8k", 3, 3, echoed), 0, 0.0)
+    assert r is not None and r.outcome["correct"] is True and _strict(r.text) == prob.answer
+    bad = [good[0], good[1] + " and 1 more"]
+    r = oracle.respond(hop_prompt(prob.question, "gsm8k", 3, 3, bad), 0, 0.0)
+    assert r is not None and r.outcome["correct"] is False and r.outcome["step_correct"] is True
+    assert r.text.startswith(_reference(prob, 3) + "\n#### ") and _strict(r.text) != prob.answer
+    # hops past the problem's own steps repeat its last step
+    r = oracle.respond(hop_prompt(prob.question, "gsm8k", 5, 6, good), 0, 0.0)
+    assert r is not None and r.text == _reference(prob, 3) and r.outcome["hops"] == 6
+
+
+@pytest.mark.parametrize("path", [GSM8K, MATHQA])
+def test_chain_accuracy_matches_p_to_the_hops_over_400_chains(path: Path) -> None:
+    problems = load_problems(path)
+    p_hop = 0.9
+    oracle = Oracle(problems, p_hop)
+    rng = random.Random(11)
+    # the problem the oracle recognises (MathQA repeats some questions' opening words)
+    sample = [p for p in (oracle.find(rng.choice(problems).question) for _ in range(400)) if p is not None]
+    assert len(sample) == 400
+    correct = 0
+    for i, prob in enumerate(sample):
+        out, _, outcomes = play_oracle(oracle, prob.question, prob.dataset, prob.hops, seed=i)
+        ok = outcomes[-1]["correct"]
+        scored = (
+            _strict(out) == prob.answer
+            if prob.dataset == "gsm8k"
+            else re.search(rf"\nAnswer: {prob.answer} \)", out) is not None
+        )
+        assert scored is ok  # what the sim says it did is what a scorer sees
+        assert ok is all(o["step_correct"] for o in outcomes)
+        correct += ok
+    expected = [p_hop**p.hops for p in sample]
+    sd = math.sqrt(sum(q * (1 - q) for q in expected))
+    assert abs(correct - sum(expected)) <= 5 * sd, (correct, sum(expected), sd)
