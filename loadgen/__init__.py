@@ -1,4 +1,4 @@
-"""qtrap load generator (GSM8K/MathQA reasoning chains at controlled concurrency).
+"""qtrap load generator: replays GSM8K/MathQA reasoning chains through a qtrap proxy at controlled
+concurrency, scores the answers, and locates B* (``python -m loadgen --help``)."""
 
-Not implemented yet: this package is a placeholder in the layout; see README.md.
-"""
+__version__ = "0.1.0"

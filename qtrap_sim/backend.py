@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections import OrderedDict
@@ -51,6 +52,9 @@ class SimBackendConfig(BaseModel):
     per_seq_us: float = Field(20.0, ge=0, description="linear model: extra step time per row")
     oracle_data: list[str] = Field(
         default_factory=list, description="GSM8K .jsonl / MathQA .json files to answer"
+    )
+    think_tokens: int = Field(
+        0, ge=0, description="oracle answers: mean words of <think> filler written before the answer"
     )
     hop_accuracy: float | None = Field(
         None, ge=0, le=1, description="per-hop accuracy (default: by model, kernel)"
@@ -252,7 +256,13 @@ class SimBackend:
         text: TextStream | ScriptedText = TextStream(prompt, seed, temperature)
         reply = self.oracle.respond(prompt, seed, temperature)
         if reply is not None:
-            text = ScriptedText(reply.text)
+            answer = reply.text
+            if self.cfg.think_tokens > 0:
+                # a reasoning model thinks before it answers: filler words in a <think> block
+                rng = random.Random(f"{seed}:{prompt}")
+                n = max(1, round(self.cfg.think_tokens * rng.uniform(0.5, 1.5)))
+                answer = f"<think>{TextStream(prompt, seed, temperature).next_words(n)} </think>\n{answer}"
+            text = ScriptedText(answer)
             if len(text) <= max_tokens:
                 req.max_tokens, req.stop_at_end = len(text), True
             self.oracle_outcome[req.id] = reply.outcome

@@ -59,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help="probability of getting one reasoning hop right (default: per model and precision)",
     )
+    p.add_argument(
+        "--think-tokens",
+        type=int,
+        default=0,
+        help="answers to known problems start with a <think> block of about this many words, as a "
+        "reasoning model's do (default: 0)",
+    )
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -87,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                     gpu_index=args.gpu_index,
                     oracle_data=args.oracle_data,
                     hop_accuracy=args.hop_accuracy,
+                    think_tokens=args.think_tokens,
                 )
             ]
     except (SimConfigError, ValidationError) as e:

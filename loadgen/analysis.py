@@ -1,0 +1,487 @@
+"""From replayed chains and final ledger records to the figures of report.json.
+
+Definitions (docs/methodology.md explains each):
+
+* window requests: a level's requests that started and ended inside its steady-state
+  window and have a final, known energy figure;
+* J/token = sum of their energy / sum of their completion tokens;
+* J/chain = sum of their energy / sum over them of 1/H (H: hops of the request's chain),
+  each request being 1/H of a chain, so in steady state the denominator counts the chains
+  the window completed;
+* accuracy of a precision = correct / scored over its measured chains at every level (the
+  answer does not depend on the load, so pooling narrows the interval; per-level accuracy is
+  reported too); J per correct answer = J/chain / accuracy of the precision;
+* confidence intervals: percentile bootstrap, resampling repeats and then chains within a
+  repeat (chains are the independent units; hops of a chain are not), with the same
+  replicate index across levels so B* gets an interval too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from loadgen.runner import LevelRun
+
+BITS = {
+    "fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "w8a8": 8, "w8a8-fp8": 8, "int8-dequant": 8,
+    "bnb-int8": 8, "int4": 4, "awq": 4, "gptq": 4, "w4a16": 4, "nf4": 4, "bnb-nf4": 4, "fp4": 4, "nvfp4": 4,
+}  # fmt: skip
+BASELINES = ("fp16", "bf16", "fp32")
+METRICS = ("j_per_correct", "j_per_token")
+
+
+@dataclass(slots=True)
+class ChainObs:
+    """One measured chain reduced to what the statistics need."""
+
+    repeat: int
+    hops: int
+    scored: bool
+    correct: bool
+    correct_flexible: bool
+    energy_j: float = 0.0  # of its window requests
+    tokens: int = 0  # completion tokens of its window requests
+    chain_frac: float = 0.0  # its window requests / hops
+    index: int = 0  # position in the level's problem sequence (the same problem at every precision)
+
+
+@dataclass(slots=True)
+class LevelObs:
+    precision: str
+    concurrency: int
+    chains: list[ChainObs] = field(default_factory=list)  # measured (non-warm-up) chains
+    window_chains: list[ChainObs] = field(default_factory=list)  # chains with window requests (any)
+    requests: int = 0
+    errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    window_s: float = 0.0
+    window_requests: int = 0
+    window_tokens_prorata: float = 0.0
+    energy_unknown: int = 0
+    energy_unknown_reason: str | None = None
+    measured_window_j: float | None = None
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+    interrupted: bool = False
+    repeats: int = 0
+
+
+def observe(runs: Sequence[LevelRun], snapshots: dict[int, tuple[Any, Any]] | None = None) -> LevelObs:
+    """Reduce the repeats of one (precision, concurrency) level."""
+    first = runs[0]
+    obs = LevelObs(first.precision, first.concurrency, repeats=len(runs))
+    reasons: dict[str, int] = {}
+    for run in runs:
+        obs.interrupted |= run.interrupted
+        w0, w1 = run.window if run.window is not None else (math.inf, -math.inf)
+        obs.window_s += max(0.0, w1 - w0)
+        for chain in run.chains:
+            per_chain = ChainObs(
+                run.repeat,
+                chain.problem.hops,
+                chain.ok,
+                bool(chain.score and chain.score.strict),
+                bool(chain.score and chain.score.flexible),
+                index=chain.index,
+            )
+            in_window = False
+            for ex in chain.exchanges:
+                obs.requests += 1
+                if ex.status != "ok":
+                    obs.errors += 1
+                    kind = (ex.error or "error").split(":")[0]
+                    obs.error_kinds[kind] = obs.error_kinds.get(kind, 0) + 1
+                    continue
+                tokens = ex.completion_tokens or 0
+                if not chain.warmup:
+                    obs.tokens += tokens
+                    if ex.ttft_s is not None:
+                        obs.ttft.append(ex.ttft_s)
+                    if ex.itl_s is not None:
+                        obs.itl.append(ex.itl_s)
+                    obs.e2e.append(ex.e2e_s)
+                if w1 > w0 and ex.t_first is not None:
+                    overlap = max(0.0, min(ex.t_end, w1) - max(ex.t_first, w0))
+                    span = ex.t_end - ex.t_first
+                    obs.window_tokens_prorata += tokens * (
+                        overlap / span if span > 0 else float(w0 <= ex.t_end <= w1)
+                    )
+                if not (w0 <= ex.t_send and ex.t_end <= w1):
+                    continue
+                rec = ex.record or {}
+                energy = rec.get("energy_j") if rec.get("final") else None
+                if energy is None:
+                    obs.energy_unknown += 1
+                    why = rec.get("energy_null_reason") or (
+                        "no final record" if rec else "no record from the proxy"
+                    )
+                    reasons[why] = reasons.get(why, 0) + 1
+                    continue
+                in_window = True
+                obs.window_requests += 1
+                per_chain.energy_j += float(energy)
+                per_chain.tokens += int(rec.get("completion_tokens") or tokens)
+                per_chain.chain_frac += 1.0 / max(1, chain.planned)
+            if not chain.warmup and (chain.ok or chain.exchanges) and not (run.interrupted and not chain.ok):
+                obs.chains.append(per_chain)
+            if in_window:
+                obs.window_chains.append(per_chain)
+    if reasons:
+        obs.energy_unknown_reason = max(reasons.items(), key=lambda kv: kv[1])[0]
+    if snapshots:
+        total = 0.0
+        devices = {
+            d for run in runs for ex in run.exchanges if ex.record for d in ex.record.get("devices") or []
+        }
+        for run in runs:
+            pair = snapshots.get(id(run))
+            if pair is None or pair[0] is None or pair[1] is None or not devices:
+                total = math.nan
+                break
+            a, b = pair
+            for d in devices:
+                if d not in a["devices"] or d not in b["devices"]:
+                    total = math.nan
+                    break
+                total += b["devices"][d]["measured_j"] - a["devices"][d]["measured_j"]
+        obs.measured_window_j = None if math.isnan(total) else total
+    return obs
+
+
+# -- statistics ------------------------------------------------------------------------------------------
+
+
+def _pct(values: Sequence[float], qs: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {f"p{q:g}": None for q in qs}
+    arr = np.asarray(values)
+    return {f"p{q:g}": float(np.percentile(arr, q)) for q in qs}
+
+
+class Bootstrap:
+    """Replicates shared across levels: replicate b of every level uses the b-th draw of its own data."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.seed = seed
+
+    def resample(self, key: str, groups: list[np.ndarray]) -> np.ndarray:
+        """Column sums over a two-stage resample (repeats, then rows within each): shape (n, cols)."""
+        rng = np.random.default_rng([self.seed, abs(hash(key)) % (2**32)])
+        groups = [g for g in groups if len(g)]
+        if not groups:
+            return np.zeros((self.n, 0))
+        cols = groups[0].shape[1]
+        out = np.zeros((self.n, cols))
+        if len(groups) == 1:
+            g = groups[0]
+            idx = rng.integers(0, len(g), size=(self.n, len(g)))
+            return np.asarray(g[idx].sum(axis=1))
+        for b in range(self.n):
+            for r in rng.integers(0, len(groups), size=len(groups)):
+                g = groups[r]
+                out[b] += g[rng.integers(0, len(g), size=len(g))].sum(axis=0)
+        return out
+
+
+def _ci(reps: np.ndarray, level: float = 0.95) -> list[float] | None:
+    reps = reps[np.isfinite(reps)]
+    if len(reps) < 10:
+        return None
+    lo, hi = np.percentile(reps, [50 * (1 - level), 100 - 50 * (1 - level)])
+    return [float(lo), float(hi)]
+
+
+def _safe_div(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _by_repeat(chains: list[ChainObs], cols: Any) -> list[np.ndarray]:
+    groups: dict[int, list[list[float]]] = {}
+    for c in chains:
+        groups.setdefault(c.repeat, []).append(cols(c))
+    return [np.asarray(v, dtype=float) for _, v in sorted(groups.items())]
+
+
+@dataclass(slots=True)
+class Analysis:
+    levels: list[dict[str, Any]]
+    crossovers: list[dict[str, Any]]
+    indices: list[dict[str, Any]]
+    baseline: str | None
+    accuracy: dict[str, dict[str, Any]]
+    replicates: dict[tuple[str, int, str], np.ndarray]
+
+
+def analyse(
+    observations: Sequence[LevelObs],
+    *,
+    baseline: str | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    index_weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
+) -> Analysis:
+    boot = Bootstrap(bootstrap, seed)
+    precisions = list(dict.fromkeys(o.precision for o in observations))
+    if baseline is None:
+        baseline = next((b for b in BASELINES if b in precisions), None)
+    # accuracy pooled per precision, with replicates
+    accuracy: dict[str, dict[str, Any]] = {}
+    acc_reps: dict[str, np.ndarray] = {}
+    keys_of: dict[str, list[tuple[int, int, int]]] = {}
+    for p in precisions:
+        keys_of[p] = [
+            (o.concurrency, c.repeat, c.index)
+            for o in observations
+            if o.precision == p
+            for c in o.chains
+            if c.scored
+        ]
+    for p in precisions:
+        chains = [c for o in observations if o.precision == p for c in o.chains if c.scored]
+        n = len(chains)
+        correct = sum(c.correct for c in chains)
+        # paired: every precision replays the same problems in the same order, so when the scored chains
+        # match, replicate b resamples the same problems for each precision (the accuracy ratio's
+        # interval then reflects the difference between precisions, not the spread of problem difficulty)
+        paired = baseline is not None and keys_of[p] == keys_of.get(baseline)
+        reps = boot.resample(
+            "acc" if paired else f"acc:{p}", _by_repeat(chains, lambda c: [1.0, float(c.correct)])
+        )
+        acc_reps[p] = reps[:, 1] / reps[:, 0] if reps.shape[1] else np.full(boot.n, np.nan)
+        by_hops: dict[int, list[int]] = {}
+        for c in chains:
+            by_hops.setdefault(c.hops, [0, 0])
+            by_hops[c.hops][0] += 1
+            by_hops[c.hops][1] += int(c.correct)
+        accuracy[p] = {
+            "chains": n,
+            "correct": correct,
+            "accuracy": _safe_div(correct, n),
+            "accuracy_flexible": _safe_div(sum(c.correct_flexible for c in chains), n),
+            "ci": _ci(acc_reps[p]) if n else None,
+            "by_hops": {
+                str(h): {"chains": v[0], "correct": v[1], "accuracy": v[1] / v[0]}
+                for h, v in sorted(by_hops.items())
+            },
+        }
+    levels: list[dict[str, Any]] = []
+    replicates: dict[tuple[str, int, str], np.ndarray] = {}
+    for o in observations:
+        energy = sum(c.energy_j for c in o.window_chains)
+        tokens = sum(c.tokens for c in o.window_chains)
+        frac = sum(c.chain_frac for c in o.window_chains)
+        acc_p = accuracy[o.precision]["accuracy"]
+        known = o.window_requests > 0
+        reps = boot.resample(
+            f"lvl:{o.precision}:{o.concurrency}",
+            _by_repeat(o.window_chains, lambda c: [c.energy_j, float(c.tokens), c.chain_frac]),
+        )
+        if known and reps.shape[1]:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                jpt = reps[:, 0] / reps[:, 1]
+                jpc = reps[:, 0] / reps[:, 2]
+                jpcorr = jpc / acc_reps[o.precision]
+        else:
+            jpt = jpc = jpcorr = np.full(boot.n, np.nan)
+        replicates[(o.precision, o.concurrency, "j_per_token")] = jpt
+        replicates[(o.precision, o.concurrency, "j_per_correct")] = jpcorr
+        scored = [c for c in o.chains if c.scored]
+        level_hops: dict[int, list[int]] = {}
+        for c in scored:
+            level_hops.setdefault(c.hops, [0, 0])
+            level_hops[c.hops][0] += 1
+            level_hops[c.hops][1] += int(c.correct)
+        j_per_chain = _safe_div(energy, frac) if known else None
+        level: dict[str, Any] = {
+            "precision": o.precision,
+            "concurrency": o.concurrency,
+            "repeats": o.repeats,
+            "chains": len(o.chains),
+            "chains_scored": len(scored),
+            "requests": o.requests,
+            "errors": o.errors,
+            "error_kinds": o.error_kinds,
+            "tokens": o.tokens,
+            "window_s": o.window_s,
+            "window_requests": o.window_requests,
+            "energy_j": energy if known else None,
+            "energy_null_reason": None
+            if known
+            else (o.energy_unknown_reason or "no request completed inside the steady-state window"),
+            "energy_unknown_requests": o.energy_unknown,
+            "j_per_token": _safe_div(energy, tokens) if known else None,
+            "j_per_request": energy / o.window_requests if known else None,
+            "j_per_chain": j_per_chain,
+            "j_per_correct": (j_per_chain / acc_p) if j_per_chain is not None and acc_p else None,
+            "measured_j_per_token": _safe_div(o.measured_window_j, o.window_tokens_prorata)
+            if o.measured_window_j is not None
+            else None,
+            "accuracy": _safe_div(sum(c.correct for c in scored), len(scored)),
+            "accuracy_flexible": _safe_div(sum(c.correct_flexible for c in scored), len(scored)),
+            "accuracy_by_hops": {str(h): v[1] / v[0] for h, v in sorted(level_hops.items())},
+            "tokens_per_s": o.window_tokens_prorata / o.window_s if o.window_s > 0 else None,
+            "ttft_s": _pct(o.ttft, (50, 90, 99)),
+            "itl_s": _pct(o.itl, (50, 90, 99)),
+            "e2e_s": _pct(o.e2e, (50, 90, 99)),
+            "ci": {
+                "level": 0.95,
+                "j_per_token": _ci(jpt) if known else None,
+                "j_per_chain": _ci(jpc) if known else None,
+                "j_per_correct": _ci(jpcorr) if known else None,
+            },
+            "interrupted": o.interrupted,
+        }
+        levels.append(level)
+    crossovers = [] if baseline is None else _crossovers(levels, replicates, baseline)
+    indices = [] if baseline is None else _indices(levels, accuracy, baseline, index_weights)
+    return Analysis(levels, crossovers, indices, baseline, accuracy, replicates)
+
+
+# -- B* --------------------------------------------------------------------------------------------------
+
+
+def crossings(conc: Sequence[float], ratio: Sequence[float]) -> list[tuple[float, str]]:
+    """Where ``ratio`` (quantized / baseline) crosses 1, interpolated linearly in log(concurrency) and
+    log(ratio); each with its direction: ``below`` when the quantized precision is cheaper below it.
+    A level whose ratio is exactly 1 between levels on either side of 1 is the crossing itself;
+    touching 1 without changing side is no crossing."""
+    out: list[tuple[float, str]] = []
+    prev: tuple[float, float] | None = None  # last point off 1
+    zero_c: float | None = None  # first level exactly at 1 since then
+    for c, r in zip(conc, ratio, strict=True):
+        if r is None or not math.isfinite(r) or r <= 0 or c <= 0:
+            continue
+        x, y = math.log(c), math.log(r)
+        if y == 0.0:
+            if zero_c is None:
+                zero_c = c
+            continue
+        if prev is not None and (prev[1] < 0) != (y < 0):
+            px, py = prev
+            at = zero_c if zero_c is not None else math.exp(px + (x - px) * (0.0 - py) / (y - py))
+            out.append((at, "below" if py < 0 else "above"))
+        prev, zero_c = (x, y), None
+    return out
+
+
+def _crossovers(
+    levels: list[dict[str, Any]], replicates: dict[tuple[str, int, str], np.ndarray], baseline: str
+) -> list[dict[str, Any]]:
+    base = {lv["concurrency"]: lv for lv in levels if lv["precision"] == baseline}
+    out = []
+    for p in dict.fromkeys(lv["precision"] for lv in levels):
+        if p == baseline:
+            continue
+        mine = {lv["concurrency"]: lv for lv in levels if lv["precision"] == p}
+        conc = sorted(set(mine) & set(base))
+        for metric in METRICS:
+            ratio = [_ratio(mine[c][metric], base[c][metric]) for c in conc]
+            found = crossings(conc, [r if r is not None else math.nan for r in ratio])
+            entry: dict[str, Any] = {
+                "precision": p,
+                "baseline": baseline,
+                "metric": metric,
+                "concurrency": conc,
+                "ratio": ratio,
+                "b_star": found[0][0] if found else None,
+                "all_crossings": [{"b_star": b, "direction": d} for b, d in found],
+            }
+            known = [r for r in ratio if r is not None]
+            if len(known) < 2:
+                entry.update(
+                    direction=None,
+                    ci=None,
+                    ci_coverage=None,
+                    note="fewer than two concurrency levels with a ratio: no B*",
+                )
+                out.append(entry)
+                continue
+            if found:
+                b, d = found[0]
+                entry["direction"] = f"{p} cheaper below B*" if d == "below" else f"{p} cheaper above B*"
+                entry["note"] = f"{p}'s {metric} crosses {baseline}'s at concurrency {b:.3g}" + (
+                    f" ({len(found)} crossings in the swept range)" if len(found) > 1 else ""
+                )
+            else:
+                cheaper = all(r < 1 for r in known)
+                entry["direction"] = (
+                    f"{p} cheaper at every swept concurrency"
+                    if cheaper
+                    else f"{p} dearer at every swept concurrency"
+                )
+                entry["note"] = f"no crossover between concurrency {conc[0]} and {conc[-1]}"
+            # bootstrap interval for B*: the first crossing in the same direction in each replicate
+            reps = np.stack(
+                [replicates[(p, c, metric)] / replicates[(baseline, c, metric)] for c in conc], axis=1
+            )
+            hits = []
+            want = found[0][1] if found else None
+            for row in reps:
+                fs = crossings(conc, list(row))
+                hit = next((b for b, d in fs if want is None or d == want), None)
+                if hit is not None:
+                    hits.append(hit)
+            entry["ci_coverage"] = len(hits) / len(reps) if len(reps) else None
+            entry["ci"] = _ci(np.asarray(hits)) if hits and found else None
+            entry["ratio_ci"] = [_ci(reps[:, i]) for i in range(len(conc))]
+            out.append(entry)
+    return out
+
+
+def _composite(weights: Sequence[float], parts: Sequence[float | None]) -> float | None:
+    total = 0.0
+    for w, x in zip(weights, parts, strict=True):
+        if x is None:
+            return None
+        total += w * x
+    return total
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _indices(
+    levels: list[dict[str, Any]],
+    accuracy: dict[str, dict[str, Any]],
+    baseline: str,
+    weights: tuple[float, float, float],
+) -> list[dict[str, Any]]:
+    base = {lv["concurrency"]: lv for lv in levels if lv["precision"] == baseline}
+    total = sum(weights) or 1.0
+    w = [x / total for x in weights]
+    out = []
+    for lv in levels:
+        p, c = lv["precision"], lv["concurrency"]
+        if p == baseline or c not in base:
+            continue
+        b = base[c]
+        bits_p, bits_b = BITS.get(p.lower()), BITS.get(baseline.lower())
+        predicted = b["j_per_token"] * bits_p / bits_b if b["j_per_token"] and bits_p and bits_b else None
+        trust = _ratio(accuracy[p]["accuracy"], accuracy[baseline]["accuracy"])
+        sustain = _ratio(b["j_per_correct"], lv["j_per_correct"])
+        economy = _ratio(lv["tokens_per_s"], b["tokens_per_s"])
+        parts = (trust, sustain, economy)
+        out.append(
+            {
+                "precision": p,
+                "baseline": baseline,
+                "concurrency": c,
+                "bits": bits_p,
+                "casting_overhead_ratio": _ratio(lv["j_per_token"], predicted),
+                "trust_index": trust,
+                "sustainability_index": sustain,
+                "economy_index": economy,
+                "weights": {"trust": w[0], "sustainability": w[1], "economy": w[2]},
+                "composite_index": _composite(w, parts),
+            }
+        )
+    return out

@@ -1,0 +1,309 @@
+"""One loadgen run: check inputs, start (or reach) the proxy, sweep the levels, analyse, write the report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from loadgen import datasets
+from loadgen.analysis import BASELINES, analyse, observe
+from loadgen.client import ChatClient
+from loadgen.embedded import PRECISIONS, embedded_stack
+from loadgen.proxyapi import ProxyError, energy_snapshot, fetch_records, pool_precisions
+from loadgen.report import build, print_summary, write_csv, write_html, write_json
+from loadgen.runner import Chain, LevelPlan, LevelRun, run_level
+
+
+class Fail(Exception):
+    """A one-line error before any load is sent (exit 2)."""
+
+
+class Display:
+    """A rich progress bar on a terminal; plain lines otherwise (or nothing with --quiet)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.console = Console(stderr=True)
+        self.quiet = quiet
+        self.live = self.console.is_terminal and not quiet
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def __enter__(self) -> Display:
+        if self.live:
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[extra]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+            )
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(None, None, None)
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, highlight=False)
+
+    def level_start(self, desc: str, total: int | None) -> None:
+        if self.progress is not None:
+            self.task = self.progress.add_task(desc, total=total, extra="")
+        else:
+            self.say(f"{desc} ...")
+
+    def chain_done(self, chain: Chain, correct: int, done: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, extra=f"correct {correct}/{done}")
+
+    def level_end(self, desc: str, run: LevelRun, missing: int) -> None:
+        n = sum(1 for c in run.chains if not c.warmup)
+        errs = sum(1 for e in run.exchanges if e.status != "ok")
+        extra = f", {missing} records not final" if missing else ""
+        line = f"{desc}: {n} chains, {len(run.exchanges)} requests, {errs} errors{extra}"
+        if self.progress is not None:
+            self.progress.update(self.task, extra=f"done; {errs} errors{extra}")
+            self.progress.remove_task(self.task)
+        self.say(line)
+
+
+def _problems(args: argparse.Namespace, needed: int) -> list[datasets.Problem]:
+    try:
+        probs = datasets.load(
+            args.dataset, args.data_file, split=args.split, n=max(needed, 1), seed=args.seed
+        )
+    except datasets.DatasetError as e:
+        raise Fail(str(e)) from e
+    order = list(probs)
+    random.Random(args.seed).shuffle(order)
+    return order
+
+
+@contextlib.contextmanager
+def _target(
+    args: argparse.Namespace, problems: list[datasets.Problem], out: Path
+) -> Iterator[tuple[str, list[str]]]:
+    """(proxy URL, precisions to sweep)."""
+    if args.proxy:
+        model = args.model or "qwen3-8b"
+
+        async def check() -> list[str]:
+            async with aiohttp.ClientSession() as s:
+                return await pool_precisions(s, args.proxy, model)
+
+        try:
+            served = asyncio.run(check())
+        except ProxyError as e:
+            raise Fail(str(e)) from e
+        precisions = args.precisions or served
+        unknown = [p for p in precisions if p not in served]
+        if unknown:
+            raise Fail(
+                f"the proxy does not serve {model} at {', '.join(unknown)}; it serves: {', '.join(served) or 'none'}"
+            )
+        yield args.proxy.rstrip("/"), precisions
+        return
+    precisions = tuple(args.precisions or PRECISIONS)
+    oracle: list[str] = []
+    work = out / "embedded"
+    work.mkdir(parents=True, exist_ok=True)
+    if args.dataset != "synthetic":
+        oracle = (
+            [str(Path(args.data_file).resolve())]
+            if args.data_file
+            else [str(datasets.write_source(problems, work / f"{args.dataset}.data"))]
+        )
+    try:
+        stack_cm = embedded_stack(args.model or "qwen3-8b", precisions, oracle, work, args.sim_think_tokens)
+        stack = stack_cm.__enter__()
+    except (ValueError, RuntimeError, OSError) as e:
+        raise Fail(
+            f"cannot start the embedded default: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
+    try:
+        yield stack.url, list(precisions)
+    finally:
+        stack_cm.__exit__(None, None, None)
+
+
+async def _sweep(
+    args: argparse.Namespace,
+    url: str,
+    precisions: list[str],
+    problems: list[datasets.Problem],
+    display: Display,
+    stop: asyncio.Event,
+) -> tuple[list[LevelRun], dict[int, tuple[Any, Any]]]:
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGINT, _on_sigint, stop, display)
+    runs: list[LevelRun] = []
+    snapshots: dict[int, tuple[Any, Any]] = {}
+    run_id = uuid.uuid4().hex[:8]
+    max_tokens = args.max_tokens or (1024 if args.hops == "stream" else 256)
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        model = args.model or "qwen3-8b"
+        for repeat in range(args.repeats):
+            for c in args.concurrency:
+                for p in precisions:
+                    if stop.is_set():
+                        return runs, snapshots
+                    warmup = c if args.warmup is None else max(0, args.warmup)
+                    num = None if args.duration else (args.num_chains or max(16, c))
+                    plan = LevelPlan(p, c, repeat, warmup, num, args.duration, args.hops)
+                    client = ChatClient(
+                        session,
+                        url,
+                        f"{model}@{p}",
+                        max_tokens=max_tokens,
+                        seed=args.seed,
+                        timeout_s=args.timeout,
+                    )
+                    desc = f"{p} c={c}" + (f" r{repeat + 1}/{args.repeats}" if args.repeats > 1 else "")
+                    display.level_start(desc, (warmup + num) if num else None)
+                    snap: list[Any] = [None, None]
+                    tasks: list[asyncio.Task[Any]] = []
+                    counts = [0, 0]
+
+                    def on_window(
+                        which: str, _t: float, snap: list[Any] = snap, tasks: list[Any] = tasks
+                    ) -> None:
+                        i = 0 if which == "open" else 1
+
+                        async def take() -> None:
+                            snap[i] = await energy_snapshot(session, url)
+
+                        tasks.append(asyncio.create_task(take()))
+
+                    def on_chain(chain: Chain, counts: list[int] = counts) -> None:
+                        counts[1] += 1
+                        counts[0] += bool(chain.score and chain.score.strict)
+                        display.chain_done(chain, counts[0], counts[1])
+
+                    prefix = f"lg-{run_id}-{p}-c{c}-r{repeat}"
+                    run = await run_level(
+                        client, plan, problems, prefix, stop=stop, on_chain=on_chain, on_window=on_window
+                    )
+                    if tasks:
+                        await asyncio.gather(*tasks)
+                    missing = await fetch_records(
+                        session, url, run, timeout_s=2.0 if stop.is_set() else args.final_timeout
+                    )
+                    runs.append(run)
+                    snapshots[id(run)] = (snap[0], snap[1])
+                    display.level_end(desc, run, missing)
+    return runs, snapshots
+
+
+def _on_sigint(stop: asyncio.Event, display: Display) -> None:
+    if stop.is_set():
+        raise KeyboardInterrupt
+    display.say("interrupted: stopping the run and writing a partial report (Ctrl-C again to quit at once)")
+    stop.set()
+
+
+def run(args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    out = Path(args.out)
+    try:
+        if args.baseline and args.precisions and args.baseline not in args.precisions:
+            raise Fail(f"--baseline {args.baseline} is not among --precisions {','.join(args.precisions)}")
+        if args.data_file and args.dataset == "synthetic":
+            raise Fail("--data-file needs --dataset gsm8k or mathqa")
+        if args.dataset not in datasets.DATASETS:
+            raise Fail(f"unknown dataset {args.dataset!r}: choose one of {', '.join(datasets.DATASETS)}")
+        per_level = (
+            max(16, max(args.concurrency)) + max(args.concurrency)
+            if not args.num_chains
+            else args.num_chains + max(args.concurrency)
+        )
+        problems = _problems(args, max(per_level, 1000))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Fail(f"cannot create --out {out}: {e.strerror or e}") from e
+        started = time.time()
+        t0 = time.monotonic()
+        with Display(args.quiet) as display, _target(args, problems, out) as (url, precisions):
+            baseline = args.baseline or next((b for b in BASELINES if b in precisions), None)
+            if args.baseline and args.baseline not in precisions:
+                raise Fail(
+                    f"--baseline {args.baseline} is not a precision of this run ({', '.join(precisions)})"
+                )
+            display.say(
+                f"loadgen: {len(problems)} {args.dataset} problems, precisions {', '.join(precisions)}, "
+                f"concurrency {','.join(map(str, args.concurrency))}, hops as {args.hops}, proxy {url}"
+            )
+            stop = asyncio.Event()
+            runs, snapshots = asyncio.run(_sweep(args, url, precisions, problems, display, stop))
+            partial = stop.is_set()
+    except Fail as e:
+        err.print(f"error: {e}", highlight=False, markup=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted", highlight=False)
+        return 130
+    if not runs:
+        err.print("error: no level ran", highlight=False)
+        return 130 if partial else 1
+    groups: dict[tuple[str, int], list[LevelRun]] = {}
+    for r in runs:
+        groups.setdefault((r.precision, r.concurrency), []).append(r)
+    obs = [observe(g, snapshots) for g in groups.values()]
+    analysis = analyse(
+        obs, baseline=baseline, bootstrap=args.bootstrap, seed=args.seed, index_weights=args.index_weights
+    )
+    config = {
+        "proxy": args.proxy or "embedded default (qtrap_sim, simulated H100)",
+        "model": args.model or "qwen3-8b",
+        "precisions": precisions,
+        "baseline": baseline,
+        "concurrency": args.concurrency,
+        "dataset": args.dataset,
+        "data_file": args.data_file,
+        "hops": args.hops,
+        "num_chains": args.num_chains,
+        "duration_s": args.duration,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "max_tokens": args.max_tokens or (1024 if args.hops == "stream" else 256),
+        "bootstrap": args.bootstrap,
+        "index_weights": list(args.index_weights),
+        "scoring": "strict (#### N / Answer: letter); flexible reported alongside",
+        "argv": sys.argv[1:],
+    }
+    report = build(
+        config, analysis, partial=partial, started_unix_s=started, duration_s=time.monotonic() - t0
+    )
+    write_json(report, out / "report.json")
+    write_csv(runs, out / "requests.csv")
+    from loadgen.plots import all_plots
+
+    plots = all_plots(report, out)
+    write_html(report, plots, out / "report.html")
+    print_summary(report, Console())
+    Console().print(
+        f"report: {out / 'report.json'}, {out / 'report.html'}, {out / 'requests.csv'}", highlight=False
+    )
+    if partial:
+        return 130
+    ok = sum(1 for r in runs for e in r.exchanges if e.status == "ok")
+    return 0 if ok else 1

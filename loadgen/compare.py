@@ -1,0 +1,58 @@
+"""``python -m loadgen compare``: several finished runs side by side (e.g. model sizes: where does the trap
+dissolve? The seed paper calls that size the critical model scale)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from loadgen.report import ReportError, fmt, fmt_ci, load
+
+
+def compare(paths: list[Path], metric: str = "j_per_correct") -> int:
+    err = Console(stderr=True)
+    reports = []
+    for p in paths:
+        try:
+            reports.append((p, load(p / "report.json" if p.is_dir() else p)))
+        except ReportError as e:
+            err.print(f"error: {e}", highlight=False, markup=False)
+            return 2
+    t = Table(title=f"B* by run ({metric}: quantized / baseline)")
+    for h in (
+        "run",
+        "model",
+        "dataset",
+        "precision",
+        "baseline",
+        "B*",
+        "95% CI",
+        "direction",
+        "ratio by concurrency",
+    ):
+        t.add_column(h)
+    for path, rep in reports:
+        cfg = rep.get("config", {})
+        rows = [cx for cx in rep.get("crossovers", []) if cx.get("metric") == metric]
+        if not rows:
+            t.add_row(
+                str(path),
+                str(cfg.get("model")),
+                str(cfg.get("dataset")),
+                "-",
+                "-",
+                "-",
+                "-",
+                "no comparison in this run",
+                "-",
+            )
+        for cx in rows:
+            ratios = "  ".join(f"c={c}:{fmt(r)}" for c, r in zip(cx["concurrency"], cx["ratio"], strict=True))
+            t.add_row(
+                str(path), str(cfg.get("model")), str(cfg.get("dataset")), cx["precision"], cx["baseline"],
+                fmt(cx.get("b_star")), fmt_ci(cx.get("ci")), cx.get("direction") or "-", ratios,
+            )  # fmt: skip
+    Console().print(t)
+    return 0

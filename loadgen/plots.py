@@ -1,0 +1,168 @@
+"""PNG plots of a report (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _by_precision(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for lv in report["levels"]:
+        out.setdefault(lv["precision"], []).append(lv)
+    for v in out.values():
+        v.sort(key=lambda lv: lv["concurrency"])
+    return out
+
+
+def _color(report: dict[str, Any], precision: str) -> str:
+    names = list(dict.fromkeys(lv["precision"] for lv in report["levels"]))
+    return _COLORS[names.index(precision) % len(_COLORS)]
+
+
+def _metric_panel(ax: Axes, report: dict[str, Any], metric: str, label: str) -> None:
+    for p, levels in _by_precision(report).items():
+        pts = [
+            (lv["concurrency"], lv[metric], (lv.get("ci") or {}).get(metric))
+            for lv in levels
+            if lv[metric] is not None
+        ]
+        if not pts:
+            continue
+        xs = [x for x, _, _ in pts]
+        ys = [y for _, y, _ in pts]
+        lo = [y - ci[0] if ci else 0.0 for _, y, ci in pts]
+        hi = [ci[1] - y if ci else 0.0 for _, y, ci in pts]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=p, color=_color(report, p))
+    for cx in report.get("crossovers", []):
+        if cx["metric"] == metric and cx.get("b_star") is not None:
+            ax.axvline(cx["b_star"], ls="--", color=_color(report, cx["precision"]), alpha=0.7)
+            ax.annotate(
+                f"B*={cx['b_star']:.3g}",
+                (cx["b_star"], 0.97),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=8,
+                color=_color(report, cx["precision"]),
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrency (chains in flight)")
+    ax.set_ylabel(label)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def energy_plot(report: dict[str, Any], path: Path) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    _metric_panel(axes[0], report, "j_per_token", "J per output token")
+    axes[0].set_title("Energy per token")
+    _metric_panel(axes[1], report, "j_per_correct", "J per correct answer")
+    axes[1].set_title("Energy per correct answer")
+    ax = axes[2]
+    for cx in report.get("crossovers", []):
+        if cx["metric"] != "j_per_correct":
+            continue
+        pts = [(c, r) for c, r in zip(cx["concurrency"], cx["ratio"], strict=True) if r is not None]
+        if pts:
+            ax.plot(
+                [c for c, _ in pts],
+                [r for _, r in pts],
+                marker="o",
+                label=f"{cx['precision']} / {cx['baseline']}",
+                color=_color(report, cx["precision"]),
+            )
+        if cx.get("b_star") is not None:
+            ax.axvline(cx["b_star"], ls="--", color=_color(report, cx["precision"]), alpha=0.7)
+    ax.axhline(1.0, color="black", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrency (chains in flight)")
+    ax.set_ylabel("ratio of J per correct answer")
+    ax.set_title("Quantized vs baseline (>1: the trap)")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def accuracy_plot(report: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p, acc in report.get("accuracy", {}).items():
+        hops = sorted(acc["by_hops"], key=int)
+        if hops:
+            ax.plot(
+                [int(h) for h in hops],
+                [acc["by_hops"][h]["accuracy"] for h in hops],
+                marker="o",
+                label=p,
+                color=_color(report, p),
+            )
+    ax.set_xlabel("hops in the chain")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Accuracy by hop depth")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def throughput_plot(report: dict[str, Any], path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for p, levels in _by_precision(report).items():
+        xs = [lv["concurrency"] for lv in levels]
+        color = _color(report, p)
+        axes[0].plot(xs, [lv["tokens_per_s"] or 0 for lv in levels], marker="o", label=p, color=color)
+        axes[1].plot(
+            xs,
+            [(lv["ttft_s"]["p50"] or 0) * 1e3 for lv in levels],
+            marker="o",
+            label=f"{p} TTFT p50",
+            color=color,
+        )
+        axes[1].plot(
+            xs,
+            [(lv["e2e_s"]["p50"] or 0) * 1e3 for lv in levels],
+            marker="s",
+            ls="--",
+            label=f"{p} request p50",
+            color=color,
+        )
+    axes[0].set_ylabel("output tokens/s (steady state)")
+    axes[0].set_title("Throughput")
+    axes[1].set_ylabel("ms")
+    axes[1].set_yscale("log")
+    axes[1].set_title("Latency")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency (chains in flight)")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def all_plots(report: dict[str, Any], out: Path) -> list[Path]:
+    return [
+        energy_plot(report, out / "energy.png"),
+        accuracy_plot(report, out / "accuracy_by_hops.png"),
+        throughput_plot(report, out / "throughput_latency.png"),
+    ]

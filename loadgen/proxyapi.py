@@ -1,0 +1,86 @@
+"""What loadgen asks the proxy: its pools, final records of chains, and device energy counters."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+
+from loadgen.runner import LevelRun
+
+
+class ProxyError(RuntimeError):
+    """The proxy cannot be used for this run; the message is one line for the CLI."""
+
+
+async def _get(session: aiohttp.ClientSession, url: str, timeout_s: float = 10.0) -> tuple[int, Any]:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+        try:
+            doc = await r.json(content_type=None)
+        except (ValueError, aiohttp.ContentTypeError):
+            doc = None
+        return r.status, doc
+
+
+async def pool_precisions(session: aiohttp.ClientSession, base: str, model: str) -> list[str]:
+    """Precisions the proxy serves for pool ``model``, from its /v1/models (``pool@precision`` ids)."""
+    try:
+        status, doc = await _get(session, base.rstrip("/") + "/v1/models")
+    except (TimeoutError, aiohttp.ClientError) as e:
+        raise ProxyError(f"proxy {base} is unreachable: {e or type(e).__name__}") from e
+    if status != 200 or not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise ProxyError(f"proxy {base} answered /v1/models with HTTP {status}; is it a qtrap proxy?")
+    ids = [str(m.get("id")) for m in doc["data"] if isinstance(m, dict)]
+    if model not in ids:
+        pools = sorted({i.split("@")[0] for i in ids})
+        raise ProxyError(f"the proxy serves no model {model!r}; it serves: {', '.join(pools) or 'nothing'}")
+    precs = [i.split("@", 1)[1] for i in ids if i.startswith(model + "@")]
+    return list(dict.fromkeys(precs))
+
+
+async def energy_snapshot(session: aiohttp.ClientSession, base: str) -> dict[str, Any] | None:
+    """``GET /qtrap/v1/energy`` with the client's clock; None when the proxy does not answer."""
+    t = time.monotonic()
+    try:
+        status, doc = await _get(session, base.rstrip("/") + "/qtrap/v1/energy", 5.0)
+    except (TimeoutError, aiohttp.ClientError):
+        return None
+    if status != 200 or not isinstance(doc, dict):
+        return None
+    return {"t": (t + time.monotonic()) / 2, "devices": {d["device"]: d for d in doc.get("devices", [])}}
+
+
+async def fetch_records(
+    session: aiohttp.ClientSession, base: str, run: LevelRun, *, timeout_s: float = 60.0, parallel: int = 16
+) -> int:
+    """Attach the proxy's record to every exchange of ``run``, waiting for records to turn final
+    (a final figure exists only after the meter's next update following a request's end).
+    Returns how many exchanges still have no final record when ``timeout_s`` runs out."""
+    by_chain: dict[str, list[Any]] = {}
+    for ex in run.exchanges:
+        if ex.request_id is not None:
+            by_chain.setdefault(ex.chain, []).append(ex)
+    deadline = time.monotonic() + timeout_s
+    sem = asyncio.Semaphore(parallel)
+
+    async def one(chain_id: str, exchanges: list[Any]) -> bool:
+        while True:
+            async with sem:
+                try:
+                    status, doc = await _get(session, f"{base.rstrip('/')}/qtrap/v1/chains/{chain_id}")
+                except (TimeoutError, aiohttp.ClientError):
+                    status, doc = 0, None
+            if status == 200 and isinstance(doc, dict):
+                recs = {r["id"]: r for r in doc.get("records", [])}
+                for ex in exchanges:
+                    ex.record = recs.get(ex.request_id, ex.record)
+                if all(ex.record is not None and ex.record.get("final") for ex in exchanges):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.2)
+
+    results = await asyncio.gather(*(one(c, exs) for c, exs in by_chain.items()))
+    return sum(len(by_chain[c]) for c, ok in zip(by_chain, results, strict=True) if not ok)

@@ -1,0 +1,174 @@
+"""Closed-loop replay of reasoning chains at a fixed concurrency.
+
+At concurrency C, C workers each run one chain at a time and start the next
+problem as soon as theirs ends, so C chains are always in flight. The first
+``warmup`` chains of a level are replayed but left out of the figures. The
+steady-state window (as the ML.ENERGY benchmark measures) opens when the first
+measured chain starts, by which time all C workers are busy, and closes when the
+first worker finds no work left (or ``duration`` has passed): from then on the
+level drains and fewer than C chains are in flight. Energy and throughput are
+taken over requests that lie wholly inside the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from loadgen.chains import carried_step, hop_prompt, stream_prompt
+from loadgen.client import ChatClient, Exchange
+from loadgen.datasets import Problem
+from loadgen.scoring import Score, score
+
+
+@dataclass(slots=True)
+class Chain:
+    id: str
+    index: int  # position in the level's problem sequence
+    problem: Problem
+    warmup: bool
+    planned: int = 1  # requests the chain sends when nothing fails
+    exchanges: list[Exchange] = field(default_factory=list)
+    score: Score | None = None  # None when a request of the chain failed
+    t_start: float = 0.0
+    t_end: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.score is not None
+
+
+@dataclass(slots=True)
+class LevelRun:
+    precision: str
+    concurrency: int
+    repeat: int
+    chains: list[Chain] = field(default_factory=list)
+    t_start: float = 0.0
+    t_end: float = 0.0
+    window: tuple[float, float] | None = None
+    interrupted: bool = False
+
+    @property
+    def exchanges(self) -> list[Exchange]:
+        return [e for c in self.chains for e in c.exchanges]
+
+
+async def run_chain(client: ChatClient, chain: Chain, hops_mode: str) -> None:
+    p = chain.problem
+    chain.t_start = time.monotonic()
+    try:
+        if hops_mode == "stream":
+            ex = await client.chat(
+                stream_prompt(p),
+                chain=chain.id,
+                hop=1,
+                headers={"x-qtrap-chain-id": chain.id, "x-qtrap-hop": "1", "x-qtrap-hop-split": "lines"},
+            )
+            chain.exchanges.append(ex)
+            if ex.status == "ok":
+                chain.score = score(p, ex.text)
+            return
+        steps: list[str] = []
+        for hop in range(1, p.hops + 1):
+            ex = await client.chat(
+                hop_prompt(p, hop, steps),
+                chain=chain.id,
+                hop=hop,
+                headers={"x-qtrap-chain-id": chain.id, "x-qtrap-hop": str(hop)},
+            )
+            chain.exchanges.append(ex)
+            if ex.status != "ok":
+                return
+            steps.append(carried_step(ex.text))
+        chain.score = score(p, chain.exchanges[-1].text)
+    finally:
+        chain.t_end = time.monotonic()
+
+
+@dataclass(slots=True)
+class LevelPlan:
+    precision: str
+    concurrency: int
+    repeat: int
+    warmup: int  # chains
+    num_chains: int | None  # measured chains, or
+    duration_s: float | None  # seconds of steady state
+    hops_mode: str = "requests"
+
+
+async def run_level(
+    client: ChatClient,
+    plan: LevelPlan,
+    problems: Sequence[Problem],
+    chain_prefix: str,
+    *,
+    stop: asyncio.Event | None = None,
+    on_chain: Callable[[Chain], None] | None = None,
+    on_window: Callable[[str, float], None] | None = None,
+) -> LevelRun:
+    """Replay ``problems`` (cycled) in a closed loop; ``stop`` ends the level early (Ctrl-C)."""
+    if plan.concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
+    run = LevelRun(plan.precision, plan.concurrency, plan.repeat)
+    run.t_start = time.monotonic()
+    next_index = 0
+    window_open: float | None = None
+    window_close: float | None = None
+    stop = stop or asyncio.Event()
+
+    def more() -> bool:
+        if stop.is_set():
+            return False
+        if plan.num_chains is not None and next_index >= plan.warmup + plan.num_chains:
+            return False
+        if plan.duration_s is not None and window_open is not None:
+            return time.monotonic() < window_open + plan.duration_s
+        return True
+
+    async def worker() -> None:
+        nonlocal next_index, window_open, window_close
+        while more():
+            i = next_index
+            next_index += 1
+            if i >= plan.warmup and window_open is None:
+                window_open = time.monotonic()
+                if on_window is not None:
+                    on_window("open", window_open)
+            problem = problems[i % len(problems)]
+            planned = 1 if plan.hops_mode == "stream" else problem.hops
+            chain = Chain(f"{chain_prefix}-{i}", i, problem, warmup=i < plan.warmup, planned=planned)
+            run.chains.append(chain)
+            await run_chain(client, chain, plan.hops_mode)
+            if on_chain is not None:
+                on_chain(chain)
+        if window_close is None:
+            window_close = time.monotonic()
+            if on_window is not None and window_open is not None:
+                on_window("close", window_close)
+
+    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(worker()) for _ in range(plan.concurrency)]
+    stopper: asyncio.Task[Any] = asyncio.create_task(stop.wait())
+    pending: set[asyncio.Task[Any]] = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
+        pending.discard(stopper)
+        if stopper in done:
+            # Ctrl-C: cut the level short; requests in flight are abandoned and their chains left unscored
+            run.interrupted = True
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            pending = set()
+        for t in done:
+            exc = None if t is stopper else t.exception()
+            if exc is not None:
+                raise exc
+    stopper.cancel()
+    run.t_end = time.monotonic()
+    if window_open is not None:
+        run.window = (window_open, window_close if window_close is not None else run.t_end)
+    return run

@@ -1,0 +1,120 @@
+"""B* interpolation and its confidence interval on constructed data with a known answer."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from loadgen.analysis import ChainObs, LevelObs, analyse, crossings
+
+LEVELS = [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_crossing_of_a_power_law_is_exact() -> None:
+    # ratio = (c / 6) ** 0.7 is linear in log-log, so the interpolation recovers B* = 6 exactly
+    ratio = [(c / 6) ** 0.7 for c in LEVELS]
+    [(b, direction)] = crossings(LEVELS, ratio)
+    assert b == pytest.approx(6.0, rel=1e-12) and direction == "below"
+    [(b, direction)] = crossings(LEVELS, [1 / r for r in ratio])
+    assert b == pytest.approx(6.0, rel=1e-12) and direction == "above"
+
+
+def test_no_crossing_touching_and_several() -> None:
+    assert crossings(LEVELS, [0.5] * len(LEVELS)) == []
+    assert crossings([1, 8, 64], [0.8, 1.0, 0.9]) == []  # touches 1 without changing side
+    assert crossings([1, 8, 64], [0.8, 1.0, 1.3]) == [(8.0, "below")]
+    found = crossings([1, 4, 16, 64], [0.5, 2.0, 0.5, 2.0])
+    assert [d for _, d in found] == ["below", "above", "below"]
+    assert crossings([1, 8], [0.5, math.nan]) == []
+
+
+def _level(
+    precision: str, c: int, j_per_token: float, rng: random.Random, chains: int = 60, noise: float = 0.1
+) -> LevelObs:
+    obs = LevelObs(precision, c, repeats=1)
+    for _ in range(chains):
+        hops = rng.randint(2, 5)
+        tokens = 40 * hops
+        energy = j_per_token * tokens * math.exp(rng.gauss(0, noise))
+        ch = ChainObs(0, hops, True, rng.random() < 0.8, True, energy, tokens, 1.0)
+        obs.chains.append(ch)
+        obs.window_chains.append(ch)
+        obs.window_requests += hops
+    obs.window_s, obs.window_tokens_prorata = 10.0, sum(c.tokens for c in obs.chains)
+    return obs
+
+
+def _fleet(seed: int, b_star: float = 6.0) -> list[LevelObs]:
+    rng = random.Random(seed)
+    out = []
+    for c in LEVELS:
+        base = 2.0 / c**0.8
+        out.append(_level("bf16", c, base, rng))
+        out.append(_level("int4", c, base * (c / b_star) ** 0.7, rng))
+    return out
+
+
+def test_b_star_point_and_interval_on_constructed_data() -> None:
+    a = analyse(_fleet(1), bootstrap=400, seed=3)
+    assert a.baseline == "bf16"
+    cx = next(x for x in a.crossovers if x["metric"] == "j_per_token")
+    assert cx["b_star"] == pytest.approx(6.0, rel=0.25)
+    assert cx["direction"] == "int4 cheaper below B*"
+    lo, hi = cx["ci"]
+    assert lo < 6.0 < hi and hi / lo < 3
+    assert cx["ci_coverage"] > 0.95
+    # J per correct answer divides by the pooled accuracy of each precision
+    lv = next(x for x in a.levels if x["precision"] == "int4" and x["concurrency"] == 8)
+    assert lv["j_per_correct"] == pytest.approx(lv["j_per_chain"] / a.accuracy["int4"]["accuracy"])
+
+
+def test_interval_covers_the_true_b_star_most_of_the_time() -> None:
+    hits = 0
+    runs = 30
+    for seed in range(runs):
+        cx = next(
+            x
+            for x in analyse(_fleet(100 + seed), bootstrap=200, seed=seed).crossovers
+            if x["metric"] == "j_per_token"
+        )
+        if cx["ci"] and cx["ci"][0] <= 6.0 <= cx["ci"][1]:
+            hits += 1
+    # nominal 95%; 30 runs at a true 95% give >= 24 hits with probability > 0.99
+    assert hits >= 24, hits
+
+
+def test_no_crossover_is_said_plainly_and_indices() -> None:
+    rng = random.Random(5)
+    obs = []
+    for c in (1, 8, 64):
+        obs.append(_level("fp16", c, 1.0, rng, noise=0.01))
+        obs.append(_level("int8", c, 1.5, rng, noise=0.01))
+    a = analyse(obs, bootstrap=100)
+    cx = next(x for x in a.crossovers if x["metric"] == "j_per_token")
+    assert cx["b_star"] is None and cx["ci"] is None
+    assert cx["direction"] == "int8 dearer at every swept concurrency"
+    assert cx["note"] == "no crossover between concurrency 1 and 64"
+    idx = next(i for i in a.indices if i["concurrency"] == 8)
+    # linear-in-bits predicts int8 = 0.5 x fp16; measured 1.5 x: casting overhead ratio 3
+    assert idx["casting_overhead_ratio"] == pytest.approx(3.0, rel=0.02)
+    assert idx["sustainability_index"] == pytest.approx(
+        1 / 1.5 * a.accuracy["int8"]["accuracy"] / a.accuracy["fp16"]["accuracy"], rel=0.05
+    )
+    w = idx["weights"]
+    assert idx["composite_index"] == pytest.approx(
+        w["trust"] * idx["trust_index"]
+        + w["sustainability"] * idx["sustainability_index"]
+        + w["economy"] * idx["economy_index"]
+    )
+
+
+def test_unknown_energy_stays_null() -> None:
+    obs = [LevelObs("bf16", 1, repeats=1), LevelObs("int4", 1, repeats=1)]
+    obs[0].energy_unknown_reason = "meter: null (energy unknown)"
+    a = analyse(obs, bootstrap=50)
+    assert a.levels[0]["energy_j"] is None and a.levels[0]["j_per_token"] is None
+    assert a.levels[0]["energy_null_reason"] == "meter: null (energy unknown)"
+    assert a.levels[1]["energy_null_reason"]
+    assert all(x["b_star"] is None for x in a.crossovers)
