@@ -59,8 +59,12 @@ class Display:
             self.progress.__exit__(None, None, None)
 
     def say(self, text: str) -> None:
-        if not self.quiet:
-            self.console.print(text, highlight=False)
+        if self.quiet:
+            return
+        if self.progress is not None:
+            self.progress.console.print(text, highlight=False, markup=False)
+        else:
+            print(text, file=sys.stderr, flush=True)  # a log: whole lines, never wrapped
 
     def level_start(self, desc: str, total: int | None) -> None:
         if self.progress is not None:
@@ -220,7 +224,6 @@ def _on_sigint(stop: asyncio.Event, display: Display) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    err = Console(stderr=True)
     out = Path(args.out)
     try:
         if args.baseline and args.precisions and args.baseline not in args.precisions:
@@ -255,13 +258,13 @@ def run(args: argparse.Namespace) -> int:
             runs, snapshots = asyncio.run(_sweep(args, url, precisions, problems, display, stop))
             partial = stop.is_set()
     except Fail as e:
-        err.print(f"error: {e}", highlight=False, markup=False)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        err.print("interrupted", highlight=False)
+        print("interrupted", file=sys.stderr)
         return 130
     if not runs:
-        err.print("error: no level ran", highlight=False)
+        print("error: no level ran", file=sys.stderr)
         return 130 if partial else 1
     groups: dict[tuple[str, int], list[LevelRun]] = {}
     for r in runs:
@@ -299,8 +302,11 @@ def run(args: argparse.Namespace) -> int:
 
     plots = all_plots(report, out)
     write_html(report, plots, out / "report.html")
-    print_summary(report, Console())
-    Console().print(
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))  # a log or a pipe: do not squeeze the tables
+    print_summary(report, console)
+    console.print(
         f"report: {out / 'report.json'}, {out / 'report.html'}, {out / 'requests.csv'}", highlight=False
     )
     if partial:

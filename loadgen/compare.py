@@ -3,6 +3,7 @@ dissolve? The seed paper calls that size the critical model scale)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -12,13 +13,12 @@ from loadgen.report import ReportError, fmt, fmt_ci, load
 
 
 def compare(paths: list[Path], metric: str = "j_per_correct") -> int:
-    err = Console(stderr=True)
     reports = []
     for p in paths:
         try:
             reports.append((p, load(p / "report.json" if p.is_dir() else p)))
         except ReportError as e:
-            err.print(f"error: {e}", highlight=False, markup=False)
+            print(f"error: {e}", file=sys.stderr)
             return 2
     t = Table(title=f"B* by run ({metric}: quantized / baseline)")
     for h in (

@@ -178,7 +178,8 @@ LEVEL_HEAD = [
 
 def level_rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
-    for lv in sorted(report["levels"], key=lambda lv: (lv["concurrency"], lv["precision"])):
+    order = list(dict.fromkeys(lv["precision"] for lv in report["levels"]))
+    for lv in sorted(report["levels"], key=lambda lv: (lv["concurrency"], order.index(lv["precision"]))):
         ci = lv.get("ci") or {}
         ttft = (lv.get("ttft_s") or {}).get("p50")
         rows.append(

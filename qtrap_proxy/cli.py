@@ -33,17 +33,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", "-c", required=True, metavar="FILE")
 
-    demo = sub.add_parser(
-        "demo",
-        help="run the proxy on simulated backends and print a summary (no GPU needed)",
-        description="Start three simulated backends (BF16, INT8, INT4) and a proxy, stream requests through "
-        "it at each concurrency level, print a summary, and stop everything.",
-    )
-    demo.add_argument("--concurrency", default="1,8,64", help="comma-separated levels (default: 1,8,64)")
-    demo.add_argument(
-        "--requests", type=int, default=32, help="requests per level and precision (default: 32)"
-    )
-    demo.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (default: 64)")
     return p
 
 
@@ -58,30 +47,8 @@ def _summary(cfg: ProxyConfig) -> str:
     return "\n".join(lines)
 
 
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        levels = []
-    if not levels or any(c < 1 for c in levels):
-        raise ValueError(f"--concurrency wants positive integers separated by commas, got {text!r}")
-    return levels
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "demo":
-        from qtrap_proxy.demo import run_demo
-
-        try:
-            levels = _levels(args.concurrency)
-        except ValueError as e:
-            print(f"qtrap-proxy: {e}", file=sys.stderr)
-            return 2
-        if args.requests < 1 or args.max_tokens < 1:
-            print("qtrap-proxy: --requests and --max-tokens must be positive", file=sys.stderr)
-            return 2
-        return run_demo(levels, args.requests, args.max_tokens)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

@@ -1,6 +1,6 @@
 """Child servers on loopback: free ports, start, wait until they answer, stop.
 
-Used by ``qtrap-proxy demo`` (and by the benchmarks and tests) to run qtrap_sim
+Used by loadgen's embedded default (and by the benchmarks and tests) to run qtrap_sim
 backends and proxies as real processes.
 """
 

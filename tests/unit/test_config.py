@@ -126,8 +126,3 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 0 and "pool p" in r.stdout
-
-
-def test_demo_rejects_bad_levels(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--concurrency", "1,x"]) == 2
-    assert "--concurrency" in capsys.readouterr().err

@@ -1,0 +1,236 @@
+"""loadgen end to end: the embedded default (calibrated simulated H100s behind a real proxy with a DCGM
+meter), a running proxy, bad input, backend failures during a run, and Ctrl-C."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import Fleet
+from tests.helpers import ROOT, backend, free_port, proxy
+
+PY = sys.executable
+
+
+def loadgen(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "loadgen", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@dataclass
+class Run:
+    out: Path
+    proc: subprocess.CompletedProcess[str]
+
+    @property
+    def report(self) -> dict:  # type: ignore[type-arg]
+        return json.loads((self.out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    out = tmp_path_factory.mktemp("loadgen") / "out"
+    proc = loadgen(
+        "--concurrency", "1,4", "--num-chains", "4", "--warmup", "1", "--bootstrap", "200",
+        "--sim-think-tokens", "8", "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    yield Run(out, proc)
+
+
+def test_embedded_default_report(embedded: Run) -> None:
+    rep = embedded.report
+    assert rep["schema_version"] == "1.0" and rep["partial"] is False
+    assert rep["config"]["precisions"] == ["bf16", "int8", "int4"] and rep["baseline"] == "bf16"
+    assert {(lv["precision"], lv["concurrency"]) for lv in rep["levels"]} == {
+        (p, c) for p in ("bf16", "int8", "int4") for c in (1, 4)
+    }
+    for lv in rep["levels"]:
+        assert lv["chains"] == 4 and lv["errors"] == 0
+        assert lv["energy_j"] > 0 and lv["j_per_token"] > 0
+        assert lv["j_per_correct"] is None or lv["j_per_correct"] > 0
+        assert lv["window_requests"] > 0 and lv["tokens_per_s"] > 0
+        lo, hi = lv["ci"]["j_per_token"]
+        assert lo <= lv["j_per_token"] <= hi
+        # the device counters over the window agree with the sum of the attributed records
+        assert lv["measured_j_per_token"] == pytest.approx(lv["j_per_token"], rel=0.35)
+        assert lv["ttft_s"]["p50"] > 0 and lv["e2e_s"]["p99"] >= lv["e2e_s"]["p50"]
+    assert {(c["precision"], c["metric"]) for c in rep["crossovers"]} == {
+        (p, m) for p in ("int8", "int4") for m in ("j_per_correct", "j_per_token")
+    }
+    for cx in rep["crossovers"]:
+        assert cx["baseline"] == "bf16" and len(cx["ratio"]) == 2 and cx["direction"]
+        assert (cx["b_star"] is None) == (not cx["all_crossings"])
+    assert {i["precision"] for i in rep["indices"]} == {"int8", "int4"}
+    for p, acc in rep["accuracy"].items():
+        assert acc["chains"] == 8, p
+        assert sum(h["chains"] for h in acc["by_hops"].values()) == 8
+    # the terminal summary
+    assert "B*" in embedded.proc.stdout and "int4 vs bf16" in embedded.proc.stdout
+
+
+def test_requests_csv_and_files(embedded: Run) -> None:
+    with (embedded.out / "requests.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    rep = embedded.report
+    assert len(rows) == sum(lv["requests"] for lv in rep["levels"])
+    assert all(r["status"] == "ok" and r["energy_final"] == "1" and float(r["energy_j"]) > 0 for r in rows)
+    # every hop of a chain went out with its chain id and hop number, in order
+    by_chain: dict[str, list[int]] = {}
+    for r in rows:
+        by_chain.setdefault(r["chain_id"], []).append(int(r["hop"]))
+    for hops in by_chain.values():
+        assert hops == list(range(1, len(hops) + 1))
+    window = [r for r in rows if r["in_window"] == "1" and r["warmup"] == "0"]
+    assert window
+    for png in ("energy.png", "accuracy_by_hops.png", "throughput_latency.png"):
+        assert (embedded.out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (embedded.out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "http://" not in html.replace("http://127.0.0.1", "")
+
+
+def test_compare(embedded: Run, tmp_path: Path) -> None:
+    proc = loadgen("compare", str(embedded.out), str(embedded.out / "report.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("int4") >= 2
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    proc = loadgen("compare", str(bad))
+    assert proc.returncode == 2 and "not a qtrap loadgen report" in proc.stderr
+
+
+def _requests_total(url: str) -> float:
+    text = requests.get(url + "/metrics", timeout=5).text
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("qtrap_requests_total{")
+    )
+
+
+def test_bad_input_fails_before_any_load(fleet: Fleet, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    before = _requests_total(fleet.proxy_url)
+    cases = [
+        (["--dataset", "squad"], "unknown dataset"),
+        (["--dataset", "gsm8k", "--data-file", str(tmp_path / "none.jsonl")], "cannot read data file"),
+        (["--dataset", "gsm8k", "--data-file", str(bad)], "not JSON lines"),
+        (["--proxy", f"http://127.0.0.1:{free_port()}"], "unreachable"),
+        (["--proxy", fleet.proxy_url, "--precisions", "bf16,fp4"], "does not serve qwen3-8b at fp4"),
+        (["--proxy", fleet.proxy_url, "--model", "llama"], "serves no model 'llama'"),
+        (["--concurrency", "0"], "concurrency levels must be integers >= 1"),
+    ]
+    for args, message in cases:
+        proc = loadgen(*args, "--out", str(tmp_path / "out"), "--quiet", timeout=60)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+        if "--concurrency" not in args:  # argparse prints its usage line too
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert _requests_total(fleet.proxy_url) == before
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_running_proxy_with_failing_backend_and_no_meter(fleet: Fleet, tmp_path: Path) -> None:
+    """Against a running proxy (null meter): energy is null with a reason, never 0; a dead backend's
+    errors are counted and reported and the run goes on."""
+    cfg = {
+        "backends": [
+            backend("ok-bf16", fleet.bf16_port, "bf16", model="qwen3-8b"),
+            backend("dead-int4", free_port(), "int4", model="qwen3-8b"),
+        ],
+        "pools": {"qwen3-8b": {"default_precision": "bf16"}},
+    }
+    with proxy(tmp_path, cfg):
+        url = f"http://127.0.0.1:{cfg['server']['port']}"  # type: ignore[index]
+        out = tmp_path / "out"
+        proc = loadgen(
+            "--proxy",
+            url,
+            "--concurrency",
+            "1,3",
+            "--num-chains",
+            "3",
+            "--out",
+            str(out),
+            "--bootstrap",
+            "50",
+        )
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["config"]["precisions"] == ["bf16", "int4"]
+    for lv in rep["levels"]:
+        assert lv["energy_j"] is None and lv["j_per_token"] is None
+        assert lv["energy_null_reason"]
+        if lv["precision"] == "int4":
+            assert lv["errors"] == lv["requests"] > 0 and lv["chains_scored"] == 0
+            assert sum(lv["error_kinds"].values()) == lv["errors"]
+        else:
+            assert lv["errors"] == 0 and lv["chains_scored"] == lv["chains"] > 0
+    assert all(cx["b_star"] is None for cx in rep["crossovers"])
+    assert "energy unknown for bf16" in proc.stdout
+
+
+def test_ctrl_c_writes_a_partial_report(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "loadgen",
+            "--concurrency",
+            "1,2",
+            "--num-chains",
+            "400",
+            "--out",
+            str(out),
+            "--bootstrap",
+            "50",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 120
+        while "bf16 c=1 ..." not in proc.stderr.readline():
+            assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "partial report" in stderr + stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["partial"] is True
+    [lv] = rep["levels"]
+    assert lv["precision"] == "bf16" and lv["concurrency"] == 1 and 0 < lv["chains"] < 400
+    assert (out / "report.html").exists() and (out / "requests.csv").exists()
+
+
+def test_html_report_renders_in_headless_chromium(embedded: Run) -> None:
+    """Offline (every network request goes to a dead proxy), the plots decode and show, nothing errs."""
+    from tests.browser import check_page, chromium
+
+    if chromium() is None:
+        pytest.skip("chromium is not installed (scripts/setup.sh --test installs it)")
+    page = check_page(embedded.out / "report.html")
+    assert page.title == "qtrap loadgen report"
+    assert page.console_errors == [] and page.exceptions == [] and page.failed_loads == []
+    assert len(page.images) == 3
+    for img in page.images:
+        assert img["complete"] and img["naturalWidth"] > 300 and img["naturalHeight"] > 200, img
+        assert img["visible"] and img["width"] > 300 and img["height"] > 100, img
