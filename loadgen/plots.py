@@ -56,6 +56,7 @@ def _metric_panel(ax: Axes, report: dict[str, Any], metric: str, label: str) -> 
                 color=_color(report, cx["precision"]),
             )
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("concurrency (chains in flight)")
     ax.set_ylabel(label)
     ax.grid(True, which="both", alpha=0.3)
