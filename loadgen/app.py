@@ -171,7 +171,7 @@ async def _sweep(
                         return runs, snapshots
                     warmup = c if args.warmup is None else max(0, args.warmup)
                     num = None if args.duration else (args.num_chains or max(16, c))
-                    plan = LevelPlan(p, c, repeat, warmup, num, args.duration, args.hops)
+                    plan = LevelPlan(p, c, repeat, warmup, num, args.duration, args.hops, report_scores=True)
                     client = ChatClient(
                         session,
                         url,

@@ -89,6 +89,21 @@ class ChatClient:
         self.temperature = temperature
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)
 
+    async def report_score(self, chain: str, correct: bool, hops: int) -> None:
+        """Tell the proxy whether a chain's final answer was right (``qtrap_chains_scored_total``), so its
+        dashboards can show energy per correct answer; best effort: other servers do not know the route."""
+        url = self.url.rsplit("/v1/", 1)[0] + f"/qtrap/v1/chains/{chain}/score"
+        try:
+            async with self.session.post(
+                url,
+                data=orjson.dumps({"correct": correct, "hops": hops}),
+                headers={"content-type": "application/json"},
+                timeout=self.timeout,
+            ) as r:
+                await r.read()
+        except (TimeoutError, aiohttp.ClientError):
+            pass
+
     async def chat(self, prompt: str, *, chain: str, hop: int, headers: dict[str, str]) -> Exchange:
         body: dict[str, Any] = {
             "model": self.model,

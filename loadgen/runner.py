@@ -98,6 +98,9 @@ class LevelPlan:
     num_chains: int | None  # measured chains, or
     duration_s: float | None  # seconds of steady state
     hops_mode: str = "requests"
+    report_scores: bool = (
+        False  # POST each chain's verdict to the proxy (it exports qtrap_chains_scored_total)
+    )
 
 
 async def run_level(
@@ -143,6 +146,8 @@ async def run_level(
             chain = Chain(f"{chain_prefix}-{i}", i, problem, warmup=i < plan.warmup, planned=planned)
             run.chains.append(chain)
             await run_chain(client, chain, plan.hops_mode)
+            if chain.score is not None and plan.report_scores:
+                await client.report_score(chain.id, chain.score.strict, chain.problem.hops)
             if on_chain is not None:
                 on_chain(chain)
         if window_close is None:

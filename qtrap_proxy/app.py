@@ -64,6 +64,24 @@ def create_app(proxy: Proxy) -> ASGIApp:
             return _error(404, f"no record of chain {cid!r}", "not_found_error")
         return JSONResponse(rec)
 
+    async def chain_score(request: Request) -> Response:
+        cid = request.path_params["chain_id"]
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(
+                400, 'the body must be JSON: {"correct": true|false, "hops": N}', "invalid_request_error"
+            )
+        if not isinstance(body, dict) or not isinstance(body.get("correct"), bool):
+            return _error(400, "'correct' must be true or false", "invalid_request_error")
+        hops = body.get("hops")
+        if hops is not None and (not isinstance(hops, int) or isinstance(hops, bool) or hops < 1):
+            return _error(400, "'hops' must be an integer >= 1", "invalid_request_error")
+        res = proxy.score_chain(cid, body["correct"], hops)
+        if res is None:
+            return _error(404, f"no record of chain {cid!r}", "not_found_error")
+        return JSONResponse(res)
+
     async def energy(_: Request) -> JSONResponse:
         return JSONResponse(proxy.energy.energy_report())
 
@@ -86,6 +104,7 @@ def create_app(proxy: Proxy) -> ASGIApp:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/qtrap/v1/requests/{request_id}", request_record, methods=["GET"]),
         Route("/qtrap/v1/chains/{chain_id}", chain_record, methods=["GET"]),
+        Route("/qtrap/v1/chains/{chain_id}/score", chain_score, methods=["POST"]),
         Route("/qtrap/v1/energy", energy, methods=["GET"]),
     ]
 

@@ -41,6 +41,11 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _UNROUTED = ""  # label value for requests rejected before a backend was chosen
 
 
+def hop_label(hop: int) -> str:
+    """Bounded label value for a hop index or a hop count."""
+    return str(hop) if hop <= _MAX_HOP_LABEL else f"{_MAX_HOP_LABEL + 1}+"
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -103,6 +108,13 @@ class Metrics:
             labels,
             registry=r,
         )
+        self.chains_scored = Counter(
+            "qtrap_chains_scored",
+            "Chains whose final answer a client scored (POST /qtrap/v1/chains/{id}/score), by result "
+            f"(correct|wrong) and hops (1..{_MAX_HOP_LABEL}, then {_MAX_HOP_LABEL + 1}+)",
+            ("pool", "precision", "hops", "result"),
+            registry=r,
+        )
         self._children: dict[tuple[str, str, str], BackendMetrics] = {}
 
     def register_energy(self, service: EnergyService) -> None:
@@ -123,7 +135,7 @@ class Metrics:
             for hop in rec.get("hops", ()):
                 if hop.get("energy_j") is not None and hop.get("index") is not None:
                     idx = int(hop["index"])
-                    label = str(idx) if idx <= _MAX_HOP_LABEL else f"{_MAX_HOP_LABEL + 1}+"
+                    label = hop_label(idx)
                     self.hop_energy.labels(tl.pool or "", tl.precision or "", label).observe(hop["energy_j"])
         # inter-token latency: every gap of short streams, an even sample of 32 gaps of long ones
         times = tl.chunk_t

@@ -22,7 +22,7 @@ from qtrap_proxy.config import ProxyConfig
 from qtrap_proxy.energy.attribution import Tracked
 from qtrap_proxy.energy.service import EnergyService
 from qtrap_proxy.ledger import Ledger
-from qtrap_proxy.metrics import Metrics
+from qtrap_proxy.metrics import Metrics, hop_label
 from qtrap_proxy.record import build_record, chain_summary
 from qtrap_proxy.routing import Router, RoutingPolicy
 from qtrap_proxy.timeline import Timeline
@@ -54,6 +54,7 @@ class Proxy:
         self._finals: OrderedDict[str, dict[str, Any]] = OrderedDict()  # recent durable finals
         self._committing: dict[str, dict[str, Any]] = {}  # final, queued for the ledger
         self._keep = keep_records
+        self._scored: OrderedDict[str, None] = OrderedDict()  # chains already scored
         self.ledger = Ledger(config.ledger.path, config.ledger.retention_days, config.ledger.batch_s)
         self.energy = EnergyService(config, self.backends, self._on_final)
         self.metrics.register_energy(self.energy)
@@ -149,6 +150,34 @@ class Proxy:
         return chain_summary(
             chain_id, sorted(recs.values(), key=lambda r: (r.get("hop") or 0, r["start_unix_s"]))
         )
+
+    def score_chain(self, chain_id: str, correct: bool, hops: int | None) -> dict[str, Any] | None:
+        """Count a client's verdict on a chain's final answer (once per chain); None if the chain is unknown."""
+        chain = self.chain(chain_id)
+        if chain is None:
+            return None
+        recs = chain["records"]
+        last = recs[-1]
+        n = hops if hops is not None else len(recs)
+        first = chain_id not in self._scored
+        if first:
+            self._scored[chain_id] = None
+            if len(self._scored) > 10 * self._keep:
+                self._scored.popitem(last=False)
+            self.metrics.chains_scored.labels(
+                last.get("pool") or "",
+                last.get("precision") or "",
+                hop_label(n),
+                "correct" if correct else "wrong",
+            ).inc()
+        return {
+            "chain_id": chain_id,
+            "counted": first,
+            "correct": correct,
+            "hops": n,
+            "pool": last.get("pool"),
+            "precision": last.get("precision"),
+        }
 
     def provisional_j(self, tl: Timeline) -> float | None:
         tr = self.energy.tracked.get(tl.request_id)

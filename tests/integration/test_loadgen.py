@@ -154,18 +154,25 @@ def test_running_proxy_with_failing_backend_and_no_meter(fleet: Fleet, tmp_path:
         url = f"http://127.0.0.1:{cfg['server']['port']}"  # type: ignore[index]
         out = tmp_path / "out"
         proc = loadgen(
-            "--proxy",
-            url,
-            "--concurrency",
-            "1,3",
-            "--num-chains",
-            "3",
-            "--out",
-            str(out),
-            "--bootstrap",
-            "50",
-        )
-    assert proc.returncode == 0, proc.stderr
+            "--proxy", url, "--concurrency", "1,3", "--num-chains", "3", "--out", str(out), "--bootstrap", "50"
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        # loadgen told the proxy each scored chain's verdict (warm-up chains included)
+        metrics = requests.get(url + "/metrics", timeout=5).text
+        scored = [line for line in metrics.splitlines() if line.startswith("qtrap_chains_scored_total{")]
+        assert scored and all('precision="bf16"' in line for line in scored)
+        assert sum(float(line.split()[-1]) for line in scored) == 1 + 3 + 3 + 3
+        with (out / "requests.csv").open() as f:
+            chain_id = next(r["chain_id"] for r in csv.DictReader(f) if r["precision"] == "bf16")
+        score = f"{url}/qtrap/v1/chains/{chain_id}/score"
+        again = requests.post(score, json={"correct": True, "hops": 2}, timeout=5)
+        assert again.status_code == 200 and again.json()["counted"] is False  # once per chain
+        assert requests.post(score, data=b"nope", timeout=5).status_code == 400
+        bad = requests.post(score, json={"correct": "yes"}, timeout=5)
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+        assert requests.post(score, json={"correct": True, "hops": 0}, timeout=5).status_code == 400
+        missing = requests.post(f"{url}/qtrap/v1/chains/nope/score", json={"correct": True}, timeout=5)
+        assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
     rep = json.loads((out / "report.json").read_text())
     assert rep["config"]["precisions"] == ["bf16", "int4"]
     for lv in rep["levels"]:
