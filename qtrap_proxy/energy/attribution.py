@@ -12,9 +12,11 @@ its prompt size known), or at the latest ``settle_s`` after it:
    rest, E_busy, to the requests in flight.
 2. E_busy is split by work done in the interval (the work model), counted in
    rows through the model's layers:
-   * decode tokens whose chunks arrived in (t0, t1], from the token timeline;
-   * prefill: ``prefill_weight`` (default 1: a prompt token passes the layers
-     once, as a decoded token does) x prompt tokens, spread evenly over the time
+   * decode tokens from the token timeline, each chunk's tokens spread over the
+     time since the request's previous chunk (when the engine produced them);
+   * prefill: ``prefill_weight`` (default 0.1: a prompt token passes the layers
+     once as a decoded token does, but in a batch, at a fraction of a decode
+     step's cost per token) x prompt tokens, spread evenly over the time
      from the request's start to its first chunk;
    * a non-streaming request's tokens, spread evenly over its duration once its
      usage is known;
@@ -90,7 +92,7 @@ class Tracked:
         first = times[0] if times else None
         w = 0.0
         if times:
-            w += float(sum(tl.chunk_tokens[bisect.bisect_right(times, t0) : bisect.bisect_right(times, t1)]))
+            w += _decode_work(times, tl.chunk_tokens, t0, t1)
         prefill_end = first if first is not None else (end if end is not None else t1)
         p_lo, p_hi = max(t0, start), min(t1, prefill_end)
         if p_hi > p_lo:
@@ -105,6 +107,31 @@ class Tracked:
         i = bisect.bisect_right(times, t0)
         j = bisect.bisect_right(times, t1)
         return [(k, self.tl.chunk_tokens[k]) for k in range(i, j)]
+
+
+def _decode_work(times: list[float], tokens: list[int], t0: float, t1: float) -> float:
+    """Decode tokens produced in (t0, t1]: chunk k's tokens spread evenly over (t[k-1], t[k]], the time the
+    engine spent producing them (the first chunk's at its arrival: it closes the prefill). Spreading keeps a
+    meter boundary that falls between two requests' chunks of one engine step from handing one of them the
+    whole step."""
+    n = len(times)
+    i = bisect.bisect_right(times, t0)  # first chunk after t0
+    if i >= n:
+        return 0.0
+    j = bisect.bisect_right(times, t1)  # chunks i..j-1 arrived in (t0, t1]
+    w = 0.0
+    for k in range(i, j):  # whole chunks, less the part of the first one before t0
+        if k == 0:
+            w += tokens[0]
+            continue
+        a, b = times[k - 1], times[k]
+        w += tokens[k] * ((b - max(a, t0)) / (b - a) if b > a else 1.0)
+    if j < n and j > 0:  # the chunk in progress at t1: its part after max(t0, previous chunk)
+        a, b = times[j - 1], times[j]
+        lo = max(a, t0)
+        if t1 > lo and b > a:
+            w += tokens[j] * (t1 - lo) / (b - a)
+    return w
 
 
 @dataclass(slots=True)

@@ -52,11 +52,33 @@ def test_split_by_decode_tokens_and_prefill_weight() -> None:
     for tr in (a, b):
         acc.track(tr)
     _feed(acc, [(1.0, 0.0), (2.0, 100.0)], now=10.0)
-    # interval (1, 2]: a has 3 decode tokens; b prefills 0.5 * 4 = 2 work units, and its first chunk at 2.0 is in too
-    wa, wb = 3.0, 2.0 + 1.0
+    # interval (1, 2]: a's chunks at 1.5 and 1.8 and the part of its chunk at 1.2 produced after 1.0 (spread over
+    # (0.5, 1.2]); b prefills 0.5 * 4 = 2 work units, and its first chunk at 2.0 is in too
+    wa, wb = 0.2 / 0.7 + 2.0, 2.0 + 1.0
     assert a.energy_j == pytest.approx(100.0 * wa / (wa + wb))
     assert b.energy_j == pytest.approx(100.0 * wb / (wa + wb))
     assert a.bound_j == pytest.approx(min(a.energy_j, b.energy_j))
+
+
+def test_a_meter_update_between_chunks_of_one_step_splits_it_evenly() -> None:
+    """Two requests decode in lockstep (steps of 30 ms); their chunks of a step reach the proxy 2 ms apart and
+    the counter moves in between. Each request's tokens belong to the step that made them, not to the instant
+    its chunk arrived, so both get (nearly) the same share."""
+    acc = DeviceAccount("h:0", settle_s=0.0, prefill_weight=0.0)
+    steps = [0.03 * k for k in range(1, 11)]
+    a = Tracked(_tl("a", 0.0, 0.31, [(t, 1) for t in steps]))
+    b = Tracked(_tl("b", 0.0, 0.31, [(t + 0.002, 1) for t in steps]))
+    for tr in (a, b):
+        acc.track(tr)
+    _feed(acc, [(0.0, 0.0), (0.151, 50.0), (0.4, 100.0)], now=10.0)  # 0.151: after a's 5th chunk, before b's
+    first_a = (
+        50.0
+        * (a.work(0.0, 0.151, 0.0) or 0.0)
+        / ((a.work(0.0, 0.151, 0.0) or 0.0) + (b.work(0.0, 0.151, 0.0) or 0.0))
+    )
+    assert first_a == pytest.approx(25.0, rel=0.08)  # counted at arrival it would be 5/(5+4) of 50 = 27.8
+    assert a.energy_j + b.energy_j + acc.idle_j == pytest.approx(100.0)
+    assert a.energy_j == pytest.approx(b.energy_j, rel=0.02)
 
 
 def test_unknown_work_counts_time_at_the_known_rate() -> None:
