@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import shlex
@@ -310,6 +311,15 @@ def test_dockerfile_declares_a_non_root_proxy_on_8080_with_a_healthcheck() -> No
     )
 
 
+def _setuptools_builds_wheels() -> bool:
+    """setuptools >= 70.1 (bdist_wheel built in) satisfies pyproject's setuptools>=69 without `wheel`."""
+    try:
+        version = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:2]) >= (70, 1)
+
+
 def test_docker_build_context_builds_the_package(tmp_path: Path) -> None:
     """The files the Dockerfile copies, as the context sends them, make an installable wheel."""
     rules = _dockerignore()
@@ -323,18 +333,9 @@ def test_docker_build_context_builds_the_package(tmp_path: Path) -> None:
                 (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, ctx / rel)
     out = tmp_path / "wheels"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "wheel",
-        "--no-deps",
-        "--no-build-isolation",
-        "-q",
-        "-w",
-        str(out),
-        str(ctx),
-    ]
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ctx)]
+    if _setuptools_builds_wheels():
+        cmd.insert(5, "--no-build-isolation")  # offline: the environment's setuptools builds it
     r = _run(cmd, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = out.glob("qtrap-*.whl")
@@ -626,8 +627,3 @@ def test_compose_and_k8s_scrape_jobs_share_names() -> None:
     k8s_cfg = yaml.safe_load(_k8s("ConfigMap", "prometheus-config")["data"]["prometheus.yml"])
     k8s_jobs = {j["job_name"] for j in k8s_cfg["scrape_configs"]}
     assert k8s_jobs == compose_jobs - {"tgi"}
-
-
-def test_deploy_yaml_files_parse() -> None:
-    for f in sorted(DEPLOY.rglob("*.y*ml")):
-        list(yaml.safe_load_all(f.read_text()))
