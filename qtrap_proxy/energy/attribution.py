@@ -232,7 +232,12 @@ class DeviceAccount:
         )
         # the idle part of the interval at idle power (when known), the rest is the requests'
         p_idle_known = self.idle_power_w if self.idle_power_w is not None else self._idle_est_w
-        e_idle = min(e, p_idle_known * (dt - busy_s)) if p_idle_known is not None else e * (dt - busy_s) / dt
+        # A busy GPU draws at least its idle power, so the idle part takes at most the interval's own average
+        # power: where the interval's measured length is short of the energy it holds (the counter's update
+        # instant is seen up to one sampling period late) an idle estimate above that average would leave
+        # nothing, and a request that ran would read 0 J.
+        p_idle_here = min(p_idle_known, e / dt) if p_idle_known is not None else e / dt
+        e_idle = p_idle_here * (dt - busy_s)
         e_busy = e - e_idle
         p = e / dt
         self.busy_power_w = p if self.busy_power_w is None else 0.7 * self.busy_power_w + 0.3 * p

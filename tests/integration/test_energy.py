@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ def test_conservation_under_concurrent_load(energy: EnergySetup, concurrency: in
         ids = list(pool.map(lambda j: _chat(energy.url, *j), jobs))
     recs = _wait_final(energy.url, ids)
     for r in recs:
-        assert r["energy_j"] is not None and r["energy_j"] > 0, r
+        assert r["energy_j"] is not None and r["energy_j"] > 0, json.dumps(r)
         assert r["meter"] == "dcgm" and r["error_bound_j"] is not None and r["j_per_token"] > 0
     report = requests.get(energy.url + "/qtrap/v1/energy", timeout=5).json()
     for d in report["devices"]:

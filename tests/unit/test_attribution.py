@@ -81,6 +81,18 @@ def test_a_meter_update_between_chunks_of_one_step_splits_it_evenly() -> None:
     assert a.energy_j == pytest.approx(b.energy_j, rel=0.02)
 
 
+def test_a_request_that_ran_never_reads_zero_when_idle_power_is_overestimated() -> None:
+    """The idle estimate (learned at 200 W from a quiet interval) exceeds the next interval's average power
+    (100 W, e.g. its length measured short): the request in flight still gets the busy part of the interval."""
+    acc = DeviceAccount("h:0", settle_s=0.0)
+    _feed(acc, [(0.0, 0.0), (0.1, 20.0)], now=10.0)  # nothing in flight: idle learned at 200 W
+    tr = Tracked(_tl("a", 0.16, 0.2, [(0.2, 8)], stream=False))
+    acc.track(tr)
+    _feed(acc, [(0.2, 30.0)], now=10.0)  # 10 J in 0.1 s: 100 W on average, below the idle estimate
+    assert tr.final and tr.energy_j == pytest.approx(10.0 * 0.04 / 0.1)
+    assert acc.conservation_error_ratio() < 1e-12
+
+
 def test_unknown_work_counts_time_at_the_known_rate() -> None:
     acc = DeviceAccount("h:0", settle_s=0.0)
     streamed = Tracked(_tl("s", 0.0, 2.0, [(0.1, 1), *[(1.0 + k / 10, 1) for k in range(1, 11)]]))
