@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from qtrap_proxy import __version__
 from qtrap_proxy.config import ProxyConfig, load_config
@@ -33,7 +35,49 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", "-c", required=True, metavar="FILE")
 
+    grafana = sub.add_parser("grafana", help="Grafana dashboards", description="qtrap's Grafana dashboards.")
+    gsub = grafana.add_subparsers(dest="grafana_command", required=True, metavar="ACTION")
+    push = gsub.add_parser(
+        "push",
+        help="upload the dashboards to a Grafana",
+        description="Upload qtrap's dashboards (Quantization trap, Requests and hops, Fleet) to a Grafana "
+        "through its HTTP API; pushing again updates them in place.",
+    )
+    push.add_argument("--url", required=True, help="Grafana's base URL, e.g. http://grafana:3000")
+    push.add_argument(
+        "--token",
+        default=os.environ.get("GRAFANA_TOKEN"),
+        help="service account token with the Editor role (default: $GRAFANA_TOKEN)",
+    )
+    push.add_argument(
+        "--folder", default="qtrap", help="folder to put them in, created if missing (default: qtrap)"
+    )
+    push.add_argument(
+        "--dir",
+        type=Path,
+        metavar="DIR",
+        help="push the *.json dashboards of DIR instead of the ones shipped with qtrap-proxy",
+    )
+    push.add_argument(
+        "--timeout", type=float, default=10.0, metavar="S", help="per-request timeout (default: 10)"
+    )
+
     return p
+
+
+def _grafana(args: argparse.Namespace) -> int:
+    from qtrap_proxy.grafana.push import PushError, push
+
+    if not args.token:
+        print("qtrap-proxy: grafana push needs --token (or GRAFANA_TOKEN)", file=sys.stderr)
+        return 2
+    try:
+        lines = push(args.url, args.token, folder=args.folder, directory=args.dir, timeout_s=args.timeout)
+    except PushError as e:
+        print(f"qtrap-proxy: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
 
 
 def _summary(cfg: ProxyConfig) -> str:
@@ -49,6 +93,8 @@ def _summary(cfg: ProxyConfig) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "grafana":
+        return _grafana(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
