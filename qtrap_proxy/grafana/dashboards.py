@@ -546,6 +546,7 @@ def trap_dashboard() -> Json:
             ],
             "none",
             min_=0,
+            w=24,
         ),
         row("Against load: where is B*? (last 30 minutes, by in-flight level)"),
     ]
@@ -638,6 +639,7 @@ def trap_dashboard() -> Json:
             ],
             "none",
             min_=0,
+            w=24,
         ),
     ]
     return _dashboard(
@@ -807,6 +809,7 @@ def requests_dashboard() -> Json:
             "Median attributed energy of a hop, by hop index, all selected pools and precisions.",
             _quantiles("qtrap_hop_energy_joules", (0.5,), by="hop", legend="hop {{hop}}"),
             "joule",
+            w=24,
         ),
     ]
     return _dashboard(

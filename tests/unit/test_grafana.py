@@ -191,6 +191,24 @@ def test_recording_rule_names_follow_the_convention() -> None:
             assert set(rule) == {"record", "expr"}
 
 
+def test_provisioning_files() -> None:
+    prov = ROOT / "grafana" / "provisioning"
+    ds = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())
+    assert ds["apiVersion"] == 1
+    [source] = ds["datasources"]
+    assert source["type"] == "prometheus" and source["isDefault"] and source["url"].startswith("http")
+    boards = yaml.safe_load((prov / "dashboards" / "qtrap.yml").read_text())
+    [provider] = boards["providers"]
+    assert provider["type"] == "file" and provider["folder"] == "qtrap"
+    path = provider["options"]["path"]
+    # the compose stack mounts the generated dashboards where the provider looks
+    compose = ROOT / "deploy" / "compose" / "docker-compose.yml"
+    if compose.exists():
+        volumes = yaml.safe_load(compose.read_text())["services"]["grafana"]["volumes"]
+        assert f"../../{DASHBOARDS_DIR}:{path}:ro" in volumes, volumes
+        assert "../../grafana/provisioning:/etc/grafana/provisioning:ro" in volumes, volumes
+
+
 @promtool
 def test_promtool_check_rules() -> None:
     files = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
