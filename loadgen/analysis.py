@@ -33,6 +33,7 @@ BITS = {
 }  # fmt: skip
 BASELINES = ("fp16", "bf16", "fp32")
 METRICS = ("j_per_correct", "j_per_token")
+MIN_MEASURED_WINDOW_S = 2.0  # shortest window (summed over repeats) for the measured J/token cross-check
 
 
 @dataclass(slots=True)
@@ -321,8 +322,9 @@ def analyse(
             "j_per_request": energy / o.window_requests if known else None,
             "j_per_chain": j_per_chain,
             "j_per_correct": (j_per_chain / acc_p) if j_per_chain is not None and acc_p else None,
+            # counters move about every 100 ms: over a window of a few periods the cross-check is noise
             "measured_j_per_token": _safe_div(o.measured_window_j, o.window_tokens_prorata)
-            if o.measured_window_j is not None
+            if o.measured_window_j is not None and o.window_s >= MIN_MEASURED_WINDOW_S
             else None,
             "accuracy": _safe_div(sum(c.correct for c in scored), len(scored)),
             "accuracy_flexible": _safe_div(sum(c.correct_flexible for c in scored), len(scored)),

@@ -64,7 +64,11 @@ def test_embedded_default_report(embedded: Run) -> None:
         lo, hi = lv["ci"]["j_per_token"]
         assert lo <= lv["j_per_token"] <= hi
         # the device counters over the window agree with the sum of the attributed records
-        assert lv["measured_j_per_token"] == pytest.approx(lv["j_per_token"], rel=0.35)
+        # (only over windows of 2 s or more: the counters move every ~100 ms)
+        if lv["window_s"] >= 2.0:
+            assert lv["measured_j_per_token"] == pytest.approx(lv["j_per_token"], rel=0.35)
+        else:
+            assert lv["measured_j_per_token"] is None
         assert lv["ttft_s"]["p50"] > 0 and lv["e2e_s"]["p99"] >= lv["e2e_s"]["p50"]
     assert {(c["precision"], c["metric"]) for c in rep["crossovers"]} == {
         (p, m) for p in ("int8", "int4") for m in ("j_per_correct", "j_per_token")
