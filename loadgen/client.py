@@ -143,33 +143,42 @@ class ChatClient:
     async def _consume(r: aiohttp.ClientResponse, ex: Exchange) -> None:
         parts: list[str] = []
         done = False
-        async for raw in r.content:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                done = True
-                break
-            try:
-                doc = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                ex.error = "malformed stream chunk"
-                return
-            if "error" in doc:
-                ex.error = f"stream error: {_error_message(data)}"
-                return
-            for choice in doc.get("choices") or ():
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    if ex.t_first is None:
-                        ex.t_first = time.monotonic()
-                    parts.append(content)
-                    ex.chunks += 1
-            usage = doc.get("usage")
-            if usage:
-                ex.prompt_tokens = usage.get("prompt_tokens")
-                ex.completion_tokens = usage.get("completion_tokens")
+        eof = False
+        pending = b""  # the start of a line whose end has not arrived yet
+        while not (done or eof):
+            got = await r.content.readany()  # one await per read from the socket, not one per line
+            if got:
+                lines = (pending + got).split(b"\n")
+                pending = lines.pop()
+            else:  # the end of the body: its last line may lack a newline
+                lines, eof = [pending], True
+            for raw in lines:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    break
+                try:
+                    doc = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    ex.error = "malformed stream chunk"
+                    return
+                if "error" in doc:
+                    ex.error = f"stream error: {_error_message(data)}"
+                    return
+                for choice in doc.get("choices") or ():
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        if ex.t_first is None:
+                            ex.t_first = time.monotonic()
+                        parts.append(content)
+                        ex.chunks += 1
+                usage = doc.get("usage")
+                if usage:
+                    ex.prompt_tokens = usage.get("prompt_tokens")
+                    ex.completion_tokens = usage.get("completion_tokens")
         ex.text = "".join(parts)
         if ex.completion_tokens is None:
             ex.completion_tokens = ex.chunks  # no usage from the server: one token per chunk, an estimate
