@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +216,16 @@ async def _sweep(
     return runs, snapshots
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (it comes with uvicorn[standard]): about a quarter less CPU per streamed chunk,
+    which keeps loadgen's scheduling delay in bounds at twice the chunk rate (docs/benchmarks.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def _on_sigint(stop: asyncio.Event, display: Display) -> None:
     if stop.is_set():
         raise KeyboardInterrupt
@@ -255,7 +265,8 @@ def run(args: argparse.Namespace) -> int:
                 f"concurrency {','.join(map(str, args.concurrency))}, hops as {args.hops}, proxy {url}"
             )
             stop = asyncio.Event()
-            runs, snapshots = asyncio.run(_sweep(args, url, precisions, problems, display, stop))
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                runs, snapshots = runner.run(_sweep(args, url, precisions, problems, display, stop))
             partial = stop.is_set()
     except Fail as e:
         print(f"error: {e}", file=sys.stderr)
