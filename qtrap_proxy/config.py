@@ -65,6 +65,12 @@ class BackendConfig(_Strict):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     health_path: str | None = None
     max_connections: int = Field(4096, gt=0)
+    token_counters: bool = Field(
+        False,
+        description="read the backend's own token counters (vllm or tgi /metrics) so that work other proxy "
+        "replicas or clients sent to it is not attributed to this proxy's requests",
+    )
+    metrics_path: str = Field("/metrics", description="token_counters: the backend's Prometheus page")
 
     @field_validator("url")
     @classmethod
@@ -80,6 +86,22 @@ class BackendConfig(_Strict):
             raise ValueError("must not contain '@' (clients use 'pool@precision' to pin a precision)")
         return v
 
+    @model_validator(mode="after")
+    def _counters(self) -> BackendConfig:
+        if self.token_counters and self.kind == "openai":
+            raise ValueError(
+                "token_counters: needs kind vllm or tgi (a generic OpenAI server exports no token counters)"
+            )
+        if self.token_counters and not self.devices:
+            raise ValueError("token_counters: the backend lists no devices to attribute on")
+        return self
+
+    @property
+    def metrics_url(self) -> str:
+        return self.url + (
+            self.metrics_path if self.metrics_path.startswith("/") else "/" + self.metrics_path
+        )
+
     @property
     def effective_health_path(self) -> str:
         return self.health_path or _DEFAULT_HEALTH_PATH[self.kind]
@@ -93,6 +115,9 @@ class MeterConfig(_Strict):
     kind: Literal["nvml", "dcgm", "null"] = "null"
     urls: list[str] = Field(default_factory=list, description="dcgm: exporter metrics URLs, one per node")
     interval_s: float = Field(0.02, gt=0, description="sampling cadence")
+    counters_interval_s: float = Field(
+        0.1, gt=0, description="polling cadence of the backends' token counters (backends[].token_counters)"
+    )
     settle_s: float = Field(
         10.0,
         ge=0,

@@ -208,7 +208,8 @@ class _DeviceCollector(Collector):
         self.service = service
 
     def collect(self) -> Iterable[Any]:
-        report = self.service.energy_report()["devices"]
+        full = self.service.energy_report()
+        report = full["devices"]
         measured = CounterMetricFamily(
             "qtrap_gpu_energy",
             "GPU energy measured by the meter (settled intervals)",
@@ -221,9 +222,16 @@ class _DeviceCollector(Collector):
             labels=["device"],
             unit="joules",
         )
+        foreign = CounterMetricFamily(
+            "qtrap_gpu_foreign_energy",
+            "GPU energy of work for requests this proxy did not serve (other replicas, direct clients), "
+            "from the backends' token counters",
+            labels=["device"],
+            unit="joules",
+        )
         conservation = GaugeMetricFamily(
             "qtrap_energy_conservation_error_ratio",
-            "|attributed + idle - measured| / measured",
+            "|attributed + idle + foreign - measured| / measured",
             labels=["device"],
         )
         up = GaugeMetricFamily(
@@ -234,12 +242,20 @@ class _DeviceCollector(Collector):
             "Time since the device's counter last moved",
             labels=["device"],
         )
+        counters_up = GaugeMetricFamily(
+            "qtrap_backend_token_counters_up",
+            "1 if the backend's token counters answered the last poll (backends with token_counters: true)",
+            labels=["backend"],
+        )
+        for c in full.get("token_counters", []):
+            counters_up.add_metric([c["backend"]], 1.0 if c["up"] else 0.0)
         for d in report:
             key = [d["device"]]
             measured.add_metric(key, d["measured_j"])
             idle.add_metric(key, d["idle_j"])
+            foreign.add_metric(key, d["foreign_j"])
             conservation.add_metric(key, d["conservation_error_ratio"])
             up.add_metric(key, 1.0 if d["meter_up"] else 0.0)
             if d["last_update_age_s"] is not None:
                 age.add_metric(key, d["last_update_age_s"])
-        yield from (measured, idle, conservation, up, age)
+        yield from (measured, idle, foreign, conservation, up, age, counters_up)

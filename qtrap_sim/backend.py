@@ -27,6 +27,7 @@ from qtrap_sim.textgen import ScriptedText, TextStream
 
 _KEEP_TRUTH = 100_000
 _LAT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKENS = (1, 8, 32, 128, 512, 2048, 8192, 32768)
 
 
 class SimBackendConfig(BaseModel):
@@ -141,11 +142,24 @@ class SimBackend:
             "vllm:request_queue_time_seconds", "Time spent waiting", labels, buckets=_LAT, registry=r
         ).labels(name, "0")
         r.register(_EngineGauges(self, "vllm"))
+        # as vLLM's iteration stats: prompt tokens when a prefill completes, generated tokens every step
+        self.engine.on_step = self._count_step
+
+    def _count_step(self, prefilled: int, generated: int) -> None:
+        if prefilled:
+            self.m_prompt.inc(prefilled)
+        if generated:
+            self.m_gen.inc(generated)
 
     def _tgi_metrics(self) -> None:
         r = self.registry
-        self.m_prompt = Counter("tgi_request_input_count", "Prompt tokens received", registry=r)
-        self.m_gen = Counter("tgi_request_generated_tokens_count", "Tokens generated", registry=r)
+        # as TGI: histograms of each request's input length (at arrival) and generated tokens (at its end)
+        self.m_input_len = Histogram(
+            "tgi_request_input_length", "Input tokens per request", buckets=_TOKENS, registry=r
+        )
+        self.m_gen_tokens = Histogram(
+            "tgi_request_generated_tokens", "Generated tokens per request", buckets=_TOKENS, registry=r
+        )
         self.m_success = Counter(
             "tgi_request_success", "Requests that finished", ("finished_reason",), registry=r
         )
@@ -280,7 +294,8 @@ class SimBackend:
         tail = ""
         sent = 0
         self.engine.submit(req)
-        self.m_prompt.inc(req.prompt_tokens)
+        if self.cfg.api == "tgi":
+            self.m_input_len.observe(req.prompt_tokens)
         try:
             while not req.done or sent < req.generated:
                 await req.wait_progress()
@@ -303,7 +318,8 @@ class SimBackend:
         finally:
             if not req.done:
                 self.engine.finish(req, "abort")
-            self.m_gen.inc(sent)
+            if self.cfg.api == "tgi":
+                self.m_gen_tokens.observe(req.generated)
             reason = req.finish_reason or "abort"
             self.m_success.labels(*self._success_labels(reason)).inc()
             end = req.finished_at or time.monotonic()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qtrap_proxy.background import Background
@@ -78,6 +79,9 @@ class Engine(Background):
         self.waiting: deque[SimRequest] = deque()
         self.stats = EngineStats()
         self._wake = asyncio.Event()
+        # called after each step with (prompt tokens whose prefill completed, tokens generated), as an
+        # engine's iteration stats are: the backend's token counters follow it
+        self.on_step: Callable[[int, int], None] | None = None
 
     def submit(self, req: SimRequest) -> None:
         self.waiting.append(req)
@@ -157,11 +161,14 @@ class Engine(Background):
                     r.true_energy_j += shared + (cost.row_j + cost.ctx_j) * r.prompt_tokens
                 r.steps += 1
             finished: list[SimRequest] = []
+            prefilled_tokens = generated_now = 0
             for r in self.running:
                 if not r.prefilled:
                     r.prefilled = True
                     r.first_token_at = end
+                    prefilled_tokens += r.prompt_tokens
                 r.generated += 1
+                generated_now += 1
                 st.tokens += 1
                 if r.generated >= r.max_tokens:
                     r.finish_reason = "stop" if r.stop_at_end else "length"
@@ -170,3 +177,5 @@ class Engine(Background):
                 r._event.set()
             for r in finished:
                 self.running.remove(r)
+            if self.on_step is not None:
+                self.on_step(prefilled_tokens, generated_now)

@@ -31,10 +31,16 @@ its prompt size known), or at the latest ``settle_s`` after it:
    time is taken out first and goes to the idle bucket (each request's part of it
    is reported as its ``idle_energy_j``).
 
+4. Backends with ``token_counters: true`` (several proxy replicas, or other clients, in front of
+   the same backend): the backend's own token counters give the work it did for everyone in the
+   interval; what exceeds this proxy's requests' work on it is foreign work (counters.py), which
+   takes its share of E_busy into the device's foreign bucket, and the interval counts as busy
+   throughout. An interval also waits for the counters to cover it.
+
 A request is final once the interval containing its end is settled. Its error
 bound is the energy another work model could move: in each interval it shared,
 min(its share, the others' share). Conservation holds by construction:
-attributed + idle = measured over settled intervals, up to float rounding.
+attributed + idle + foreign = measured over settled intervals, up to float rounding.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+from qtrap_proxy.energy.counters import ForeignLedger, TokenCounter
 from qtrap_proxy.timeline import Timeline
 
 Policy = Literal["full", "active"]
@@ -162,6 +169,11 @@ class DeviceAccount:
     tracked: list[Tracked] = field(default_factory=list)
     pending: deque[Interval] = field(default_factory=deque)
     busy_power_w: float | None = None  # recent power while requests were in flight (for provisional figures)
+    # backends on this device whose own token counters are read (token_counters: true), by backend name
+    counters: dict[str, TokenCounter] = field(default_factory=dict)
+    foreign_j: float = 0.0  # energy of work the backends did for requests this proxy did not serve
+    counter_gaps: int = 0  # intervals settled while a counted backend's counters did not cover them
+    _foreign: dict[str, ForeignLedger] = field(default_factory=dict)
     _idle_est_w: float | None = None
 
     # -- requests ------------------------------------------------------------
@@ -192,7 +204,10 @@ class DeviceAccount:
             overlapping = [
                 tr for tr in self.tracked if tr.tl.start < iv.t1 and (tr.tl.end is None or tr.tl.end > iv.t0)
             ]
-            ready = now >= iv.t1 + self.settle_s or all(tr.facts_in(iv.t1) for tr in overlapping)
+            ready = now >= iv.t1 + self.settle_s or (
+                all(tr.facts_in(iv.t1) for tr in overlapping)
+                and all(c.covers(iv.t1) for c in self.counters.values() if c.up)
+            )
             if not ready:
                 break
             self.pending.popleft()
@@ -218,17 +233,33 @@ class DeviceAccount:
         e = iv.energy_j
         self.measured_j += e
         dt = iv.t1 - iv.t0
-        if not overlapping or dt <= 0:
+        if dt <= 0:
             self.idle_j += e
-            if dt > 0 and e > 0:
+            return
+        # work per request; what the timeline cannot show counts time at the known requests' rate
+        overlaps = [
+            max(0.0, min(iv.t1, tr.tl.end if tr.tl.end is not None else iv.t1) - max(iv.t0, tr.tl.start))
+            for tr in overlapping
+        ]
+        weights = _fill_unknown([tr.work(iv.t0, iv.t1, self.prefill_weight) for tr in overlapping], overlaps)
+        foreign_w = self._foreign_work(iv, overlapping, weights) if self.counters else 0.0
+        if not overlapping and foreign_w <= 0:
+            self.idle_j += e
+            if e > 0:
                 p = e / dt
                 self._idle_est_w = p if self._idle_est_w is None else 0.9 * self._idle_est_w + 0.1 * p
             return
-        busy_s = _union_length(
-            [
-                (max(iv.t0, tr.tl.start), min(iv.t1, tr.tl.end if tr.tl.end is not None else iv.t1))
-                for tr in overlapping
-            ]
+        # busy: while any of this proxy's requests was in flight; the whole interval when the backend
+        # worked for others too (when, within the interval, their requests ran is not known)
+        busy_s = (
+            dt
+            if foreign_w > 0
+            else _union_length(
+                [
+                    (max(iv.t0, tr.tl.start), min(iv.t1, tr.tl.end if tr.tl.end is not None else iv.t1))
+                    for tr in overlapping
+                ]
+            )
         )
         # the idle part of the interval at idle power (when known), the rest is the requests'
         p_idle_known = self.idle_power_w if self.idle_power_w is not None else self._idle_est_w
@@ -248,17 +279,14 @@ class DeviceAccount:
                 idle_part = min(e_busy, p_idle * busy_s)
         self.idle_j += e_idle + idle_part
         to_split = e_busy - idle_part
-        # work per request; what the timeline cannot show counts time at the known requests' rate
-        overlaps = [
-            max(0.0, min(iv.t1, tr.tl.end if tr.tl.end is not None else iv.t1) - max(iv.t0, tr.tl.start))
-            for tr in overlapping
-        ]
-        weights = _fill_unknown([tr.work(iv.t0, iv.t1, self.prefill_weight) for tr in overlapping], overlaps)
         total_w = sum(weights)
-        if total_w <= 0:  # in flight but no work seen (queued, say): time share
+        if total_w <= 0 and foreign_w <= 0:  # in flight but no work seen (queued, say): time share
             weights, total_w = overlaps, sum(overlaps)
-        if total_w <= 0:
-            weights, total_w = [1.0] * len(overlapping), float(len(overlapping))
+            if total_w <= 0:
+                weights, total_w = [1.0] * len(overlapping), float(len(overlapping))
+        total_w += foreign_w
+        foreign_share = to_split * foreign_w / total_w
+        self.foreign_j += foreign_share
         for tr, w in zip(overlapping, weights, strict=True):
             share = to_split * w / total_w
             tr.energy_j += share
@@ -268,8 +296,20 @@ class DeviceAccount:
             if tr.hop_split:
                 _split_hops(tr, iv, share, w)
 
+    def _foreign_work(self, iv: Interval, overlapping: list[Tracked], weights: list[float]) -> float:
+        """Work the counted backends did in the interval beyond this proxy's requests on them."""
+        total = 0.0
+        for name, counter in self.counters.items():
+            backend_w = counter.work(iv.t0, iv.t1, self.prefill_weight)
+            if backend_w is None:
+                self.counter_gaps += 1
+                continue
+            own = sum(w for tr, w in zip(overlapping, weights, strict=True) if tr.tl.backend == name)
+            total += self._foreign.setdefault(name, ForeignLedger()).foreign(iv.t1, backend_w, own)
+        return total
+
     def conservation_error_j(self) -> float:
-        return self.attributed_j + self.idle_j - self.measured_j
+        return self.attributed_j + self.idle_j + self.foreign_j - self.measured_j
 
     def conservation_error_ratio(self) -> float:
         return abs(self.conservation_error_j()) / self.measured_j if self.measured_j > 0 else 0.0

@@ -5,7 +5,8 @@ counter only moves at its own update instants (about every 100 ms for an H100), 
 reading is only used when the value changed: those are the interval boundaries the
 attribution works on. A meter that fails marks its devices down (``qtrap_meter_up`` 0);
 requests that end while their device's meter is down are finalised with energy unknown
-and the reason; a meter that recovers resumes.
+and the reason; a meter that recovers resumes. Backends with ``token_counters: true`` have their
+own token counters polled every ``meter.counters_interval_s`` (counters.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from qtrap_proxy.background import Background
 from qtrap_proxy.config import ProxyConfig
 from qtrap_proxy.energy.attribution import DeviceAccount, Tracked
+from qtrap_proxy.energy.counters import CounterPoller, TokenCounter
 from qtrap_proxy.energy.meters import DcgmMeter, Meter, MeterError, NullMeter, NvmlMeter, device_key
 from qtrap_proxy.timeline import Timeline
 from qtrap_proxy.upstream import Backend
@@ -51,6 +53,15 @@ class EnergyService(Background):
             )
             for k in keys
         }
+        self.counters: list[TokenCounter] = []
+        for b in backends:
+            if not b.cfg.token_counters:
+                continue
+            counter = TokenCounter(b.name, b.cfg.kind, b.cfg.metrics_url)
+            self.counters.append(counter)
+            for key in self.backend_devices[b.name]:
+                self.accounts[key].counters[b.name] = counter
+        self._poller = CounterPoller(self.counters, mc.counters_interval_s) if self.counters else None
         self.meter_up: dict[str, bool] = dict.fromkeys(keys, False)
         self.meter_error: dict[str, str | None] = dict.fromkeys(keys, "no reading yet")
         self.last_change_t: dict[str, float] = {}
@@ -66,9 +77,13 @@ class EnergyService(Background):
     def start(self) -> None:
         if self.cfg.kind != "null" and self.accounts:
             super().start()
+            if self._poller is not None:
+                self._poller.start()
 
     async def stop(self) -> None:
         await super().stop()
+        if self._poller is not None:
+            await self._poller.stop()
         if self._meter is not None:
             await self._meter.close()
 
@@ -195,10 +210,31 @@ class EnergyService(Background):
                     "measured_j": acc.measured_j,
                     "attributed_j": acc.attributed_j,
                     "idle_j": acc.idle_j,
+                    "foreign_j": acc.foreign_j,
+                    "counted_backends": sorted(acc.counters),
+                    "counter_gaps": acc.counter_gaps,
                     "conservation_error_j": acc.conservation_error_j(),
                     "conservation_error_ratio": acc.conservation_error_ratio(),
                     "pending_intervals": len(acc.pending),
                     "requests_in_flight": sum(1 for t in acc.tracked if t.tl.end is None),
                 }
             )
-        return {"meter": self.cfg.kind, "policy": self.cfg.policy, "devices": devices}
+        counters = [
+            {
+                "backend": c.backend,
+                "url": c.url,
+                "up": c.up,
+                "error": c.error,
+                "polls": c.polls,
+                "resets": c.resets,
+                "prompt_tokens": c.samples[-1].prompt if c.samples else None,
+                "generated_tokens": c.samples[-1].generated if c.samples else None,
+            }
+            for c in self.counters
+        ]
+        return {
+            "meter": self.cfg.kind,
+            "policy": self.cfg.policy,
+            "devices": devices,
+            "token_counters": counters,
+        }

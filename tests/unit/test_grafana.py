@@ -50,8 +50,17 @@ def _exported_metric_names() -> set[str]:
 
     class Service:
         def energy_report(self) -> dict[str, Any]:
-            d = {"device": "h:0", "measured_j": 1.0, "idle_j": 0.5, "conservation_error_ratio": 0.0}
-            return {"devices": [{**d, "meter_up": True, "last_update_age_s": 0.1}]}
+            d = {
+                "device": "h:0",
+                "measured_j": 1.0,
+                "idle_j": 0.5,
+                "foreign_j": 0.2,
+                "conservation_error_ratio": 0.0,
+            }
+            return {
+                "devices": [{**d, "meter_up": True, "last_update_age_s": 0.1}],
+                "token_counters": [{"backend": "b", "up": True}],
+            }
 
     m = Metrics(CollectorRegistry())
     m.register_energy(Service())  # type: ignore[arg-type]

@@ -1,0 +1,211 @@
+"""A backend's own token counters: the work every client did on its GPUs, not only this proxy's.
+
+Several proxy replicas in front of the same backend each see only the requests that reach them,
+while each reads the same GPUs' energy. Without more facts each would hand a whole busy interval to
+its own requests, and the fleet would count every joule once per replica. The backend knows the
+total: vLLM counts ``vllm:prompt_tokens_total`` (when a request's prefill completes) and
+``vllm:generation_tokens_total`` (every engine step); TGI observes ``tgi_request_input_length`` (at
+arrival) and ``tgi_request_generated_tokens`` (when a request ends) as histograms, whose ``_sum``
+are cumulative tokens. With ``token_counters: true`` on a backend the proxy polls its ``/metrics``
+and, in each meter interval, the work the backend did beyond what this proxy's requests did is
+*foreign* work: its share of the energy goes to the device's foreign bucket, not to this proxy's
+requests. Summed over replicas, every joule is attributed once.
+
+A poll's sample is stamped at the midpoint of the request and its response; the counters between
+samples are interpolated linearly. The counters and the proxy's token timeline see the same tokens
+a few milliseconds apart and, for a prefill, at different moments (the proxy spreads it over the
+time to the first token, vLLM counts it when it completes), so in one interval the backend may
+show less than the proxy saw: the shortfall is carried forward as a debt that later foreign work
+pays off, so that over time foreign work is what the counters say it is. The debt fades with a
+half-life of ``DEBT_HALF_LIFE_S`` so that a lasting disagreement (a counter the proxy cannot see
+the same way) does not silence foreign work forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from qtrap_proxy.background import Background
+
+log = logging.getLogger("qtrap.energy")
+
+DEBT_HALF_LIFE_S = 5.0
+KEEP_S = 120.0  # samples older than this (behind the newest) are dropped
+
+# (prompt tokens, generated tokens) series per backend kind; a value is the sum over its label sets
+COUNTER_NAMES: dict[str, tuple[str, str]] = {
+    "vllm": ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"),
+    "tgi": ("tgi_request_input_length_sum", "tgi_request_generated_tokens_sum"),
+}
+
+
+@dataclass(slots=True)
+class Sample:
+    t: float
+    prompt: float
+    generated: float
+
+
+@dataclass(slots=True)
+class TokenCounter:
+    """One backend's cumulative token counters, as polled."""
+
+    backend: str
+    kind: str
+    url: str
+    samples: deque[Sample] = field(default_factory=deque)
+    up: bool = False
+    error: str | None = "no reading yet"
+    polls: int = 0
+    resets: int = 0
+    # offsets added after a counter reset (a backend restart), so that the series stays cumulative
+    _base_prompt: float = 0.0
+    _base_generated: float = 0.0
+    _raw_last: tuple[float, float] | None = None
+
+    def add(self, t: float, prompt: float, generated: float) -> None:
+        """A polled value of the backend's own counters at time ``t``."""
+        if self._raw_last is not None and (prompt < self._raw_last[0] or generated < self._raw_last[1]):
+            # the backend restarted: continue from where the series was (work in the gap is lost)
+            self.resets += 1
+            last = self.samples[-1]
+            self._base_prompt, self._base_generated = last.prompt, last.generated
+        self._raw_last = (prompt, generated)
+        if self.samples and t <= self.samples[-1].t:
+            return
+        self.samples.append(Sample(t, self._base_prompt + prompt, self._base_generated + generated))
+        while len(self.samples) > 2 and self.samples[1].t < t - KEEP_S:
+            self.samples.popleft()
+        self.polls += 1
+
+    def covers(self, t: float) -> bool:
+        """Whether a sample at or after ``t`` exists (the work up to ``t`` is known)."""
+        return bool(self.samples) and self.samples[-1].t >= t
+
+    def work(self, t0: float, t1: float, prefill_weight: float) -> float | None:
+        """Work units (generated + prefill_weight x prompt tokens) the backend did in (t0, t1], or None
+        where the samples do not cover the interval."""
+        if len(self.samples) < 2 or self.samples[0].t > t0 or self.samples[-1].t < t1:
+            return None
+        p0, g0 = self._at(t0)
+        p1, g1 = self._at(t1)
+        return max(0.0, (g1 - g0) + prefill_weight * (p1 - p0))
+
+    def _at(self, t: float) -> tuple[float, float]:
+        s = self.samples
+        lo, hi = 0, len(s) - 1
+        while hi - lo > 1:  # the last sample at or before t
+            mid = (lo + hi) // 2
+            if s[mid].t <= t:
+                lo = mid
+            else:
+                hi = mid
+        a, b = s[lo], s[hi]
+        if b.t <= a.t or t <= a.t:
+            return a.prompt, a.generated
+        if t >= b.t:
+            return b.prompt, b.generated
+        f = (t - a.t) / (b.t - a.t)
+        return a.prompt + f * (b.prompt - a.prompt), a.generated + f * (b.generated - a.generated)
+
+
+@dataclass(slots=True)
+class ForeignLedger:
+    """Per device and backend: foreign work in an interval, with the shortfall carried as a debt."""
+
+    debt: float = 0.0
+    debt_t: float | None = None
+
+    def foreign(self, t1: float, backend_work: float, own_work: float) -> float:
+        if self.debt_t is not None and self.debt < 0:
+            self.debt *= math.pow(0.5, max(0.0, t1 - self.debt_t) / DEBT_HALF_LIFE_S)
+        self.debt_t = t1
+        x = backend_work - own_work + self.debt
+        if x >= 0:
+            self.debt = 0.0
+            return x
+        self.debt = x
+        return 0.0
+
+
+def parse_counters(text: str, kind: str) -> tuple[float, float]:
+    """(prompt tokens, generated tokens) from a Prometheus text page: each the sum of its series.
+
+    Only the two series' lines are looked at (a vLLM page holds hundreds of histogram lines)."""
+    names = COUNTER_NAMES[kind]
+    totals = [0.0, 0.0]
+    seen = [False, False]
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        for i, name in enumerate(names):
+            if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+                try:
+                    value = float(line.rsplit("}", 1)[-1].split()[0])
+                except (ValueError, IndexError):
+                    raise ValueError(f"cannot read {name}: {line[:120]!r}") from None
+                totals[i] += value
+                seen[i] = True
+    missing = [n for n, s in zip(names, seen, strict=True) if not s]
+    if missing:
+        raise ValueError("no " + " or ".join(missing) + " on the page")
+    return totals[0], totals[1]
+
+
+class CounterPoller(Background):
+    """Polls each counted backend's ``/metrics`` every ``interval_s``."""
+
+    task_name = "qtrap-token-counters"
+
+    def __init__(self, counters: list[TokenCounter], interval_s: float, timeout_s: float = 2.0) -> None:
+        self.counters = counters
+        self.interval_s = interval_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _run(self) -> None:
+        while True:
+            t_next = time.monotonic() + self.interval_s
+            await self.poll_once()
+            await asyncio.sleep(max(0.0, t_next - time.monotonic()))
+
+    async def poll_once(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        await asyncio.gather(*(self._poll(c) for c in self.counters))
+
+    async def _poll(self, c: TokenCounter) -> None:
+        assert self._session is not None
+        t_send = time.monotonic()
+        try:
+            async with self._session.get(c.url) as resp:
+                if resp.status != 200:
+                    raise ValueError(f"HTTP {resp.status}")
+                text = await resp.text()
+            t_recv = time.monotonic()
+            prompt, generated = parse_counters(text, c.kind)
+        except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError) as e:
+            if c.up:
+                log.warning("token counters of %s unreadable: %s", c.backend, e)
+            c.up, c.error = (
+                False,
+                f"{c.url}: {type(e).__name__}: {e}" if str(e) else f"{c.url}: {type(e).__name__}",
+            )
+            return
+        if not c.up:
+            log.info("token counters of %s are up", c.backend)
+        c.up, c.error = True, None
+        c.add(t_send + (t_recv - t_send) / 2, prompt, generated)
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
