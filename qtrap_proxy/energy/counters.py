@@ -14,11 +14,12 @@ requests. Summed over replicas, every joule is attributed once.
 A poll's sample is stamped at the midpoint of the request and its response; the counters between
 samples are interpolated linearly. The counters and the proxy's token timeline see the same tokens
 a few milliseconds apart and, for a prefill, at different moments (the proxy spreads it over the
-time to the first token, vLLM counts it when it completes), so in one interval the backend may
-show less than the proxy saw: the shortfall is carried forward as a debt that later foreign work
-pays off, so that over time foreign work is what the counters say it is. The debt fades with a
-half-life of ``DEBT_HALF_LIFE_S`` so that a lasting disagreement (a counter the proxy cannot see
-the same way) does not silence foreign work forever.
+time to the first token, vLLM counts it when it completes), and interpolation between polls spreads
+tokens over the poll period: in one interval the backend may show less than the proxy saw, or a
+fraction of a token after the proxy's last request ended. ``ForeignLedger`` carries such
+differences forward, so that over time foreign work is what the counters say it is; they fade
+with a half-life of ``DEBT_HALF_LIFE_S`` so that a lasting disagreement does not silence (or
+invent) foreign work forever.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from qtrap_proxy.background import Background
 log = logging.getLogger("qtrap.energy")
 
 DEBT_HALF_LIFE_S = 5.0
+MIN_FOREIGN_WORK = 1.0  # work units (one decode token): less foreign work than this in an interval waits
 KEEP_S = 120.0  # samples older than this (behind the newest) are dropped
 
 # (prompt tokens, generated tokens) series per backend kind; a value is the sum over its label sets
@@ -118,20 +120,25 @@ class TokenCounter:
 
 @dataclass(slots=True)
 class ForeignLedger:
-    """Per device and backend: foreign work in an interval, with the shortfall carried as a debt."""
+    """Per device and backend: the backend's work beyond this proxy's, interval by interval.
 
-    debt: float = 0.0
-    debt_t: float | None = None
+    The balance carries what the two views have not yet agreed on: a shortfall (the proxy saw work the
+    counters show later) is paid off by later foreign work, and a residue below ``MIN_FOREIGN_WORK``
+    (interpolation spreading the last tokens of this proxy's own requests past their end) waits
+    rather than making a whole interval busy for a fraction of a token. The balance fades with a
+    half-life of ``DEBT_HALF_LIFE_S``."""
+
+    balance: float = 0.0
+    t: float | None = None
 
     def foreign(self, t1: float, backend_work: float, own_work: float) -> float:
-        if self.debt_t is not None and self.debt < 0:
-            self.debt *= math.pow(0.5, max(0.0, t1 - self.debt_t) / DEBT_HALF_LIFE_S)
-        self.debt_t = t1
-        x = backend_work - own_work + self.debt
-        if x >= 0:
-            self.debt = 0.0
-            return x
-        self.debt = x
+        if self.t is not None and self.balance != 0.0:
+            self.balance *= math.pow(0.5, max(0.0, t1 - self.t) / DEBT_HALF_LIFE_S)
+        self.t = t1
+        self.balance += backend_work - own_work
+        if self.balance >= MIN_FOREIGN_WORK:
+            out, self.balance = self.balance, 0.0
+            return out
         return 0.0
 
 
@@ -148,7 +155,8 @@ def parse_counters(text: str, kind: str) -> tuple[float, float]:
         for i, name in enumerate(names):
             if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
                 try:
-                    value = float(line.rsplit("}", 1)[-1].split()[0])
+                    rest = line.rsplit("}", 1)[1] if line[len(name)] == "{" else line[len(name) :]
+                    value = float(rest.split()[0])
                 except (ValueError, IndexError):
                     raise ValueError(f"cannot read {name}: {line[:120]!r}") from None
                 totals[i] += value

@@ -62,6 +62,14 @@ def test_pool_default_precision() -> None:
         (lambda c: c.update(backends=[]), "backends: List should have at least 1 item"),
         (lambda c: c.update(server={"port": "eighty"}), "server.port"),
         (lambda c: c.update(sever={"port": 1}), "sever: Extra inputs are not permitted"),
+        (
+            lambda c: c["backends"][0].update(kind="openai", token_counters=True, devices=[{}]),
+            "backends[0]: token_counters: needs kind vllm or tgi",
+        ),
+        (
+            lambda c: c["backends"][1].update(token_counters=True),
+            "backends[1]: token_counters: the backend lists no devices",
+        ),
     ],
 )
 def test_errors_name_the_key(mutate: object, needle: str) -> None:
@@ -70,6 +78,14 @@ def test_errors_name_the_key(mutate: object, needle: str) -> None:
     with pytest.raises(ConfigError) as ei:
         load_config(data=data)
     assert needle in str(ei.value)
+
+
+def test_token_counters_read_the_backends_metrics_page() -> None:
+    data = _cfg()
+    data["backends"][1].update(token_counters=True, devices=[{"host": "n1", "index": 2}])  # type: ignore[index]
+    cfg = load_config(data=data)
+    assert cfg.backends[1].metrics_url == "http://h:2/metrics"
+    assert not cfg.backends[0].token_counters and cfg.meter.counters_interval_s == 0.1
 
 
 def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -118,3 +118,35 @@ def test_unknown_energy_stays_null() -> None:
     assert a.levels[0]["energy_null_reason"] == "meter: null (energy unknown)"
     assert a.levels[1]["energy_null_reason"]
     assert all(x["b_star"] is None for x in a.crossovers)
+
+
+def test_no_score_leaves_accuracy_null_and_b_star_on_j_per_token() -> None:
+    """--no-score (random weights): accuracy and J per correct answer are null with the reason, never 0;
+    B* is located on J/token alone; casting overhead and economy, which need no accuracy, are kept."""
+    reason = "random weights: answers mean nothing"
+    a = analyse(_fleet(2), bootstrap=200, seed=1, accuracy_null_reason=reason)
+    assert a.accuracy_null_reason == reason
+    for p in ("bf16", "int4"):
+        acc = a.accuracy[p]
+        assert acc["chains"] == 7 * 60
+        assert acc["accuracy"] is None and acc["correct"] is None and acc["ci"] is None
+        assert acc["by_hops"] == {} and acc["null_reason"] == reason
+    for lv in a.levels:
+        assert lv["accuracy"] is None and lv["accuracy_flexible"] is None and lv["accuracy_by_hops"] == {}
+        assert lv["j_per_correct"] is None and lv["ci"]["j_per_correct"] is None
+        assert lv["accuracy_null_reason"] == reason
+        assert lv["chains_scored"] == 0 and lv["chains_ok"] == 60
+        assert lv["j_per_token"] > 0 and lv["j_per_chain"] > 0 and lv["ci"]["j_per_token"]
+    [cx] = a.crossovers
+    assert cx["metric"] == "j_per_token" and cx["b_star"] == pytest.approx(6.0, rel=0.25) and cx["ci"]
+    for idx in a.indices:
+        assert idx["trust_index"] is None and idx["sustainability_index"] is None
+        assert idx["composite_index"] is None
+        assert idx["casting_overhead_ratio"] > 0 and idx["economy_index"] is not None
+    # scored, the same data give both metrics and every index
+    b = analyse(_fleet(2), bootstrap=50, seed=1)
+    assert b.accuracy_null_reason is None and {x["metric"] for x in b.crossovers} == {
+        "j_per_correct",
+        "j_per_token",
+    }
+    assert all(lv["accuracy_null_reason"] is None and lv["accuracy"] is not None for lv in b.levels)
