@@ -72,6 +72,7 @@ class LevelObs:
     e2e: list[float] = field(default_factory=list)
     interrupted: bool = False
     repeats: int = 0
+    by_hop: dict[int, list[float]] = field(default_factory=dict)  # hop -> [window requests, energy, tokens]
 
 
 def observe(runs: Sequence[LevelRun], snapshots: dict[int, tuple[Any, Any]] | None = None) -> LevelObs:
@@ -127,8 +128,13 @@ def observe(runs: Sequence[LevelRun], snapshots: dict[int, tuple[Any, Any]] | No
                     continue
                 in_window = True
                 obs.window_requests += 1
+                got = int(rec.get("completion_tokens") or tokens)
                 per_chain.energy_j += float(energy)
-                per_chain.tokens += int(rec.get("completion_tokens") or tokens)
+                per_chain.tokens += got
+                hop = obs.by_hop.setdefault(ex.hop, [0, 0.0, 0])
+                hop[0] += 1
+                hop[1] += float(energy)
+                hop[2] += got
                 per_chain.chain_frac += 1.0 / max(1, chain.planned)
             if not chain.warmup and (chain.ok or chain.exchanges) and not (run.interrupted and not chain.ok):
                 obs.chains.append(per_chain)
@@ -219,6 +225,7 @@ class Analysis:
     baseline: str | None
     accuracy: dict[str, dict[str, Any]]
     replicates: dict[tuple[str, int, str], np.ndarray]
+    accuracy_null_reason: str | None = None  # set when answers were not scored (--no-score)
 
 
 def analyse(
@@ -228,8 +235,13 @@ def analyse(
     bootstrap: int = 1000,
     seed: int = 0,
     index_weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
+    accuracy_null_reason: str | None = None,
 ) -> Analysis:
+    """The report's figures. ``accuracy_null_reason`` (``--no-score``): answers were not scored, so every
+    accuracy, J per correct answer, the indices built on them and B* on J per correct answer are null
+    (or left out) with that reason; J/token, B* on it and the casting overhead are unaffected."""
     boot = Bootstrap(bootstrap, seed)
+    scored_run = accuracy_null_reason is None
     precisions = list(dict.fromkeys(o.precision for o in observations))
     if baseline is None:
         baseline = next((b for b in BASELINES if b in precisions), None)
@@ -248,6 +260,18 @@ def analyse(
     for p in precisions:
         chains = [c for o in observations if o.precision == p for c in o.chains if c.scored]
         n = len(chains)
+        if not scored_run:
+            acc_reps[p] = np.full(boot.n, np.nan)
+            accuracy[p] = {
+                "chains": n,
+                "correct": None,
+                "accuracy": None,
+                "accuracy_flexible": None,
+                "ci": None,
+                "by_hops": {},
+                "null_reason": accuracy_null_reason,
+            }
+            continue
         correct = sum(c.correct for c in chains)
         # paired: every precision replays the same problems in the same order, so when the scored chains
         # match, replicate b resamples the same problems for each precision (the accuracy ratio's
@@ -272,6 +296,7 @@ def analyse(
                 str(h): {"chains": v[0], "correct": v[1], "accuracy": v[1] / v[0]}
                 for h, v in sorted(by_hops.items())
             },
+            "null_reason": None,
         }
     levels: list[dict[str, Any]] = []
     replicates: dict[tuple[str, int, str], np.ndarray] = {}
@@ -306,7 +331,8 @@ def analyse(
             "concurrency": o.concurrency,
             "repeats": o.repeats,
             "chains": len(o.chains),
-            "chains_scored": len(scored),
+            "chains_ok": len(scored),
+            "chains_scored": len(scored) if scored_run else 0,
             "requests": o.requests,
             "errors": o.errors,
             "error_kinds": o.error_kinds,
@@ -326,9 +352,24 @@ def analyse(
             "measured_j_per_token": _safe_div(o.measured_window_j, o.window_tokens_prorata)
             if o.measured_window_j is not None and o.window_s >= MIN_MEASURED_WINDOW_S
             else None,
-            "accuracy": _safe_div(sum(c.correct for c in scored), len(scored)),
-            "accuracy_flexible": _safe_div(sum(c.correct_flexible for c in scored), len(scored)),
-            "accuracy_by_hops": {str(h): v[1] / v[0] for h, v in sorted(level_hops.items())},
+            "energy_by_hop": {
+                str(h): {
+                    "requests": int(v[0]),
+                    "energy_j": v[1],
+                    "tokens": int(v[2]),
+                    "j_per_request": v[1] / v[0],
+                    "j_per_token": _safe_div(v[1], v[2]),
+                }
+                for h, v in sorted(o.by_hop.items())
+            },
+            "accuracy": _safe_div(sum(c.correct for c in scored), len(scored)) if scored_run else None,
+            "accuracy_flexible": _safe_div(sum(c.correct_flexible for c in scored), len(scored))
+            if scored_run
+            else None,
+            "accuracy_by_hops": {str(h): v[1] / v[0] for h, v in sorted(level_hops.items())}
+            if scored_run
+            else {},
+            "accuracy_null_reason": accuracy_null_reason,
             "tokens_per_s": o.window_tokens_prorata / o.window_s if o.window_s > 0 else None,
             "ttft_s": _pct(o.ttft, (50, 90, 99)),
             "itl_s": _pct(o.itl, (50, 90, 99)),
@@ -342,9 +383,10 @@ def analyse(
             "interrupted": o.interrupted,
         }
         levels.append(level)
-    crossovers = [] if baseline is None else _crossovers(levels, replicates, baseline)
+    metrics = METRICS if scored_run else ("j_per_token",)
+    crossovers = [] if baseline is None else _crossovers(levels, replicates, baseline, metrics)
     indices = [] if baseline is None else _indices(levels, accuracy, baseline, index_weights)
-    return Analysis(levels, crossovers, indices, baseline, accuracy, replicates)
+    return Analysis(levels, crossovers, indices, baseline, accuracy, replicates, accuracy_null_reason)
 
 
 # -- B* --------------------------------------------------------------------------------------------------
@@ -375,7 +417,10 @@ def crossings(conc: Sequence[float], ratio: Sequence[float]) -> list[tuple[float
 
 
 def _crossovers(
-    levels: list[dict[str, Any]], replicates: dict[tuple[str, int, str], np.ndarray], baseline: str
+    levels: list[dict[str, Any]],
+    replicates: dict[tuple[str, int, str], np.ndarray],
+    baseline: str,
+    metrics: Sequence[str] = METRICS,
 ) -> list[dict[str, Any]]:
     base = {lv["concurrency"]: lv for lv in levels if lv["precision"] == baseline}
     out = []
@@ -384,7 +429,7 @@ def _crossovers(
             continue
         mine = {lv["concurrency"]: lv for lv in levels if lv["precision"] == p}
         conc = sorted(set(mine) & set(base))
-        for metric in METRICS:
+        for metric in metrics:
             ratio = [_ratio(mine[c][metric], base[c][metric]) for c in conc]
             found = crossings(conc, [r if r is not None else math.nan for r in ratio])
             entry: dict[str, Any] = {

@@ -23,7 +23,7 @@ from loadgen.analysis import BASELINES, analyse, observe
 from loadgen.client import ChatClient
 from loadgen.embedded import PRECISIONS, embedded_stack
 from loadgen.proxyapi import ProxyError, energy_snapshot, fetch_records, pool_precisions
-from loadgen.report import build, print_summary, write_csv, write_html, write_json
+from loadgen.report import build, energy_summary, print_summary, write_csv, write_html, write_json
 from loadgen.runner import Chain, LevelPlan, LevelRun, run_level
 
 
@@ -72,9 +72,10 @@ class Display:
         else:
             self.say(f"{desc} ...")
 
-    def chain_done(self, chain: Chain, correct: int, done: int) -> None:
+    def chain_done(self, chain: Chain, correct: int | None, done: int) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, advance=1, extra=f"correct {correct}/{done}")
+            extra = f"correct {correct}/{done}" if correct is not None else f"{done} chains (not scored)"
+            self.progress.update(self.task, advance=1, extra=extra)
 
     def level_end(self, desc: str, run: LevelRun, missing: int) -> None:
         n = sum(1 for c in run.chains if not c.warmup)
@@ -153,7 +154,9 @@ async def _sweep(
     problems: list[datasets.Problem],
     display: Display,
     stop: asyncio.Event,
-) -> tuple[list[LevelRun], dict[int, tuple[Any, Any]]]:
+) -> tuple[list[LevelRun], dict[int, tuple[Any, Any]], dict[str, Any]]:
+    """Every level; the runs, each run's energy snapshots at its window's ends, and the proxy's energy
+    accounts when the sweep started and ended (``energy_summary``)."""
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGINT, _on_sigint, stop, display)
@@ -162,16 +165,24 @@ async def _sweep(
     run_id = uuid.uuid4().hex[:8]
     max_tokens = args.max_tokens or (1024 if args.hops == "stream" else 256)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    scored = not args.no_score
     async with aiohttp.ClientSession(connector=connector) as session:
         model = args.model or "qwen3-8b"
+        first = await energy_snapshot(session, url)
+
+        async def accounts() -> dict[str, Any]:
+            return energy_summary(first, await energy_snapshot(session, url))
+
         for repeat in range(args.repeats):
             for c in args.concurrency:
                 for p in precisions:
                     if stop.is_set():
-                        return runs, snapshots
+                        return runs, snapshots, await accounts()
                     warmup = c if args.warmup is None else max(0, args.warmup)
                     num = None if args.duration else (args.num_chains or max(16, c))
-                    plan = LevelPlan(p, c, repeat, warmup, num, args.duration, args.hops, report_scores=True)
+                    plan = LevelPlan(
+                        p, c, repeat, warmup, num, args.duration, args.hops, report_scores=scored
+                    )
                     client = ChatClient(
                         session,
                         url,
@@ -199,7 +210,7 @@ async def _sweep(
                     def on_chain(chain: Chain, counts: list[int] = counts) -> None:
                         counts[1] += 1
                         counts[0] += bool(chain.score and chain.score.strict)
-                        display.chain_done(chain, counts[0], counts[1])
+                        display.chain_done(chain, counts[0] if scored else None, counts[1])
 
                     prefix = f"lg-{run_id}-{p}-c{c}-r{repeat}"
                     run = await run_level(
@@ -213,7 +224,7 @@ async def _sweep(
                     runs.append(run)
                     snapshots[id(run)] = (snap[0], snap[1])
                     display.level_end(desc, run, missing)
-    return runs, snapshots
+        return runs, snapshots, await accounts()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -231,6 +242,51 @@ def _on_sigint(stop: asyncio.Event, display: Display) -> None:
         raise KeyboardInterrupt
     display.say("interrupted: stopping the run and writing a partial report (Ctrl-C again to quit at once)")
     stop.set()
+
+
+def plots_or_none(report: dict[str, Any], out: Path) -> list[Path]:
+    """The PNG plots, or none (with a note on stderr) where matplotlib is not installed: a GPU machine
+    often lacks it. ``python -m loadgen render`` draws them later from report.json."""
+    try:
+        from loadgen.plots import all_plots
+    except ImportError as e:
+        print(
+            f"plots skipped: {e}; draw them with `python -m loadgen render {out / 'report.json'}`",
+            file=sys.stderr,
+        )
+        return []
+    return all_plots(report, out)
+
+
+def render_outputs(report: dict[str, Any], out: Path) -> list[Path]:
+    """Plots, report.html and the terminal summary of a report (also ``python -m loadgen render``)."""
+    plots = plots_or_none(report, out)
+    write_html(report, plots, out / "report.html")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))  # a log or a pipe: do not squeeze the tables
+    print_summary(report, console)
+    return plots
+
+
+def render(report_path: Path, out: Path | None) -> int:
+    """``python -m loadgen render REPORT [--out DIR]``: plots, report.html and the summary, again."""
+    from loadgen.report import ReportError, load
+
+    try:
+        report = load(report_path / "report.json" if report_path.is_dir() else report_path)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    target = out or (report_path if report_path.is_dir() else report_path.parent)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot create --out {target}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    render_outputs(report, target)
+    print(f"rendered: {target / 'report.html'}", flush=True)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -266,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
             )
             stop = asyncio.Event()
             with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-                runs, snapshots = runner.run(_sweep(args, url, precisions, problems, display, stop))
+                runs, snapshots, energy = runner.run(_sweep(args, url, precisions, problems, display, stop))
             partial = stop.is_set()
     except Fail as e:
         print(f"error: {e}", file=sys.stderr)
@@ -282,7 +338,12 @@ def run(args: argparse.Namespace) -> int:
         groups.setdefault((r.precision, r.concurrency), []).append(r)
     obs = [observe(g, snapshots) for g in groups.values()]
     analysis = analyse(
-        obs, baseline=baseline, bootstrap=args.bootstrap, seed=args.seed, index_weights=args.index_weights
+        obs,
+        baseline=baseline,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        index_weights=args.index_weights,
+        accuracy_null_reason=args.no_score,
     )
     config = {
         "proxy": args.proxy or "embedded default (qtrap_sim, simulated H100)",
@@ -301,25 +362,24 @@ def run(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens or (1024 if args.hops == "stream" else 256),
         "bootstrap": args.bootstrap,
         "index_weights": list(args.index_weights),
-        "scoring": "strict (#### N / Answer: letter); flexible reported alongside",
+        "scoring": "strict (#### N / Answer: letter); flexible reported alongside"
+        if not args.no_score
+        else f"not scored: {args.no_score}",
+        "no_score": args.no_score,
         "argv": sys.argv[1:],
     }
     report = build(
-        config, analysis, partial=partial, started_unix_s=started, duration_s=time.monotonic() - t0
+        config,
+        analysis,
+        partial=partial,
+        started_unix_s=started,
+        duration_s=time.monotonic() - t0,
+        energy=energy,
     )
     write_json(report, out / "report.json")
-    write_csv(runs, out / "requests.csv")
-    from loadgen.plots import all_plots
-
-    plots = all_plots(report, out)
-    write_html(report, plots, out / "report.html")
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 160))  # a log or a pipe: do not squeeze the tables
-    print_summary(report, console)
-    console.print(
-        f"report: {out / 'report.json'}, {out / 'report.html'}, {out / 'requests.csv'}", highlight=False
-    )
+    write_csv(runs, out / "requests.csv", scored=not args.no_score)
+    render_outputs(report, out)
+    print(f"report: {out / 'report.json'}, {out / 'report.html'}, {out / 'requests.csv'}", flush=True)
     if partial:
         return 130
     ok = sum(1 for r in runs for e in r.exchanges if e.status == "ok")

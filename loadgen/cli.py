@@ -3,7 +3,9 @@
 ``python -m loadgen --concurrency 1,8,64`` runs the embedded default (simulated
 backends of one calibrated model at BF16, INT8 and INT4 behind a qtrap proxy);
 ``--proxy URL`` drives a running proxy instead. ``python -m loadgen compare
-A/report.json B/report.json`` compares finished runs.
+A/report.json B/report.json`` compares finished runs; ``python -m loadgen render
+A/report.json`` draws a report's plots and report.html again (e.g. where the run's
+machine had no matplotlib).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ EPILOG = """examples:
   python -m loadgen --proxy http://127.0.0.1:8080 --model qwen3-8b --dataset gsm8k \\
       --data-file gsm8k/test.jsonl --concurrency 1,4,16,64 --num-chains 200 --repeats 3
   python -m loadgen compare small/report.json large/report.json
+  python -m loadgen render run/report.json --out run-html        # plots and report.html again
 
 outputs in --out: report.json (docs/report-schema.md), requests.csv, *.png, report.html.
 exit status: 0 done, 1 the run finished with failed requests only, 2 bad input or unreachable proxy,
@@ -76,7 +79,7 @@ def run_parser() -> argparse.ArgumentParser:
         prog="python -m loadgen",
         description="Replay GSM8K/MathQA reasoning chains through a qtrap proxy at controlled concurrency, "
         "score the answers, and locate B*: the concurrency where a quantized precision's energy per correct "
-        "answer crosses FP16/BF16's. Subcommand: `compare REPORT...`.",
+        "answer crosses FP16/BF16's. Subcommands: `compare REPORT...`, `render REPORT`.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -179,6 +182,13 @@ def run_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="per-request timeout in seconds (default: 600)",
     )
+    w.add_argument(
+        "--no-score",
+        metavar="REASON",
+        help="do not score the answers, e.g. for models with random weights, whose answers mean nothing: "
+        "accuracy, J per correct answer and the trust, sustainability and composite indices are null with "
+        "REASON, B* is located on J/token only, and no verdict is sent to the proxy",
+    )
     a = p.add_argument_group("analysis and output")
     a.add_argument(
         "--out",
@@ -224,6 +234,17 @@ def compare_parser() -> argparse.ArgumentParser:
     return p
 
 
+def render_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m loadgen render",
+        description="Draw a finished run's plots and report.html again from its report.json and print its "
+        "summary (for a report written where matplotlib was not installed).",
+    )
+    p.add_argument("report", metavar="REPORT", help="report.json (or a directory holding one)")
+    p.add_argument("--out", metavar="DIR", help="where to write (default: the report's directory)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
@@ -231,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
 
         cargs = compare_parser().parse_args(argv[1:])
         return compare([Path(r) for r in cargs.reports], cargs.metric)
+    if argv and argv[0] == "render":
+        from loadgen.app import render
+
+        rargs = render_parser().parse_args(argv[1:])
+        return render(Path(rargs.report), Path(rargs.out) if rargs.out else None)
     if argv and argv[0] == "run":
         argv = argv[1:]
     args = run_parser().parse_args(argv)

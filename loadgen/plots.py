@@ -71,15 +71,38 @@ def _metric_panel(ax: Axes, report: dict[str, Any], metric: str, label: str) -> 
     ax.legend(fontsize=8)
 
 
+def _not_measured(ax: Axes, report: dict[str, Any], title: str) -> None:
+    ax.set_title(title)
+    ax.text(
+        0.5,
+        0.5,
+        "accuracy not measured\n" + str(report.get("accuracy_null_reason") or ""),
+        ha="center",
+        va="center",
+        wrap=True,
+        transform=ax.transAxes,
+        fontsize=10,
+        color="#555",
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def energy_plot(report: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     _metric_panel(axes[0], report, "j_per_token", "J per output token")
     axes[0].set_title("Energy per token")
-    _metric_panel(axes[1], report, "j_per_correct", "J per correct answer")
-    axes[1].set_title("Energy per correct answer")
+    scored = report.get("accuracy_measured", True)
+    if scored:
+        _metric_panel(axes[1], report, "j_per_correct", "J per correct answer")
+        axes[1].set_title("Energy per correct answer")
+    else:
+        _not_measured(axes[1], report, "Energy per correct answer")
+    # the ratio of J per correct answer; of J/token when answers were not scored
+    metric = "j_per_correct" if scored else "j_per_token"
     ax = axes[2]
     for cx in report.get("crossovers", []):
-        if cx["metric"] != "j_per_correct":
+        if cx["metric"] != metric:
             continue
         pts = [(c, r) for c, r in zip(cx["concurrency"], cx["ratio"], strict=True) if r is not None]
         if pts:
@@ -95,7 +118,7 @@ def energy_plot(report: dict[str, Any], path: Path) -> Path:
     ax.axhline(1.0, color="black", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrency (chains in flight)")
-    ax.set_ylabel("ratio of J per correct answer")
+    ax.set_ylabel("ratio of J per correct answer" if scored else "ratio of J per token")
     ax.set_title("Quantized vs baseline (>1: the trap)")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -105,6 +128,9 @@ def energy_plot(report: dict[str, Any], path: Path) -> Path:
 
 def accuracy_plot(report: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
+    if not report.get("accuracy_measured", True):
+        _not_measured(ax, report, "Accuracy by hop depth")
+        return _save(fig, path)
     for p, acc in report.get("accuracy", {}).items():
         hops = sorted(acc["by_hops"], key=int)
         if hops:
@@ -127,29 +153,25 @@ def accuracy_plot(report: dict[str, Any], path: Path) -> Path:
 
 def throughput_plot(report: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    positive = False
     for p, levels in _by_precision(report).items():
-        xs = [lv["concurrency"] for lv in levels]
         color = _color(report, p)
-        axes[0].plot(xs, [lv["tokens_per_s"] or 0 for lv in levels], marker="o", label=p, color=color)
-        axes[1].plot(
-            xs,
-            [(lv["ttft_s"]["p50"] or 0) * 1e3 for lv in levels],
-            marker="o",
-            label=f"{p} TTFT p50",
-            color=color,
-        )
-        axes[1].plot(
-            xs,
-            [(lv["e2e_s"]["p50"] or 0) * 1e3 for lv in levels],
-            marker="s",
-            ls="--",
-            label=f"{p} request p50",
-            color=color,
-        )
+
+        def series(get: Any, levels: list[dict[str, Any]] = levels) -> tuple[list[int], list[float]]:
+            pts = [(lv["concurrency"], get(lv)) for lv in levels if get(lv) is not None]
+            return [c for c, _ in pts], [v for _, v in pts]
+
+        xs, ys = series(lambda lv: lv["tokens_per_s"])
+        axes[0].plot(xs, ys, marker="o", label=p, color=color)
+        for key, marker, ls, what in (("ttft_s", "o", "-", "TTFT p50"), ("e2e_s", "s", "--", "request p50")):
+            xs, ys = series(lambda lv, key=key: None if lv[key]["p50"] is None else lv[key]["p50"] * 1e3)
+            positive |= any(y > 0 for y in ys)
+            axes[1].plot(xs, ys, marker=marker, ls=ls, label=f"{p} {what}", color=color)
     axes[0].set_ylabel("output tokens/s (steady state)")
     axes[0].set_title("Throughput")
     axes[1].set_ylabel("ms")
-    axes[1].set_yscale("log")
+    if positive:
+        axes[1].set_yscale("log")
     axes[1].set_title("Latency")
     for ax in axes:
         ax.set_xscale("log", base=2)

@@ -16,15 +16,44 @@ from rich.table import Table
 from loadgen.analysis import Analysis
 from loadgen.runner import LevelRun
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 
 class ReportError(ValueError):
     """A report file that cannot be read; one line for the CLI."""
 
 
+def energy_summary(start: dict[str, Any] | None, end: dict[str, Any] | None) -> dict[str, Any]:
+    """The proxy's device energy accounts (``GET /qtrap/v1/energy``) when the sweep started and after its
+    last level's records were final: conservation (attributed + idle + foreign = measured) over the
+    proxy's lifetime, and what each device's counter measured during the run."""
+    if end is None:
+        return {"devices": [], "null_reason": "the proxy's GET /qtrap/v1/energy did not answer"}
+    keys = (
+        "meter", "meter_up", "updates", "counter_resets", "measured_j", "attributed_j", "idle_j", "foreign_j",
+        "conservation_error_j", "conservation_error_ratio", "pending_intervals",
+    )  # fmt: skip
+    devices = []
+    for name, d in end["devices"].items():
+        row: dict[str, Any] = {"device": name, **{k: d.get(k) for k in keys}}
+        before = (start or {}).get("devices", {}).get(name)
+        row["run_measured_j"] = (
+            d["measured_j"] - before["measured_j"]
+            if before is not None and d.get("measured_j") is not None and before.get("measured_j") is not None
+            else None
+        )
+        devices.append(row)
+    return {"devices": devices, "null_reason": None if devices else "the proxy meters no device"}
+
+
 def build(
-    config: dict[str, Any], analysis: Analysis, *, partial: bool, started_unix_s: float, duration_s: float
+    config: dict[str, Any],
+    analysis: Analysis,
+    *,
+    partial: bool,
+    started_unix_s: float,
+    duration_s: float,
+    energy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
@@ -34,10 +63,13 @@ def build(
         "duration_s": duration_s,
         "config": config,
         "baseline": analysis.baseline,
+        "accuracy_measured": analysis.accuracy_null_reason is None,
+        "accuracy_null_reason": analysis.accuracy_null_reason,
         "accuracy": analysis.accuracy,
         "levels": analysis.levels,
         "crossovers": analysis.crossovers,
         "indices": analysis.indices,
+        "energy": energy if energy is not None else {"devices": [], "null_reason": "not recorded"},
     }
 
 
@@ -78,7 +110,8 @@ CSV_FIELDS = [
 ]  # fmt: skip
 
 
-def write_csv(runs: list[LevelRun], path: Path) -> Path:
+def write_csv(runs: list[LevelRun], path: Path, *, scored: bool = True) -> Path:
+    """One row per request; ``scored=False`` (``--no-score``) leaves the chain verdict columns empty."""
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
@@ -111,9 +144,11 @@ def write_csv(runs: list[LevelRun], path: Path) -> Path:
                             "error_bound_j": rec.get("error_bound_j"),
                             "energy_null_reason": rec.get("energy_null_reason")
                             or ("" if rec else "no record"),
-                            "chain_correct": "" if chain.score is None else int(chain.score.strict),
+                            "chain_correct": ""
+                            if chain.score is None or not scored
+                            else int(chain.score.strict),
                             "chain_correct_flexible": ""
-                            if chain.score is None
+                            if chain.score is None or not scored
                             else int(chain.score.flexible),
                         }
                     )
@@ -200,6 +235,93 @@ def level_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def accuracy_note(report: dict[str, Any]) -> str | None:
+    """One line when the run did not score answers (``--no-score``), else None."""
+    if report.get("accuracy_measured", True):
+        return None
+    return (
+        f"accuracy not measured: {report.get('accuracy_null_reason') or 'no reason given'}; "
+        "J per correct answer and the trust, sustainability and composite indices are null, "
+        "and B* is located on J/token only"
+    )
+
+
+ENERGY_HEAD = [
+    "device",
+    "meter",
+    "measured J",
+    "attributed J",
+    "idle J",
+    "foreign J",
+    "conservation error",
+    "measured during the run J",
+]
+
+
+def energy_rows(report: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            str(d["device"]),
+            str(d.get("meter")),
+            fmt(d.get("measured_j"), 6),
+            fmt(d.get("attributed_j"), 6),
+            fmt(d.get("idle_j"), 6),
+            fmt(d.get("foreign_j"), 6),
+            "-" if d.get("conservation_error_ratio") is None else f"{d['conservation_error_ratio']:.2e}",
+            fmt(d.get("run_measured_j"), 6),
+        ]
+        for d in (report.get("energy") or {}).get("devices", [])
+    ]
+
+
+INDEX_HEAD = [
+    "precision",
+    "conc",
+    "bits",
+    "casting overhead",
+    "trust",
+    "sustainability",
+    "economy",
+    "composite",
+]
+
+
+def index_rows(report: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            i["precision"],
+            str(i["concurrency"]),
+            fmt(i.get("bits")),
+            fmt(i["casting_overhead_ratio"]),
+            fmt(i["trust_index"]),
+            fmt(i["sustainability_index"]),
+            fmt(i["economy_index"]),
+            fmt(i["composite_index"]),
+        ]
+        for i in report.get("indices", [])
+    ]
+
+
+HOP_HEAD = ["precision", "conc", "hop", "requests", "J/request", "J/token"]
+
+
+def hop_rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for lv in report["levels"]:
+        for hop, h in (lv.get("energy_by_hop") or {}).items():
+            rows.append(
+                [
+                    lv["precision"],
+                    str(lv["concurrency"]),
+                    hop,
+                    str(h["requests"]),
+                    fmt(h["j_per_request"]),
+                    fmt(h["j_per_token"]),
+                ]
+            )
+    return rows
+
+
 def print_summary(report: dict[str, Any], console: Console) -> None:
     t = Table(title="Levels (energy over each level's steady-state window; accuracy of its measured chains)")
     for h in LEVEL_HEAD:
@@ -219,6 +341,23 @@ def print_summary(report: dict[str, Any], console: Console) -> None:
             "-", "-", "-", "-", "-", "no baseline (fp16/bf16) or a single precision: nothing to compare", "-"
         )
     console.print(t)
+    if report.get("indices"):
+        t = Table(title="Indices (casting overhead: J/token against linear-in-bits scaling of the baseline)")
+        for h in INDEX_HEAD:
+            t.add_column(h, justify="left" if h == "precision" else "right")
+        for row in index_rows(report):
+            t.add_row(*row)
+        console.print(t)
+    if energy_rows(report):
+        t = Table(title="Energy accounts of the proxy (its lifetime; attributed + idle + foreign = measured)")
+        for h in ENERGY_HEAD:
+            t.add_column(h, justify="left" if h in ("device", "meter") else "right")
+        for row in energy_rows(report):
+            t.add_row(*row)
+        console.print(t)
+    note = accuracy_note(report)
+    if note:
+        console.print(note, highlight=False, markup=False)
     for lv in report["levels"]:
         if lv["energy_j"] is None:
             console.print(
@@ -240,7 +379,8 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee;margin:0.5em 0}
-.note{color:#555;font-size:0.9em}code{background:#f6f6f6;padding:1px 4px}"""
+.note{color:#555;font-size:0.9em}code{background:#f6f6f6;padding:1px 4px}
+.warn{background:#fff6d6;border:1px solid #e6c200;padding:6px 10px}"""
 
 
 def write_html(report: dict[str, Any], plots: list[Path], path: Path) -> Path:
@@ -249,22 +389,29 @@ def write_html(report: dict[str, Any], plots: list[Path], path: Path) -> Path:
         f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"></figure>'
         for p in plots
     )
-    acc_rows = [
-        [p, str(a["chains"]), fmt(a["accuracy"]), fmt_ci(a.get("ci")), fmt(a.get("accuracy_flexible"))]
-        for p, a in report.get("accuracy", {}).items()
-    ]
-    idx_rows = [
-        [
-            i["precision"],
-            str(i["concurrency"]),
-            fmt(i["casting_overhead_ratio"]),
-            fmt(i["trust_index"]),
-            fmt(i["sustainability_index"]),
-            fmt(i["economy_index"]),
-            fmt(i["composite_index"]),
+    note = accuracy_note(report)
+    if note:
+        accuracy_html = f'<p class="warn">{html.escape(note[0].upper() + note[1:])}.</p>'
+    else:
+        acc_rows = [
+            [p, str(a["chains"]), fmt(a["accuracy"]), fmt_ci(a.get("ci")), fmt(a.get("accuracy_flexible"))]
+            for p, a in report.get("accuracy", {}).items()
         ]
-        for i in report.get("indices", [])
-    ]
+        accuracy_html = _table(
+            ["precision", "chains", "accuracy (strict)", "95% CI", "accuracy (flexible)"], acc_rows
+        )
+    energy = report.get("energy") or {}
+    energy_html = (
+        _table(ENERGY_HEAD, energy_rows(report))
+        if energy.get("devices")
+        else f'<p class="note">{html.escape(str(energy.get("null_reason") or "not recorded"))}</p>'
+    )
+    no_plots = (
+        ""
+        if plots
+        else '<p class="note">No plots: matplotlib was not installed where this report was written '
+        "(<code>python -m loadgen render report.json</code> draws them).</p>"
+    )
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>qtrap loadgen report</title><style>{_CSS}</style></head>
 <body>
@@ -272,18 +419,25 @@ def write_html(report: dict[str, Any], plots: list[Path], path: Path) -> Path:
 <p class="note">model <code>{html.escape(str(cfg.get("model")))}</code>, dataset <code>{html.escape(str(cfg.get("dataset")))}</code>,
 hops as <code>{html.escape(str(cfg.get("hops")))}</code>, concurrency {html.escape(str(cfg.get("concurrency")))},
 repeats {html.escape(str(cfg.get("repeats")))}, proxy <code>{html.escape(str(cfg.get("proxy")))}</code>; schema {report["schema_version"]}.</p>
+{accuracy_html if note else ""}
 <h2>B*</h2>
 {_table(CROSS_HEAD, crossover_rows(report))}
 <p class="note">Ratio = quantized / {html.escape(str(report.get("baseline")))}; B* interpolated on log(concurrency);
 the interval is the bootstrap percentile interval of B* over the replicates that cross in the same direction
 ("replicates crossing").</p>
-{imgs}
+{imgs}{no_plots}
 <h2>Levels</h2>
 {_table(LEVEL_HEAD, level_rows(report))}
 <h2>Accuracy (all measured chains of a precision)</h2>
-{_table(["precision", "chains", "accuracy (strict)", "95% CI", "accuracy (flexible)"], acc_rows)}
+{accuracy_html}
 <h2>Indices</h2>
-{_table(["precision", "concurrency", "casting overhead", "trust", "sustainability", "economy", "composite"], idx_rows)}
+{_table(INDEX_HEAD, index_rows(report))}
+<h2>Energy by hop (window requests)</h2>
+{_table(HOP_HEAD, hop_rows(report))}
+<h2>Energy accounts of the proxy</h2>
+{energy_html}
+<p class="note">Over the proxy's lifetime: attributed + idle + foreign = measured, per device; "measured during the
+run" is the device counter's increase from the start of the sweep to the end of its last level.</p>
 <p class="note">Definitions: docs/methodology.md in the qtrap repository.</p>
 </body></html>
 """

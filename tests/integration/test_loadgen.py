@@ -51,7 +51,8 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 def test_embedded_default_report(embedded: Run) -> None:
     rep = embedded.report
-    assert rep["schema_version"] == "1.0" and rep["partial"] is False
+    assert rep["schema_version"] == "1.1" and rep["partial"] is False
+    assert rep["accuracy_measured"] is True and rep["accuracy_null_reason"] is None
     assert rep["config"]["precisions"] == ["bf16", "int8", "int4"] and rep["baseline"] == "bf16"
     assert {(lv["precision"], lv["concurrency"]) for lv in rep["levels"]} == {
         (p, c) for p in ("bf16", "int8", "int4") for c in (1, 4)
@@ -80,8 +81,22 @@ def test_embedded_default_report(embedded: Run) -> None:
     for p, acc in rep["accuracy"].items():
         assert acc["chains"] == 8, p
         assert sum(h["chains"] for h in acc["by_hops"].values()) == 8
+    # the proxy's energy accounts: one simulated GPU per precision, every joule accounted for
+    devices = rep["energy"]["devices"]
+    assert len(devices) == 3 and rep["energy"]["null_reason"] is None
+    for d in devices:
+        assert d["meter"] == "dcgm" and d["meter_up"] is True
+        assert d["conservation_error_ratio"] < 1e-9
+        assert 0 < d["run_measured_j"] <= d["measured_j"]
+    # energy by hop: every window request of a level in exactly one hop
+    for lv in rep["levels"]:
+        by_hop = lv["energy_by_hop"]
+        assert sum(h["requests"] for h in by_hop.values()) == lv["window_requests"]
+        assert sum(h["energy_j"] for h in by_hop.values()) == pytest.approx(lv["energy_j"])
+        assert "1" in by_hop and all(h["j_per_token"] > 0 for h in by_hop.values())
     # the terminal summary
     assert "B*" in embedded.proc.stdout and "int4 vs bf16" in embedded.proc.stdout
+    assert "conservation error" in embedded.proc.stdout
 
 
 def test_requests_csv_and_files(embedded: Run) -> None:
@@ -245,3 +260,38 @@ def test_html_report_renders_in_headless_chromium(embedded: Run) -> None:
     for img in page.images:
         assert img["complete"] and img["naturalWidth"] > 300 and img["naturalHeight"] > 200, img
         assert img["visible"] and img["width"] > 300 and img["height"] > 100, img
+
+
+def test_no_score_run_and_render(tmp_path: Path) -> None:
+    """--no-score (models with random weights): nothing is scored or sent to the proxy as a verdict,
+    accuracy and J per correct answer are null with the reason, B* is on J/token; `render` redraws the
+    plots and report.html from report.json alone."""
+    out = tmp_path / "out"
+    reason = "random weights: accuracy is meaningless"
+    proc = loadgen(
+        "--concurrency", "1,3", "--num-chains", "3", "--warmup", "1", "--precisions", "bf16,int4",
+        "--bootstrap", "100", "--sim-think-tokens", "4", "--no-score", reason, "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["accuracy_measured"] is False and rep["accuracy_null_reason"] == reason
+    assert rep["config"]["no_score"] == reason and rep["config"]["scoring"] == f"not scored: {reason}"
+    for p, acc in rep["accuracy"].items():
+        assert acc["accuracy"] is None and acc["null_reason"] == reason and acc["chains"] == 6, p
+    for lv in rep["levels"]:
+        assert lv["j_per_token"] > 0 and lv["j_per_correct"] is None and lv["accuracy"] is None
+        assert lv["chains_scored"] == 0 and lv["chains_ok"] == lv["chains"] == 3
+    assert [(c["precision"], c["metric"]) for c in rep["crossovers"]] == [("int4", "j_per_token")]
+    [idx] = [i for i in rep["indices"] if i["concurrency"] == 3]
+    assert idx["casting_overhead_ratio"] > 0 and idx["trust_index"] is None
+    with (out / "requests.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["chain_correct"] == "" and r["status"] == "ok" for r in rows)
+    assert "accuracy not measured: random weights" in proc.stdout
+    assert "Accuracy not measured" in (out / "report.html").read_text()
+    html_dir = tmp_path / "html"
+    again = loadgen("render", str(out / "report.json"), "--out", str(html_dir), timeout=120)
+    assert again.returncode == 0, again.stderr
+    page = (html_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "Accuracy not measured" in page
+    assert "accuracy not measured" in again.stdout and "rendered:" in again.stdout
