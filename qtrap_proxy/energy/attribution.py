@@ -237,10 +237,7 @@ class DeviceAccount:
             self.idle_j += e
             return
         # work per request; what the timeline cannot show counts time at the known requests' rate
-        overlaps = [
-            max(0.0, min(iv.t1, tr.tl.end if tr.tl.end is not None else iv.t1) - max(iv.t0, tr.tl.start))
-            for tr in overlapping
-        ]
+        overlaps = [_overlap(tr.tl, iv) for tr in overlapping]
         weights = _fill_unknown([tr.work(iv.t0, iv.t1, self.prefill_weight) for tr in overlapping], overlaps)
         foreign_w = self._foreign_work(iv, overlapping, weights) if self.counters else 0.0
         if not overlapping and foreign_w <= 0:
@@ -299,12 +296,21 @@ class DeviceAccount:
     def _foreign_work(self, iv: Interval, overlapping: list[Tracked], weights: list[float]) -> float:
         """Work the counted backends did in the interval beyond this proxy's requests on them."""
         total = 0.0
+        dt = iv.t1 - iv.t0
         for name, counter in self.counters.items():
-            backend_w = counter.work(iv.t0, iv.t1, self.prefill_weight)
+            mine = [i for i, tr in enumerate(overlapping) if tr.tl.backend == name]
+            own = sum(weights[i] for i in mine)
+            if counter.by_batch:  # the running batch's size times one request's work rate
+                running = counter.running(iv.t0, iv.t1)
+                own_running = sum(_overlap(overlapping[i].tl, iv) for i in mine) / dt
+                if own_running > 0.05 and own > 0:
+                    counter.rate = own / (own_running * dt)
+                backend_w = None if running is None else running * counter.rate * dt
+            else:
+                backend_w = counter.work(iv.t0, iv.t1, self.prefill_weight)
             if backend_w is None:
                 self.counter_gaps += 1
                 continue
-            own = sum(w for tr, w in zip(overlapping, weights, strict=True) if tr.tl.backend == name)
             total += self._foreign.setdefault(name, ForeignLedger()).foreign(iv.t1, backend_w, own)
         return total
 
@@ -313,6 +319,10 @@ class DeviceAccount:
 
     def conservation_error_ratio(self) -> float:
         return abs(self.conservation_error_j()) / self.measured_j if self.measured_j > 0 else 0.0
+
+
+def _overlap(tl: Timeline, iv: Interval) -> float:
+    return max(0.0, min(iv.t1, tl.end if tl.end is not None else iv.t1) - max(iv.t0, tl.start))
 
 
 def _fill_unknown(values: list[float | None], overlaps: list[float]) -> list[float]:

@@ -3,23 +3,30 @@
 Several proxy replicas in front of the same backend each see only the requests that reach them,
 while each reads the same GPUs' energy. Without more facts each would hand a whole busy interval to
 its own requests, and the fleet would count every joule once per replica. The backend knows the
-total: vLLM counts ``vllm:prompt_tokens_total`` (when a request's prefill completes) and
-``vllm:generation_tokens_total`` (every engine step); TGI observes ``tgi_request_input_length`` (at
-arrival) and ``tgi_request_generated_tokens`` (when a request ends) as histograms, whose ``_sum``
-are cumulative tokens. With ``token_counters: true`` on a backend the proxy polls its ``/metrics``
-and, in each meter interval, the work the backend did beyond what this proxy's requests did is
-*foreign* work: its share of the energy goes to the device's foreign bucket, not to this proxy's
-requests. Summed over replicas, every joule is attributed once.
+total. With ``token_counters: true`` on a backend the proxy polls its ``/metrics`` and, in each
+meter interval, the work the backend did beyond what this proxy's requests did is *foreign* work:
+its share of the energy goes to the device's foreign bucket, not to this proxy's requests. Summed
+over replicas, every joule is attributed once.
 
-A poll's sample is stamped at the midpoint of the request and its response; the counters between
-samples are interpolated linearly. The counters and the proxy's token timeline see the same tokens
-a few milliseconds apart and, for a prefill, at different moments (the proxy spreads it over the
-time to the first token, vLLM counts it when it completes), and interpolation between polls spreads
-tokens over the poll period: in one interval the backend may show less than the proxy saw, or a
-fraction of a token after the proxy's last request ended. ``ForeignLedger`` carries such
-differences forward, so that over time foreign work is what the counters say it is; they fade
-with a half-life of ``DEBT_HALF_LIFE_S`` so that a lasting disagreement does not silence (or
-invent) foreign work forever.
+* vLLM counts ``vllm:prompt_tokens_total`` when a request's prefill completes and
+  ``vllm:generation_tokens_total`` at every engine step: the backend's work in an interval is read
+  from them directly.
+* TGI observes ``tgi_request_input_length`` and ``tgi_request_generated_tokens`` per request (at
+  its arrival and at its end), too late to say in which interval tokens were made. Its gauge
+  ``tgi_batch_current_size`` (requests in the running batch) is live: in steady batched decoding
+  every running request makes one token per step, so the backend's work in an interval is the
+  batch size averaged over the interval times the work rate of one of this proxy's requests in
+  it (the last such rate when none of this proxy's requests runs). The token sums are reported.
+
+A poll's sample is stamped at the midpoint of the request and its response; counters between
+samples are interpolated linearly, the gauge holds its value until the next sample. The backend's
+view and the proxy's token timeline see the same work a few milliseconds apart and, for a prefill,
+at different moments (the proxy spreads it over the time to the first token, vLLM counts it when it
+completes), and interpolation spreads tokens over the poll period: in one interval the backend may
+show less than the proxy saw, or a fraction of a token after the proxy's last request ended.
+``ForeignLedger`` carries such differences forward, so that over time foreign work is what the
+backend says it is; they fade with a half-life of ``DEBT_HALF_LIFE_S`` so that a lasting
+disagreement does not silence (or invent) foreign work forever.
 """
 
 from __future__ import annotations
@@ -41,11 +48,13 @@ DEBT_HALF_LIFE_S = 5.0
 MIN_FOREIGN_WORK = 1.0  # work units (one decode token): less foreign work than this in an interval waits
 KEEP_S = 120.0  # samples older than this (behind the newest) are dropped
 
-# (prompt tokens, generated tokens) series per backend kind; a value is the sum over its label sets
-COUNTER_NAMES: dict[str, tuple[str, str]] = {
-    "vllm": ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"),
-    "tgi": ("tgi_request_input_length_sum", "tgi_request_generated_tokens_sum"),
+# (prompt tokens, generated tokens, requests running) series per backend kind; a value is the sum over its
+# label sets
+SERIES: dict[str, tuple[str, str, str]] = {
+    "vllm": ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_requests_running"),
+    "tgi": ("tgi_request_input_length_sum", "tgi_request_generated_tokens_sum", "tgi_batch_current_size"),
 }
+DEFAULT_RATE = 20.0  # work units per second of one running request, until one of this proxy's is seen
 
 
 @dataclass(slots=True)
@@ -53,6 +62,7 @@ class Sample:
     t: float
     prompt: float
     generated: float
+    running: float = 0.0
 
 
 @dataclass(slots=True)
@@ -72,7 +82,14 @@ class TokenCounter:
     _base_generated: float = 0.0
     _raw_last: tuple[float, float] | None = None
 
-    def add(self, t: float, prompt: float, generated: float) -> None:
+    rate: float = DEFAULT_RATE  # running-batch timing: work per second of one running request, last seen
+
+    @property
+    def by_batch(self) -> bool:
+        """Whether the work in an interval comes from the running batch's size (TGI), not the token counters."""
+        return self.kind == "tgi"
+
+    def add(self, t: float, prompt: float, generated: float, running: float = 0.0) -> None:
         """A polled value of the backend's own counters at time ``t``."""
         if self._raw_last is not None and (prompt < self._raw_last[0] or generated < self._raw_last[1]):
             # the backend restarted: continue from where the series was (work in the gap is lost)
@@ -82,7 +99,7 @@ class TokenCounter:
         self._raw_last = (prompt, generated)
         if self.samples and t <= self.samples[-1].t:
             return
-        self.samples.append(Sample(t, self._base_prompt + prompt, self._base_generated + generated))
+        self.samples.append(Sample(t, self._base_prompt + prompt, self._base_generated + generated, running))
         while len(self.samples) > 2 and self.samples[1].t < t - KEEP_S:
             self.samples.popleft()
         self.polls += 1
@@ -100,15 +117,36 @@ class TokenCounter:
         p1, g1 = self._at(t1)
         return max(0.0, (g1 - g0) + prefill_weight * (p1 - p0))
 
-    def _at(self, t: float) -> tuple[float, float]:
+    def running(self, t0: float, t1: float) -> float | None:
+        """Requests in the running batch, averaged over (t0, t1]; each sample's value holds until the next."""
+        s = self.samples
+        if len(s) < 2 or s[0].t > t0 or s[-1].t < t1 or t1 <= t0:
+            return None
+        total = 0.0
+        i = self._index_le(t0)
+        while i + 1 < len(s) and s[i].t < t1:
+            lo, hi = max(s[i].t, t0), min(s[i + 1].t, t1)
+            if hi > lo:
+                total += s[i].running * (hi - lo)
+            i += 1
+        return total / (t1 - t0)
+
+    def _index_le(self, t: float) -> int:
+        """Index of the last sample at or before ``t`` (0 when none is)."""
         s = self.samples
         lo, hi = 0, len(s) - 1
-        while hi - lo > 1:  # the last sample at or before t
+        while hi - lo > 1:
             mid = (lo + hi) // 2
             if s[mid].t <= t:
                 lo = mid
             else:
                 hi = mid
+        return hi if s[hi].t <= t else lo
+
+    def _at(self, t: float) -> tuple[float, float]:
+        s = self.samples
+        lo = self._index_le(t)
+        hi = min(lo + 1, len(s) - 1)
         a, b = s[lo], s[hi]
         if b.t <= a.t or t <= a.t:
             return a.prompt, a.generated
@@ -142,13 +180,12 @@ class ForeignLedger:
         return 0.0
 
 
-def parse_counters(text: str, kind: str) -> tuple[float, float]:
-    """(prompt tokens, generated tokens) from a Prometheus text page: each the sum of its series.
-
-    Only the two series' lines are looked at (a vLLM page holds hundreds of histogram lines)."""
-    names = COUNTER_NAMES[kind]
-    totals = [0.0, 0.0]
-    seen = [False, False]
+def parse_counters(text: str, kind: str) -> tuple[float, float, float]:
+    """(prompt tokens, generated tokens, requests running) from a Prometheus text page: each the sum of its
+    series. Only those series' lines are looked at (a vLLM page holds hundreds of histogram lines)."""
+    names = SERIES[kind]
+    totals = [0.0, 0.0, 0.0]
+    seen = [False, False, False]
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
@@ -164,7 +201,7 @@ def parse_counters(text: str, kind: str) -> tuple[float, float]:
     missing = [n for n, s in zip(names, seen, strict=True) if not s]
     if missing:
         raise ValueError("no " + " or ".join(missing) + " on the page")
-    return totals[0], totals[1]
+    return totals[0], totals[1], totals[2]
 
 
 class CounterPoller(Background):
@@ -198,7 +235,7 @@ class CounterPoller(Background):
                     raise ValueError(f"HTTP {resp.status}")
                 text = await resp.text()
             t_recv = time.monotonic()
-            prompt, generated = parse_counters(text, c.kind)
+            prompt, generated, running = parse_counters(text, c.kind)
         except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError) as e:
             if c.up:
                 log.warning("token counters of %s unreadable: %s", c.backend, e)
@@ -210,7 +247,7 @@ class CounterPoller(Background):
         if not c.up:
             log.info("token counters of %s are up", c.backend)
         c.up, c.error = True, None
-        c.add(t_send + (t_recv - t_send) / 2, prompt, generated)
+        c.add(t_send + (t_recv - t_send) / 2, prompt, generated, running)
 
     async def stop(self) -> None:
         await super().stop()

@@ -18,6 +18,7 @@ vllm:generation_tokens_total{engine="0",model_name="m"} 1000.0
 vllm:generation_tokens_total{engine="1",model_name="m"} 5.0
 vllm:generation_tokens_created{engine="0",model_name="m"} 1.7e9
 vllm:request_generation_tokens_sum{engine="0",model_name="m"} 999.0
+vllm:num_requests_running{engine="0",model_name="m"} 7.0
 """
 
 TGI_PAGE = """\
@@ -28,12 +29,13 @@ tgi_request_input_length_count 3
 # TYPE tgi_request_generated_tokens histogram
 tgi_request_generated_tokens_sum 400
 tgi_request_generated_tokens_count 3
+tgi_batch_current_size 2
 """
 
 
 def test_parse_sums_series_and_ignores_lookalikes() -> None:
-    assert parse_counters(VLLM_PAGE, "vllm") == (150.0, 1005.0)
-    assert parse_counters(TGI_PAGE, "tgi") == (77.0, 400.0)
+    assert parse_counters(VLLM_PAGE, "vllm") == (150.0, 1005.0, 7.0)
+    assert parse_counters(TGI_PAGE, "tgi") == (77.0, 400.0, 2.0)
 
 
 @pytest.mark.parametrize(
@@ -46,6 +48,11 @@ def test_parse_sums_series_and_ignores_lookalikes() -> None:
         ),
         (VLLM_PAGE, "tgi", "no tgi_request_input_length_sum"),
         ("vllm:prompt_tokens_total x\nvllm:generation_tokens_total 1\n", "vllm", "cannot read"),
+        (
+            "vllm:prompt_tokens_total 1\nvllm:generation_tokens_total 1\n",
+            "vllm",
+            "no vllm:num_requests_running",
+        ),
     ],
 )
 def test_parse_errors_say_what_is_missing(page: str, kind: str, msg: str) -> None:
@@ -103,10 +110,12 @@ def _tl(rid: str, backend: str, start: float, end: float, chunks: list[float]) -
     return tl
 
 
-def _replicas(with_counters: bool) -> tuple[DeviceAccount, DeviceAccount, list[Tracked], list[Tracked]]:
+def _replicas(
+    with_counters: bool, kind: str = "vllm"
+) -> tuple[DeviceAccount, DeviceAccount, list[Tracked], list[Tracked]]:
     """Two replicas in front of one backend on one GPU: A serves two streams, B one, all decoding a token every
     10 ms from t=0.5 to t=3.5; the GPU draws 300 W busy, 100 W idle; the meter moves every 100 ms."""
-    counter = TokenCounter("gpu-0", "vllm", "u")
+    counter = TokenCounter("gpu-0", kind, "u")
     accounts = []
     for _ in range(2):
         acc = DeviceAccount("h:0", settle_s=1.0, prefill_weight=0.0, idle_power_w=None)
@@ -121,10 +130,15 @@ def _replicas(with_counters: bool) -> tuple[DeviceAccount, DeviceAccount, list[T
         a.track(tr)
     for tr in trs_b:
         b.track(tr)
-    # the backend's counter, polled every 50 ms: 3 tokens per 10 ms while the streams run
+    # the backend's counters, polled every 50 ms: vLLM's count 3 tokens per 10 ms while the streams run; TGI's
+    # count a request's tokens when it ends, and its running batch holds 3 requests meanwhile
     for k in range(0, 102):
         t = 0.05 * k
-        counter.add(t, 0.0, 3 * max(0, min(300, round((t - 0.5) / 0.01))))
+        running = 3.0 if 0.5 < t <= 3.5 else 0.0
+        if kind == "tgi":
+            counter.add(t, 0.0, 900.0 if t > 3.5 else 0.0, running)
+        else:
+            counter.add(t, 0.0, 3 * max(0, min(300, round((t - 0.5) / 0.01))), running)
     joules = 0.0
     for k in range(1, 51):
         t = 0.1 * k
@@ -137,20 +151,23 @@ def _replicas(with_counters: bool) -> tuple[DeviceAccount, DeviceAccount, list[T
     return a, b, trs_a, trs_b
 
 
-def test_two_replicas_attribute_each_joule_once() -> None:
-    a, b, trs_a, trs_b = _replicas(with_counters=True)
+@pytest.mark.parametrize("kind", ["vllm", "tgi"])
+def test_two_replicas_attribute_each_joule_once(kind: str) -> None:
+    a, b, trs_a, trs_b = _replicas(with_counters=True, kind=kind)
     busy_j = 300.0 * 3.0
-    assert a.attributed_j + b.attributed_j == pytest.approx(busy_j, rel=0.02)
+    # TGI's timing comes from the sampled running batch: its edges are as coarse as the polls
+    tol = 0.02 if kind == "vllm" else 0.05
+    assert a.attributed_j + b.attributed_j == pytest.approx(busy_j, rel=tol)
     # each replica's requests are charged what they cost: a third of the busy energy per stream
     for tr in trs_a + trs_b:
-        assert tr.energy_j == pytest.approx(busy_j / 3, rel=0.03)
+        assert tr.energy_j == pytest.approx(busy_j / 3, rel=1.5 * tol)
     # what a replica did not serve is foreign on that replica, and every joule is accounted for there
-    assert a.foreign_j == pytest.approx(busy_j / 3, rel=0.03)
-    assert b.foreign_j == pytest.approx(2 * busy_j / 3, rel=0.03)
+    assert a.foreign_j == pytest.approx(busy_j / 3, rel=1.5 * tol)
+    assert b.foreign_j == pytest.approx(2 * busy_j / 3, rel=1.5 * tol)
     for acc in (a, b):
         # idle is what the GPU drew outside the busy 3 s (the energy before the first reading is not measured),
         # give or take one meter interval at an edge that counts as busy where interpolated counters reach it
-        assert acc.idle_j == pytest.approx(acc.measured_j - busy_j, abs=10.5)
+        assert acc.idle_j == pytest.approx(acc.measured_j - busy_j, abs=10.5 if kind == "vllm" else 20.5)
         assert acc.conservation_error_ratio() < 1e-12
         assert acc.counter_gaps == 0
 
