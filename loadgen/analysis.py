@@ -29,7 +29,8 @@ from loadgen.runner import LevelRun
 
 BITS = {
     "fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "w8a8": 8, "w8a8-fp8": 8, "int8-dequant": 8,
-    "bnb-int8": 8, "int4": 4, "awq": 4, "gptq": 4, "w4a16": 4, "nf4": 4, "bnb-nf4": 4, "fp4": 4, "nvfp4": 4,
+    "bnb-int8": 8, "bnb-8bit": 8, "llm-int8": 8, "int4": 4, "awq": 4, "gptq": 4, "w4a16": 4, "nf4": 4,
+    "bnb-nf4": 4, "bnb-4bit": 4, "fp4": 4, "nvfp4": 4,
 }  # fmt: skip
 BASELINES = ("fp16", "bf16", "fp32")
 METRICS = ("j_per_correct", "j_per_token")
@@ -73,6 +74,7 @@ class LevelObs:
     interrupted: bool = False
     repeats: int = 0
     by_hop: dict[int, list[float]] = field(default_factory=dict)  # hop -> [window requests, energy, tokens]
+    windows: list[tuple[float, float]] = field(default_factory=list)  # (open, close), time.monotonic()
 
 
 def observe(runs: Sequence[LevelRun], snapshots: dict[int, tuple[Any, Any]] | None = None) -> LevelObs:
@@ -84,6 +86,8 @@ def observe(runs: Sequence[LevelRun], snapshots: dict[int, tuple[Any, Any]] | No
         obs.interrupted |= run.interrupted
         w0, w1 = run.window if run.window is not None else (math.inf, -math.inf)
         obs.window_s += max(0.0, w1 - w0)
+        if run.window is not None:
+            obs.windows.append(run.window)
         for chain in run.chains:
             per_chain = ChainObs(
                 run.repeat,
@@ -338,6 +342,7 @@ def analyse(
             "error_kinds": o.error_kinds,
             "tokens": o.tokens,
             "window_s": o.window_s,
+            "windows_monotonic_s": [list(w) for w in o.windows],
             "window_requests": o.window_requests,
             "energy_j": energy if known else None,
             "energy_null_reason": None

@@ -9,6 +9,8 @@ shaped like Qwen3-0.6B and Qwen3-8B) and each weight format / kernel:
   int8_w8a8     INT8 weights and activations, torch._int_mm (dynamic per-row activation scale)
   int8_dequant  INT8 weights dequantised to BF16 every step, then a BF16 GEMM (the naive path)
   bnb_nf4       bitsandbytes Linear4bit (NF4)
+  bnb_nf4_serve bitsandbytes Linear4bit as `transformers serve --quantization bnb-4bit` builds it: NF4 with
+                double quantisation and transformers' default float32 compute dtype
   bnb_int8      bitsandbytes Linear8bitLt (LLM.int8)
 
 it builds one decode step (per layer: RMSNorm, q/k/v/o projections, SwiGLU MLP; then
@@ -72,7 +74,9 @@ SHAPES: dict[str, dict[str, int]] = {
         "vocab": 1024,
     },
 }
-KERNELS = ("bf16", "int4_tinygemm", "fp8_w8a8", "int8_w8a8", "int8_dequant", "bnb_nf4", "bnb_int8")
+KERNELS = (
+    "bf16", "int4_tinygemm", "fp8_w8a8", "int8_w8a8", "int8_dequant", "bnb_nf4", "bnb_nf4_serve", "bnb_int8",
+)  # fmt: skip
 # bitsandbytes' LLM.int8 path synchronises with the host (outlier columns): it cannot be captured
 # in a CUDA graph, and a failed capture leaves the CUDA generator unusable, so it runs eagerly.
 NO_GRAPH = frozenset({"bnb_int8"})
@@ -83,6 +87,7 @@ BITS = {
     "int8_w8a8": 8,
     "int8_dequant": 8,
     "bnb_nf4": 4,
+    "bnb_nf4_serve": 4,
     "bnb_int8": 8,
 }
 
@@ -154,12 +159,19 @@ class Linear:
             self.w = (w.float() / s).round().clamp(-128, 127).to(torch.int8)
             self.scale_w = s.reshape(1, n)  # per output channel
             self.scale_col = s.to(torch.bfloat16)  # [n, 1] for the dequant path
-        elif kind in ("bnb_nf4", "bnb_int8"):
+        elif kind in ("bnb_nf4", "bnb_nf4_serve", "bnb_int8"):
             import bitsandbytes as bnb
 
             if kind == "bnb_nf4":
                 mod = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
                 mod.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4")
+            elif kind == "bnb_nf4_serve":  # BitsAndBytesConfig(load_in_4bit, nf4, double quant), as serve's
+                mod = bnb.nn.Linear4bit(
+                    k, n, bias=False, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4"
+                )
+                mod.weight = bnb.nn.Params4bit(
+                    w.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4"
+                )
             else:
                 mod = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
                 mod.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
