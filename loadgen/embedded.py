@@ -33,7 +33,12 @@ class Stack:
 
 
 def configs(
-    model: str, precisions: tuple[str, ...], workdir: Path, oracle_data: list[str], think_tokens: int = 0
+    model: str,
+    precisions: tuple[str, ...],
+    workdir: Path,
+    oracle_data: list[str],
+    think_tokens: int = 0,
+    token_counters: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, int], int]:
     ports = {p: free_port() for p in precisions}
     proxy_port = free_port()
@@ -62,6 +67,7 @@ def configs(
                 "url": f"http://127.0.0.1:{port}",
                 "model": model,
                 "devices": [{"host": "qtrap-sim", "index": i}],
+                "token_counters": token_counters,
             }
             for i, (p, port) in enumerate(ports.items())
         ],
@@ -82,14 +88,18 @@ def embedded_stack(
     oracle_data: list[str] | None = None,
     workdir: Path | None = None,
     think_tokens: int = THINK_TOKENS,
+    token_counters: bool = False,
 ) -> Iterator[Stack]:
-    """Start the simulated fleet and the proxy; stop both when the block ends."""
+    """Start the simulated fleet and the proxy; stop both when the block ends. ``token_counters``: the proxy
+    reads the simulated backends' token counters (as replicas sharing backends do)."""
     if model not in MODELS:
         raise ValueError(
             f"the embedded default simulates {' or '.join(MODELS)}, not {model!r}; use --proxy URL"
         )
     work = workdir or Path(tempfile.mkdtemp(prefix="qtrap-loadgen-"))
-    sim_cfg, proxy_cfg, ports, proxy_port = configs(model, precisions, work, oracle_data or [], think_tokens)
+    sim_cfg, proxy_cfg, ports, proxy_port = configs(
+        model, precisions, work, oracle_data or [], think_tokens, token_counters
+    )
     (work / "sim.yaml").write_text(yaml.safe_dump(sim_cfg))
     (work / "proxy.yaml").write_text(yaml.safe_dump(proxy_cfg))
     url = f"http://127.0.0.1:{proxy_port}"

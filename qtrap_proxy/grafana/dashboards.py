@@ -840,11 +840,13 @@ def fleet_dashboard() -> Json:
     panels: list[Json] = [
         row("Power: measured, idle and attributed"),
         timeseries(
-            "Power by GPU: measured, idle, in requests",
+            "Power by GPU: measured, idle, foreign, this replica's requests",
             "Per GPU and proxy replica: measured power (the meter's counter, settled intervals), the "
-            "idle part (intervals or shares no request was charged for) and the rest, measured minus "
-            "idle, which attribution hands to requests. Conservation (below) checks that the part "
-            "handed to requests is what requests were given.",
+            "idle part (intervals or shares no request was charged for), the foreign part (work the "
+            "GPU's backends did for requests this replica did not serve: other replicas' or direct "
+            "clients', from the backends' token counters; 0 without `token_counters`) and the rest, "
+            "which this replica hands to its own requests. Conservation (below) checks that every "
+            "measured joule lands in exactly one of them.",
             [
                 target(
                     f"rate(qtrap_gpu_energy_joules_total{{{dev}}}{rate_i})",
@@ -857,8 +859,13 @@ def fleet_dashboard() -> Json:
                     "B",
                 ),
                 target(
-                    f"rate(qtrap_gpu_energy_joules_total{{{dev}}}{rate_i}) - rate(qtrap_gpu_idle_energy_joules_total{{{dev}}}{rate_i})",
-                    "{{device}} in requests ({{instance}})",
+                    f"rate(qtrap_gpu_foreign_energy_joules_total{{{dev}}}{rate_i})",
+                    "{{device}} foreign ({{instance}})",
+                    "D",
+                ),
+                target(
+                    f"rate(qtrap_gpu_energy_joules_total{{{dev}}}{rate_i}) - rate(qtrap_gpu_idle_energy_joules_total{{{dev}}}{rate_i}) - rate(qtrap_gpu_foreign_energy_joules_total{{{dev}}}{rate_i})",
+                    "{{device}} this replica's requests ({{instance}})",
                     "C",
                 ),
             ],
@@ -867,20 +874,27 @@ def fleet_dashboard() -> Json:
         ),
         timeseries(
             "Fleet power: measured vs attributed + idle",
-            "All metered GPUs: measured power against the power attributed to finished requests "
-            "(`qtrap_energy_joules_total`, counted when a request's figure becomes final, seconds after "
-            "it ends) plus idle power. Over minutes the two lines agree; short gaps are requests not "
-            "final yet. A lasting gap: requests whose backend lists no devices, or energy left "
-            "unknown.",
+            "All metered GPUs, each counted once however many proxy replicas read it (the average over "
+            "replicas of each GPU's measured and idle power): measured power against the power "
+            "attributed to finished requests, summed over replicas (`qtrap_energy_joules_total`, "
+            "counted when a request's figure becomes final, seconds after it ends) plus idle power. "
+            "Over minutes the two lines agree; short gaps are requests not final yet. Attributed well "
+            "above measured: several replicas share backends without `token_counters: true`, each "
+            "charging the whole GPU to its own requests. A lasting gap below: requests whose backend "
+            "lists no devices, or energy left unknown.",
             [
-                target(f"sum(rate(qtrap_gpu_energy_joules_total{rate_i}))", "measured", "A"),
                 target(
-                    f"sum(rate(qtrap_energy_joules_total{rate_i})) + sum(rate(qtrap_gpu_idle_energy_joules_total{rate_i}))",
+                    f"sum(avg by (device) (rate(qtrap_gpu_energy_joules_total{rate_i})))", "measured", "A"
+                ),
+                target(
+                    f"sum(rate(qtrap_energy_joules_total{rate_i})) + sum(avg by (device) (rate(qtrap_gpu_idle_energy_joules_total{rate_i})))",
                     "attributed + idle",
                     "B",
                 ),
                 target(f"sum(rate(qtrap_energy_joules_total{rate_i}))", "attributed to requests", "C"),
-                target(f"sum(rate(qtrap_gpu_idle_energy_joules_total{rate_i}))", "idle", "D"),
+                target(
+                    f"sum(avg by (device) (rate(qtrap_gpu_idle_energy_joules_total{rate_i})))", "idle", "D"
+                ),
             ],
             "watt",
             min_=0,
@@ -901,13 +915,15 @@ def fleet_dashboard() -> Json:
         row("Conservation and meter health"),
         stat(
             "Conservation error (worst GPU)",
-            "|attributed + idle - measured| / measured, the worst GPU (`qtrap_energy_conservation_error_ratio`). "
+            "|attributed + idle + foreign - measured| / measured, the worst GPU and replica "
+            "(`qtrap_energy_conservation_error_ratio`). "
             "Attribution hands out every measured joule exactly once, so this stays at 0 up to rounding; "
             "red from 0.1% (alert QtrapConservationBroken after 5 minutes).",
             [target(f"max(qtrap_energy_conservation_error_ratio{{{dev}}})", "worst GPU")],
             "percentunit",
             th=thresholds(("green", None), ("red", 0.001)),
             decimals=4,
+            w=6,
         ),
         stat(
             "Meters",
@@ -918,6 +934,7 @@ def fleet_dashboard() -> Json:
             "none",
             th=thresholds(("red", None), ("green", 1)),
             mappings=_UP_MAPPINGS,
+            w=6,
         ),
         stat(
             "Backends",
@@ -928,10 +945,23 @@ def fleet_dashboard() -> Json:
             "none",
             th=thresholds(("red", None), ("green", 1)),
             mappings=_UP_MAPPINGS,
+            w=6,
+        ),
+        stat(
+            "Token counters",
+            "Whether each backend's own token counters answered the proxy's last poll "
+            "(`qtrap_backend_token_counters_up`, backends with `token_counters: true`; alert "
+            "QtrapTokenCountersDown after 2 minutes). While they are down, intervals are split without "
+            "them: replicas sharing the backend each charge its whole busy energy to their own requests.",
+            [target("qtrap_backend_token_counters_up", "{{backend}} ({{instance}})")],
+            "none",
+            th=thresholds(("red", None), ("green", 1)),
+            mappings=_UP_MAPPINGS,
+            w=6,
         ),
         timeseries(
             "Conservation error by GPU",
-            "|attributed + idle - measured| / measured per GPU and proxy replica; the red line is the "
+            "|attributed + idle + foreign - measured| / measured per GPU and proxy replica; the red line is the "
             "0.1% alert threshold.",
             [target(f"qtrap_energy_conservation_error_ratio{{{dev}}}", "{{device}} ({{instance}})")],
             "percentunit",

@@ -130,7 +130,7 @@ def _wait(cond: Any, timeout_s: float, what: str) -> None:
 def prom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom]:
     tmp = tmp_path_factory.mktemp("prom")
     start = time.time()
-    with embedded_stack("qwen3-8b", PRECISIONS, workdir=tmp, think_tokens=8) as stack:
+    with embedded_stack("qwen3-8b", PRECISIONS, workdir=tmp, think_tokens=8, token_counters=True) as stack:
         port = free_port()
         cfg = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -222,6 +222,7 @@ def test_alert_rules_loaded_and_healthy(prom: Prom) -> None:
         "QtrapConservationBroken",
         "QtrapTrapActive",
         "QtrapBackendDown",
+        "QtrapTokenCountersDown",
     }
     # nothing is broken in this healthy stack: no alert but the trap is even pending
     active = [
