@@ -154,3 +154,21 @@ def test_two_replicas_attribute_each_joule_once(tmp_path: Path, api: str, token_
     assert 'qtrap_backend_token_counters_up{backend="gpu0-bf16"} 1.0' in metrics
     foreign = [ln for ln in metrics.splitlines() if ln.startswith("qtrap_gpu_foreign_energy_joules_total{")]
     assert foreign and float(foreign[0].rsplit(" ", 1)[1]) > 0
+
+
+def test_unreadable_token_counters_are_reported_and_requests_still_measured(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = _cfg(port, True, "vllm")
+    cfg["backends"][0]["metrics_path"] = "/no-such-page"
+    with sim(port), proxy(tmp_path, cfg):
+        url = f"http://127.0.0.1:{cfg['server']['port']}"
+        _wait_up([url], counters=False)
+        rid = _stream(url, 1, "vllm")
+        got = _settled(url, [rid])
+        rep = _energy(url)
+        metrics = requests.get(url + "/metrics", timeout=5).text
+    c = rep["token_counters"][0]
+    assert not c["up"] and "/no-such-page: ValueError: HTTP 404" in c["error"], c
+    # intervals settle without the counters (after settle_s), say so, and the request is measured as before
+    assert got > 0 and rep["devices"][0]["counter_gaps"] > 0 and rep["devices"][0]["foreign_j"] == 0
+    assert 'qtrap_backend_token_counters_up{backend="gpu0-bf16"} 0.0' in metrics
