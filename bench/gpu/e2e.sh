@@ -18,7 +18,9 @@
 #
 # Environment: STEPS (default "sweep"), SHAPES (default qwen3-0.6b), TOTAL_S (default 570), OUT
 # (default ./e2e-out), RES (default /tmp/qtrap-e2e-results), CONCURRENCY (default 1,8,32), DURATION_S
-# (steady state per level, default 20), MAX_TOKENS (default 32), RUN_ARGS (more e2e.py run options), CALIB_KERNELS, CALIB_BATCHES, CALIB_ARGS.
+# (steady state per level, default 20), MAX_TOKENS (default 32), PRECISIONS (default bf16,bnb-8bit,bnb-4bit),
+# TAG (sweep folder $RES/<shape>-<TAG>), RUN_ARGS (more e2e.py run options), CALIB_KERNELS, CALIB_BATCHES,
+# CALIB_MODES (default "graph eager"), CALIB_ARGS.
 # REQUIRE_CUDA=0 checks the flow on a CPU, e.g.:
 #   REQUIRE_CUDA=0 SHAPES=tiny RUN_ARGS="--meter sim --no-quant --serve-args=--device=cpu" bash bench/gpu/e2e.sh
 set -uo pipefail
@@ -129,12 +131,13 @@ for step in ${STEPS:-sweep}; do
         continue
       fi
       echo "== sweep $shape: $l s left"
-      mkdir -p "$RES/$shape"
+      dir="$RES/$shape${TAG:+-$TAG}"
+      mkdir -p "$dir"
       export QTRAP_DEADLINE_UNIX=$((now + l - 15))
       # shellcheck disable=SC2086
       timeout --signal=TERM --kill-after=10 $((l - 5)) python3 bench/gpu/e2e.py run --shape "$shape" \
-        --out "$RES/$shape" --concurrency "${CONCURRENCY:-1,8,32}" --duration "${DURATION_S:-20}" \
-        --max-tokens "${MAX_TOKENS:-32}" ${RUN_ARGS:-}
+        --out "$dir" --concurrency "${CONCURRENCY:-1,8,32}" --duration "${DURATION_S:-20}" \
+        --max-tokens "${MAX_TOKENS:-32}" --precisions "${PRECISIONS:-bf16,bnb-8bit,bnb-4bit}" ${RUN_ARGS:-}
       echo "== sweep $shape: exit $?, $(($(date +%s) - now)) s"
       rm -rf "/tmp/qtrap-e2e/$shape" # the model's weights
       pack
@@ -146,7 +149,7 @@ for step in ${STEPS:-sweep}; do
       fi
       k=${CALIB_KERNELS:-bf16,bnb_int8,bnb_nf4,bnb_nf4_serve}
       b=${CALIB_BATCHES:-1,2,4,8,16,32,64}
-      for mode in graph eager; do
+      for mode in ${CALIB_MODES:-graph eager}; do
         l=$(left)
         [ "$l" -lt 40 ] && { echo "== skipping $mode calibration: $l s left"; continue; }
         extra=""
