@@ -32,6 +32,7 @@ disagreement does not silence (or invent) foreign work forever.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import math
 import time
@@ -65,6 +66,10 @@ class Sample:
     running: float = 0.0
 
 
+def _sample_t(s: Sample) -> float:
+    return s.t
+
+
 @dataclass(slots=True)
 class TokenCounter:
     """One backend's cumulative token counters, as polled."""
@@ -77,12 +82,11 @@ class TokenCounter:
     error: str | None = "no reading yet"
     polls: int = 0
     resets: int = 0
+    rate: float = DEFAULT_RATE  # running-batch timing: work per second of one running request, last seen
     # offsets added after a counter reset (a backend restart), so that the series stays cumulative
     _base_prompt: float = 0.0
     _base_generated: float = 0.0
     _raw_last: tuple[float, float] | None = None
-
-    rate: float = DEFAULT_RATE  # running-batch timing: work per second of one running request, last seen
 
     @property
     def by_batch(self) -> bool:
@@ -133,15 +137,7 @@ class TokenCounter:
 
     def _index_le(self, t: float) -> int:
         """Index of the last sample at or before ``t`` (0 when none is)."""
-        s = self.samples
-        lo, hi = 0, len(s) - 1
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if s[mid].t <= t:
-                lo = mid
-            else:
-                hi = mid
-        return hi if s[hi].t <= t else lo
+        return max(0, bisect.bisect_right(self.samples, t, key=_sample_t) - 1)
 
     def _at(self, t: float) -> tuple[float, float]:
         s = self.samples
