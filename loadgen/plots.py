@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,9 @@ def _not_measured(ax: Axes, report: dict[str, Any], title: str) -> None:
     ax.text(
         0.5,
         0.5,
-        "accuracy not measured\n" + str(report.get("accuracy_null_reason") or ""),
+        "accuracy not measured\n\n" + textwrap.fill(str(report.get("accuracy_null_reason") or ""), 34),
         ha="center",
         va="center",
-        wrap=True,
         transform=ax.transAxes,
         fontsize=10,
         color="#555",
@@ -104,12 +104,20 @@ def energy_plot(report: dict[str, Any], path: Path) -> Path:
     for cx in report.get("crossovers", []):
         if cx["metric"] != metric:
             continue
-        pts = [(c, r) for c, r in zip(cx["concurrency"], cx["ratio"], strict=True) if r is not None]
+        cis = cx.get("ratio_ci") or [None] * len(cx["concurrency"])
+        pts = [
+            (c, r, ci) for c, r, ci in zip(cx["concurrency"], cx["ratio"], cis, strict=True) if r is not None
+        ]
         if pts:
-            ax.plot(
-                [c for c, _ in pts],
-                [r for _, r in pts],
+            ax.errorbar(
+                [c for c, _, _ in pts],
+                [r for _, r, _ in pts],
+                yerr=[
+                    [r - ci[0] if ci else 0.0 for _, r, ci in pts],
+                    [ci[1] - r if ci else 0.0 for _, r, ci in pts],
+                ],
                 marker="o",
+                capsize=3,
                 label=f"{cx['precision']} / {cx['baseline']}",
                 color=_color(report, cx["precision"]),
             )

@@ -657,9 +657,23 @@ def summary_md(s: dict[str, Any]) -> str:
 
 
 # -- cross-check -----------------------------------------------------------------------------------
-def _calib_points(calib: dict[str, Any], shape: str, kernel: str) -> dict[int, dict[str, Any]]:
+def _load_calib(paths: list[Path]) -> dict[str, Any]:
+    calib: dict[str, Any] = {"models": {}}
+    for c in paths:
+        doc = json.loads(c.read_text())
+        calib.setdefault("idle_power_w", doc.get("idle_power_w"))
+        for name, m in doc["models"].items():
+            calib["models"].setdefault(name, {"kernels": {}, "attention": []})
+            calib["models"][name]["kernels"].update(m.get("kernels", {}))
+            calib["models"][name]["attention"] += m.get("attention", [])
+            calib["models"][name]["shape"] = m.get("shape")
+    return calib
+
+
+def _calib_points(calib: dict[str, Any], shape: str, kernel: str | None) -> dict[int, dict[str, Any]]:
     m = calib["models"].get(shape) or {}
-    k = (m.get("kernels") or {}).get(kernel) or (m.get("kernels") or {}).get(KERNEL_FALLBACK.get(kernel, ""))
+    ks = m.get("kernels") or {}
+    k = ks.get(kernel or "") or ks.get(KERNEL_FALLBACK.get(kernel or "", ""))
     if not k:
         return {}
     return {pt["batch"]: pt for pt in k.get("points", []) if pt.get("step_s")}
@@ -673,19 +687,23 @@ def _attention(calib: dict[str, Any], shape: str, batch: int, ctx: int) -> dict[
     return min(pts, key=lambda a: abs(a["context"] - ctx))
 
 
-def crosscheck(report: Path, calibs: list[Path], shape: str, out: Path) -> dict[str, Any]:
+def crosscheck(
+    report: Path, calibs: list[Path], shape: str, out: Path, eager: list[Path] | None = None
+) -> dict[str, Any]:
     """loadgen's J/token ratio (quantized / BF16, per concurrency) through the proxy against the kernel
-    probe's ratio at batch = concurrency, with the serving step time and power next to the kernel's."""
+    probe's at batch = concurrency, with what explains the difference:
+
+    * J/token = average power x step time / batch, so a ratio of J/token at equal batch is the product of
+      the step-time ratio and the power ratio; both are given for serving and for the probe;
+    * the serving step is the kernel step plus what serving adds (attention, sampling over the vocabulary,
+      scheduling, Python, streaming): ``serving step - kernel step``;
+    * an additive model: the quantized server's step = the BF16 server's step + the difference of the
+      kernels' steps in the probe (``eager`` probe when given: transformers serve launches kernels
+      without CUDA graphs), and the ratio it predicts at the measured power ratio.
+    """
     rep = json.loads(report.read_text())
-    calib: dict[str, Any] = {"models": {}}
-    for c in calibs:
-        doc = json.loads(c.read_text())
-        calib.setdefault("idle_power_w", doc.get("idle_power_w"))
-        for name, m in doc["models"].items():
-            calib["models"].setdefault(name, {"kernels": {}, "attention": []})
-            calib["models"][name]["kernels"].update(m.get("kernels", {}))
-            calib["models"][name]["attention"] += m.get("attention", [])
-            calib["models"][name]["shape"] = m.get("shape")
+    calib = _load_calib(calibs)
+    ecalib = _load_calib(eager) if eager else None
     layers = (calib["models"].get(shape, {}).get("shape") or {}).get("layers")
     summary_path = report.parent.parent / "e2e-summary.json"
     summ = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -693,53 +711,65 @@ def crosscheck(report: Path, calibs: list[Path], shape: str, out: Path) -> dict[
     sby = {(lv["precision"], lv["concurrency"]): lv for lv in summ.get("levels", [])}
     base = rep.get("baseline") or "bf16"
     rows = []
+
+    def step_of(lv: dict[str, Any] | None) -> float | None:
+        # the decode step in serving, from the window: C requests each get a token per step (prefill and the
+        # gaps between a chain's hops make the running batch a little smaller than C)
+        return lv["concurrency"] / lv["tokens_per_s"] if lv and lv.get("tokens_per_s") else None
+
     for (p, c), lv in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         kernel = KERNEL_OF.get(p)
-        pts = _calib_points(calib, shape, kernel) if kernel else {}
-        bpts = _calib_points(calib, shape, KERNEL_OF[base])
+        kp = _calib_points(calib, shape, kernel).get(c)
+        kb = _calib_points(calib, shape, KERNEL_OF[base]).get(c)
+        ekp = _calib_points(ecalib, shape, kernel).get(c) if ecalib else None
+        ekb = _calib_points(ecalib, shape, KERNEL_OF[base]).get(c) if ecalib else None
         b = by.get((base, c))
         sl, sb = sby.get((p, c), {}), sby.get((base, c), {})
         row: dict[str, Any] = {"precision": p, "kernel": kernel, "concurrency": c, "batch": c}
         row["serve_j_per_token"] = lv["j_per_token"]
         row["serve_tokens_per_s"] = lv["tokens_per_s"]
-        # decode step time in serving: the running batch over its token rate (C requests each get a token per
-        # step; prefill and hops' gaps make the real batch a little smaller than C)
-        row["serve_step_s"] = c / lv["tokens_per_s"] if lv["tokens_per_s"] else None
+        row["serve_step_s"] = step_of(lv)
+        row["serve_itl_p50_s"] = (lv.get("itl_s") or {}).get("p50")
         row["serve_avg_power_w"] = sl.get("avg_power_w")
-        kp = pts.get(c)
         row["kernel_j_per_token"] = kp.get("j_per_token") if kp else None
         row["kernel_step_s"] = kp.get("step_s") if kp else None
         row["kernel_avg_power_w"] = kp.get("avg_power_w") if kp else None
+        row["kernel_eager_j_per_token"] = ekp.get("j_per_token") if ekp else None
+        row["kernel_eager_step_s"] = ekp.get("step_s") if ekp else None
         ctx = sl.get("prompt_tokens_median") or 512
         att = _attention(calib, shape, c, int(ctx))
         row["attention_step_s"] = att["step_s"] * layers if att and layers else None
+        row["serve_minus_kernel_s"] = (
+            row["serve_step_s"] - row["kernel_step_s"]
+            if row["serve_step_s"] and row["kernel_step_s"]
+            else None
+        )
         if b is not None and p != base:
             row["serve_ratio"] = _ratio(lv["j_per_token"], b["j_per_token"])
-            bk = bpts.get(c)
-            row["kernel_ratio"] = _ratio(row["kernel_j_per_token"], bk.get("j_per_token") if bk else None)
-            row["disagreement"] = _ratio(row["serve_ratio"], row["kernel_ratio"])
-            row["serve_step_ratio"] = _ratio(
-                row["serve_step_s"], c / b["tokens_per_s"] if b["tokens_per_s"] else None
+            row["kernel_ratio"] = _ratio(row["kernel_j_per_token"], kb.get("j_per_token") if kb else None)
+            row["kernel_eager_ratio"] = _ratio(
+                row["kernel_eager_j_per_token"], ekb.get("j_per_token") if ekb else None
             )
-            row["kernel_step_ratio"] = _ratio(row["kernel_step_s"], bk.get("step_s") if bk else None)
+            row["disagreement"] = _ratio(row["serve_ratio"], row["kernel_ratio"])
+            row["serve_step_ratio"] = _ratio(row["serve_step_s"], step_of(b))
+            row["kernel_step_ratio"] = _ratio(row["kernel_step_s"], kb.get("step_s") if kb else None)
             row["serve_power_ratio"] = _ratio(sl.get("avg_power_w"), sb.get("avg_power_w"))
             row["kernel_power_ratio"] = _ratio(
-                row["kernel_avg_power_w"], bk.get("avg_power_w") if bk else None
+                row["kernel_avg_power_w"], kb.get("avg_power_w") if kb else None
             )
-            # the serving step minus the kernel's linear step: attention, sampling, scheduling, Python
-            row["serve_overhead_s"] = (
-                row["serve_step_s"] - row["kernel_step_s"]
-                if row["serve_step_s"] and row["kernel_step_s"]
-                else None
-            )
-        elif p == base:
-            row["serve_overhead_s"] = (
-                row["serve_step_s"] - row["kernel_step_s"]
-                if row["serve_step_s"] and row["kernel_step_s"]
-                else None
-            )
+            mp, mb, model = (ekp, ekb, "eager") if ekp and ekb else (kp, kb, "graph")
+            base_step = step_of(b)
+            if mp and mb and base_step:
+                pred = base_step + mp["step_s"] - mb["step_s"]
+                row["additive_model_probe"] = model
+                row["additive_step_s"] = pred
+                row["additive_step_error"] = row["serve_step_s"] / pred - 1 if row["serve_step_s"] else None
+                row["additive_ratio"] = (
+                    pred / base_step * row["serve_power_ratio"] if row["serve_power_ratio"] else None
+                )
         rows.append(row)
     doc = {"shape": shape, "report": str(report), "calibration": [str(c) for c in calibs],
+           "calibration_eager": [str(c) for c in eager or []],
            "idle_power_w_probe": calib.get("idle_power_w"), "rows": rows}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "crosscheck.json", doc)
@@ -753,11 +783,16 @@ def _ratio(a: Any, b: Any) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.3g} ms"
+
+
 def crosscheck_md(doc: dict[str, Any]) -> str:
+    eager = bool(doc.get("calibration_eager"))
     L = [
-        "| precision (kernel) | C = batch | J/token ratio through the proxy | J/token ratio of the kernel probe | "
-        "serving / kernel ratio | step time: serving (ratio) | step time: kernel (ratio) | avg power: serving "
-        "(ratio) | avg power: kernel (ratio) |",
+        "| precision (probe kernel) | C = batch | J/token ratio through the proxy | J/token ratio, probe with CUDA "
+        "graphs | proxy / probe | J/token ratio, probe without graphs | step time ratio: serving / probe | "
+        "power ratio: serving / probe | additive model: step error, predicted ratio |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in doc["rows"]:
@@ -766,27 +801,61 @@ def crosscheck_md(doc: dict[str, Any]) -> str:
         flag = ""
         if r.get("disagreement") is not None and abs(r["disagreement"] - 1) > 0.15:
             flag = " **(>15%)**"
+        add = "-"
+        if r.get("additive_step_s") is not None:
+            err = r.get("additive_step_error")
+            add = (f"{'-' if err is None else format(err, '+.0%')} ({r['additive_model_probe']}), "
+                   f"{_f(r.get('additive_ratio'))}")  # fmt: skip
         L.append(
             f"| {r['precision']} ({r['kernel']}) | {r['concurrency']} | {_f(r['serve_ratio'])} | "
             f"{_f(r['kernel_ratio'])} | {_f(r['disagreement'])}{flag} | "
-            f"{_f(None if r['serve_step_s'] is None else r['serve_step_s'] * 1e3)} ms ({_f(r['serve_step_ratio'])}) | "
-            f"{_f(None if r['kernel_step_s'] is None else r['kernel_step_s'] * 1e3)} ms ({_f(r['kernel_step_ratio'])}) | "
-            f"{_f(r['serve_avg_power_w'])} W ({_f(r['serve_power_ratio'])}) | "
-            f"{_f(r['kernel_avg_power_w'])} W ({_f(r['kernel_power_ratio'])}) |"
+            f"{_f(r.get('kernel_eager_ratio')) if eager else '-'} | "
+            f"{_f(r['serve_step_ratio'])} / {_f(r['kernel_step_ratio'])} | "
+            f"{_f(r['serve_power_ratio'])} / {_f(r['kernel_power_ratio'])} | {add} |"
         )  # fmt: skip
     L.append("")
-    L.append("| precision | C | serving J/token | kernel J/token (linear layers + LM head) | serving step | "
-             "kernel step | serving step - kernel step | attention probe step (all layers) |")  # fmt: skip
-    L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    L.append("| precision | C | J/token through the proxy | J/token, probe (graphs) | serving step (window) | "
+             "ITL p50 | probe step (graphs) | probe step (no graphs) | serving step - probe step (graphs) | "
+             "attention probe, all layers | avg power: serving / probe |")  # fmt: skip
+    L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in doc["rows"]:
         L.append(
             f"| {r['precision']} | {r['concurrency']} | {_f(r['serve_j_per_token'])} | {_f(r['kernel_j_per_token'])} | "
-            f"{_f(None if r['serve_step_s'] is None else r['serve_step_s'] * 1e3)} ms | "
-            f"{_f(None if r['kernel_step_s'] is None else r['kernel_step_s'] * 1e3)} ms | "
-            f"{_f(None if r.get('serve_overhead_s') is None else r['serve_overhead_s'] * 1e3)} ms | "
-            f"{_f(None if r['attention_step_s'] is None else r['attention_step_s'] * 1e3)} ms |"
+            f"{_ms(r['serve_step_s'])} | {_ms(r['serve_itl_p50_s'])} | {_ms(r['kernel_step_s'])} | "
+            f"{_ms(r['kernel_eager_step_s'])} | {_ms(r['serve_minus_kernel_s'])} | {_ms(r['attention_step_s'])} | "
+            f"{_f(r['serve_avg_power_w'])} W / {_f(r['kernel_avg_power_w'])} W |"
         )  # fmt: skip
     return "\n".join(L) + "\n"
+
+
+def squeeze_log(text: str) -> str:
+    """A log with each run of identical consecutive lines (bitsandbytes warns once per 8-bit matmul) written
+    once, followed by how often it repeated."""
+    out: list[str] = []
+    prev: str | None = None
+    n = 0
+    for line in [*text.splitlines(), None]:
+        if line == prev:
+            n += 1
+            continue
+        if prev is not None:
+            out.append(prev if n == 1 else f"{prev}    [this line {n} times in a row]")
+        prev, n = line, 1
+    return "\n".join(out) + "\n"
+
+
+def collect(src: Path, dst: Path) -> None:
+    """Copy an unpacked results folder (``e2e-results.tar.gz``) to ``dst``, logs squeezed (squeeze_log)."""
+    for f in sorted(src.rglob("*")):
+        if f.is_dir():
+            continue
+        target = dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if f.suffix == ".log":
+            target.write_text(squeeze_log(f.read_text(errors="replace")))
+        else:
+            shutil.copyfile(f, target)
+        print(f"{target} ({target.stat().st_size:,} bytes)")
 
 
 def main() -> int:
@@ -830,15 +899,28 @@ def main() -> int:
     s.add_argument("--out", required=True)
     c = sub.add_parser("crosscheck", help="loadgen's J/token ratios against the kernel probe's")
     c.add_argument("--report", required=True)
-    c.add_argument("--calib", required=True, nargs="+")
+    c.add_argument("--calib", required=True, nargs="+", help="probe results with CUDA graphs")
+    c.add_argument("--calib-eager", nargs="+", help="probe results without CUDA graphs (--no-graph)")
     c.add_argument("--shape", default="qwen3-0.6b")
     c.add_argument("--out", required=True)
+    k = sub.add_parser("collect", help="copy an unpacked results folder, logs squeezed")
+    k.add_argument("--src", required=True)
+    k.add_argument("--dst", required=True)
     args = ap.parse_args()
+    if args.cmd == "collect":
+        collect(Path(args.src), Path(args.dst))
+        return 0
     if args.cmd == "summarise":
         summarise(Path(args.out))
         return 0
     if args.cmd == "crosscheck":
-        crosscheck(Path(args.report), [Path(x) for x in args.calib], args.shape, Path(args.out))
+        crosscheck(
+            Path(args.report),
+            [Path(x) for x in args.calib],
+            args.shape,
+            Path(args.out),
+            [Path(x) for x in args.calib_eager or []],
+        )
         return 0
     return run(args)
 

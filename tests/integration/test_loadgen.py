@@ -62,6 +62,8 @@ def test_embedded_default_report(embedded: Run) -> None:
         assert lv["energy_j"] > 0 and lv["j_per_token"] > 0
         assert lv["j_per_correct"] is None or lv["j_per_correct"] > 0
         assert lv["window_requests"] > 0 and lv["tokens_per_s"] > 0
+        [(w0, w1)] = lv["windows_monotonic_s"]  # one repeat: one window, on time.monotonic()
+        assert w1 - w0 == pytest.approx(lv["window_s"])
         lo, hi = lv["ci"]["j_per_token"]
         assert lo <= lv["j_per_token"] <= hi
         # the device counters over the window agree with the sum of the attributed records
