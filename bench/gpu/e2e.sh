@@ -11,7 +11,9 @@
 #
 # Needs, carried with the working tree as cp312 wheels (installed only when an import fails):
 #   .gpu-wheels/proxy/   the proxy's and transformers serve's packages (list: bench/gpu/real_nvml.sh)
-#   .gpu-wheels/loadgen/ rich, markdown-it-py, mdurl, pygments (loadgen's terminal output)
+#   .gpu-wheels/loadgen/ rich, markdown-it-py, mdurl, pygments (loadgen's terminal output):
+#     pip download --no-deps --only-binary :all: --python-version 3.12 --implementation cp --abi cp312 \
+#       --platform manylinux_2_17_x86_64 --platform any -d .gpu-wheels/loadgen rich markdown-it-py mdurl pygments
 #   .gpu-wheels/bitsandbytes-0.50.2-*.whl
 # matplotlib is optional: without it loadgen writes report.json, requests.csv and an HTML report without
 # plots; `python -m loadgen render <shape>/loadgen/report.json` (from the unpacked results) draws them.
