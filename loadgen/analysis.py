@@ -161,9 +161,16 @@ def observe(runs: Sequence[LevelRun], snapshots: dict[int, tuple[Any, Any]] | No
                 if d not in a["devices"] or d not in b["devices"]:
                     total = math.nan
                     break
-                total += b["devices"][d]["measured_j"] - a["devices"][d]["measured_j"]
+                total += _counter_j(b["devices"][d]) - _counter_j(a["devices"][d])
         obs.measured_window_j = None if math.isnan(total) else total
     return obs
+
+
+def _counter_j(device: dict[str, Any]) -> float:
+    """The device's energy counter as the proxy last read it: ``metered_j`` (every reading, settled or not);
+    ``measured_j`` (settled intervals only, seconds behind under load) from a proxy that does not report it."""
+    value = device.get("metered_j", device["measured_j"])
+    return float(value)
 
 
 # -- statistics ------------------------------------------------------------------------------------------

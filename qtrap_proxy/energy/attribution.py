@@ -157,7 +157,8 @@ class DeviceAccount:
     settle_s: float = 10.0
     prefill_weight: float = 1.0
     idle_power_w: float | None = None  # for the active policy: configured, else estimated from idle intervals
-    measured_j: float = 0.0
+    measured_j: float = 0.0  # over settled intervals (what conservation is checked on)
+    metered_j: float = 0.0  # everything the counter moved since the first reading, settled or not
     attributed_j: float = 0.0
     idle_j: float = 0.0
     settled_to: float | None = None  # end of the last settled interval
@@ -189,6 +190,7 @@ class DeviceAccount:
             if delta < 0:  # the counter went backwards: a driver reload, never negative energy
                 self.resets += 1
                 delta = 0.0
+            self.metered_j += delta
             self.pending.append(Interval(self.last_update_t, t, delta))
         if self.first_t is None:
             self.first_t = t

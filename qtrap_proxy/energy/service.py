@@ -208,6 +208,7 @@ class EnergyService(Background):
                     "updates": acc.updates,
                     "counter_resets": acc.resets,
                     "measured_j": acc.measured_j,
+                    "metered_j": acc.metered_j,
                     "attributed_j": acc.attributed_j,
                     "idle_j": acc.idle_j,
                     "foreign_j": acc.foreign_j,

@@ -165,3 +165,15 @@ def test_request_older_than_the_first_reading_is_unknown() -> None:
     done = _feed(acc, [(0.3, 0.0), (0.6, 30.0)], now=5.0)
     assert done == [tr] and not tr.energy_known and "first reading" in (tr.unknown_reason or "")
     assert acc.conservation_error_ratio() < 1e-12  # its share is still accounted on the device
+
+
+def test_metered_energy_follows_the_counter_before_intervals_settle() -> None:
+    """measured_j counts settled intervals only; metered_j is the counter as read, for attribution-free figures."""
+    acc = DeviceAccount("h:0", settle_s=10.0)
+    acc.track(Tracked(_tl("a", 0.05, None, [(0.1, 1)])))  # in flight: its intervals cannot settle yet
+    _feed(acc, [(0.0, 100.0), (0.1, 130.0), (0.2, 150.0), (0.3, 140.0), (0.4, 160.0)], now=0.45)
+    assert acc.measured_j == 0.0 and len(acc.pending) == 4
+    assert acc.metered_j == pytest.approx(
+        30.0 + 20.0 + 0.0 + 20.0
+    )  # a counter that went backwards adds nothing
+    assert acc.resets == 1
