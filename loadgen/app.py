@@ -190,6 +190,7 @@ async def _sweep(
                         max_tokens=max_tokens,
                         seed=args.seed,
                         timeout_s=args.timeout,
+                        extra_body=args.extra_body,
                     )
                     desc = f"{p} c={c}" + (f" r{repeat + 1}/{args.repeats}" if args.repeats > 1 else "")
                     display.level_start(desc, (warmup + num) if num else None)

@@ -59,6 +59,27 @@ def _weights(text: str) -> tuple[float, float, float]:
     return (w[0], w[1], w[2])
 
 
+# fields loadgen itself sets on every request: --extra-body may not replace them
+_OWN_FIELDS = ("model", "messages", "max_tokens", "temperature", "stream", "stream_options", "seed")
+
+
+def _extra_body(text: str) -> dict[str, object]:
+    import json
+
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e.msg} at character {e.pos}") from None
+    if not isinstance(doc, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"ignore_eos\": true}'")
+    own = [k for k in doc if k in _OWN_FIELDS]
+    if own:
+        raise argparse.ArgumentTypeError(
+            f"sets {', '.join(own)}, which loadgen sets itself (use its options)"
+        )
+    return doc
+
+
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
@@ -174,6 +195,14 @@ def run_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         metavar="N",
         help="max_tokens per request (default: 256 with --hops requests, 1024 with stream)",
+    )
+    w.add_argument(
+        "--extra-body",
+        type=_extra_body,
+        default={},
+        metavar="JSON",
+        help="fields added to every request body, e.g. '{\"ignore_eos\": true}' (vLLM: every answer runs to "
+        "--max-tokens, as `vllm bench serve` does with random weights); not the fields loadgen sets itself",
     )
     w.add_argument(
         "--timeout",

@@ -80,6 +80,7 @@ class ChatClient:
         seed: int | None = 0,
         temperature: float = 0.0,
         timeout_s: float = 600.0,
+        extra_body: dict[str, Any] | None = None,
     ) -> None:
         self.session = session
         self.url = base_url.rstrip("/") + "/v1/chat/completions"
@@ -87,6 +88,7 @@ class ChatClient:
         self.max_tokens = max_tokens
         self.seed = seed
         self.temperature = temperature
+        self.extra_body = dict(extra_body or {})  # engine sampling options, e.g. vLLM's ignore_eos
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)
 
     async def report_score(self, chain: str, correct: bool, hops: int) -> None:
@@ -106,6 +108,7 @@ class ChatClient:
 
     async def chat(self, prompt: str, *, chain: str, hop: int, headers: dict[str, str]) -> Exchange:
         body: dict[str, Any] = {
+            **self.extra_body,
             "model": self.model,
             "messages": [{"role": "user", "content": prompt}],
             "max_tokens": self.max_tokens,

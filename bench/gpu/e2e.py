@@ -125,10 +125,11 @@ def gpu_memory() -> list[dict[str, Any]] | str:
 
 
 # -- warm-up ---------------------------------------------------------------------------------------
-async def _warm(url: str, model: str, n: int, max_tokens: int) -> dict[str, Any]:
+async def _warm(url: str, model: str, n: int, max_tokens: int, extra: dict[str, Any]) -> dict[str, Any]:
     import aiohttp
 
     body = {
+        **extra,
         "model": model,
         "messages": [{"role": "user", "content": " ".join(f"w{i + 4}" for i in range(64))}],
         "max_tokens": max_tokens,
@@ -151,18 +152,109 @@ async def _warm(url: str, model: str, n: int, max_tokens: int) -> dict[str, Any]
     return {"n": n, "seconds": time.monotonic() - t0, "lines": sum(chunks)}
 
 
-def warm_up(urls: dict[str, str], model: str, sizes: list[int], max_tokens: int) -> dict[str, Any]:
+def warm_up(
+    urls: dict[str, str], model: str, sizes: list[int], max_tokens: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Direct requests to each server (not through the proxy): the first request starts transformers'
-    continuous-batching loop and allocates its cache; a wave of each loadgen concurrency follows."""
+    continuous-batching loop and allocates its cache (vLLM: its first batches of each size); a wave of each
+    loadgen concurrency follows."""
     out: dict[str, Any] = {}
     for p, url in urls.items():
-        out[p] = [asyncio.run(_warm(url, model, n, max_tokens)) for n in [1, *sizes]]
+        out[p] = [asyncio.run(_warm(url, model, n, max_tokens, extra or {})) for n in [1, *sizes]]
         print(f"warm-up {p}: " + ", ".join(f"{w['n']} in {w['seconds']:.1f} s" for w in out[p]), flush=True)
     return out
 
 
+# -- engines ---------------------------------------------------------------------------------------
+class Engine:
+    """What differs between serving engines: the model folders, the server commands, how the proxy
+    addresses a server. ``run`` does the rest (poller, proxy, loadgen, accounts) the same way for all."""
+
+    name = "engine"
+    modules: tuple[str, ...] = ()  # versions recorded in e2e-run.json
+
+    def build(
+        self, args: argparse.Namespace, work: Path, logs: Path, env: dict[str, str], result: dict[str, Any]
+    ) -> None:
+        raise NotImplementedError
+
+    def commands(self, args: argparse.Namespace, work: Path, ports: dict[str, int]) -> dict[str, list[str]]:
+        raise NotImplementedError
+
+    def env(self, args: argparse.Namespace, work: Path) -> dict[str, str]:
+        return {}
+
+    def model_id(self, args: argparse.Namespace, work: Path) -> str:
+        raise NotImplementedError
+
+    def backend(self, args: argparse.Namespace, work: Path, precision: str, url: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def extra_body(self) -> dict[str, Any]:
+        return {}
+
+    def after_up(
+        self, args: argparse.Namespace, urls: dict[str, str], out: Path, result: dict[str, Any]
+    ) -> None:
+        """Checks against the running servers before the measurement (none by default)."""
+
+    def after_proxy(
+        self, args: argparse.Namespace, proxy: str, urls: dict[str, str], out: Path, result: dict[str, Any]
+    ) -> None:
+        """Checks through the running proxy before the measurement (none by default)."""
+
+
+class ServeEngine(Engine):
+    """``transformers serve --continuous-batching``, one server per precision (bitsandbytes quantization)."""
+
+    name = "transformers-serve"
+    modules = ("bitsandbytes",)
+
+    def build(
+        self, args: argparse.Namespace, work: Path, logs: Path, env: dict[str, str], result: dict[str, Any]
+    ) -> None:
+        model_dir = work / args.shape
+        if (model_dir / "config.json").exists() and args.reuse_model:
+            return
+        built = subprocess.run(
+            [sys.executable, str(HERE.parent / "real_nvml.py"), "build", "--shape", args.shape,
+             "--dir", str(model_dir)],
+            env={**os.environ, **env}, capture_output=True, text=True,
+        )  # fmt: skip
+        (logs / "build.log").write_text(built.stdout + built.stderr)
+        if built.returncode != 0:
+            raise RuntimeError(f"model build failed: {built.stderr[-2000:]}")
+        result["model"] = json.loads(built.stdout.strip().splitlines()[-1])
+
+    def commands(self, args: argparse.Namespace, work: Path, ports: dict[str, int]) -> dict[str, list[str]]:
+        base = [sys.executable, "-m", "transformers.cli.transformers", "serve"]
+        help_text = subprocess.run(
+            [*base, "--help"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        ).stdout
+        common = ["--continuous-batching", "--host", "127.0.0.1", "--dtype", "bfloat16"]
+        if "--cb-num-blocks" in help_text and args.cb_num_blocks:
+            common += ["--cb-num-blocks", str(args.cb_num_blocks)]
+        if "--cb-max-batch-tokens" in help_text and args.cb_max_batch_tokens:
+            common += ["--cb-max-batch-tokens", str(args.cb_max_batch_tokens)]
+        common += args.serve_args.split()
+        return {
+            p: [*base, str(work / args.shape), *common, "--port", str(port),
+                *([] if args.no_quant else PRECISIONS[p])]
+            for p, port in ports.items()
+        }  # fmt: skip
+
+    def model_id(self, args: argparse.Namespace, work: Path) -> str:
+        return str(work / args.shape)
+
+    def backend(self, args: argparse.Namespace, work: Path, precision: str, url: str) -> dict[str, Any]:
+        return {"name": f"hf-{precision}", "kind": "openai", "url": url, "model": self.model_id(args, work),
+                "health_path": "/health"}  # fmt: skip
+
+
 # -- run -------------------------------------------------------------------------------------------
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, engine: Engine | None = None) -> int:
+    """The whole job for one shape (steps: the module docstring); ``engine`` starts the servers (default:
+    transformers serve; bench/gpu/vllm_e2e.py passes vLLM)."""
     import yaml
 
     from qtrap_proxy.localproc import child, free_port, stop, wait_http
@@ -175,8 +267,10 @@ def run(args: argparse.Namespace) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    engine = engine or ServeEngine()
     result: dict[str, Any] = {
         "bench": "e2e",
+        "engine": engine.name,
         "started": _now(),
         "host": platform.node(),
         "python": sys.version.split()[0],
@@ -205,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     versions: dict[str, str | None] = {}
-    for mod in ("torch", "transformers", "bitsandbytes", "aiohttp", "pynvml", "numpy", "rich", "matplotlib"):
+    for mod in ("torch", "transformers", *engine.modules, "aiohttp", "pynvml", "numpy", "rich", "matplotlib"):
         try:
             m = __import__(mod)
             versions[mod] = getattr(m, "__version__", "?")
@@ -228,46 +322,26 @@ def run(args: argparse.Namespace) -> int:
     poll_out = work / f"poll-{args.shape}.json"
     try:
         with ExitStack() as stack:
-            # 1. the model
-            model_dir = work / args.shape
+            # 1. the model(s); 2. the servers, side by side; their warm-up
             t0 = time.monotonic()
-            if not (model_dir / "config.json").exists() or not args.reuse_model:
-                built = subprocess.run(
-                    [sys.executable, str(HERE.parent / "real_nvml.py"), "build", "--shape", args.shape,
-                     "--dir", str(model_dir)],
-                    env={**os.environ, **env}, capture_output=True, text=True,
-                )  # fmt: skip
-                (logs / "build.log").write_text(built.stdout + built.stderr)
-                if built.returncode != 0:
-                    raise RuntimeError(f"model build failed: {built.stderr[-2000:]}")
-                result["model"] = json.loads(built.stdout.strip().splitlines()[-1])
+            engine.build(args, work, logs, env, result)
             step("build", t0)
-
-            # 2. the servers, side by side
-            base = [sys.executable, "-m", "transformers.cli.transformers", "serve"]
-            help_text = subprocess.run(
-                [*base, "--help"], env={**os.environ, **env}, capture_output=True, text=True
-            ).stdout
-            common = ["--continuous-batching", "--host", "127.0.0.1", "--dtype", "bfloat16"]
-            if "--cb-num-blocks" in help_text and args.cb_num_blocks:
-                common += ["--cb-num-blocks", str(args.cb_num_blocks)]
-            if "--cb-max-batch-tokens" in help_text and args.cb_max_batch_tokens:
-                common += ["--cb-max-batch-tokens", str(args.cb_max_batch_tokens)]
-            common += args.serve_args.split()
+            t0 = time.monotonic()
             ports = {p: free_port() for p in precisions}
             urls = {p: f"http://127.0.0.1:{port}" for p, port in ports.items()}
             procs: dict[str, subprocess.Popen[bytes]] = {}
-            cmds: dict[str, list[str]] = {}
-            t0 = time.monotonic()
+            cmds = engine.commands(args, work, ports)
+            senv = {**os.environ, **env, **engine.env(args, work)}
             for p in precisions:
-                quant = [] if args.no_quant else PRECISIONS[p]
-                cmd = [*base, str(model_dir), *common, "--port", str(ports[p]), *quant]
-                cmds[p] = cmd
                 with (logs / f"serve-{p}.log").open("wb") as f:
                     procs[p] = subprocess.Popen(
-                        cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
-                        env={**os.environ, **env},
-                    )  # fmt: skip
+                        cmds[p],
+                        stdout=f,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        cwd=ROOT,
+                        env=senv,
+                    )
                 stack.callback(stop, procs[p], signal.SIGTERM, 20.0)
                 if args.stagger_s:
                     time.sleep(args.stagger_s)
@@ -278,8 +352,11 @@ def run(args: argparse.Namespace) -> int:
 
             t0 = time.monotonic()
             sizes = [c for c in (args.warm_sizes or args.concurrency) if c > 1]
-            result["warm_up"] = warm_up(urls, str(model_dir), sizes, args.warm_tokens)
+            result["warm_up"] = warm_up(urls, engine.model_id(args, work), sizes, args.warm_tokens,
+                                        engine.extra_body())  # fmt: skip
             step("warm_up", t0, gpu_memory=gpu_memory())
+            engine.after_up(args, urls, out, result)
+            save()
 
             # 3. the independent counter
             poller = None
@@ -328,14 +405,10 @@ def run(args: argparse.Namespace) -> int:
                 "server": {"host": "127.0.0.1", "port": proxy_port},
                 "backends": [
                     {
-                        "name": f"hf-{p}",
+                        **engine.backend(args, work, p, urls[p]),
                         "pool": args.shape,
                         "precision": p,
-                        "kind": "openai",
-                        "url": urls[p],
-                        "model": str(model_dir),
                         "devices": [{"host": host, "index": 0}],
-                        "health_path": "/health",
                         "timeouts": {"read_s": 300},
                     }
                     for p in precisions
@@ -364,6 +437,8 @@ def run(args: argparse.Namespace) -> int:
                     if devs and all(d["meter_up"] and d["updates"] >= 3 for d in devs):
                         break
                     time.sleep(0.1)
+            engine.after_proxy(args, proxy, urls, out, result)
+            save()
             result["proxy_energy_before"] = _get_json(proxy + "/qtrap/v1/energy")
             result["proxy_energy_before_t"] = time.monotonic()
 
@@ -377,6 +452,9 @@ def run(args: argparse.Namespace) -> int:
                 "--bootstrap", str(args.bootstrap), "--final-timeout", "60", "--timeout", "300",
                 "--seed", str(args.seed), "--out", str(lg_out), "--quiet",
             ]  # fmt: skip
+            extra = engine.extra_body()
+            if extra:
+                lg += ["--extra-body", json.dumps(extra)]
             lg += (
                 ["--duration", str(args.duration)]
                 if args.duration

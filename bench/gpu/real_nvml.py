@@ -79,6 +79,16 @@ SHAPES: dict[str, dict[str, Any]] = {
         "vocab": 151936,
         "tie": False,
     },
+    "qwen3-32b": {
+        "hidden": 5120,
+        "inter": 25600,
+        "layers": 64,
+        "heads": 64,
+        "kv_heads": 8,
+        "head_dim": 128,
+        "vocab": 151936,
+        "tie": False,
+    },
     "tiny": {  # for a check of the flow on a CPU
         "hidden": 64,
         "inter": 128,
@@ -95,14 +105,13 @@ EOS_ID = 3
 
 
 # -- build -----------------------------------------------------------------------------------------
-def build_model(shape: str, out: Path) -> dict[str, Any]:
-    import torch
+def write_tokenizer(vocab: int, out: Path) -> None:
+    """A word-level tokenizer covering every id (``w<id>`` words after four specials) with a chat template,
+    so that servers load it offline and every generated id decodes to one word."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
-    s = SHAPES[shape]
-    t0 = time.monotonic()
-    words = SPECIALS + [f"w{i}" for i in range(s["vocab"] - len(SPECIALS))]
+    words = SPECIALS + [f"w{i}" for i in range(vocab - len(SPECIALS))]
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
@@ -117,7 +126,14 @@ def build_model(shape: str, out: Path) -> dict[str, Any]:
         "{% for m in messages %}<|im_start|> {{ m['content'] }} <|im_end|> {% endfor %}<|im_start|>"
     )
     fast.save_pretrained(out)
-    cfg = Qwen3Config(
+
+
+def qwen3_config(shape: str) -> Any:
+    """transformers' Qwen3Config of a shape (public config.json values; EOS id 3, see SPECIALS)."""
+    from transformers import Qwen3Config
+
+    s = SHAPES[shape]
+    return Qwen3Config(
         vocab_size=s["vocab"],
         hidden_size=s["hidden"],
         intermediate_size=s["inter"],
@@ -133,6 +149,16 @@ def build_model(shape: str, out: Path) -> dict[str, Any]:
         pad_token_id=1,
         tie_word_embeddings=s["tie"],
     )
+
+
+def build_model(shape: str, out: Path) -> dict[str, Any]:
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    s = SHAPES[shape]
+    t0 = time.monotonic()
+    write_tokenizer(s["vocab"], out)
+    cfg = qwen3_config(shape)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)

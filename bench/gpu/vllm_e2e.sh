@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Real vLLM behind qtrap-proxy on the GPU test machine, one shape per command (what each step does:
+# bench/gpu/vllm_e2e.py's docstring). Re-runnable from a clean checkout with the prepared archives.
+#
+# vLLM 0.26.0 travels in two archives, built here once (about 6 minutes; git-ignored):
+#   bash <the vLLM packing script> .gpu-vllm     -> .gpu-vllm/{A.tar.xz,B.tar.xz,manifest.sha256,unpack.sh}
+# and the proxy's few packages that neither the machine nor vLLM's set has, as cp312 wheels:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     --platform any -d .gpu-wheels/vllm-proxy pydantic-settings python-dotenv orjson PyYAML click h11 anyio \
+#     idna typing-extensions
+# Each command carries at most 64 MiB, so the set-up takes two commands sent back to back (the machine stays
+# warm, and /tmp with it, for 30 s after a command):
+#   1. carry .gpu-vllm/A.tar.xz .gpu-vllm/unpack.sh .gpu-vllm/manifest.sha256:   bash bench/gpu/vllm_e2e.sh
+#      (unpacks A, writes the model folders of $SHAPES, exits 3: "send B")
+#   2. carry .gpu-vllm/B.tar.xz .gpu-vllm/unpack.sh .gpu-vllm/manifest.sha256 .gpu-wheels/vllm-proxy:
+#      SHAPES=qwen3-8b bash bench/gpu/vllm_e2e.sh        (the sweep; about 10 minutes)
+#   3. later shapes on the same warm machine: carry .gpu-wheels/vllm-proxy only.
+# Results: $RES/<shape>[-$TAG]/ (e2e-run.json, e2e-summary.md, loadgen/, protocol/, logs/, poll.json.gz,
+# ledger.sqlite.gz), packed into $OUT/vllm-results.tar.gz after every step, console in $OUT/run.log.
+#
+# Environment: SHAPES (default qwen3-0.6b), PRECISIONS (default bf16,fp8,w8a8,w4a16), CONCURRENCY (default
+# 1,4,16,64,128,256), DURATION_S (steady state per level, default 8), MAX_TOKENS (default 64), KV_TOKENS
+# (KV cache per server, default 120000), TAG, TOTAL_S (whole command, default 575), RUN_ARGS (more
+# vllm_e2e.py run options), OUT (default ./vllm-out), RES (default /tmp/qtrap-vllm-results).
+# A check of the flow on a CPU, without vLLM (qtrap-sim speaks vLLM's API; nothing here is a measurement):
+#   ENGINE=sim REQUIRE_CUDA=0 RUN_ARGS="--meter sim" CONCURRENCY=1,4 DURATION_S=2 bash bench/gpu/vllm_e2e.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+START=$(date +%s)
+TOTAL_S=${TOTAL_S:-575}
+OUT=${OUT:-vllm-out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+RES=${RES:-/tmp/qtrap-vllm-results}
+mkdir -p "$RES"
+exec > >(tee -a "$OUT/run.log") 2>&1
+pack() { tar -czf "$OUT/vllm-results.tar.gz" -C "$RES" . 2>/dev/null; }
+trap pack EXIT
+export PYTHONUNBUFFERED=1
+ENGINE=${ENGINE:-vllm}
+SITE=/tmp/vsite
+echo "vllm_e2e: $(date -u +%FT%TZ), engine $ENGINE, shapes ${SHAPES:-qwen3-0.6b}, commit $(git rev-parse --short HEAD 2>/dev/null)"
+
+if [ "$ENGINE" = vllm ]; then
+  bash .gpu-vllm/unpack.sh
+  unpacked=$?
+else
+  unpacked=0
+fi
+
+# the proxy and loadgen run on the machine's python3 with vLLM's packages (one version of each package
+# across both), plus the wheels of whatever still fails to import
+PKGS=/tmp/qtrap-vllm-pkgs
+mkdir -p "$PKGS"
+export PYTHONPATH="$PWD:$PKGS${PYTHONPATH:+:$PYTHONPATH}"
+[ "$ENGINE" = vllm ] && export PYTHONPATH="$PYTHONPATH:$SITE"
+need=()
+for pair in pydantic_settings:pydantic_settings dotenv:python_dotenv orjson:orjson yaml:pyyaml click:click \
+  h11:h11 anyio:anyio idna:idna typing_extensions:typing_extensions; do
+  mod=${pair%%:*} whl=${pair##*:}
+  if ! python3 -c "import $mod" 2>/dev/null; then
+    f=(.gpu-wheels/vllm-proxy/"$whl"-*.whl)
+    if [ -e "${f[0]}" ]; then need+=("${f[0]}"); else echo "MISSING WHEEL for $mod: .gpu-wheels/vllm-proxy/$whl-*.whl"; fi
+  fi
+done
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "installing ${#need[@]} wheels: ${need[*]##*/}"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$PKGS" "${need[@]}" 2>&1 | tail -3
+fi
+
+SHAPE_LIST=${SHAPES:-qwen3-0.6b}
+# model folders (config and tokenizer only: the servers use --load-format dummy)
+for shape in $SHAPE_LIST; do
+  python3 bench/gpu/vllm_e2e.py models --shape "$shape" --dir /tmp/qtrap-vllm/models >/dev/null ||
+    echo "model folders for $shape: failed"
+done
+if [ "$unpacked" -ne 0 ]; then
+  echo "vLLM part B is not unpacked yet: send the second command (carry B) within 30 s"
+  exit 3
+fi
+
+if ! python3 - <<'EOF'; then
+import importlib, os, sys
+mods = ["qtrap_proxy.server", "qtrap_proxy.energy.service", "qtrap_proxy.ledger", "aiohttp", "yaml", "orjson",
+        "uvicorn", "starlette", "pydantic", "pydantic_settings", "prometheus_client", "numpy", "rich",
+        "loadgen.app", "loadgen.analysis", "tokenizers", "transformers"]
+if os.environ.get("REQUIRE_CUDA", "1") == "1":
+    mods += ["pynvml", "torch", "vllm"]
+bad = []
+for m in mods:
+    try:
+        mod = importlib.import_module(m)
+        print(f"  {m} {getattr(mod, '__version__', '')}")
+    except Exception as e:
+        bad.append(f"{m}: {type(e).__name__}: {e}")
+if os.environ.get("REQUIRE_CUDA", "1") == "1":
+    import torch
+    if not torch.cuda.is_available():
+        bad.append("torch: no CUDA device")
+if bad:
+    print("IMPORT CHECK FAILED:\n  " + "\n  ".join(bad))
+    sys.exit(1)
+EOF
+  echo "missing packages: see above"
+  exit 3
+fi
+nvidia-smi --query-gpu=name,driver_version,power.limit,power.draw,clocks.max.sm,memory.total,memory.used \
+  --format=csv >"$RES/gpu.csv" 2>&1
+cat "$RES/gpu.csv"
+
+left() { echo $((START + TOTAL_S - $(date +%s))); }
+for shape in $SHAPE_LIST; do
+  now=$(date +%s)
+  l=$(left)
+  if [ "$l" -lt 240 ]; then
+    echo "== skipping $shape: only $l s left"
+    continue
+  fi
+  dir="$RES/$shape${TAG:+-$TAG}"
+  mkdir -p "$dir"
+  echo "== $shape: $l s left"
+  export QTRAP_DEADLINE_UNIX=$((now + l - 15))
+  # shellcheck disable=SC2086
+  timeout --signal=TERM --kill-after=15 $((l - 5)) python3 bench/gpu/vllm_e2e.py run --engine "$ENGINE" \
+    --vllm-site "$SITE" --shape "$shape" --out "$dir" --work /tmp/qtrap-vllm \
+    --precisions "${PRECISIONS:-bf16,fp8,w8a8,w4a16}" --concurrency "${CONCURRENCY:-1,4,16,64,128,256}" \
+    --duration "${DURATION_S:-8}" --max-tokens "${MAX_TOKENS:-64}" --kv-tokens "${KV_TOKENS:-120000}" \
+    ${RUN_ARGS:-}
+  echo "== $shape: exit $?, $(($(date +%s) - now)) s"
+  pack
+done
+echo "done in $(($(date +%s) - START)) s"
