@@ -91,6 +91,25 @@ class ProfileError(ValueError):
     pass
 
 
+def kernel_of(gpu: str, precision: str) -> str | None:
+    """The kernel a precision label runs on a GPU profile: the profile's own ``precisions`` table (an H200
+    profile calibrated to vLLM maps ``int4`` to vLLM's W4A16 kernel) over ``KERNEL_OF_PRECISION``."""
+    try:
+        own = load_profile(gpu).get("precisions", {})
+    except ProfileError:
+        own = {}
+    label = precision.lower()
+    return own.get(label) or KERNEL_OF_PRECISION.get(label)
+
+
+def precision_labels(gpu: str) -> dict[str, str]:
+    """Every precision label a GPU profile knows, with its kernel (those whose kernel it has)."""
+    prof = load_profile(gpu)
+    have = {k for m in prof["models"].values() for k in m["kernels"]}
+    table = {**KERNEL_OF_PRECISION, **prof.get("precisions", {})}
+    return {label: k for label, k in sorted(table.items()) if k in have}
+
+
 @cache
 def load_profile(gpu: str) -> dict[str, Any]:
     try:
