@@ -11,11 +11,13 @@
 #     idna typing-extensions
 # Each command carries at most 64 MiB, so the set-up takes two commands sent back to back (the machine stays
 # warm, and /tmp with it, for 30 s after a command):
-#   1. carry .gpu-vllm/A.tar.xz .gpu-vllm/unpack.sh .gpu-vllm/manifest.sha256:   bash bench/gpu/vllm_e2e.sh
-#      (unpacks A, writes the model folders of $SHAPES, exits 3: "send B")
-#   2. carry .gpu-vllm/B.tar.xz .gpu-vllm/unpack.sh .gpu-vllm/manifest.sha256 .gpu-wheels/vllm-proxy:
-#      SHAPES=qwen3-8b bash bench/gpu/vllm_e2e.sh        (the sweep; about 10 minutes)
-#   3. later shapes on the same warm machine: carry .gpu-wheels/vllm-proxy only.
+#   1. carry .gpu-vllm/A.tar.xz .gpu-vllm/unpack.sh .gpu-vllm/manifest.sha256 .gpu-wheels/vllm-proxy:
+#      bash bench/gpu/vllm_e2e.sh   (unpacks A, installs the wheels, writes the model folders of $SHAPES,
+#      exits 3: "send B")
+#   2. carry .gpu-vllm/B.tar.xz .gpu-vllm/unpack.sh .gpu-vllm/manifest.sha256 (B is 55.8 MB: with the working
+#      tree it must stay under 64 MiB; the wheels were installed by command 1):
+#      SHAPES=qwen3-8b bash bench/gpu/vllm_e2e.sh        (the sweep; about 8-10 minutes)
+#   3. later shapes on the same warm machine: nothing to carry.
 # Results: $RES/<shape>[-$TAG]/ (e2e-run.json, e2e-summary.md, loadgen/, protocol/, logs/, poll.json.gz,
 # ledger.sqlite.gz), packed into $OUT/vllm-results.tar.gz after every step, console in $OUT/run.log.
 #
