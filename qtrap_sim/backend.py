@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 import time
 import uuid
@@ -11,8 +13,9 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -28,6 +31,27 @@ from qtrap_sim.textgen import ScriptedText, TextStream
 _KEEP_TRUTH = 100_000
 _LAT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKENS = (1, 8, 32, 128, 512, 2048, 8192, 32768)
+# vLLM's bucket boundaries (vllm/v1/metrics/buckets.py)
+# fmt: off
+_VLLM_REQUEST_LATENCY = (0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920,
+                         7680)
+_VLLM_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160,
+              640, 2560)
+_VLLM_ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
+_VLLM_ITERATION_TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# fmt: on
+
+
+def _vllm_1_2_5(max_value: int) -> list[float]:
+    """vLLM's ``build_1_2_5_buckets`` (per-request token counts): 1, 2, 5, 10, 20, 50, ... up to ``max_value``."""
+    out: list[float] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_value:
+                return out
+            out.append(m * scale)
+        scale *= 10
 
 
 class SimBackendConfig(BaseModel):
@@ -121,35 +145,108 @@ class SimBackend:
 
     # -- metrics -------------------------------------------------------------
     def _vllm_metrics(self) -> None:
+        """vLLM's metric families, names, types, labels and bucket boundaries (vllm/v1/metrics/loggers.py)."""
         r, name = self.registry, self.cfg.served_name
         labels = ("model_name", "engine")
+
+        def hist(metric: str, doc: str, buckets: Iterable[float]) -> Histogram:
+            return Histogram(metric, doc, labels, buckets=tuple(buckets), registry=r).labels(name, "0")
+
         self.m_prompt = Counter("vllm:prompt_tokens", "Prefill tokens processed", labels, registry=r).labels(
             name, "0"
         )
         self.m_gen = Counter(
             "vllm:generation_tokens", "Generation tokens processed", labels, registry=r
         ).labels(name, "0")
+        # the simulator never preempts (a request keeps its slot from admission to its end): always 0
+        Counter(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine.", labels, registry=r
+        ).labels(name, "0")
         self.m_success = Counter(
             "vllm:request_success", "Finished requests", (*labels, "finished_reason"), registry=r
         )
-        self.m_ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "Time to first token", labels, buckets=_LAT, registry=r
-        ).labels(name, "0")
-        self.m_e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "End-to-end request latency", labels, buckets=_LAT, registry=r
-        ).labels(name, "0")
-        self.m_queue = Histogram(
-            "vllm:request_queue_time_seconds", "Time spent waiting", labels, buckets=_LAT, registry=r
-        ).labels(name, "0")
+        self.m_ttft = hist("vllm:time_to_first_token_seconds", "Time to first token", _VLLM_TTFT)
+        self.m_e2e = hist(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency", _VLLM_REQUEST_LATENCY
+        )
+        self.m_queue = hist(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            _VLLM_REQUEST_LATENCY,
+        )
+        self.m_prefill = hist(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            _VLLM_REQUEST_LATENCY,
+        )
+        self.m_decode = hist(
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            _VLLM_REQUEST_LATENCY,
+        )
+        self.m_inference = hist(
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            _VLLM_REQUEST_LATENCY,
+        )
+        self.m_tpot = hist(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            _VLLM_ITL,
+        )
+        per_request = _vllm_1_2_5(self.cfg.max_model_len)
+        self.m_req_prompt = hist(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", per_request
+        )
+        self.m_req_gen = hist(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", per_request
+        )
+        self.m_iter_tokens = hist(
+            "vllm:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            _VLLM_ITERATION_TOKENS,
+        )
+        # every decoding request of a step has the same inter-token latency: one weighted observe per step
+        self.m_itl = _StepHistogram(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            _VLLM_ITL,
+            dict(zip(labels, (name, "0"), strict=True)),
+        )
+        r.register(self.m_itl)
         r.register(_EngineGauges(self, "vllm"))
         # as vLLM's iteration stats: prompt tokens when a prefill completes, generated tokens every step
         self.engine.on_step = self._count_step
 
-    def _count_step(self, prefilled: int, generated: int) -> None:
+    def _count_step(self, prefilled: int, generated: int, decoded: int, itl_s: float) -> None:
         if prefilled:
             self.m_prompt.inc(prefilled)
         if generated:
             self.m_gen.inc(generated)
+        self.m_iter_tokens.observe(prefilled + generated)
+        if decoded:
+            self.m_itl.observe(itl_s, decoded)
+
+    def _observe_finished(self, req: SimRequest, end: float) -> None:
+        """A finished request's histograms, as vLLM's FinishedRequestStats.
+
+        queued = admitted - arrival; prefill = first token - admitted; decode = last token - first token;
+        inference = last token - admitted (prefill + decode); time per output token = decode / (tokens - 1).
+        A request that produced no token has 0 for all of them (vLLM clamps them so); one never admitted
+        waited until it ended.
+        """
+        admitted = req.admitted_at if req.admitted_at is not None else end
+        self.m_queue.observe(admitted - req.arrival)
+        first, last = req.first_token_at, req.last_token_at
+        prefill = decode = inference = 0.0
+        if first is not None and last is not None:
+            prefill, decode, inference = first - admitted, last - first, last - admitted
+        self.m_prefill.observe(prefill)
+        self.m_decode.observe(decode)
+        self.m_inference.observe(inference)
+        self.m_tpot.observe(decode / (req.generated - 1) if req.generated > 1 else 0.0)
+        self.m_req_prompt.observe(req.prompt_tokens)
+        self.m_req_gen.observe(req.generated)
 
     def _tgi_metrics(self) -> None:
         r = self.registry
@@ -326,12 +423,35 @@ class SimBackend:
             self.m_e2e.observe(end - req.arrival)
             if req.first_token_at is not None:
                 self.m_ttft.observe(req.first_token_at - req.arrival)
+            if self.cfg.api == "vllm":
+                self._observe_finished(req, end)
             self.finished[reason] = self.finished.get(reason, 0) + 1
 
     def _success_labels(self, reason: str) -> tuple[str, ...]:
         if self.cfg.api == "vllm":
             return (self.cfg.served_name, "0", reason)
         return (reason,)
+
+
+class _StepHistogram(Collector):
+    """A histogram that takes a value with a count: one observe for a step's many equal samples."""
+
+    def __init__(self, name: str, doc: str, buckets: Iterable[float], labels: dict[str, str]) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self.bounds = [float(b) for b in buckets]
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf's
+        self.sum = 0.0
+
+    def observe(self, value: float, count: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += count  # a bucket holds values <= its bound
+        self.sum += value * count
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        h = HistogramMetricFamily(self.name, self.doc, labels=list(self.labels))
+        cumulative = itertools.accumulate(self.counts)
+        les = [*map(floatToGoString, self.bounds), "+Inf"]
+        h.add_metric(list(self.labels.values()), list(zip(les, cumulative, strict=True)), self.sum)
+        yield h
 
 
 class _EngineGauges(Collector):

@@ -37,7 +37,9 @@ class SimRequest:
     arrival: float = field(default_factory=time.monotonic)
     generated: int = 0
     prefilled: bool = False
+    admitted_at: float | None = None  # moved from waiting to running (vLLM's first SCHEDULED event)
     first_token_at: float | None = None
+    last_token_at: float | None = None  # its last token (vLLM's last_token_ts): set when it finishes
     finished_at: float | None = None
     finish_reason: str | None = None  # "length", "stop", "abort"
     stop_at_end: bool = False  # the answer ends at max_tokens by itself (finish_reason "stop")
@@ -79,9 +81,12 @@ class Engine(Background):
         self.waiting: deque[SimRequest] = deque()
         self.stats = EngineStats()
         self._wake = asyncio.Event()
-        # called after each step with (prompt tokens whose prefill completed, tokens generated), as an
-        # engine's iteration stats are: the backend's token counters follow it
-        self.on_step: Callable[[int, int], None] | None = None
+        # called after each step with (prompt tokens whose prefill completed, tokens generated, how many of
+        # those were decoded by requests past their prefill, seconds since the previous step ended: the
+        # inter-token latency of each of those), as an engine's iteration stats are: the backend's token
+        # counters and per-step histograms follow it
+        self.on_step: Callable[[int, int, int, float], None] | None = None
+        self._last_step_end = 0.0  # every running request past its prefill got its latest token then
 
     def submit(self, req: SimRequest) -> None:
         self.waiting.append(req)
@@ -95,6 +100,8 @@ class Engine(Background):
         req.finished_at = time.monotonic()
         if req in self.running:
             self.running.remove(req)
+            if req.prefilled:
+                req.last_token_at = self._last_step_end
         else:
             try:
                 self.waiting.remove(req)
@@ -115,8 +122,12 @@ class Engine(Background):
                 self._wake.clear()
                 await self._wake.wait()
                 deadline = time.monotonic()
-            while self.waiting and len(self.running) < self.max_num_seqs:
-                self.running.append(self.waiting.popleft())
+            if self.waiting and len(self.running) < self.max_num_seqs:
+                admitted = time.monotonic()
+                while self.waiting and len(self.running) < self.max_num_seqs:
+                    r = self.waiting.popleft()
+                    r.admitted_at = admitted
+                    self.running.append(r)
             batch = list(self.running)  # who pays for this step, even if aborted during it
             rows = ctx = 0
             for r in batch:
@@ -161,21 +172,24 @@ class Engine(Background):
                     r.true_energy_j += shared + (cost.row_j + cost.ctx_j) * r.prompt_tokens
                 r.steps += 1
             finished: list[SimRequest] = []
-            prefilled_tokens = generated_now = 0
+            prefilled_tokens = generated_now = first_tokens = 0
             for r in self.running:
                 if not r.prefilled:
                     r.prefilled = True
                     r.first_token_at = end
                     prefilled_tokens += r.prompt_tokens
+                    first_tokens += 1
                 r.generated += 1
                 generated_now += 1
                 st.tokens += 1
                 if r.generated >= r.max_tokens:
                     r.finish_reason = "stop" if r.stop_at_end else "length"
-                    r.finished_at = end
+                    r.finished_at = r.last_token_at = end
                     finished.append(r)
                 r._event.set()
             for r in finished:
                 self.running.remove(r)
+            self._last_step_end = end
             if self.on_step is not None:
-                self.on_step(prefilled_tokens, generated_now)
+                # a decoding request got its previous token when the previous step ended (t_from)
+                self.on_step(prefilled_tokens, generated_now, generated_now - first_tokens, end - t_from)
