@@ -110,7 +110,9 @@ def main() -> int:
         print(f"{shape}: done", file=sys.stderr, flush=True)
     print(markdown(rows))
     slips = {
-        f"{r['shape']} {r['precision']}": (r["slip"] or {}).get("engine", r["slip"]) for r in rows if r["slip"]
+        f"{r['shape']} {r['precision']}": (r["slip"] or {}).get("engine", r["slip"])
+        for r in rows
+        if r["slip"]
     }
     print("engine real-time slip (from /sim/v1/energy):", json.dumps(slips, default=str)[:2000])
     return 0

@@ -135,7 +135,9 @@ def _target(
             else [str(datasets.write_source(problems, work / f"{args.dataset}.data"))]
         )
     try:
-        stack_cm = embedded_stack(args.model or "qwen3-8b", precisions, oracle, work, args.sim_think_tokens)
+        stack_cm = embedded_stack(
+            args.model or "qwen3-8b", precisions, oracle, work, args.sim_think_tokens, gpu=args.sim_gpu
+        )
         stack = stack_cm.__enter__()
     except (ValueError, RuntimeError, OSError) as e:
         raise Fail(
@@ -347,7 +349,9 @@ def run(args: argparse.Namespace) -> int:
         accuracy_null_reason=args.no_score,
     )
     config = {
-        "proxy": args.proxy or "embedded default (qtrap_sim, simulated H100)",
+        "proxy": args.proxy
+        or f"embedded default (qtrap_sim, simulated {args.sim_gpu.upper()}"
+        + (", calibrated to vLLM 0.26 serving)" if args.sim_gpu == "h200" else ", 2026-11 kernel probe)"),
         "model": args.model or "qwen3-8b",
         "precisions": precisions,
         "baseline": baseline,
@@ -361,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
         "repeats": args.repeats,
         "seed": args.seed,
         "max_tokens": args.max_tokens or (1024 if args.hops == "stream" else 256),
+        "extra_body": args.extra_body,
         "bootstrap": args.bootstrap,
         "index_weights": list(args.index_weights),
         "scoring": "strict (#### N / Answer: letter); flexible reported alongside"

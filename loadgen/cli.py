@@ -19,7 +19,7 @@ from loadgen import __version__
 from loadgen.datasets import DATASETS
 
 EPILOG = """examples:
-  python -m loadgen --concurrency 1,8,64                       # embedded default, simulated H100s
+  python -m loadgen --concurrency 1,8,64                       # embedded default, simulated H200s
   python -m loadgen --proxy http://127.0.0.1:8080 --model qwen3-8b --dataset gsm8k \\
       --data-file gsm8k/test.jsonl --concurrency 1,4,16,64 --num-chains 200 --repeats 3
   python -m loadgen compare small/report.json large/report.json
@@ -110,7 +110,8 @@ def run_parser() -> argparse.ArgumentParser:
         "--proxy",
         metavar="URL",
         help="a running qtrap proxy; without it the embedded default starts "
-        "simulated backends (BF16, INT8, INT4 on simulated H100s) and a proxy, and stops them afterwards",
+        "simulated backends (BF16, FP8, INT8 W8A8, INT4 W4A16 on simulated H200s calibrated to real vLLM serving) "
+        "and a proxy, and stops them afterwards",
     )
     t.add_argument(
         "--model",
@@ -124,6 +125,14 @@ def run_parser() -> argparse.ArgumentParser:
         help="precisions to sweep, e.g. bf16,int4 (default: every precision the proxy serves for the model)",
     )
     t.add_argument("--baseline", help="precision the others are compared with (default: fp16, else bf16)")
+    t.add_argument(
+        "--sim-gpu",
+        choices=["h200", "h100"],
+        default="h200",
+        help="embedded default only: the simulator's profile: h200 (default; calibrated to real vLLM 0.26 "
+        "serving on an H200) or h100 (the 2026-11 kernel probe on an H100: fused INT4 (tinygemm) and "
+        "bitsandbytes what-ifs no production server runs)",
+    )
     t.add_argument(
         "--sim-think-tokens",
         type=int,

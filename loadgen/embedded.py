@@ -1,7 +1,8 @@
 """The embedded default: simulated backends of one calibrated model and a qtrap proxy, as child processes.
 
 One qtrap_sim process serves the model at each precision on its own simulated
-H100 (vLLM's API, calibrated step time and power, dcgm-exporter energy counters);
+H200 (vLLM's API; step time and power calibrated to real vLLM 0.26 serving on an
+H200, docs/results/h200-vllm-2026-12-05; dcgm-exporter energy counters);
 a qtrap-proxy in front of them meters those counters with its DCGM meter and
 writes the ledger. Everything binds to 127.0.0.1 and is stopped on exit.
 """
@@ -20,8 +21,9 @@ import yaml
 
 from qtrap_proxy.localproc import child, free_port
 
-PRECISIONS = ("bf16", "int8", "int4")
-MODELS = ("qwen3-8b", "qwen3-0.6b")
+PRECISIONS = ("bf16", "fp8", "int8", "int4")  # on the H200 profile: CUTLASS FP8, CUTLASS W8A8, Machete W4A16
+GPU = "h200"  # the simulator's profile calibrated to real vLLM serving
+MODELS = ("qwen3-8b", "qwen3-0.6b", "qwen3-32b")  # the shapes the H200 profile has
 THINK_TOKENS = 32  # mean <think> words before each simulated answer, as a reasoning model writes
 
 
@@ -39,6 +41,7 @@ def configs(
     oracle_data: list[str],
     think_tokens: int = 0,
     token_counters: bool = False,
+    gpu: str = GPU,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, int], int]:
     ports = {p: free_port() for p in precisions}
     proxy_port = free_port()
@@ -48,6 +51,7 @@ def configs(
                 "name": f"{model}-{p}",
                 "model": model,
                 "precision": p,
+                "gpu": gpu,
                 "port": port,
                 "oracle_data": oracle_data,
                 "think_tokens": think_tokens,
@@ -89,16 +93,19 @@ def embedded_stack(
     workdir: Path | None = None,
     think_tokens: int = THINK_TOKENS,
     token_counters: bool = False,
+    gpu: str = GPU,
 ) -> Iterator[Stack]:
     """Start the simulated fleet and the proxy; stop both when the block ends. ``token_counters``: the proxy
-    reads the simulated backends' token counters (as replicas sharing backends do)."""
+    reads the simulated backends' token counters (as replicas sharing backends do); ``gpu``: the simulator's
+    profile (``h200``: calibrated to real vLLM serving; ``h100``: the 2026-11 kernel probe, whose fused INT4
+    what-if crosses BF16 at low load)."""
     if model not in MODELS:
         raise ValueError(
-            f"the embedded default simulates {' or '.join(MODELS)}, not {model!r}; use --proxy URL"
+            f"the embedded default simulates {', '.join(MODELS)}, not {model!r}; use --proxy URL"
         )
     work = workdir or Path(tempfile.mkdtemp(prefix="qtrap-loadgen-"))
     sim_cfg, proxy_cfg, ports, proxy_port = configs(
-        model, precisions, work, oracle_data or [], think_tokens, token_counters
+        model, precisions, work, oracle_data or [], think_tokens, token_counters, gpu
     )
     (work / "sim.yaml").write_text(yaml.safe_dump(sim_cfg))
     (work / "proxy.yaml").write_text(yaml.safe_dump(proxy_cfg))

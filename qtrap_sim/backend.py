@@ -25,7 +25,16 @@ from qtrap_proxy.asgi import run_until_disconnect
 from qtrap_sim.engine import Engine, SimRequest
 from qtrap_sim.gpu import SimGPU
 from qtrap_sim.oracle import Oracle, default_hop_accuracy, load_problems
-from qtrap_sim.perf import KERNEL_OF_PRECISION, CalibratedPerf, LinearPerf, PerfModel, ProfileError
+from qtrap_sim.perf import (
+    CalibratedPerf,
+    LinearPerf,
+    PerfModel,
+    ProfileError,
+    kernel_of,
+    load_profile,
+    precision_labels,
+)
+from qtrap_sim.prefix_cache import PrefixCache
 from qtrap_sim.textgen import ScriptedText, TextStream
 
 _KEEP_TRUTH = 100_000
@@ -81,6 +90,9 @@ class SimBackendConfig(BaseModel):
     think_tokens: int = Field(
         0, ge=0, description="oracle answers: mean words of <think> filler written before the answer"
     )
+    prefix_caching: bool = Field(
+        True, description="reuse cached prompt blocks as vLLM's automatic prefix caching does (its default)"
+    )
     hop_accuracy: float | None = Field(
         None, ge=0, le=1, description="per-hop accuracy (default: by model, kernel)"
     )
@@ -95,7 +107,7 @@ class SimBackendConfig(BaseModel):
 
     @property
     def kernel_name(self) -> str | None:
-        return self.kernel or KERNEL_OF_PRECISION.get(self.precision.lower())
+        return self.kernel or kernel_of(self.gpu, self.precision)
 
     def perf_model(self) -> PerfModel:
         if self.step_ms is not None:
@@ -103,8 +115,8 @@ class SimBackendConfig(BaseModel):
         kernel = self.kernel_name
         if kernel is None:
             raise ProfileError(
-                f"precision {self.precision!r} maps to no calibrated kernel; set kernel "
-                f"(one of {', '.join(sorted(set(KERNEL_OF_PRECISION.values())))})"
+                f"precision {self.precision!r} maps to no calibrated kernel on {self.gpu!r}; use one of "
+                f"{', '.join(precision_labels(self.gpu))} or set kernel"
             )
         return CalibratedPerf(self.gpu, self.model, kernel)
 
@@ -121,7 +133,11 @@ class SimBackend:
     def __init__(self, cfg: SimBackendConfig) -> None:
         self.cfg = cfg
         self.perf = cfg.perf_model()
-        gpu_name = "NVIDIA H100 80GB HBM3 (simulated)" if cfg.gpu == "h100" else f"{cfg.gpu} (simulated)"
+        try:
+            gpu_name = f"{load_profile(cfg.gpu).get('gpu_name', cfg.gpu)} (simulated)"
+        except ProfileError:
+            gpu_name = f"{cfg.gpu} (simulated)"
+        self.prefix_cache = PrefixCache() if cfg.prefix_caching else None
         self.gpu = SimGPU(cfg.gpu_index, gpu_name, self.perf.idle_power_w)
         self.engine = Engine(
             self.perf, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len, gpu=self.gpu
@@ -138,6 +154,8 @@ class SimBackend:
         self.registry = CollectorRegistry()
         self.started_unix_s = int(time.time())
         self.finished: dict[str, int] = {}
+        self.m_prefix_queries: Any = None  # vLLM's API only
+        self.m_prefix_hits: Any = None
         if cfg.api == "vllm":
             self._vllm_metrics()
         else:
@@ -157,6 +175,17 @@ class SimBackend:
         )
         self.m_gen = Counter(
             "vllm:generation_tokens", "Generation tokens processed", labels, registry=r
+        ).labels(name, "0")
+        # prefix caching (qtrap_sim/prefix_cache.py), counted in prompt tokens as vLLM counts them
+        self.m_prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", labels,
+            registry=r,
+        ).labels(name, "0")  # fmt: skip
+        self.m_prefix_hits = Counter(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            labels,
+            registry=r,
         ).labels(name, "0")
         # the simulator never preempts (a request keeps its slot from admission to its end): always 0
         Counter(
@@ -361,9 +390,18 @@ class SimBackend:
         max_tokens: int,
         seed: int | None,
         temperature: float,
+        ignore_eos: bool = False,
     ) -> tuple[SimRequest, TextStream | ScriptedText]:
-        """A request and the text it will write: the oracle's reply if it knows the problem, else filler."""
+        """A request and the text it will write: the oracle's reply if it knows the problem, else filler.
+        ``ignore_eos`` (vLLM's sampling parameter): the answer runs on to ``max_tokens`` with filler after
+        the oracle's reply ends."""
         req = SimRequest(request_id or uuid.uuid4().hex, prompt_tokens, max_tokens)
+        if self.prefix_cache is not None:
+            before = self.prefix_cache.stats.hits
+            req.cached_tokens = min(self.prefix_cache.admit(prompt.split()), max(0, prompt_tokens - 1))
+            if self.m_prefix_queries is not None and self.m_prefix_hits is not None:
+                self.m_prefix_queries.inc(prompt_tokens)
+                self.m_prefix_hits.inc(min(req.cached_tokens, self.prefix_cache.stats.hits - before))
         text: TextStream | ScriptedText = TextStream(prompt, seed, temperature)
         reply = self.oracle.respond(prompt, seed, temperature)
         if reply is not None:
@@ -373,8 +411,8 @@ class SimBackend:
                 rng = random.Random(f"{seed}:{prompt}")
                 n = max(1, round(self.cfg.think_tokens * rng.uniform(0.5, 1.5)))
                 answer = f"<think>{TextStream(prompt, seed, temperature).next_words(n)} </think>\n{answer}"
-            text = ScriptedText(answer)
-            if len(text) <= max_tokens:
+            text = ScriptedText(answer, then=TextStream(prompt, seed, temperature) if ignore_eos else None)
+            if len(text) <= max_tokens and not ignore_eos:
                 req.max_tokens, req.stop_at_end = len(text), True
             self.oracle_outcome[req.id] = reply.outcome
         self.truth[req.id] = req

@@ -1,7 +1,8 @@
 """Continuous-batching engine running in real time.
 
-Each step serves up to ``max_num_seqs`` running requests: a request's whole
-prompt is prefilled in the step it is admitted (producing its first token);
+Each step serves up to ``max_num_seqs`` running requests: a request's prompt,
+less what the prefix cache holds (``prefix_cache.py``), is prefilled in the step
+it is admitted (producing its first token);
 afterwards it decodes one token per step. Waiting requests are admitted in
 arrival order as slots free up. A step lasts what the performance model says,
 scheduled against absolute deadlines so slow event-loop wake-ups do not
@@ -34,6 +35,7 @@ class SimRequest:
     id: str
     prompt_tokens: int
     max_tokens: int
+    cached_tokens: int = 0  # leading prompt tokens found in the prefix cache: not prefilled again
     arrival: float = field(default_factory=time.monotonic)
     generated: int = 0
     prefilled: bool = False
@@ -134,8 +136,8 @@ class Engine(Background):
                 if r.prefilled:
                     rows += 1
                     ctx += r.prompt_tokens + r.generated
-                else:  # prefill: every prompt token is a row; attention reads the prompt once
-                    rows += r.prompt_tokens
+                else:  # prefill: every uncached prompt token is a row; attention reads the prompt once
+                    rows += r.prompt_tokens - r.cached_tokens
                     ctx += r.prompt_tokens
             cost = self.perf.step(rows, ctx)
             dt = cost.time_s
@@ -169,7 +171,11 @@ class Engine(Background):
                 if r.prefilled:
                     r.true_energy_j += shared + cost.row_j + cost.ctx_j * (r.prompt_tokens + r.generated)
                 else:
-                    r.true_energy_j += shared + (cost.row_j + cost.ctx_j) * r.prompt_tokens
+                    r.true_energy_j += (
+                        shared
+                        + cost.row_j * (r.prompt_tokens - r.cached_tokens)
+                        + cost.ctx_j * r.prompt_tokens
+                    )
                 r.steps += 1
             finished: list[SimRequest] = []
             prefilled_tokens = generated_now = first_tokens = 0

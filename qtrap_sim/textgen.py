@@ -162,18 +162,23 @@ _PIECE = re.compile(r"\s*\S+")
 
 
 class ScriptedText:
-    """Renders a fixed answer token by token (a token is a word with the whitespace before it)."""
+    """Renders a fixed answer token by token (a token is a word with the whitespace before it); past its end,
+    ``then``'s words (vLLM's ``ignore_eos``: generation runs on to max_tokens), or nothing."""
 
-    __slots__ = ("_pieces", "_pos")
+    __slots__ = ("_pieces", "_pos", "_then")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, then: TextStream | None = None) -> None:
         self._pieces = _PIECE.findall(text)
         self._pos = 0
+        self._then = then
 
     def __len__(self) -> int:
         return len(self._pieces)
 
     def next_words(self, n: int) -> str:
         out = "".join(self._pieces[self._pos : self._pos + n])
+        past = self._pos + n - len(self._pieces)
         self._pos += n
+        if past > 0 and self._then is not None:
+            out += self._then.next_words(min(n, past))
         return out

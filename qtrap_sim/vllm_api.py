@@ -98,6 +98,9 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
             temperature = body.get("temperature")
             temperature = 1.0 if temperature is None else float(temperature)
             seed = body.get("seed")
+            ignore_eos = body.get("ignore_eos", False)
+            if not isinstance(ignore_eos, bool):
+                raise VLLMError(400, "ignore_eos must be a boolean", param="ignore_eos")
             stream = bool(body.get("stream"))
             so = body.get("stream_options") or {}
         except VLLMError as e:
@@ -106,7 +109,7 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
             return VLLMError(400, str(e)).response()
 
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        req, text = backend.new_request(rid, prompt, prompt_tokens, max_tokens, seed, temperature)
+        req, text = backend.new_request(rid, prompt, prompt_tokens, max_tokens, seed, temperature, ignore_eos)
         gen = backend.generate(req, text, stop)
         oid = ("chatcmpl-" if chat else "cmpl-") + rid
         created = int(time.time())

@@ -53,9 +53,9 @@ def test_embedded_default_report(embedded: Run) -> None:
     rep = embedded.report
     assert rep["schema_version"] == "1.1" and rep["partial"] is False
     assert rep["accuracy_measured"] is True and rep["accuracy_null_reason"] is None
-    assert rep["config"]["precisions"] == ["bf16", "int8", "int4"] and rep["baseline"] == "bf16"
+    assert rep["config"]["precisions"] == ["bf16", "fp8", "int8", "int4"] and rep["baseline"] == "bf16"
     assert {(lv["precision"], lv["concurrency"]) for lv in rep["levels"]} == {
-        (p, c) for p in ("bf16", "int8", "int4") for c in (1, 4)
+        (p, c) for p in ("bf16", "fp8", "int8", "int4") for c in (1, 4)
     }
     for lv in rep["levels"]:
         assert lv["chains"] == 4 and lv["errors"] == 0
@@ -74,18 +74,18 @@ def test_embedded_default_report(embedded: Run) -> None:
             assert lv["measured_j_per_token"] is None
         assert lv["ttft_s"]["p50"] > 0 and lv["e2e_s"]["p99"] >= lv["e2e_s"]["p50"]
     assert {(c["precision"], c["metric"]) for c in rep["crossovers"]} == {
-        (p, m) for p in ("int8", "int4") for m in ("j_per_correct", "j_per_token")
+        (p, m) for p in ("fp8", "int8", "int4") for m in ("j_per_correct", "j_per_token")
     }
     for cx in rep["crossovers"]:
         assert cx["baseline"] == "bf16" and len(cx["ratio"]) == 2 and cx["direction"]
         assert (cx["b_star"] is None) == (not cx["all_crossings"])
-    assert {i["precision"] for i in rep["indices"]} == {"int8", "int4"}
+    assert {i["precision"] for i in rep["indices"]} == {"fp8", "int8", "int4"}
     for p, acc in rep["accuracy"].items():
         assert acc["chains"] == 8, p
         assert sum(h["chains"] for h in acc["by_hops"].values()) == 8
     # the proxy's energy accounts: one simulated GPU per precision, every joule accounted for
     devices = rep["energy"]["devices"]
-    assert len(devices) == 3 and rep["energy"]["null_reason"] is None
+    assert len(devices) == 4 and rep["energy"]["null_reason"] is None
     for d in devices:
         assert d["meter"] == "dcgm" and d["meter_up"] is True
         assert d["conservation_error_ratio"] < 1e-9

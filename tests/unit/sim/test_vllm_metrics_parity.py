@@ -40,6 +40,8 @@ FAMILIES = {
     "vllm:num_preemptions_total": "counter",
     "vllm:num_requests_running": "gauge",
     "vllm:num_requests_waiting": "gauge",
+    "vllm:prefix_cache_hits_total": "counter",
+    "vllm:prefix_cache_queries_total": "counter",
     "vllm:prompt_tokens_total": "counter",
     "vllm:request_decode_time_seconds": "histogram",
     "vllm:request_generation_tokens": "histogram",
