@@ -13,7 +13,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from qtrap_proxy.errors import openai_error_body
+from qtrap_proxy.asgi import read_body
+from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
+from qtrap_proxy.limits import MAX_ADMIN_BODY_BYTES, check_hops, check_id, parse_json_object
 from qtrap_proxy.openai_route import OpenAIRoute
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.tgi_route import TGIRoute
@@ -51,32 +53,37 @@ def create_app(proxy: Proxy) -> ASGIApp:
         return Response(generate_latest(proxy.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def request_record(request: Request) -> Response:
-        rid = request.path_params["request_id"]
+        try:
+            rid = check_id(request.path_params["request_id"], "request id")
+        except QtrapError as e:
+            return _qtrap_error(e)
         rec = proxy.record(rid)
         if rec is None:
             return _error(404, f"no record of request {rid!r}", "not_found_error")
         return JSONResponse(rec)
 
     async def chain_record(request: Request) -> Response:
-        cid = request.path_params["chain_id"]
+        try:
+            cid = check_id(request.path_params["chain_id"], "chain id")
+        except QtrapError as e:
+            return _qtrap_error(e)
         rec = proxy.chain(cid)
         if rec is None:
             return _error(404, f"no record of chain {cid!r}", "not_found_error")
         return JSONResponse(rec)
 
     async def chain_score(request: Request) -> Response:
-        cid = request.path_params["chain_id"]
         try:
-            body = await request.json()
-        except ValueError:
-            return _error(
-                400, 'the body must be JSON: {"correct": true|false, "hops": N}', "invalid_request_error"
-            )
-        if not isinstance(body, dict) or not isinstance(body.get("correct"), bool):
-            return _error(400, "'correct' must be true or false", "invalid_request_error")
-        hops = body.get("hops")
-        if hops is not None and (not isinstance(hops, int) or isinstance(hops, bool) or hops < 1):
-            return _error(400, "'hops' must be an integer >= 1", "invalid_request_error")
+            cid = check_id(request.path_params["chain_id"], "chain id")
+            raw = await read_body(request.scope, request.receive, MAX_ADMIN_BODY_BYTES)
+            body = parse_json_object(raw)
+            if not isinstance(body.get("correct"), bool):
+                raise BadRequest("'correct' must be true or false", param="correct")
+            hops = body.get("hops")
+            if hops is not None:
+                hops = check_hops(hops, "hops")
+        except QtrapError as e:
+            return _qtrap_error(e)
         res = proxy.score_chain(cid, body["correct"], hops)
         if res is None:
             return _error(404, f"no record of chain {cid!r}", "not_found_error")
@@ -88,7 +95,9 @@ def create_app(proxy: Proxy) -> ASGIApp:
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error(exc.status_code, str(exc.detail), kind)
+        response = _error(exc.status_code, str(exc.detail), kind)
+        response.headers.update(exc.headers or {})  # a 405 carries Allow
+        return response
 
     relay: dict[str, ASGIApp] = {
         "/v1/chat/completions": OpenAIRoute(proxy, chat=True),
@@ -118,6 +127,10 @@ def create_app(proxy: Proxy) -> ASGIApp:
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     return _FastPath(relay, app)
+
+
+def _qtrap_error(e: QtrapError) -> Response:
+    return Response(e.openai_body(), status_code=e.status, media_type="application/json")
 
 
 def _error(status: int, message: str, kind: str) -> Response:

@@ -14,9 +14,11 @@ from typing import Any
 
 import orjson
 
-from qtrap_proxy.asgi import Scope, header
+from qtrap_proxy.asgi import Scope
+from qtrap_proxy.edge import EdgeRoute
 from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
-from qtrap_proxy.relay import Prepared, RelayRoute, StreamFilter
+from qtrap_proxy.limits import ClientHeaders, bounded, check_model, parse_json_object
+from qtrap_proxy.relay import Prepared, StreamFilter
 from qtrap_proxy.sse import data_of
 from qtrap_proxy.timeline import Timeline
 
@@ -48,16 +50,6 @@ def usage_span(payload: bytes) -> tuple[int, int, int, int] | None:
     if payload[end : end + 1] == b",":
         return u, end + 1, start, end
     return u, end, start, end
-
-
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from e
-    if not isinstance(obj, dict):
-        raise BadRequest("request body must be a JSON object")
-    return obj
 
 
 class OpenAIStreamFilter(StreamFilter):
@@ -244,7 +236,7 @@ def _content_choices(choices: Any) -> int:
     return n
 
 
-class OpenAIRoute(RelayRoute):
+class OpenAIRoute(EdgeRoute):
     def __init__(self, proxy: Any, chat: bool) -> None:
         super().__init__(proxy)
         self.chat = chat
@@ -254,11 +246,9 @@ class OpenAIRoute(RelayRoute):
     def error_body(self, err: QtrapError) -> bytes:
         return err.openai_body()
 
-    def prepare(self, scope: Scope, body: bytes, tl: Timeline) -> Prepared:
+    def prepare_checked(self, scope: Scope, body: bytes, tl: Timeline, headers: ClientHeaders) -> Prepared:
         req = parse_json_object(body)
-        model = req.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequest("`model` is required and must be a non-empty string", param="model")
+        model = check_model(req.get("model"), "model")
         if self.chat:
             msgs = req.get("messages")
             if not isinstance(msgs, list) or not msgs:
@@ -274,7 +264,7 @@ class OpenAIRoute(RelayRoute):
         if so is not None and not isinstance(so, dict):
             raise BadRequest("`stream_options` must be an object", param="stream_options")
 
-        hop_split = header(scope, b"x-qtrap-hop-split")
+        hop_split = headers.hop_split
         hop_pattern: re.Pattern[str] | None = None
         if hop_split is not None:
             mode = hop_split.strip().lower()
@@ -284,14 +274,14 @@ class OpenAIRoute(RelayRoute):
                 hop_pattern = self.proxy.hop_regex
             else:
                 raise BadRequest(
-                    f"x-qtrap-hop-split must be `lines` or `regex`, got {hop_split!r}",
+                    f"x-qtrap-hop-split must be `lines` or `regex`, got {bounded(repr(hop_split), 80)}",
                     param="x-qtrap-hop-split",
                 )
             if not stream:
                 raise BadRequest(
                     "x-qtrap-hop-split needs a streamed request (`stream: true`)", param="x-qtrap-hop-split"
                 )
-        pool, precision = self.proxy.router.resolve(model, header(scope, b"x-qtrap-precision"))
+        pool, precision = self.proxy.router.resolve(model, headers.precision)
         backend = self.proxy.router.choose(pool, precision)
         req["model"] = backend.cfg.model
         filt: OpenAIStreamFilter | None = None

@@ -14,10 +14,11 @@ from typing import Any
 
 import orjson
 
-from qtrap_proxy.asgi import Scope, header
+from qtrap_proxy.asgi import Scope
+from qtrap_proxy.edge import EdgeRoute
 from qtrap_proxy.errors import BadRequest, QtrapError
-from qtrap_proxy.openai_route import parse_json_object
-from qtrap_proxy.relay import Prepared, RelayRoute, StreamFilter
+from qtrap_proxy.limits import ClientHeaders, check_model, parse_json_object
+from qtrap_proxy.relay import Prepared, StreamFilter
 from qtrap_proxy.sse import data_of
 from qtrap_proxy.timeline import Timeline
 
@@ -56,7 +57,7 @@ class TGIStreamFilter(StreamFilter):
         )
 
 
-class TGIRoute(RelayRoute):
+class TGIRoute(EdgeRoute):
     def __init__(self, proxy: Any, path: str) -> None:
         super().__init__(proxy)
         self.path = path
@@ -65,9 +66,9 @@ class TGIRoute(RelayRoute):
     def error_body(self, err: QtrapError) -> bytes:
         return err.tgi_body()
 
-    def _pool_and_precision(self, scope: Scope) -> tuple[str, str]:
+    def _pool_and_precision(self, headers: ClientHeaders) -> tuple[str, str]:
         router = self.proxy.router
-        model = header(scope, b"x-qtrap-model")
+        model = headers.model
         if model is None:
             tgi_pools = sorted({b.pool for b in router.backends if b.kind == "tgi"})
             if len(tgi_pools) != 1:
@@ -77,17 +78,18 @@ class TGIRoute(RelayRoute):
                     param="x-qtrap-model",
                 )
             model = tgi_pools[0]
-        pool, precision = router.resolve(model, header(scope, b"x-qtrap-precision"), kinds=_TGI)
+        model = check_model(model, "x-qtrap-model")
+        pool, precision = router.resolve(model, headers.precision, kinds=_TGI)
         return pool, precision
 
-    def prepare(self, scope: Scope, body: bytes, tl: Timeline) -> Prepared:
+    def prepare_checked(self, scope: Scope, body: bytes, tl: Timeline, headers: ClientHeaders) -> Prepared:
         req = parse_json_object(body)
         if not isinstance(req.get("inputs"), str) or not req["inputs"]:
             raise BadRequest("`inputs` is required and must be a non-empty string", param="inputs")
         params = req.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise BadRequest("`parameters` must be an object", param="parameters")
-        pool, precision = self._pool_and_precision(scope)
+        pool, precision = self._pool_and_precision(headers)
         backend = self.proxy.router.choose(pool, precision, kinds=_TGI)
         stream = self.path == "/generate_stream" or (self.path == "/" and req.get("stream") is True)
         return Prepared(backend, self.path, body, stream, TGIStreamFilter(tl) if stream else None)

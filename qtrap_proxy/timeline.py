@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from qtrap_proxy.limits import MAX_ERROR_CHARS, bounded
+
 # Request ids: 64 random bits per process, then a counter. Unique across restarts and
 # replicas for all practical purposes, and far cheaper than uuid4 on the request path.
 _ID_PREFIX = os.urandom(8).hex()
@@ -59,7 +61,8 @@ class Timeline:
         self.end = time.monotonic()
         self.status = status
         self.http_status = http_status
-        self.error = error
+        # messages can quote what a client sent (a model name, a header): kept bounded
+        self.error = None if error is None else bounded(error, MAX_ERROR_CHARS)
         if self.completion_tokens is None and self.chunk_tokens and self.tokens_exact:
             self.completion_tokens = sum(self.chunk_tokens)
 

@@ -147,6 +147,29 @@ def test_bad_hop_header_400(setup: Setup) -> None:
     assert _assert_openai_error(r, 400)["param"] == "x-qtrap-hop"
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("x-qtrap-chain-id", b"caf\xc3\xa9"),
+        ("x-qtrap-model", b"\xff"),
+        ("x-qtrap-precision", b"int\t4"),
+        ("x-qtrap-hop", str(10**30).encode()),
+        ("x-qtrap-hop", b"-3"),
+        ("x-qtrap-hop", b"\xb2"),  # a superscript two: str.isdigit() says yes, int() raised (a 500)
+        ("x-qtrap-hop-split", b"lin\xe9s"),
+    ],
+)
+def test_odd_or_out_of_range_qtrap_headers_400(setup: Setup, name: str, value: bytes) -> None:
+    """Through the proxy's default HTTP parser (httptools), which passes these bytes on."""
+    r = requests.post(
+        setup.url + "/v1/chat/completions",
+        json={"model": "echo", "messages": _msgs(), "stream": True},
+        headers={name: value},
+        timeout=10,
+    )
+    assert _assert_openai_error(r, 400)["param"] == name
+
+
 def test_unknown_model_or_precision_404(setup: Setup) -> None:
     assert (
         _assert_openai_error(_post(setup, {"model": "nope", "messages": _msgs()}), 404)["code"]
@@ -286,7 +309,9 @@ def test_unknown_route_and_wrong_method_get_openai_errors(setup: Setup) -> None:
     r = requests.get(setup.url + "/v1/nothing", timeout=5)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = requests.get(setup.url + "/v1/chat/completions", timeout=5)
-    assert r.status_code == 405 and r.json()["error"]["message"]
+    assert r.status_code == 405 and r.json()["error"]["message"] and r.headers["allow"] == "POST"
+    r = requests.post(setup.url + "/health", timeout=5)
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "HEAD"}
     r = requests.get(setup.url + "/qtrap/v1/requests/does-not-exist", timeout=5)
     assert r.status_code == 404 and "does-not-exist" in r.json()["error"]["message"]
 

@@ -1,0 +1,47 @@
+"""The client edge of the relay routes: ``x-qtrap-*`` headers are checked before anything reads them.
+
+The relay (``relay.py``) reads ``x-qtrap-chain-id`` and ``x-qtrap-hop`` itself,
+before the route's ``prepare``. So that no unchecked value gets that far (a
+superscript digit or a 5,000-digit hop made ``int()`` raise, a hop of 10**30
+reached SQLite), a request's headers are checked here first, against
+``limits.py``: a request with a bad header reaches the relay without its
+``x-qtrap-*`` headers and ``prepare`` raises the 400, so it is answered and
+accounted like any other bad request.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+from qtrap_proxy.asgi import Receive, Scope, Send
+from qtrap_proxy.errors import BadRequest
+from qtrap_proxy.limits import HEADER_PREFIX, ClientHeaders, parse_qtrap_headers
+from qtrap_proxy.relay import Prepared, RelayRoute
+from qtrap_proxy.timeline import Timeline
+
+_KEY = "qtrap.headers"  # the checked headers (or the error) in the request's scope
+
+
+class EdgeRoute(RelayRoute):
+    """A relay route whose ``x-qtrap-*`` headers are checked before the relay sees them."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            scope[_KEY] = parse_qtrap_headers(scope["headers"])
+        except BadRequest as e:
+            headers = [(k, v) for k, v in scope["headers"] if not k.startswith(HEADER_PREFIX)]
+            scope = {**scope, "headers": headers, _KEY: e}
+        await super().__call__(scope, receive, send)
+
+    def prepare(self, scope: Scope, body: bytes, tl: Timeline) -> Prepared:
+        checked = scope.get(_KEY)
+        if isinstance(checked, BadRequest):
+            raise checked
+        if not isinstance(checked, ClientHeaders):  # called without __call__ (tests)
+            checked = parse_qtrap_headers(scope["headers"])
+        tl.chain_id, tl.hop = checked.chain_id, checked.hop
+        return self.prepare_checked(scope, body, tl, checked)
+
+    @abstractmethod
+    def prepare_checked(self, scope: Scope, body: bytes, tl: Timeline, headers: ClientHeaders) -> Prepared:
+        """Validate the body and choose a backend (the headers are checked already)."""

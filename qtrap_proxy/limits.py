@@ -1,0 +1,150 @@
+"""Wire limits: every value a client controls is checked here before it reaches a record, a log or SQLite.
+
+One place for the limits (README, "HTTP interface", lists them). A value outside
+them is a :class:`~qtrap_proxy.errors.BadRequest` (400) whose message names the
+header or field and the limit; a bad value is never echoed raw or unbounded.
+
+* every ``x-qtrap-*`` request header: printable ASCII (0x20-0x7E), at most
+  ``MAX_HEADER_CHARS`` characters;
+* ``x-qtrap-hop`` and a score's ``hops``: an integer from 1 to ``MAX_HOP``;
+* ``x-qtrap-chain-id`` and the ids in admin paths: 1 to ``MAX_ID_CHARS``
+  characters of printable ASCII;
+* ``model`` in a body and ``x-qtrap-model``: 1 to ``MAX_MODEL_CHARS`` printable
+  characters (no control characters);
+* JSON bodies: valid UTF-8, nested at most ``JSON_MAX_DEPTH`` levels (orjson's
+  own limit), an object at the top;
+* bodies of ``POST /qtrap/v1/*``: at most ``MAX_ADMIN_BODY_BYTES`` (413 beyond);
+* an error message kept in a record: cut at ``MAX_ERROR_CHARS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from qtrap_proxy.errors import BadRequest
+
+MAX_HOP = 10_000
+MAX_ID_CHARS = 256
+MAX_HEADER_CHARS = 256
+MAX_MODEL_CHARS = 256
+MAX_ADMIN_BODY_BYTES = 1_048_576
+MAX_ERROR_CHARS = 1_000
+JSON_MAX_DEPTH = 1_024  # orjson refuses deeper documents; stated here so the README can say it
+
+HEADER_PREFIX = b"x-qtrap-"
+H_CHAIN_ID = b"x-qtrap-chain-id"
+H_HOP = b"x-qtrap-hop"
+H_HOP_SPLIT = b"x-qtrap-hop-split"
+H_PRECISION = b"x-qtrap-precision"
+H_MODEL = b"x-qtrap-model"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHeaders:
+    """The ``x-qtrap-*`` request headers, checked (first occurrence of each)."""
+
+    chain_id: str | None = None
+    hop: int | None = None
+    hop_split: str | None = None
+    precision: str | None = None
+    model: str | None = None
+
+
+def _printable_ascii(value: bytes) -> int:
+    """Index of the first byte outside 0x20-0x7E, or -1."""
+    if value.isascii() and value.decode("ascii").isprintable():
+        return -1
+    return next(i for i, b in enumerate(value) if not 0x20 <= b <= 0x7E)
+
+
+def parse_qtrap_headers(headers: Iterable[tuple[bytes, bytes]]) -> ClientHeaders:
+    """Check every ``x-qtrap-*`` header; BadRequest (naming the header) for the first bad one."""
+    found: dict[bytes, str] = {}
+    for name, value in headers:
+        if not name.startswith(HEADER_PREFIX):
+            continue
+        label = name.decode("latin-1")
+        if len(value) > MAX_HEADER_CHARS:
+            raise BadRequest(
+                f"{label} is {len(value)} characters long; the limit is {MAX_HEADER_CHARS}", param=label
+            )
+        bad = _printable_ascii(value)
+        if bad >= 0:
+            raise BadRequest(
+                f"{label} must be printable ASCII (0x20-0x7E); byte {bad} is 0x{value[bad]:02x}", param=label
+            )
+        found.setdefault(name, value.decode("ascii").strip())
+    hop_text = found.get(H_HOP)
+    chain_id = found.get(H_CHAIN_ID)
+    if chain_id is not None and not chain_id:
+        raise BadRequest(f"{H_CHAIN_ID.decode()} must not be empty", param=H_CHAIN_ID.decode())
+    return ClientHeaders(
+        chain_id=chain_id,
+        hop=None if hop_text is None else parse_hop(hop_text, H_HOP.decode()),
+        hop_split=found.get(H_HOP_SPLIT),
+        precision=found.get(H_PRECISION) or None,
+        model=found.get(H_MODEL),
+    )
+
+
+def parse_hop(text: str, what: str) -> int:
+    """A hop index or count given as text: an integer from 1 to MAX_HOP."""
+    if text.isascii() and text.isdigit() and len(text) <= MAX_HEADER_CHARS and 1 <= int(text) <= MAX_HOP:
+        return int(text)
+    raise BadRequest(
+        f"{what} must be an integer from 1 to {MAX_HOP} (1-based), got {_show(text)}", param=what
+    )
+
+
+def check_hops(value: Any, what: str) -> int:
+    """A hop count in a JSON body: an integer (not a boolean) from 1 to MAX_HOP."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_HOP:
+        return value
+    raise BadRequest(f"'{what}' must be an integer from 1 to {MAX_HOP}", param=what)
+
+
+def check_id(value: str, what: str) -> str:
+    """A chain or request id (headers, admin paths): 1..MAX_ID_CHARS characters of printable ASCII."""
+    if 0 < len(value) <= MAX_ID_CHARS and value.isascii() and value.isprintable():
+        return value
+    raise BadRequest(
+        f"{what} must be 1 to {MAX_ID_CHARS} characters of printable ASCII, got {_show(value)}", param=what
+    )
+
+
+def check_model(value: Any, what: str) -> str:
+    """A model or pool name: a string of 1..MAX_MODEL_CHARS printable characters."""
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"`{what}` is required and must be a non-empty string", param=what)
+    if len(value) > MAX_MODEL_CHARS or not value.isprintable():
+        raise BadRequest(
+            f"`{what}` must be at most {MAX_MODEL_CHARS} printable characters, got {_show(value)}", param=what
+        )
+    return value
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object (UTF-8, nested at most JSON_MAX_DEPTH levels)."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(
+            f"request body is not valid JSON (UTF-8, nested at most {JSON_MAX_DEPTH} levels): {bounded(str(e), 200)}"
+        ) from e
+    if not isinstance(obj, dict):
+        raise BadRequest("request body must be a JSON object")
+    return obj
+
+
+def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (with a marker when cut)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _show(value: str) -> str:
+    """A client's value for an error message: escaped (repr) and short."""
+    return bounded(repr(value), 80)
