@@ -1,22 +1,42 @@
 """The durable per-request ledger: SQLite in WAL mode, written in batches off the request path.
 
-Final records are queued; a writer thread commits them in batches (at most
-``batch_s`` apart) and then reports them durable, so a record the admin API calls
-final survives a SIGKILL of the proxy. ``synchronous=NORMAL`` in WAL mode keeps
-committed transactions across a process crash (not across a power cut).
+Final records are handed over in batches: :meth:`Ledger.put` appends to a list
+and wakes the writer thread only when that list was empty, so the request path
+never wakes it once per record. The writer lets a batch gather for at most
+``batch_s``, serialises it with orjson, commits it and only then reports it
+durable, so a record the admin API calls final survives a SIGKILL of the proxy.
+``synchronous=NORMAL`` in WAL mode keeps committed transactions across a process
+crash (not across a power cut).
+
+No exception stops persistence:
+
+* a batch SQLite refuses (disk full, locked, I/O error, anything else) is kept
+  and retried with backoff (``_BACKOFF_S``); records that arrive meanwhile join
+  it, up to ``_MAX_BACKLOG`` records (beyond, the oldest are dropped, counted);
+* a record that cannot be written as it is (a value out of SQLite's range, a
+  string that is not UTF-8, ...) is written with its index columns made safe and
+  a ``ledger_error`` note, and counted; the rest of its batch is written as is;
+* whatever escapes the loop is caught per iteration; if the thread dies anyway
+  (or its loop returns), a new one is started at once (then at most once per
+  ``_RESTART_MIN_S``, by a timer, the next record, health check or scrape), which
+  picks up the dead one's batch; until then :meth:`state` reports ``down``.
+
+Every such event is counted in ``write_errors`` (kinds in ``ERROR_KINDS``) and logged.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
+import math
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from qtrap_proxy.errors import ConfigError
 
@@ -33,8 +53,34 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE INDEX IF NOT EXISTS requests_chain ON requests (chain_id) WHERE chain_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_start ON requests (start_unix_s);
 """
+_INSERT = "INSERT OR REPLACE INTO requests (id, chain_id, hop, start_unix_s, record) VALUES (?, ?, ?, ?, ?)"
 
-Durable = Callable[[list[dict[str, Any]]], None]
+_COMMIT_ROWS = 1_000  # records per transaction
+_MAX_BACKLOG = 100_000  # records held while SQLite refuses them; beyond, the oldest are dropped (counted)
+_BACKOFF_S = (0.05, 5.0)  # first and longest wait before a refused batch is tried again
+_CLOSE_TRIES = 5  # at shutdown, tries before records SQLite still refuses are given up (counted)
+_RESTART_MIN_S = 1.0  # a writer thread that died is restarted at most this often
+_MAX_TEXT = 1_024  # longest id / chain id stored in an index column as is
+_INT64 = 2**63
+
+# write_errors kinds: a refused batch (kept, retried) | a record written with a note instead of as it was |
+# the writer loop failed or its thread died (restarted) | records given up (backlog full, or refused at shutdown)
+ERROR_KINDS = ("commit", "record", "writer", "dropped")
+
+# What a value SQLite or the serialiser cannot take raises; anything else is about the database, not the record.
+_VALUE_ERRORS = (
+    OverflowError,
+    TypeError,
+    ValueError,
+    sqlite3.InterfaceError,
+    sqlite3.DataError,
+    sqlite3.IntegrityError,
+    sqlite3.ProgrammingError,
+)
+
+Record = dict[str, Any]
+Row = tuple[str, str | None, int | None, float, str]
+Durable = Callable[[list[Record]], None]
 
 
 class Ledger:
@@ -53,103 +99,291 @@ class Ledger:
             raise ConfigError(f"ledger.path: cannot open SQLite ledger {path!r}: {e}") from e
         self._reader = sqlite3.connect(path, check_same_thread=False)
         self._reader.execute("PRAGMA query_only=ON")
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._lock = threading.Lock()  # guards _pending
+        self._pending: list[Record] = []  # handed over, not yet taken by the writer
+        self._backlog: list[Record] = []  # taken by the writer, not yet committed (outlives a dead thread)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._restart_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._timer: threading.Timer | None = None  # a scheduled restart of a writer that died
         self._on_durable: Durable | None = None
+        self._on_dropped: Durable | None = None
+        self._closed = False
+        self._failing: str | None = None  # why the last commit failed; None once one succeeds
+        self._died: str | None = None  # what killed the last writer thread
+        self._last_restart = -math.inf
         self.written = 0
-        self.write_errors = 0
+        self.restarts = 0
+        self.write_errors: dict[str, int] = dict.fromkeys(ERROR_KINDS, 0)
+        self.last_error: str | None = None
+        self.last_error_unix_s: float | None = None
 
-    def start(self, on_durable: Durable) -> None:
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self, on_durable: Durable, on_dropped: Durable | None = None) -> None:
+        """Start the writer. ``on_durable`` gets each committed batch, ``on_dropped`` records given up."""
         self._on_durable = on_durable
-        self._thread = threading.Thread(target=self._writer, name="qtrap-ledger", daemon=True)
-        self._thread.start()
+        self._on_dropped = on_dropped
+        self._spawn()
 
-    def put(self, record: dict[str, Any]) -> None:
-        """Queue a final record (never blocks the request path)."""
-        self._queue.put(record)
+    def put(self, record: Record) -> None:
+        """Hand over a final record (never blocks on SQLite); the writer is woken once per batch."""
+        with self._lock:
+            self._pending.append(record)
+            first = len(self._pending) == 1
+        if first:
+            self._ensure_writer()
+            self._wake.set()
 
     def close(self) -> None:
-        """Flush what is queued and stop the writer."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=30)
-            self._thread = None
+        """Flush what is queued (a bounded number of tries) and stop the writer."""
+        if self._thread is not None and not self._closed:
+            self._ensure_writer(force=True)  # a dead writer is replaced so that the queue is flushed
+            self._closed = True
+            self._stop.set()
+            self._wake.set()
+            thread = self._thread
+            thread.join(timeout=30)
+            if thread.is_alive():
+                log.error("ledger writer did not finish within 30 s; %d records may be lost", self.pending())
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         self._reader.close()
 
-    # -- reads (event-loop thread; WAL lets them run beside the writer) ---------------
-    def get(self, request_id: str) -> dict[str, Any] | None:
-        row = self._reader.execute("SELECT record FROM requests WHERE id = ?", (request_id,)).fetchone()
-        return json.loads(row[0]) if row else None
+    def pending(self) -> int:
+        """Records handed over and not yet committed."""
+        return len(self._pending) + len(self._backlog)
 
-    def chain(self, chain_id: str) -> list[dict[str, Any]]:
+    def state(self) -> dict[str, Any]:
+        """The ledger's health: ``status`` ok | degraded (commits failing, records kept) | down (no writer)."""
+        self._ensure_writer()
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            status = "down"
+            if self._closed:
+                reason: str | None = "closed"
+            elif thread is None:
+                reason = "not started"
+            else:
+                reason = f"the writer thread died ({self._died}); it is restarted on the next record or check"
+        elif self._failing is not None:
+            status, reason = "degraded", f"commits failing, records kept and retried: {self._failing}"
+        else:
+            status, reason = "ok", None
+        return {
+            "status": status,
+            "reason": reason,
+            "pending": self.pending(),
+            "written": self.written,
+            "write_errors": dict(self.write_errors),
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "last_error_unix_s": self.last_error_unix_s,
+        }
+
+    def _spawn(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="qtrap-ledger", daemon=True)
+        self._thread.start()
+        self._wake.set()  # a dead writer's batch may be waiting
+
+    def _ensure_writer(self, force: bool = False) -> None:
+        """Restart a writer thread that died (at most once per _RESTART_MIN_S unless forced)."""
+        dead = self._thread
+        if dead is None or dead.is_alive() or self._closed:
+            return
+        with self._restart_lock:
+            now = time.monotonic()
+            if self._thread is not dead or (not force and now - self._last_restart < _RESTART_MIN_S):
+                return
+            self._last_restart = now
+            self.restarts += 1
+            log.warning("restarting the ledger writer (%d records waiting)", self.pending())
+            self._spawn()
+
+    def _restart_after(self, dead: threading.Thread) -> None:
+        dead.join(timeout=5)  # it is on its way out; only a finished thread is replaced
+        self._ensure_writer()
+
+    # -- reads (event-loop thread; WAL lets them run beside the writer) ---------------
+    def get(self, request_id: str) -> Record | None:
+        row = self._reader.execute("SELECT record FROM requests WHERE id = ?", (request_id,)).fetchone()
+        return _load(row[0]) if row else None
+
+    def chain(self, chain_id: str) -> list[Record]:
         rows = self._reader.execute(
             "SELECT record FROM requests WHERE chain_id = ? ORDER BY hop, start_unix_s", (chain_id,)
         ).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [_load(r[0]) for r in rows]
 
     def count(self) -> int:
         return int(self._reader.execute("SELECT count(*) FROM requests").fetchone()[0])
 
     # -- the writer thread ----------------------------------------------------------
-    def _writer(self) -> None:
-        conn = sqlite3.connect(self.path)
+    def _run(self) -> None:
+        """Thread target: whatever ends the loop early is logged and counted, and a restart is scheduled."""
+        try:
+            self._loop()
+            if self._stop.is_set():
+                return
+            self._died = "its loop returned"
+        except BaseException as e:  # even SystemExit: never lost in threading.excepthook
+            self._died = f"{type(e).__name__}: {e}"
+        self._error("writer", f"writer thread died: {self._died}")
+        log.critical("ledger writer thread died: %s", self._died, exc_info=True)
+        # restart without waiting for the next record or check (sooner would exceed the restart rate)
+        delay = max(0.05, self._last_restart + _RESTART_MIN_S - time.monotonic() + 0.01)
+        self._timer = threading.Timer(delay, self._restart_after, (threading.current_thread(),))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _loop(self) -> None:
+        conn: sqlite3.Connection | None = None
+        failures = 0
+        last_prune = -math.inf
+        try:
+            while True:
+                stopping = self._stop.is_set()
+                phase = "writer"
+                try:
+                    if conn is None:
+                        phase = "commit"
+                        conn = self._connect()
+                        phase = "writer"
+                    if self.retention_s and time.monotonic() - last_prune > 60:
+                        last_prune = time.monotonic()
+                        self._prune(conn)
+                    if not self._backlog:
+                        if stopping and not self._pending:
+                            return
+                        if self._wake.wait(timeout=1.0) and not stopping:
+                            self._stop.wait(self.batch_s)  # let a batch gather (close() cuts it short)
+                    self._take_pending()
+                    if self._backlog:
+                        phase = "commit"
+                        self._commit_some(conn)
+                        failures = 0
+                        if self._failing is not None:
+                            log.warning("ledger writes recovered (%d records waiting)", self.pending())
+                            self._failing = None
+                except Exception as e:  # never let the writer stop: keep the records, back off, try again
+                    failures += 1
+                    what = f"{type(e).__name__}: {e}"
+                    self._error(phase, what)
+                    if phase == "commit":
+                        self._failing = what
+                    log.error(
+                        "ledger %s failed (%s); %d records kept for the next try",
+                        phase,
+                        what,
+                        len(self._backlog),
+                        exc_info=phase == "writer",
+                    )
+                    if conn is not None:  # a fresh connection for the next try
+                        _close_quietly(conn)
+                        conn = None
+                    if stopping and failures >= _CLOSE_TRIES:
+                        self._drop(self._backlog[:], f"still refused at shutdown after {failures} tries")
+                        self._backlog.clear()
+                        return
+                    wait = min(_BACKOFF_S[1], _BACKOFF_S[0] * 2 ** min(failures - 1, 16))
+                    if stopping:
+                        time.sleep(min(wait, 0.2))
+                    else:
+                        self._stop.wait(wait)
+        finally:
+            if conn is not None:
+                _close_quietly(conn)
+
+    def _take_pending(self) -> None:
+        self._wake.clear()  # before the swap: a record handed over after it wakes the writer again
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if batch:
+            self._backlog.extend(batch)
+            over = len(self._backlog) - _MAX_BACKLOG
+            if over > 0:
+                self._drop(self._backlog[:over], f"backlog over {_MAX_BACKLOG} records")
+                del self._backlog[:over]
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=5.0)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        last_prune = 0.0
-        backlog: list[dict[str, Any]] = []
-        stop = False
-        while not stop:
-            try:
-                first = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                first = {}
-            if first is None:
-                stop = True
-            elif first:
-                backlog.append(first)
-                deadline = time.monotonic() + self.batch_s
-                while len(backlog) < 1000 and (remaining := deadline - time.monotonic()) > 0:
-                    try:
-                        item = self._queue.get(timeout=remaining)
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        break
-                    backlog.append(item)
-            tries = 3 if stop else 1
-            while backlog and tries > 0:
-                tries -= 1
-                if self._commit(conn, backlog):
-                    done, backlog = backlog, []
-                    if self._on_durable is not None:
-                        try:
-                            self._on_durable(done)
-                        except Exception:
-                            log.exception("ledger durable callback failed")
-            if self.retention_s and time.monotonic() - last_prune > 60:
-                last_prune = time.monotonic()
-                self._prune(conn)
-        conn.close()
+        return conn
 
-    def _commit(self, conn: sqlite3.Connection, records: list[dict[str, Any]]) -> bool:
-        rows = [
-            (r["id"], r.get("chain_id"), r.get("hop"), r.get("start_unix_s") or time.time(), json.dumps(r))
-            for r in records
-        ]
+    def _commit_some(self, conn: sqlite3.Connection) -> None:
+        """Commit the oldest records of the backlog (raises, keeping them, when the batch is refused)."""
+        chunk = self._backlog[:_COMMIT_ROWS]
+        rows: list[Row] = []
+        stored: list[Record] = []
+        for rec in chunk:
+            try:
+                rows.append(_row(rec))
+                stored.append(rec)
+            except Exception as e:
+                row, rec2 = self._with_note(rec, e)
+                rows.append(row)
+                stored.append(rec2)
         try:
-            with conn:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO requests (id, chain_id, hop, start_unix_s, record) VALUES (?, ?, ?, ?, ?)",
-                    rows,
-                )
-            self.written += len(rows)
-            return True
-        except sqlite3.Error as e:  # disk full, locked, ...: keep the records and try again
-            self.write_errors += 1
-            log.error("ledger write failed (%s); %d records kept for the next try", e, len(rows))
-            time.sleep(0.5)
-            return False
+            self._write(conn, rows)
+        except _VALUE_ERRORS:  # one record's values, probably: write them one by one
+            for i, (row, rec) in enumerate(zip(rows, stored, strict=True)):
+                try:
+                    self._write(conn, [row])
+                except _VALUE_ERRORS as e:
+                    rows[i], stored[i] = self._with_note(rec, e)
+                    self._write(conn, [rows[i]])  # refused too: it is the database, not the record
+        del self._backlog[: len(chunk)]
+        self.written += len(rows)
+        if self._on_durable is not None:
+            try:
+                self._on_durable(stored)
+            except Exception:
+                log.exception("ledger durable callback failed")
+
+    def _write(self, conn: sqlite3.Connection, rows: list[Row]) -> None:
+        """One transaction (tests replace this to inject faults)."""
+        with conn:
+            conn.executemany(_INSERT, rows)
+
+    def _with_note(self, rec: Record, e: BaseException) -> tuple[Row, Record]:
+        """A record that cannot be stored as it is: safe index columns, a note, counted and logged."""
+        note = f"stored with a note: {type(e).__name__}: {e}"[:300]
+        rid = _safe_text(rec.get("id")) or "unknown"
+        self._error("record", f"record {rid}: {note}")
+        log.error("ledger record %s could not be stored as it was (%s)", rid, note)
+        rec2 = {**rec, "ledger_error": note}
+        try:
+            text = json.dumps(rec2, default=repr)  # ASCII, arbitrary ints, NaN: takes what orjson refuses
+        except Exception:
+            text = json.dumps({"id": rid, "ledger_error": note})
+        chain = rec.get("chain_id")
+        hop = rec.get("hop")
+        row: Row = (
+            rid,
+            _safe_text(chain) if isinstance(chain, str) else None,
+            hop if type(hop) is int and -_INT64 <= hop < _INT64 else None,
+            _start(rec),
+            text,
+        )
+        return row, rec2
+
+    def _drop(self, records: list[Record], why: str) -> None:
+        if not records:
+            return
+        self._error("dropped", f"{len(records)} records dropped: {why}", n=len(records))
+        log.error("ledger dropped %d records: %s", len(records), why)
+        if self._on_dropped is not None:
+            try:
+                self._on_dropped(records)
+            except Exception:
+                log.exception("ledger dropped callback failed")
+
+    def _error(self, kind: str, what: str, n: int = 1) -> None:
+        self.write_errors[kind] += n
+        self.last_error = f"{kind}: {what}"[:500]
+        self.last_error_unix_s = time.time()
 
     def _prune(self, conn: sqlite3.Connection) -> None:
         assert self.retention_s is not None
@@ -158,3 +392,57 @@ class Ledger:
                 conn.execute("DELETE FROM requests WHERE start_unix_s < ?", (time.time() - self.retention_s,))
         except sqlite3.Error as e:
             log.error("ledger retention pass failed: %s", e)
+
+
+def _row(rec: Record) -> Row:
+    """The SQLite row of a record, or ValueError/TypeError naming what cannot be stored as it is."""
+    rid, chain, hop = rec["id"], rec.get("chain_id"), rec.get("hop")
+    if not _storable_text(rid):
+        raise ValueError(f"id {_safe_text(rid)!r} is not a storable string")
+    if chain is not None and not _storable_text(chain):
+        raise ValueError(f"chain_id {_safe_text(chain)!r} is not a storable string")
+    if hop is not None and not (type(hop) is int and -_INT64 <= hop < _INT64):
+        raise ValueError(f"hop {_safe_text(hop)} is not a 64-bit integer")
+    return rid, chain, hop, _start(rec), orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _storable_text(v: Any) -> bool:
+    if not isinstance(v, str) or not v or len(v) > _MAX_TEXT:
+        return False
+    if v.isascii():
+        return True
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _safe_text(v: Any) -> str | None:
+    """Any value as a short string SQLite takes (lone surrogates escaped)."""
+    if v is None:
+        return None
+    try:
+        s = v if isinstance(v, str) else repr(v)
+    except ValueError:  # an int too long to print
+        s = f"<{type(v).__name__}>"
+    return s[:_MAX_TEXT].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _start(rec: Record) -> float:
+    v = rec.get("start_unix_s")
+    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v:
+        return float(v)
+    return time.time()
+
+
+def _load(text: str | bytes) -> Record:
+    obj: Record = json.loads(text)
+    return obj
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except Exception:
+        log.debug("closing a ledger connection failed", exc_info=True)

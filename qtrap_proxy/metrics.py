@@ -19,6 +19,7 @@ from qtrap_proxy.timeline import Timeline
 if TYPE_CHECKING:
     from qtrap_proxy.energy.attribution import Tracked
     from qtrap_proxy.energy.service import EnergyService
+    from qtrap_proxy.ledger import Ledger
 
 STATUSES = (
     "ok",
@@ -120,6 +121,10 @@ class Metrics:
     def register_energy(self, service: EnergyService) -> None:
         """Per-device figures read from the energy service at scrape time."""
         self.registry.register(_DeviceCollector(service))
+
+    def register_ledger(self, ledger: Ledger) -> None:
+        """The ledger's state, read at scrape time."""
+        self.registry.register(_LedgerCollector(ledger))
 
     def energy_final(self, tr: Tracked, rec: dict[str, Any]) -> None:
         tl = tr.tl
@@ -259,3 +264,30 @@ class _DeviceCollector(Collector):
             if d["last_update_age_s"] is not None:
                 age.add_metric(key, d["last_update_age_s"])
         yield from (measured, idle, foreign, conservation, up, age, counters_up)
+
+
+class _LedgerCollector(Collector):
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def collect(self) -> Iterable[Any]:
+        state = self.ledger.state()
+        up = GaugeMetricFamily(
+            "qtrap_ledger_up",
+            "1 while the ledger persists final records (its writer runs and its last commit succeeded)",
+        )
+        up.add_metric([], 1.0 if state["status"] == "ok" else 0.0)
+        errors = CounterMetricFamily(
+            "qtrap_ledger_write_errors",
+            "Ledger write errors by kind: commit (a batch refused, kept and retried), record (one record "
+            "stored with a note instead of as it was), writer (the writer failed or died and was restarted), "
+            "dropped (records given up)",
+            labels=["kind"],
+        )
+        for kind, n in state["write_errors"].items():
+            errors.add_metric([kind], float(n))
+        pending = GaugeMetricFamily(
+            "qtrap_ledger_pending_records", "Final records handed to the ledger and not yet committed"
+        )
+        pending.add_metric([], float(state["pending"]))
+        yield from (up, errors, pending)

@@ -58,12 +58,13 @@ class Proxy:
         self.ledger = Ledger(config.ledger.path, config.ledger.retention_days, config.ledger.batch_s)
         self.energy = EnergyService(config, self.backends, self._on_final)
         self.metrics.register_energy(self.energy)
+        self.metrics.register_ledger(self.ledger)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.hop_regex = re.compile(config.meter.hop_split_regex)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.ledger.start(self._on_durable)
+        self.ledger.start(self._on_durable, self._on_dropped)
         self.energy.start()
 
     async def close(self) -> None:
@@ -112,6 +113,15 @@ class Proxy:
         """Called by the ledger's writer thread once records are committed."""
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._durable, records)
+
+    def _on_dropped(self, records: list[dict[str, Any]]) -> None:
+        """Called by the ledger's writer thread for records it gave up (counted and logged there)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._dropped, records)
+
+    def _dropped(self, records: list[dict[str, Any]]) -> None:
+        for rec in records:
+            self._committing.pop(str(rec.get("id")), None)
 
     def _durable(self, records: list[dict[str, Any]]) -> None:
         for rec in records:
@@ -214,14 +224,15 @@ class Proxy:
                     "error": h.error,
                 }
             )
-        if all(h.ok for h in results):
+        ledger = self.ledger.state()
+        if all(h.ok for h in results) and ledger["status"] == "ok":
             status = "ok"
         elif all(pools_up.values()):
-            status = "degraded"
+            status = "degraded"  # a backend down, or records not being persisted: still serving
         else:
             status = "down"
-        code = 503 if status == "down" else 200
-        return code, {"status": status, "pools": pools_up, "backends": out}
+        code = 503 if status == "down" else 200  # only the pools take the proxy out of a load balancer
+        return code, {"status": status, "pools": pools_up, "backends": out, "ledger": ledger}
 
     def models(self) -> dict[str, Any]:
         data = []
