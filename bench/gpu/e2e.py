@@ -165,6 +165,71 @@ def warm_up(
     return out
 
 
+# -- CPU time of the stack's processes ---------------------------------------------------------------
+class CpuSampler:
+    """Every ``period_s``, the CPU seconds (user + system) so far of each named process and all its
+    descendants, read from /proc (Linux): shows whether the proxy, loadgen or a server's host side was
+    saturated at a level (CPU seconds per second near 1.0 for a single-threaded Python process)."""
+
+    def __init__(self, out: Path, period_s: float = 0.5) -> None:
+        import threading
+
+        self.out = out
+        self.period_s = period_s
+        self.roots: dict[str, int] = {}
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def watch(self, name: str, pid: int) -> None:
+        self.roots[name] = pid
+
+    def _tree_cpu(self) -> dict[str, float]:
+        stats: dict[int, tuple[int, float]] = {}  # pid -> (ppid, cpu seconds)
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                raw = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            fields = raw[raw.rindex(")") + 2 :].split()
+            stats[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self._tick)
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        out = {}
+        for name, root in self.roots.items():
+            total, todo = 0.0, [root]
+            while todo:
+                pid = todo.pop()
+                if pid in stats:
+                    total += stats[pid][1]
+                    todo.extend(children.get(pid, []))
+            out[name] = round(total, 2)
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self.samples.append({"t": time.monotonic(), "cpu_s": self._tree_cpu()})
+            except Exception as e:  # never lose the run for a sampler
+                self.samples.append({"t": time.monotonic(), "error": str(e)[:200]})
+
+    def start(self) -> None:
+        if Path("/proc/self/stat").exists():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self.out.write_text(
+            json.dumps({"period_s": self.period_s, "roots": self.roots, "samples": self.samples})
+        )
+
+
 # -- engines ---------------------------------------------------------------------------------------
 class Engine:
     """What differs between serving engines: the model folders, the server commands, how the proxy
@@ -346,6 +411,11 @@ def run(args: argparse.Namespace, engine: Engine | None = None) -> int:
                 if args.stagger_s:
                     time.sleep(args.stagger_s)
             result["serve_cmds"] = cmds
+            sampler = CpuSampler(out / "cpu.json")
+            for p in precisions:
+                sampler.watch(f"server-{p}", procs[p].pid)
+            sampler.start()
+            stack.callback(sampler.stop)
             for p in precisions:
                 wait_http(urls[p] + "/health", procs[p], args.start_timeout_s, logs / f"serve-{p}.log")
             step("servers_up", t0, gpu_memory=gpu_memory())
@@ -430,6 +500,7 @@ def run(args: argparse.Namespace, engine: Engine | None = None) -> int:
                 )
             )  # fmt: skip
             proxy = f"http://127.0.0.1:{proxy_port}"
+            sampler.watch("proxy", proxy_proc.pid)
             if args.meter != "null":  # the meter's first updates
                 t_end = time.monotonic() + 30
                 while time.monotonic() < t_end:
@@ -470,6 +541,7 @@ def run(args: argparse.Namespace, engine: Engine | None = None) -> int:
                 lgp = subprocess.Popen(
                     lg, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **env}
                 )
+                sampler.watch("loadgen", lgp.pid)
                 try:
                     lgp.wait(timeout=max(5.0, budget))
                 except subprocess.TimeoutExpired:
@@ -588,6 +660,25 @@ def summarise(out: Path) -> dict[str, Any]:
         busy = [tuple(w) for lv in rep["levels"] for w in lv.get("windows_monotonic_s") or []]
         s["counter"] = real_nvml.counter_period(poll, busy)  # type: ignore[arg-type]
 
+    cpu = json.loads((out / "cpu.json").read_text()) if (out / "cpu.json").exists() else None
+
+    def cpu_rates(windows: list[list[float]]) -> dict[str, float] | None:
+        """CPU seconds per second of each watched process tree over a level's windows."""
+        if not cpu or not windows:
+            return None
+        samples = [x for x in cpu["samples"] if "cpu_s" in x]
+        rates: dict[str, float] = {}
+        for name in cpu["roots"]:
+            used = span = 0.0
+            for a, b in windows:
+                inside = [x for x in samples if a <= x["t"] <= b and name in x["cpu_s"]]
+                if len(inside) >= 2:
+                    used += inside[-1]["cpu_s"][name] - inside[0]["cpu_s"][name]
+                    span += inside[-1]["t"] - inside[0]["t"]
+            if span > 0:
+                rates[name] = round(used / span, 3)
+        return rates or None
+
     # requests
     rows: list[dict[str, str]] = []
     if (out / "loadgen" / "requests.csv").exists():
@@ -642,6 +733,7 @@ def summarise(out: Path) -> dict[str, Any]:
                 "request_j_per_token": {"median": _q(jt, 0.5), "p10": _q(jt, 0.1), "p90": _q(jt, 0.9)},
                 "error_bound_j_median": _q(eb, 0.5) if eb else None,
                 "energy_by_hop": lv.get("energy_by_hop"),
+                "cpu_per_s": cpu_rates(lv.get("windows_monotonic_s") or []),
                 "energy_null_reason": lv["energy_null_reason"],
                 "energy_unknown_requests": lv["energy_unknown_requests"],
             }
@@ -696,6 +788,18 @@ def summary_md(s: dict[str, Any]) -> str:
             f"{_f(None if lv['itl_p50_s'] is None else lv['itl_p50_s'] * 1e3)} | "
             f"{_f(r['median'])} [{_f(r['p10'])}, {_f(r['p90'])}] | {_f(lv['attributed_over_counter'], 4)} |"
         )
+    names = sorted({k for lv in s["levels"] for k in (lv.get("cpu_per_s") or {})})
+    if names:
+        L.append("\n### CPU seconds per second of each process tree over the window (1.0 = one core)\n")
+        L.append("| precision | C | " + " | ".join(names) + " |")
+        L.append("| --- | --- | " + " | ".join("---" for _ in names) + " |")
+        for lv in s["levels"]:
+            c = lv.get("cpu_per_s") or {}
+            L.append(
+                f"| {lv['precision']} | {lv['concurrency']} | "
+                + " | ".join(_f(c.get(n)) for n in names)
+                + " |"
+            )
     L.append("\n### Energy by hop (window requests; J/request, J/token)\n")
     hops = sorted({int(h) for lv in s["levels"] for h in (lv["energy_by_hop"] or {})})
     L.append("| precision | C | " + " | ".join(f"hop {h}" for h in hops) + " |")
