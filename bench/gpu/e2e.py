@@ -1040,43 +1040,65 @@ def collect(src: Path, dst: Path) -> None:
         print(f"{target} ({target.stat().st_size:,} bytes)")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="the whole job for one model shape")
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def add_run_args(
+    r: argparse.ArgumentParser,
+    *,
+    precisions: str,
+    concurrency: list[int],
+    duration: float,
+    max_tokens: int,
+    work: str,
+    start_timeout_s: float,
+    serve_help: str,
+) -> None:
+    """The ``run`` options every engine's driver shares (this module's and vllm_e2e.py's)."""
     r.add_argument("--shape", choices=sorted(real_nvml.SHAPES), default="qwen3-0.6b")
-    r.add_argument("--precisions", default=",".join(PRECISIONS))
-    r.add_argument("--concurrency", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8, 32])
+    r.add_argument("--precisions", default=precisions)
+    r.add_argument("--concurrency", type=_ints, default=concurrency)
     r.add_argument(
-        "--duration", type=float, default=20.0, help="seconds of steady state per level (0: chains)"
+        "--duration", type=float, default=duration, help="seconds of steady state per level (0: chains)"
     )
     r.add_argument("--num-chains", type=int, default=16, help="measured chains per level when --duration 0")
-    r.add_argument("--max-tokens", type=int, default=32)
+    r.add_argument("--max-tokens", type=int, default=max_tokens)
     r.add_argument("--bootstrap", type=int, default=1000)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--meter", choices=["nvml", "sim", "null"], default="nvml")
-    r.add_argument("--no-quant", action="store_true", help="flow check: every server at BF16")
-    r.add_argument("--serve-args", default="", help="more transformers serve arguments (e.g. --device cpu)")
-    r.add_argument(
-        "--cb-num-blocks", type=int, default=256, help="KV cache blocks per server (256 tokens each)"
-    )
-    r.add_argument("--cb-max-batch-tokens", type=int, default=2048)
+    r.add_argument("--serve-args", default="", help=serve_help)
     r.add_argument("--stagger-s", type=float, default=0.0, help="pause between server starts")
     r.add_argument(
         "--warm-sizes",
-        type=lambda t: [int(x) for x in t.split(",")],
+        type=_ints,
         help="concurrent warm-up waves per server after a single request (default: the concurrency levels)",
     )
     r.add_argument("--warm-tokens", type=int, default=8)
     r.add_argument("--poll-sleep-s", type=float, default=0.01)
-    r.add_argument("--work", default="/tmp/qtrap-e2e")
-    r.add_argument("--reuse-model", action="store_true")
+    r.add_argument("--work", default=work)
     r.add_argument("--out", required=True)
-    r.add_argument("--start-timeout-s", type=float, default=240.0)
+    r.add_argument("--start-timeout-s", type=float, default=start_timeout_s)
     r.add_argument("--budget-s", type=float, default=540.0, help="or QTRAP_DEADLINE_UNIX")
     r.add_argument(
         "--reserve-s", type=float, default=45.0, help="kept after loadgen for its report and teardown"
     )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="the whole job for one model shape")
+    add_run_args(
+        r, precisions=",".join(PRECISIONS), concurrency=[1, 8, 32], duration=20.0, max_tokens=32,
+        work="/tmp/qtrap-e2e", start_timeout_s=240.0, serve_help="more transformers serve arguments (e.g. --device cpu)",
+    )  # fmt: skip
+    r.add_argument("--no-quant", action="store_true", help="flow check: every server at BF16")
+    r.add_argument(
+        "--cb-num-blocks", type=int, default=256, help="KV cache blocks per server (256 tokens each)"
+    )
+    r.add_argument("--cb-max-batch-tokens", type=int, default=2048)
+    r.add_argument("--reuse-model", action="store_true")
     s = sub.add_parser("summarise", help="e2e-summary.json/.md from a results folder")
     s.add_argument("--out", required=True)
     c = sub.add_parser("crosscheck", help="loadgen's J/token ratios against the kernel probe's")

@@ -27,17 +27,8 @@
 #   REQUIRE_CUDA=0 SHAPES=tiny RUN_ARGS="--meter sim --no-quant --serve-args=--device=cpu" bash bench/gpu/e2e.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-START=$(date +%s)
-TOTAL_S=${TOTAL_S:-570}
-OUT=${OUT:-e2e-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-RES=${RES:-/tmp/qtrap-e2e-results}
-mkdir -p "$RES"
-exec > >(tee -a "$OUT/run.log") 2>&1
-pack() { tar -czf "$OUT/e2e-results.tar.gz" -C "$RES" . 2>/dev/null; }
-trap pack EXIT
-export PYTHONUNBUFFERED=1
+source bench/gpu/lib.sh
+run_prologue e2e-results.tar.gz e2e-out /tmp/qtrap-e2e-results 570
 echo "e2e: $(date -u +%FT%TZ), steps ${STEPS:-sweep}, shapes ${SHAPES:-qwen3-0.6b}, commit $(git rev-parse --short HEAD 2>/dev/null)"
 
 PKGS=/tmp/qtrap-e2e-pkgs
@@ -82,38 +73,11 @@ fi
 export PYTHONPATH="$PKGS:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # everything the servers, the proxy and loadgen import, checked before any GPU time is spent
-if ! python3 - <<'EOF'; then
-import importlib, os, sys
-mods = ["qtrap_proxy.server", "qtrap_proxy.energy.service", "qtrap_proxy.ledger", "aiohttp", "yaml", "orjson",
-        "uvicorn", "starlette", "pydantic", "pydantic_settings", "prometheus_client", "torch", "tokenizers",
-        "transformers", "fastapi", "openai", "numpy", "rich", "loadgen.app", "loadgen.analysis"]
-if os.environ.get("REQUIRE_CUDA", "1") == "1":
-    mods += ["pynvml", "bitsandbytes"]
-bad = []
-for m in mods:
-    try:
-        mod = importlib.import_module(m)
-        print(f"  {m} {getattr(mod, '__version__', '')}")
-    except Exception as e:
-        bad.append(f"{m}: {type(e).__name__}: {e}")
-for m in ("matplotlib", "uvloop"):
-    try:
-        print(f"  {m} {importlib.import_module(m).__version__} (optional)")
-    except Exception as e:
-        print(f"  {m}: not available ({type(e).__name__}) (optional)")
-try:
-    from transformers.utils.import_utils import is_serve_available
-    if not is_serve_available():
-        bad.append("transformers: is_serve_available() is False (needs pydantic, fastapi, uvicorn, openai)")
-    import torch
-    if os.environ.get("REQUIRE_CUDA", "1") == "1" and not torch.cuda.is_available():
-        bad.append("torch: no CUDA device")
-except ImportError:
-    pass  # reported above
-if bad:
-    print("IMPORT CHECK FAILED:\n  " + "\n  ".join(bad))
-    sys.exit(1)
-EOF
+mods=(qtrap_proxy.server qtrap_proxy.energy.service qtrap_proxy.ledger aiohttp yaml orjson uvicorn starlette
+  pydantic pydantic_settings prometheus_client torch tokenizers transformers fastapi openai numpy rich loadgen.app
+  loadgen.analysis)
+[ "${REQUIRE_CUDA:-1}" = 1 ] && mods+=(pynvml bitsandbytes)
+if ! python3 bench/gpu/check_imports.py --serve "${mods[@]}" --optional matplotlib uvloop; then
   echo "missing packages: see above (add their wheels to .gpu-wheels/)"
   exit 3
 fi
@@ -121,7 +85,6 @@ nvidia-smi --query-gpu=name,driver_version,power.limit,power.draw,clocks.max.sm,
   --format=csv >"$RES/gpu.csv" 2>&1
 cat "$RES/gpu.csv"
 
-left() { echo $((START + TOTAL_S - $(date +%s))); }
 for step in ${STEPS:-sweep}; do
   for shape in ${SHAPES:-qwen3-0.6b}; do
     now=$(date +%s)

@@ -65,31 +65,9 @@ fi
 export PYTHONPATH="$PKGS:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # everything the proxy and transformers serve import, checked before any GPU time is spent
-if ! python3 - <<'EOF'; then
-import importlib, os, sys
-mods = ["qtrap_proxy.server", "qtrap_proxy.energy.service", "qtrap_proxy.ledger", "pynvml", "aiohttp",
-        "yaml", "orjson", "uvicorn", "starlette", "pydantic", "pydantic_settings", "prometheus_client",
-        "torch", "tokenizers", "transformers", "fastapi", "openai"]
-bad = []
-for m in mods:
-    try:
-        mod = importlib.import_module(m)
-        print(f"  {m} {getattr(mod, '__version__', '')}")
-    except Exception as e:
-        bad.append(f"{m}: {type(e).__name__}: {e}")
-try:
-    from transformers.utils.import_utils import is_serve_available
-    if not is_serve_available():
-        bad.append("transformers: is_serve_available() is False (needs pydantic, fastapi, uvicorn, openai)")
-    import torch
-    if os.environ.get("REQUIRE_CUDA", "1") == "1" and not torch.cuda.is_available():
-        bad.append("torch: no CUDA device")
-except ImportError:
-    pass  # reported above
-if bad:
-    print("IMPORT CHECK FAILED:\n  " + "\n  ".join(bad))
-    sys.exit(1)
-EOF
+if ! python3 bench/gpu/check_imports.py --serve qtrap_proxy.server qtrap_proxy.energy.service qtrap_proxy.ledger \
+  pynvml aiohttp yaml orjson uvicorn starlette pydantic pydantic_settings prometheus_client torch tokenizers \
+  transformers fastapi openai; then
   echo "missing packages: see above (add their wheels to $W)"
   exit 3
 fi

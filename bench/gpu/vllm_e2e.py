@@ -302,37 +302,15 @@ def main() -> int:
     m.add_argument("--shape", choices=sorted(real_nvml.SHAPES), required=True)
     m.add_argument("--dir", required=True)
     r = sub.add_parser("run", help="the whole job for one model shape")
+    e2e.add_run_args(
+        r, precisions=",".join(PRECISIONS), concurrency=[1, 4, 16, 64, 128, 256], duration=8.0, max_tokens=64,
+        work="/tmp/qtrap-vllm", start_timeout_s=420.0, serve_help="more vLLM server arguments",
+    )  # fmt: skip
     r.add_argument("--engine", choices=["vllm", "sim"], default="vllm")
     r.add_argument("--vllm-site", default="/tmp/vsite", help="where vLLM's packages were unpacked")
-    r.add_argument("--shape", choices=sorted(real_nvml.SHAPES), default="qwen3-0.6b")
-    r.add_argument("--precisions", default=",".join(PRECISIONS))
-    r.add_argument(
-        "--concurrency", type=lambda t: [int(x) for x in t.split(",")], default=[1, 4, 16, 64, 128, 256]
-    )
-    r.add_argument(
-        "--duration", type=float, default=8.0, help="seconds of steady state per level (0: chains)"
-    )
-    r.add_argument("--num-chains", type=int, default=16, help="measured chains per level when --duration 0")
-    r.add_argument("--max-tokens", type=int, default=64)
-    r.add_argument("--bootstrap", type=int, default=1000)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--meter", choices=["nvml", "sim", "null"], default="nvml")
     r.add_argument("--kv-tokens", type=int, default=120_000, help="KV cache per server, in tokens")
     r.add_argument("--max-model-len", type=int, default=4096)
     r.add_argument("--max-num-seqs", type=int, default=256)
-    r.add_argument("--serve-args", default="", help="more vLLM server arguments")
-    r.add_argument("--stagger-s", type=float, default=0.0, help="pause between server starts")
-    r.add_argument("--warm-sizes", type=lambda t: [int(x) for x in t.split(",")],
-                   help="concurrent warm-up waves per server after a single request (default: the levels)")  # fmt: skip
-    r.add_argument("--warm-tokens", type=int, default=8)
-    r.add_argument("--poll-sleep-s", type=float, default=0.01)
-    r.add_argument("--work", default="/tmp/qtrap-vllm")
-    r.add_argument("--out", required=True)
-    r.add_argument("--start-timeout-s", type=float, default=420.0)
-    r.add_argument("--budget-s", type=float, default=540.0, help="or QTRAP_DEADLINE_UNIX")
-    r.add_argument(
-        "--reserve-s", type=float, default=45.0, help="kept after loadgen for its report and teardown"
-    )
     k = sub.add_parser("kernels", help="the kernels each server's log names")
     k.add_argument("--logs", required=True)
     s = sub.add_parser("summarise", help="e2e-summary.json/.md from a results folder")

@@ -29,17 +29,8 @@
 #   ENGINE=sim REQUIRE_CUDA=0 RUN_ARGS="--meter sim" CONCURRENCY=1,4 DURATION_S=2 bash bench/gpu/vllm_e2e.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-START=$(date +%s)
-TOTAL_S=${TOTAL_S:-575}
-OUT=${OUT:-vllm-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-RES=${RES:-/tmp/qtrap-vllm-results}
-mkdir -p "$RES"
-exec > >(tee -a "$OUT/run.log") 2>&1
-pack() { tar -czf "$OUT/vllm-results.tar.gz" -C "$RES" . 2>/dev/null; }
-trap pack EXIT
-export PYTHONUNBUFFERED=1
+source bench/gpu/lib.sh
+run_prologue vllm-results.tar.gz vllm-out /tmp/qtrap-vllm-results 575
 ENGINE=${ENGINE:-vllm}
 SITE=/tmp/vsite
 echo "vllm_e2e: $(date -u +%FT%TZ), engine $ENGINE, shapes ${SHAPES:-qwen3-0.6b}, commit $(git rev-parse --short HEAD 2>/dev/null)"
@@ -82,28 +73,10 @@ if [ "$unpacked" -ne 0 ]; then
   exit 3
 fi
 
-if ! python3 - <<'EOF'; then
-import importlib, os, sys
-mods = ["qtrap_proxy.server", "qtrap_proxy.energy.service", "qtrap_proxy.ledger", "aiohttp", "yaml", "orjson",
-        "uvicorn", "starlette", "pydantic", "pydantic_settings", "prometheus_client", "numpy", "rich",
-        "loadgen.app", "loadgen.analysis", "tokenizers", "transformers"]
-if os.environ.get("REQUIRE_CUDA", "1") == "1":
-    mods += ["pynvml", "torch", "vllm"]
-bad = []
-for m in mods:
-    try:
-        mod = importlib.import_module(m)
-        print(f"  {m} {getattr(mod, '__version__', '')}")
-    except Exception as e:
-        bad.append(f"{m}: {type(e).__name__}: {e}")
-if os.environ.get("REQUIRE_CUDA", "1") == "1":
-    import torch
-    if not torch.cuda.is_available():
-        bad.append("torch: no CUDA device")
-if bad:
-    print("IMPORT CHECK FAILED:\n  " + "\n  ".join(bad))
-    sys.exit(1)
-EOF
+mods=(qtrap_proxy.server qtrap_proxy.energy.service qtrap_proxy.ledger aiohttp yaml orjson uvicorn starlette
+  pydantic pydantic_settings prometheus_client numpy rich loadgen.app loadgen.analysis tokenizers transformers)
+[ "${REQUIRE_CUDA:-1}" = 1 ] && mods+=(pynvml torch vllm)
+if ! python3 bench/gpu/check_imports.py "${mods[@]}" --optional matplotlib uvloop; then
   echo "missing packages: see above"
   exit 3
 fi
@@ -111,7 +84,6 @@ nvidia-smi --query-gpu=name,driver_version,power.limit,power.draw,clocks.max.sm,
   --format=csv >"$RES/gpu.csv" 2>&1
 cat "$RES/gpu.csv"
 
-left() { echo $((START + TOTAL_S - $(date +%s))); }
 for shape in $SHAPE_LIST; do
   now=$(date +%s)
   l=$(left)
