@@ -7,7 +7,6 @@ has ended.
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,14 +14,14 @@ from typing import Any
 
 from qtrap_proxy.limits import MAX_ERROR_CHARS, bounded
 
-# Request ids: 64 random bits per process, then a counter. Unique across restarts and
-# replicas for all practical purposes, and far cheaper than uuid4 on the request path.
-_ID_PREFIX = os.urandom(8).hex()
-_ID_COUNTER = itertools.count(1)
+# Request ids: 128 random bits each (32 hex characters). An id is the key to a request's record on the
+# admin API, so one id must not reveal others (a per-process prefix and a counter did); os.urandom costs
+# about 0.5 us per id on a 2-core development machine, against about 0.2 us for the counter.
+ID_BYTES = 16
 
 
 def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+    return os.urandom(ID_BYTES).hex()
 
 
 @dataclass(slots=True)
