@@ -113,11 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     from qtrap_proxy.server import serve
 
     try:
-        serve(cfg, log_level=args.log_level, access_log=args.access_log)
+        return serve(cfg, log_level=args.log_level, access_log=args.access_log)
     except ConfigError as e:  # found while building the proxy (e.g. an unwritable ledger path)
         print(f"qtrap-proxy: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

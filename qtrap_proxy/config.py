@@ -39,6 +39,13 @@ class ServerConfig(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="requests with a larger body get 413")
     health_timeout_s: float = Field(2.0, gt=0, description="per-backend probe timeout of GET /health")
+    shutdown_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="on SIGTERM/SIGINT the process exits within this many seconds: in-flight requests get "
+        "half of it to finish (then they are cut), the rest finalises energy and flushes the ledger",
+    )
 
 
 class Timeouts(_Strict):

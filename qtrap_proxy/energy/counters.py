@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from qtrap_proxy.background import Background
+from qtrap_proxy.background import STOP_TIMEOUT_S, Background
 
 log = logging.getLogger("qtrap.energy")
 
@@ -245,8 +245,19 @@ class CounterPoller(Background):
         c.up, c.error = True, None
         c.add(t_send + (t_recv - t_send) / 2, prompt, generated, running)
 
-    async def stop(self) -> None:
-        await super().stop()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> bool:
+        """Stop polling and close the session, within ``timeout_s``; True if both finished in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        ok = await super().stop(timeout_s)
+        session, self._session = self._session, None
+        if session is not None:
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await session.close()
+            except TimeoutError:
+                log.error(
+                    "closing the token counters' HTTP session took longer than %.3g s; left open", timeout_s
+                )
+                ok = False
+        return ok

@@ -7,17 +7,23 @@ attribution works on. A meter that fails marks its devices down (``qtrap_meter_u
 requests that end while their device's meter is down are finalised with energy unknown
 and the reason; a meter that recovers resumes. Backends with ``token_counters: true`` have their
 own token counters polled every ``meter.counters_interval_s`` (counters.py).
+
+Stopping (:meth:`EnergyService.stop`) is bounded: the sampler keeps reading until every request that
+has ended is settled (its last interval closed by a counter update), for at most
+``FINAL_READINGS_S``; then the tasks are stopped, requests that ended and are still waiting are
+finalised with energy unknown (the reason says why), and so is any request that ends afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from qtrap_proxy.background import Background
+from qtrap_proxy.background import STOP_TIMEOUT_S, Background
 from qtrap_proxy.config import ProxyConfig
 from qtrap_proxy.energy.attribution import DeviceAccount, Tracked
 from qtrap_proxy.energy.counters import CounterPoller, TokenCounter
@@ -28,6 +34,10 @@ from qtrap_proxy.upstream import Backend
 log = logging.getLogger("qtrap.energy")
 
 FinalSink = Callable[[Tracked], None]
+
+# at shutdown, the longest the meter is read for requests that ended after its last update
+FINAL_READINGS_S = 2.0
+STOPPED_REASON = "proxy stopped before the final reading"
 
 
 class EnergyService(Background):
@@ -68,6 +78,8 @@ class EnergyService(Background):
         self._meter = meter
         self._meter_init_error: str | None = None
         self.tracked: dict[str, Tracked] = {}  # in flight or waiting for their final figure
+        self.stopped = False  # once stopped, requests that end are finalised at once (energy unknown)
+        self._sampled = asyncio.Event()  # set after every sample
 
     @property
     def kind(self) -> str:
@@ -80,12 +92,72 @@ class EnergyService(Background):
             if self._poller is not None:
                 self._poller.start()
 
-    async def stop(self) -> None:
-        await super().stop()
+    async def stop(self, timeout_s: float = 2 * STOP_TIMEOUT_S) -> bool:
+        """Finalise what can be finalised and stop, within ``timeout_s``; True if nothing overran.
+
+        While the sampler runs it keeps reading (at most ``FINAL_READINGS_S``, half the bound) until
+        no request that ended waits for its final figure; then the sampler and the counter poller are
+        stopped, every request that ended is finalised (those still waiting with energy unknown and
+        ``STOPPED_REASON``) and the meter is closed. Requests still in flight are finalised when they
+        end (:meth:`end`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+
+        def left(cap: float) -> float:
+            return max(0.0, min(cap, deadline - loop.time()))
+
+        if self._task is not None and not self._task.done():
+            await self._await_settled(loop.time() + left(min(FINAL_READINGS_S, timeout_s / 2)))
+        ok = await super().stop(left(STOP_TIMEOUT_S))
         if self._poller is not None:
-            await self._poller.stop()
+            ok = await self._poller.stop(left(STOP_TIMEOUT_S)) and ok
+        self.stopped = True
+        n = self.finalise_ended(STOPPED_REASON)
+        if n:
+            log.warning("%d requests finalised with energy unknown: %s", n, STOPPED_REASON)
         if self._meter is not None:
-            await self._meter.close()
+            meter, self._meter = self._meter, None
+            try:
+                async with asyncio.timeout(left(STOP_TIMEOUT_S)):
+                    await meter.close()
+            except TimeoutError:
+                log.error("closing the %s meter took longer than the shutdown allowed; left open", meter.kind)
+                ok = False
+        return ok
+
+    def _waiting(self) -> int:
+        """Requests that have ended and wait for their final figure from a meter that is up."""
+        return sum(
+            1
+            for tr in self.tracked.values()
+            if tr.tl.end is not None and any(self.meter_up.get(k) for k in self.backend_devices_of(tr))
+        )
+
+    async def _await_settled(self, until: float) -> None:
+        """Let the sampler run until no ended request waits, or until ``until`` (event-loop time)."""
+        loop = asyncio.get_running_loop()
+        while self._waiting() and self._task is not None and not self._task.done():
+            remaining = until - loop.time()
+            if remaining <= 0:
+                return
+            self._sampled.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._sampled.wait()
+
+    def finalise_ended(self, reason: str) -> int:
+        """Finalise every request that has ended and still waits for its final figure, with energy
+        unknown for ``reason``; returns how many were."""
+        n = 0
+        for tr in list(self.tracked.values()):
+            if tr.tl.end is not None:
+                self._finalise_unknown(tr, reason)
+                n += 1
+        return n
+
+    def _finalise_unknown(self, tr: Tracked, reason: str) -> None:
+        tr.energy_known, tr.unknown_reason = False, tr.unknown_reason or reason
+        self._finalise(tr)
 
     def _build_meter(self) -> Meter:
         if self.cfg.kind == "dcgm":
@@ -102,6 +174,7 @@ class EnergyService(Background):
                 await self.sample_once()
             except Exception:  # the sampler must survive anything
                 log.exception("energy sampler failed")
+            self._sampled.set()
             await asyncio.sleep(max(0.0, t_next - time.monotonic()))
 
     async def sample_once(self) -> None:
@@ -111,7 +184,10 @@ class EnergyService(Background):
         try:
             if self._meter is None:
                 self._meter = self._build_meter()
-            readings = await asyncio.wait_for(self._meter.read(), timeout=max(1.0, 10 * self.cfg.interval_s))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that arrives as the read
+            # completes, and the sampler would then never stop
+            async with asyncio.timeout(max(1.0, 10 * self.cfg.interval_s)):
+                readings = await self._meter.read()
         except (MeterError, TimeoutError) as e:
             error = str(e) or "meter timed out"
             if isinstance(e, MeterError) and self.cfg.kind == "nvml" and "unavailable" in str(e):
@@ -148,7 +224,9 @@ class EnergyService(Background):
 
     def end(self, tr: Tracked) -> None:
         """The request has ended (its timeline has an end): finalise now if nothing is to be measured."""
-        if tr.devices == 0 or (not tr.energy_known and tr.pending_devices == 0):
+        if self.stopped:  # no reading will come any more
+            self._finalise_unknown(tr, STOPPED_REASON)
+        elif tr.devices == 0 or (not tr.energy_known and tr.pending_devices == 0):
             self._finalise(tr)
 
     def settle(self, now: float) -> None:
