@@ -84,7 +84,7 @@ def _summary(cfg: ProxyConfig) -> str:
     lines = []
     pools: dict[str, list[str]] = {}
     for b in cfg.backends:
-        pools.setdefault(b.pool, []).append(f"{b.precision}:{b.name} ({b.kind} {b.url})")
+        pools.setdefault(b.pool, []).append(f"{b.precision}:{b.name} ({b.kind} {b.display_url})")
     for pool, items in pools.items():
         lines.append(f"pool {pool} (default precision {cfg.default_precision(pool)})")
         lines.extend(f"  {it}" for it in items)

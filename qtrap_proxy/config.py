@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from qtrap_proxy.errors import ConfigError
+from qtrap_proxy.redact import redact_url
 
 BackendKind = Literal["vllm", "tgi", "openai"]
 
@@ -78,6 +79,10 @@ class BackendConfig(_Strict):
         "replicas or clients sent to it is not attributed to this proxy's requests",
     )
     metrics_path: str = Field("/metrics", description="token_counters: the backend's Prometheus page")
+    expose_address: bool = Field(
+        False,
+        description="name the backend's address in the 502/504 answers clients get (default: its name only)",
+    )
 
     @field_validator("url")
     @classmethod
@@ -102,6 +107,11 @@ class BackendConfig(_Strict):
         if self.token_counters and not self.devices:
             raise ValueError("token_counters: the backend lists no devices to attribute on")
         return self
+
+    @property
+    def display_url(self) -> str:
+        """The URL without credentials, for /health, logs and reports."""
+        return redact_url(self.url)
 
     @property
     def metrics_url(self) -> str:

@@ -217,7 +217,7 @@ class Proxy:
                     "pool": b.pool,
                     "precision": b.precision,
                     "kind": b.kind,
-                    "url": b.cfg.url,
+                    "url": b.cfg.display_url,
                     "ok": h.ok,
                     "http_status": h.status,
                     "latency_s": h.latency_s,

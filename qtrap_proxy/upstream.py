@@ -8,6 +8,7 @@ proxy-overhead figures measured with it).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,9 @@ import aiohttp
 from qtrap_proxy.config import BackendConfig
 from qtrap_proxy.errors import UpstreamConnectError, UpstreamTimeout
 from qtrap_proxy.metrics import BackendMetrics
+from qtrap_proxy.redact import redact_urls_in, scrub_addresses
+
+log = logging.getLogger("qtrap.upstream")
 
 
 @dataclass(slots=True)
@@ -84,8 +88,10 @@ class Backend:
         except (TimeoutError, aiohttp.ServerTimeoutError) as e:
             raise UpstreamTimeout(f"backend {self.name} did not answer in time", backend=self.name) from e
         except aiohttp.ClientError as e:
+            log.warning("backend %s (%s) is unreachable: %s", self.name, self.cfg.display_url,
+                        redact_urls_in(_describe(e)))  # fmt: skip
             raise UpstreamConnectError(
-                f"backend {self.name} is unreachable: {_describe(e)}", backend=self.name
+                f"backend {self.name} is unreachable: {self._public(_describe(e))}", backend=self.name
             ) from e
         try:
             yield resp
@@ -110,7 +116,11 @@ class Backend:
         except TimeoutError:
             return Health(False, None, None, f"no answer within {timeout_s:g} s")
         except aiohttp.ClientError as e:
-            return Health(False, None, None, _describe(e))
+            return Health(False, None, None, self._public(_describe(e)))
+
+    def _public(self, reason: str) -> str:
+        """A reason as clients and /health may see it (qtrap_proxy/redact.py)."""
+        return redact_urls_in(reason) if self.cfg.expose_address else scrub_addresses(reason)
 
 
 def _describe(e: BaseException) -> str:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from qtrap_proxy.background import STOP_TIMEOUT_S, Background
+from qtrap_proxy.redact import redact_url, redact_urls_in
 
 log = logging.getLogger("qtrap.energy")
 
@@ -234,10 +235,13 @@ class CounterPoller(Background):
             prompt, generated, running = parse_counters(text, c.kind)
         except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError) as e:
             if c.up:
-                log.warning("token counters of %s unreadable: %s", c.backend, e)
+                log.warning("token counters of %s unreadable: %s", c.backend, redact_urls_in(str(e)))
+            where = redact_url(c.url)
             c.up, c.error = (
                 False,
-                f"{c.url}: {type(e).__name__}: {e}" if str(e) else f"{c.url}: {type(e).__name__}",
+                redact_urls_in(
+                    f"{where}: {type(e).__name__}: {e}" if str(e) else f"{where}: {type(e).__name__}"
+                ),
             )
             return
         if not c.up:

@@ -28,6 +28,7 @@ from qtrap_proxy.config import ProxyConfig
 from qtrap_proxy.energy.attribution import DeviceAccount, Tracked
 from qtrap_proxy.energy.counters import CounterPoller, TokenCounter
 from qtrap_proxy.energy.meters import DcgmMeter, Meter, MeterError, NullMeter, NvmlMeter, device_key
+from qtrap_proxy.redact import redact_url
 from qtrap_proxy.timeline import Timeline
 from qtrap_proxy.upstream import Backend
 
@@ -301,7 +302,7 @@ class EnergyService(Background):
         counters = [
             {
                 "backend": c.backend,
-                "url": c.url,
+                "url": redact_url(c.url),
                 "up": c.up,
                 "error": c.error,
                 "polls": c.polls,

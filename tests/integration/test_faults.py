@@ -55,7 +55,23 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                         "stream-cut-event",
                     )
                 ],
-                backend("dead", dead, pool="dead", model="m", timeouts=timeouts),
+                # credentials in its URL: they must show nowhere (qtrap_proxy/redact.py)
+                backend(
+                    "dead",
+                    dead,
+                    pool="dead",
+                    model="m",
+                    timeouts=timeouts,
+                    url=f"http://admin:s3cret@127.0.0.1:{dead}",
+                ),
+                backend(
+                    "dead-exposed",
+                    dead,
+                    pool="dead-exposed",
+                    model="m",
+                    timeouts=timeouts,
+                    expose_address=True,
+                ),
                 backend("sim", sport, pool="sim", model="qwen3-8b"),
             ],
         }
@@ -198,6 +214,22 @@ def test_body_too_large_413(setup: Setup) -> None:
 def test_unreachable_backend_502(setup: Setup) -> None:
     err = _assert_openai_error(_post(setup, {"model": "dead", "messages": _msgs()}), 502)
     assert err["code"] == "upstream_unreachable"
+    # the backend by name; not its address (aiohttp's error spells it out) nor its credentials
+    msg = str(err["message"])
+    assert "backend dead is unreachable" in msg and "<address>" in msg
+    assert "127.0.0.1" not in msg and "s3cret" not in msg and "admin" not in msg
+    # a backend configured with expose_address: true names where it failed
+    err = _assert_openai_error(_post(setup, {"model": "dead-exposed", "messages": _msgs()}), 502)
+    assert "127.0.0.1" in str(err["message"])
+
+
+def test_no_credentials_in_health_or_energy(setup: Setup) -> None:
+    health = requests.get(setup.url + "/health", timeout=10)
+    assert "s3cret" not in health.text and "admin" not in health.text
+    dead = next(b for b in health.json()["backends"] if b["name"] == "dead")
+    assert dead["url"].startswith("http://***@127.0.0.1:") and not dead["ok"]
+    assert "127.0.0.1" not in (dead["error"] or "")
+    assert "s3cret" not in requests.get(setup.url + "/qtrap/v1/energy", timeout=10).text
 
 
 def test_upstream_timeout_504(setup: Setup) -> None:
