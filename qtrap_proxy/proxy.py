@@ -67,19 +67,6 @@ class Proxy:
         self.ledger.start(self._on_durable, self._on_dropped)
         self.energy.start()
 
-    async def close(self) -> None:
-        await self.energy.stop()
-        # finalise what is left (the meter cannot measure it any more) so the ledger keeps it
-        for tr in list(self.energy.tracked.values()):
-            if tr.tl.end is not None:
-                tr.energy_known, tr.unknown_reason = (
-                    False,
-                    tr.unknown_reason or "proxy stopped before the final reading",
-                )
-                self.energy._finalise(tr)
-        await asyncio.gather(*(b.close() for b in self.backends))
-        await asyncio.to_thread(self.ledger.close)
-
     # -- request lifecycle -------------------------------------------------
     def begin(self, tl: Timeline, backend: Backend, hop_split: bool = False) -> None:
         tl.pool, tl.precision, tl.backend = backend.pool, backend.precision, backend.name
