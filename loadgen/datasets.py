@@ -9,7 +9,8 @@ A problem's *hops* are the reasoning steps a chain replays, counted as follows
 
 Local files use the upstream formats: GSM8K as JSON lines ``{"question", "answer"}``
 (openai/grade-school-math), MathQA as a JSON array (or JSON lines) of
-``{"Problem", "options", "correct", "linear_formula", ...}`` (the MathQA release).
+``{"Problem", "options", "correct", "linear_formula", ...}`` (the MathQA release); either may be
+gzip-compressed (a ``.gz`` name or gzip's magic bytes), e.g. ``gsm8k-test.jsonl.gz``.
 Without a file, GSM8K comes from the hub as ``openai/gsm8k`` (config ``main``) and
 MathQA as ``allenai/math_qa`` through the ``datasets`` library.
 """
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import gzip
 import json
 import random
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ DATASETS = ("synthetic", "gsm8k", "mathqa")
 HUB = {"gsm8k": ("openai/gsm8k", "main"), "mathqa": ("allenai/math_qa", None)}
 _CALC = re.compile(r"<<[^>]*>>")
 _OPTION = re.compile(r"([a-e])\s*\)\s*(.*)")
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class DatasetError(ValueError):
@@ -135,13 +139,26 @@ def synthetic(n: int, seed: int, min_hops: int = 2, max_hops: int = 6) -> list[P
 # -- loading -----------------------------------------------------------------------------------------
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
+def _read_text(path: Path) -> str:
+    """A data file's text, gunzipped first when it is named ``*.gz`` or starts with gzip's magic bytes."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as e:
         raise DatasetError(f"cannot read data file {path}: {e.strerror or e}") from e
+    if path.suffix.lower() == ".gz" or data.startswith(_GZIP_MAGIC):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut-off file, EOFError
+            why = " ".join(str(e).split()) or type(e).__name__
+            raise DatasetError(f"cannot read data file {path}: not a valid gzip file ({why})") from e
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DatasetError(f"data file {path} is not UTF-8 text") from e
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    text = _read_text(path)
     try:
         if text.lstrip().startswith("["):
             rows = json.loads(text)

@@ -148,17 +148,31 @@ def parse_mathqa_options(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def load_problems(path: str | Path) -> list[Problem]:
-    """GSM8K (.jsonl with question/answer) or MathQA (.json array with Problem/options/correct)."""
+    """GSM8K (.jsonl with question/answer) or MathQA (.json array with Problem/options/correct), either
+    possibly gzip-compressed (a ``.gz`` name or gzip's magic bytes)."""
     return list(_load(str(Path(path).resolve())))
 
 
 @cache
 def _load(path: str) -> tuple[Problem, ...]:
+    import gzip
+    import zlib
+
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
     except OSError as e:
         raise OracleDataError(f"cannot read oracle data {p}: {e.strerror or e}") from e
+    if p.suffix.lower() == ".gz" or data.startswith(b"\x1f\x8b"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut-off file, EOFError
+            why = " ".join(str(e).split()) or type(e).__name__
+            raise OracleDataError(f"cannot read oracle data {p}: not a valid gzip file ({why})") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OracleDataError(f"oracle data {p} is not UTF-8 text") from e
     problems: list[Problem] = []
     try:
         if text.lstrip().startswith("["):

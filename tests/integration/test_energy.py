@@ -167,12 +167,11 @@ def test_chains_and_hops(energy: EnergySetup) -> None:
 
 def test_hop_split_inside_one_stream(tmp_path: Path) -> None:
     """`x-qtrap-hop-split: lines` on a simulator that answers a GSM8K problem step by step, one line per hop."""
-    data = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
-    if not data.exists():
-        pytest.skip("development data (../shared/data) not present")
+    data = Path(__file__).resolve().parents[1] / "data" / "gsm8k-test.jsonl.gz"  # tests/data
+    import gzip
     import json
 
-    problem = json.loads(data.read_text().splitlines()[10])
+    problem = json.loads(gzip.decompress(data.read_bytes()).decode().splitlines()[10])
     port = free_port()
     with server(
         [

@@ -1,7 +1,8 @@
-"""Oracle answers against the GSM8K and MathQA test sets (../shared/data, development data only)."""
+"""Oracle answers against the GSM8K and MathQA test sets (tests/data)."""
 
 from __future__ import annotations
 
+import gzip
 import math
 import random
 import re
@@ -13,10 +14,9 @@ import pytest
 from qtrap_sim.oracle import Oracle, OracleDataError, Problem, load_problems, parse_mathqa_options
 from tests.unit.sim.chain_client import hop_prompt, play_oracle
 
-DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
-GSM8K = DATA / "gsm8k" / "test.jsonl"
-MATHQA = DATA / "mathqa" / "test.json"
-pytestmark = pytest.mark.skipif(not GSM8K.exists(), reason="development data (../shared/data) not present")
+DATA = Path(__file__).resolve().parents[2] / "data"  # tests/data (README.md there: sources, licences)
+GSM8K = DATA / "gsm8k-test.jsonl.gz"
+MATHQA = DATA / "mathqa-test.json.gz"
 
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # lm-evaluation-harness' GSM8K strict match
 
@@ -108,6 +108,22 @@ def test_bad_data_files(tmp_path: Path) -> None:
     (tmp_path / "c.jsonl").write_text("\n")
     with pytest.raises(OracleDataError, match="no problems"):
         load_problems(tmp_path / "c.jsonl")
+
+
+def test_gzip_data_files(tmp_path: Path) -> None:
+    text = '{"question": "Tom has 2 apples and buys 3 more. How many now?", "answer": "2+3=<<2+3=5>>5\\n#### 5"}\n'
+    (tmp_path / "g.jsonl").write_text(text)
+    (tmp_path / "g.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "g2.jsonl").write_bytes(gzip.compress(text.encode()))  # gzip's magic bytes, no .gz name
+    plain = load_problems(tmp_path / "g.jsonl")
+    assert load_problems(tmp_path / "g.jsonl.gz") == load_problems(tmp_path / "g2.jsonl") == plain
+    assert plain[0].answer == "5" and plain[0].hops == 1
+    good = gzip.compress(text.encode())
+    for name, data in {"plain.jsonl.gz": text.encode(), "cut.jsonl.gz": good[: len(good) // 2]}.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(OracleDataError, match=r"cannot read oracle data .* not a valid gzip file") as e:
+            load_problems(tmp_path / name)
+        assert "\n" not in str(e.value)
 
 
 def test_mathqa_options_parse() -> None:
