@@ -211,11 +211,13 @@ class CounterPoller(Background):
         self.interval_s = interval_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self.first_round = asyncio.Event()  # set once every counter has been polled once (read or not)
 
     async def _run(self) -> None:
         while True:
             t_next = time.monotonic() + self.interval_s
             await self.poll_once()
+            self.first_round.set()
             await asyncio.sleep(max(0.0, t_next - time.monotonic()))
 
     async def poll_once(self) -> None:

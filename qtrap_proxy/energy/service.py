@@ -89,9 +89,9 @@ class EnergyService(Background):
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
         if self.cfg.kind != "null" and self.accounts:
-            super().start()
             if self._poller is not None:
                 self._poller.start()
+            super().start()
 
     async def stop(self, timeout_s: float = 2 * STOP_TIMEOUT_S) -> bool:
         """Finalise what can be finalised and stop, within ``timeout_s``; True if nothing overran.
@@ -169,6 +169,12 @@ class EnergyService(Background):
 
     async def _run(self) -> None:
         interval = self.cfg.interval_s
+        if self._poller is not None:
+            # the meter's first interval should begin inside the token counters' coverage: an interval
+            # that starts before their first sample cannot tell this proxy's work from others' (a gap)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(1.0, 3 * self.cfg.counters_interval_s)):
+                    await self._poller.first_round.wait()
         while True:
             t_next = time.monotonic() + interval
             try:
