@@ -158,7 +158,7 @@ def run_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--data-file",
         metavar="FILE",
-        help="local GSM8K .jsonl or MathQA .json instead of the hub "
+        help="local GSM8K .jsonl or MathQA .json (gzip-compressed or not) instead of the hub "
         "(openai/gsm8k, allenai/math_qa via the datasets library)",
     )
     w.add_argument("--split", default="test", help="hub split (default: test)")
