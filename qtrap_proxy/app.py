@@ -22,8 +22,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from qtrap_proxy.asgi import read_body
 from qtrap_proxy.background import STOP_TIMEOUT_S
 from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
+from qtrap_proxy.guard import Guard
 from qtrap_proxy.ledger import Ledger
-from qtrap_proxy.limits import MAX_ADMIN_BODY_BYTES, check_hops, check_id, parse_json_object
+from qtrap_proxy.limits import MAX_ADMIN_BODY_BYTES, check_hops, check_id, parse_json_object, parse_page
 from qtrap_proxy.openai_route import OpenAIRoute
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.tgi_route import TGIRoute
@@ -168,7 +169,7 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
         return JSONResponse(proxy.models())
 
     async def health(_: Request) -> JSONResponse:
-        code, body = await proxy.health()
+        code, body = await proxy.cached_health()
         return JSONResponse(body, status_code=code)
 
     async def metrics(_: Request) -> Response:
@@ -187,9 +188,10 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
     async def chain_record(request: Request) -> Response:
         try:
             cid = check_id(request.path_params["chain_id"], "chain id")
+            offset, limit = parse_page(request.query_params.get("offset"), request.query_params.get("limit"))
         except QtrapError as e:
             return _qtrap_error(e)
-        rec = proxy.chain(cid)
+        rec = proxy.chain_page(cid, offset, limit)
         if rec is None:
             return _error(404, f"no record of chain {cid!r}", "not_found_error")
         return JSONResponse(rec)
@@ -248,7 +250,7 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
             await close_proxy(proxy, bound)
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-    return _FastPath(relay, app)
+    return Guard(_FastPath(relay, app), proxy.config.server, relay)
 
 
 def _qtrap_error(e: QtrapError) -> Response:

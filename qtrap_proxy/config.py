@@ -47,6 +47,39 @@ class ServerConfig(_Strict):
         description="on SIGTERM/SIGINT the process exits within this many seconds: in-flight requests get "
         "half of it to finish (then they are cut), the rest finalises energy and flushes the ledger",
     )
+    max_connections: int = Field(
+        4096,
+        gt=0,
+        description="open client connections (uvicorn's limit_concurrency): beyond it new requests get 503; "
+        "each relayed request also holds an upstream connection, so the file-descriptor limit is raised "
+        "to 2 x this + 256 at start when the hard limit allows (a warning names the shortfall)",
+    )
+    backlog: int = Field(
+        2048, gt=0, description="listen backlog: connections the kernel queues before accept"
+    )
+    max_inflight_requests: int = Field(
+        1024,
+        gt=0,
+        description="requests in flight on the serving routes; beyond it they get 503 with Retry-After "
+        "before their body is read (load shedding)",
+    )
+    shed_retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) of a shed request's 503")
+    max_headers: int = Field(100, gt=0, description="header lines a request may carry; beyond it 431")
+    max_header_bytes: int = Field(
+        65536, gt=0, description="bytes of a request's header names and values together; beyond it 431"
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="longest silence while a request body is read; then 408 and the connection is closed",
+    )
+    health_cache_s: float = Field(
+        1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="GET /health answers from a probe at most this old (0: none)",
+    )
 
 
 class Timeouts(_Strict):

@@ -14,7 +14,9 @@ header or field and the limit; a bad value is never echoed raw or unbounded.
 * JSON bodies: valid UTF-8, nested at most ``JSON_MAX_DEPTH`` levels (orjson's
   own limit), an object at the top;
 * bodies of ``POST /qtrap/v1/*``: at most ``MAX_ADMIN_BODY_BYTES`` (413 beyond);
-* an error message kept in a record: cut at ``MAX_ERROR_CHARS``.
+* an error message kept in a record: cut at ``MAX_ERROR_CHARS``;
+* ``GET /qtrap/v1/chains/{id}?offset=N&limit=M``: ``offset`` from 0, ``limit`` from 1 to
+  ``MAX_PAGE`` (default ``DEFAULT_PAGE``) records a page.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ MAX_HEADER_CHARS = 256
 MAX_MODEL_CHARS = 256
 MAX_ADMIN_BODY_BYTES = 1_048_576
 MAX_ERROR_CHARS = 1_000
+DEFAULT_PAGE = 1_000
+MAX_PAGE = 1_000
 JSON_MAX_DEPTH = 1_024  # orjson refuses deeper documents; stated here so the README can say it
 
 HEADER_PREFIX = b"x-qtrap-"
@@ -138,6 +142,23 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise BadRequest("request body must be a JSON object")
     return obj
+
+
+def parse_page(offset: str | None, limit: str | None) -> tuple[int, int]:
+    """A page's ``offset`` (from 0) and ``limit`` (1..MAX_PAGE) query parameters, given as text."""
+    start = 0
+    if offset is not None:
+        if not (offset.isascii() and offset.isdigit() and len(offset) <= 12):
+            raise BadRequest(f"offset must be an integer from 0, got {_show(offset)}", param="offset")
+        start = int(offset)
+    size = DEFAULT_PAGE
+    if limit is not None:
+        if not (limit.isascii() and limit.isdigit() and len(limit) <= 12 and 1 <= int(limit) <= MAX_PAGE):
+            raise BadRequest(
+                f"limit must be an integer from 1 to {MAX_PAGE}, got {_show(limit)}", param="limit"
+            )
+        size = int(limit)
+    return start, size
 
 
 def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:

@@ -61,6 +61,8 @@ class Proxy:
         self.metrics.register_ledger(self.ledger)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.hop_regex = re.compile(config.meter.hop_split_regex)
+        self._health_last: tuple[float, tuple[int, dict[str, Any]]] | None = None  # (monotonic, answer)
+        self._health_probe: asyncio.Future[tuple[int, dict[str, Any]]] | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -236,3 +238,39 @@ class Proxy:
                     }
                 )
         return {"object": "list", "data": data}
+
+    # -- bounded reads (issue 13) -----------------------------------------------
+    async def cached_health(self) -> tuple[int, dict[str, Any]]:
+        """:meth:`health`, from a probe at most ``server.health_cache_s`` old; callers that arrive while
+        a probe runs share it, so a flood of /health calls probes each backend once per period."""
+        last = self._health_last
+        if last is not None and time.monotonic() - last[0] < self.config.server.health_cache_s:
+            return last[1]
+        if self._health_probe is None:
+            self._health_probe = asyncio.ensure_future(self._probe_health())
+        return await asyncio.shield(self._health_probe)
+
+    async def _probe_health(self) -> tuple[int, dict[str, Any]]:
+        try:
+            answer = await self.health()
+            self._health_last = (time.monotonic(), answer)
+            return answer
+        finally:
+            self._health_probe = None
+
+    def chain_page(self, chain_id: str, offset: int, limit: int) -> dict[str, Any] | None:
+        """:meth:`chain` with its ``records`` and ``hops`` cut to ``limit`` from ``offset`` (totals stay
+        the chain's); ``next_offset`` is null on the last page."""
+        rec = self.chain(chain_id)
+        if rec is None:
+            return None
+        total = len(rec["records"])
+        end = offset + limit
+        return {
+            **rec,
+            "records": rec["records"][offset:end],
+            "hops": rec["hops"][offset:end],
+            "offset": offset,
+            "limit": limit,
+            "next_offset": end if end < total else None,
+        }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -34,6 +35,34 @@ log = logging.getLogger("qtrap.server")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+_SPARE_FDS = 256  # the ledger, the meter, logs, listening sockets
+_REQUEST_LINE_BYTES = 16_384
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise the soft limit on open files towards ``wanted`` (up to the hard limit); returns the limit now.
+
+    A relayed request holds two descriptors (client and upstream), so ``server.max_connections`` is only
+    a bound before the process runs out of them if the limit is about twice that; a warning says when not."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, e)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "open-file limit %d is below the %d that server.max_connections needs (2 per connection + %d); "
+            "lower server.max_connections or raise the hard limit (ulimit -Hn)",
+            soft,
+            wanted,
+            _SPARE_FDS,
+        )
+    return soft
 
 
 class _Server(uvicorn.Server):
@@ -97,6 +126,7 @@ class _Server(uvicorn.Server):
 def serve(cfg: ProxyConfig, *, log_level: str = "info", access_log: bool = False) -> int:
     """Serve until a signal; the exit status: 0 once the ledger is flushed, 1 if it could not be."""
     disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
+    raise_fd_limit(2 * cfg.server.max_connections + _SPARE_FDS)
     proxy = Proxy(cfg)
     shutdown = Shutdown(cfg.server.shutdown_timeout_s)
     app = create_app(proxy, shutdown)
@@ -106,7 +136,10 @@ def serve(cfg: ProxyConfig, *, log_level: str = "info", access_log: bool = False
         port=cfg.server.port,
         log_level=log_level,
         access_log=access_log,
-        backlog=4096,
+        backlog=cfg.server.backlog,
+        limit_concurrency=cfg.server.max_connections,
+        # h11 (when httptools is absent) refuses larger heads itself; app.Guard answers 431 past the limit
+        h11_max_incomplete_event_size=cfg.server.max_header_bytes + _REQUEST_LINE_BYTES,
         timeout_keep_alive=75,
         loop="auto",
         http="auto",
