@@ -68,6 +68,13 @@ class ServerConfig(_Strict):
     max_header_bytes: int = Field(
         65536, gt=0, description="bytes of a request's header names and values together; beyond it 431"
     )
+    header_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="longest a request's head may take from the connection's start (or the first byte of "
+        "a next request); then 408 and the connection is closed",
+    )
     body_timeout_s: float = Field(
         60.0,
         gt=0,

@@ -29,6 +29,7 @@ from prometheus_client import disable_created_metrics
 
 from qtrap_proxy.app import CUT_SHARE, DRAIN_SHARE, Shutdown, create_app
 from qtrap_proxy.config import ProxyConfig
+from qtrap_proxy.headtimeout import protocol as head_timeout_protocol
 from qtrap_proxy.proxy import Proxy
 
 log = logging.getLogger("qtrap.server")
@@ -142,7 +143,7 @@ def serve(cfg: ProxyConfig, *, log_level: str = "info", access_log: bool = False
         h11_max_incomplete_event_size=cfg.server.max_header_bytes + _REQUEST_LINE_BYTES,
         timeout_keep_alive=75,
         loop="auto",
-        http="auto",
+        http=head_timeout_protocol(cfg.server.header_timeout_s),
     )
     for pool, precisions in proxy.router.pools.items():
         log.info("pool %s: %s", pool, ", ".join(f"{p} x{len(bs)}" for p, bs in precisions.items()))
