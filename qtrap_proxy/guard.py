@@ -4,8 +4,9 @@
 
 * more than ``server.max_headers`` header lines, or more than ``server.max_header_bytes`` bytes
   of header names and values together: 431;
-* a declared ``content-length`` over ``server.max_body_bytes``: 413, on every route (admin
-  included); a body sent without a length is counted as it arrives and stopped at the limit (413);
+* a declared ``content-length`` over ``server.max_body_bytes``: 413 on the admin routes (the
+  serving routes answer and record their own, with a request id); a body sent without a length is
+  counted as it arrives and stopped at the limit (413) on every route;
 * on the serving routes (the relay's POST paths), more than ``server.max_inflight_requests``
   requests in flight: 503 with ``Retry-After: server.shed_retry_after_s`` (load shedding: the
   request is refused before its body is read, so overload costs a few microseconds a request);
@@ -82,7 +83,9 @@ class Guard:
                 "headers",
             )
             return
-        declared = header(scope, b"content-length")
+        counted = scope["method"] == "POST" and scope["path"] in self.serving
+        # the relay answers (and records) its own 413 for a declared length, with its request id
+        declared = None if counted else header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await _refuse(
                 send,
@@ -92,7 +95,6 @@ class Guard:
                 close=True,
             )
             return
-        counted = scope["method"] == "POST" and scope["path"] in self.serving
         if counted:
             if self.inflight >= self.max_inflight:
                 self.shed += 1
