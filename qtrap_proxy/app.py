@@ -169,7 +169,7 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
         return JSONResponse(proxy.models())
 
     async def health(_: Request) -> JSONResponse:
-        code, body = await proxy.cached_health()
+        code, body = await proxy.health()
         return JSONResponse(body, status_code=code)
 
     async def metrics(_: Request) -> Response:

@@ -61,8 +61,8 @@ class Proxy:
         self.metrics.register_ledger(self.ledger)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.hop_regex = re.compile(config.meter.hop_split_regex)
-        self._health_last: tuple[float, tuple[int, dict[str, Any]]] | None = None  # (monotonic, answer)
-        self._health_probe: asyncio.Future[tuple[int, dict[str, Any]]] | None = None
+        self._health_last: tuple[float, list[Health]] | None = None  # (monotonic, the backends' probes)
+        self._health_probe: asyncio.Future[list[Health]] | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -193,8 +193,8 @@ class Proxy:
 
     # -- health ------------------------------------------------------------
     async def health(self) -> tuple[int, dict[str, Any]]:
-        timeout = self.config.server.health_timeout_s
-        results: list[Health] = await asyncio.gather(*(b.probe(timeout) for b in self.backends))
+        """The backends' probes (at most ``server.health_cache_s`` old) and the ledger's state (now)."""
+        results = await self._probes()
         pools_up: dict[str, bool] = {}
         out = []
         for b, h in zip(self.backends, results, strict=True):
@@ -240,21 +240,22 @@ class Proxy:
         return {"object": "list", "data": data}
 
     # -- bounded reads (issue 13) -----------------------------------------------
-    async def cached_health(self) -> tuple[int, dict[str, Any]]:
-        """:meth:`health`, from a probe at most ``server.health_cache_s`` old; callers that arrive while
-        a probe runs share it, so a flood of /health calls probes each backend once per period."""
+    async def _probes(self) -> list[Health]:
+        """Every backend's probe, at most ``server.health_cache_s`` old; callers that arrive while a
+        probe runs share it, so a flood of /health calls probes each backend once per period."""
         last = self._health_last
         if last is not None and time.monotonic() - last[0] < self.config.server.health_cache_s:
             return last[1]
         if self._health_probe is None:
-            self._health_probe = asyncio.ensure_future(self._probe_health())
+            self._health_probe = asyncio.ensure_future(self._probe_backends())
         return await asyncio.shield(self._health_probe)
 
-    async def _probe_health(self) -> tuple[int, dict[str, Any]]:
+    async def _probe_backends(self) -> list[Health]:
         try:
-            answer = await self.health()
-            self._health_last = (time.monotonic(), answer)
-            return answer
+            timeout = self.config.server.health_timeout_s
+            results: list[Health] = await asyncio.gather(*(b.probe(timeout) for b in self.backends))
+            self._health_last = (time.monotonic(), results)
+            return results
         finally:
             self._health_probe = None
 
