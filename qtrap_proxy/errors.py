@@ -64,6 +64,15 @@ class PayloadTooLarge(QtrapError):
     code = "request_too_large"
 
 
+class RequestTimeout(QtrapError):
+    """The client stalled while sending its request's body (nginx's 408); its connection is closed."""
+
+    status = 408
+    label = "client_disconnected"  # qtrap_requests_total: the client never completed its request
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class ClientGone(QtrapError):
     """The client disconnected before its request was complete (nginx's 499: nobody reads the answer)."""
 

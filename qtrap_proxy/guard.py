@@ -28,19 +28,10 @@ from starlette.types import ASGIApp
 
 from qtrap_proxy.asgi import Message, Receive, Scope, Send, header
 from qtrap_proxy.config import ServerConfig
-from qtrap_proxy.errors import PayloadTooLarge, QtrapError, openai_error_body
+from qtrap_proxy.errors import PayloadTooLarge, RequestTimeout, openai_error_body
 
 _JSON = (b"content-type", b"application/json")
 _CLOSE = (b"connection", b"close")
-
-
-class RequestTimeout(QtrapError):
-    """The client stalled while sending its request's body (nginx's 408); its connection is closed."""
-
-    status = 408
-    label = "client_disconnected"  # qtrap_requests_total: the client never completed its request
-    type = "invalid_request_error"
-    code = "request_timeout"
 
 
 class Guard:
