@@ -250,7 +250,10 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
             await close_proxy(proxy, bound)
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-    return Guard(_FastPath(relay, app), proxy.config.server, relay)
+    refused = proxy.metrics.refused
+    return Guard(
+        _FastPath(relay, app), proxy.config.server, relay, lambda reason: refused.labels(reason).inc()
+    )
 
 
 def _qtrap_error(e: QtrapError) -> Response:

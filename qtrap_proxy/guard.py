@@ -22,7 +22,7 @@ Connections are bounded by uvicorn (``server.max_connections``, server.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from starlette.types import ASGIApp
 
@@ -38,8 +38,15 @@ class Guard:
     """ASGI middleware enforcing ``server.max_headers``, ``max_header_bytes``, ``max_body_bytes``,
     ``max_inflight_requests`` (on ``serving`` paths) and ``body_timeout_s``."""
 
-    def __init__(self, app: ASGIApp, server: ServerConfig, serving: Collection[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        server: ServerConfig,
+        serving: Collection[str],
+        on_refuse: Callable[[str], None] | None = None,
+    ) -> None:
         self.app = app
+        self.on_refuse = on_refuse  # called with the reason of each refusal (qtrap_refused_requests_total)
         self.max_headers = server.max_headers
         self.max_header_bytes = server.max_header_bytes
         self.max_body_bytes = server.max_body_bytes
@@ -50,12 +57,17 @@ class Guard:
         self.inflight = 0  # requests on the serving routes now
         self.shed = 0  # requests refused with 503 since the start
 
+    def refused(self, reason: str) -> None:
+        if self.on_refuse is not None:
+            self.on_refuse(reason)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = scope["headers"]
         if len(headers) > self.max_headers:
+            self.refused("headers")
             await _refuse(
                 send,
                 431,
@@ -67,6 +79,7 @@ class Guard:
         for name, value in headers:
             size += len(name) + len(value)
         if size > self.max_header_bytes:
+            self.refused("headers")
             await _refuse(
                 send,
                 431,
@@ -78,6 +91,7 @@ class Guard:
         # the relay answers (and records) its own 413 for a declared length, with its request id
         declared = None if counted else header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            self.refused("too_large")
             await _refuse(
                 send,
                 413,
@@ -89,6 +103,7 @@ class Guard:
         if counted:
             if self.inflight >= self.max_inflight:
                 self.shed += 1
+                self.refused("shed")
                 await _refuse(
                     send,
                     503,
@@ -128,6 +143,7 @@ class _Request:
             if self.started:
                 raise
             self.close = True
+            self.guard.refused("timeout" if isinstance(e, RequestTimeout) else "too_large")
             await _refuse(self._send, e.status, e.message, e.code)
 
     async def receive(self) -> Message:

@@ -34,6 +34,7 @@ STATUSES = (
     "internal_error",
 )
 
+REFUSALS = ("shed", "headers", "too_large", "timeout")  # qtrap_refused_requests_total's reasons
 _ENERGY_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 _MAX_HOP_LABEL = 16
@@ -109,6 +110,16 @@ class Metrics:
             labels,
             registry=r,
         )
+        # answered by the limits in front of the routes (guard.py), before any route or backend: no pool
+        # or backend to label them with, so not in qtrap_requests_total
+        self.refused = Counter(
+            "qtrap_refused_requests",
+            "Requests refused by the proxy's limits before routing (reason=shed|headers|too_large|timeout)",
+            ("reason",),
+            registry=r,
+        )
+        for reason in REFUSALS:
+            self.refused.labels(reason)
         self.chains_scored = Counter(
             "qtrap_chains_scored",
             "Chains whose final answer a client scored (POST /qtrap/v1/chains/{id}/score), by result "

@@ -5,6 +5,7 @@ paginated chain reads. Against a real proxy on loopback, under both of uvicorn's
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -218,3 +219,26 @@ def test_the_served_proxy_caps_connections(tmp_path: Path) -> None:
             while requests.get(url, timeout=10).status_code != 200:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+
+
+def _refused(p: InProc) -> dict[str, float]:
+    text = call(p, "GET", "/metrics")[2].decode()
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'^qtrap_refused_requests_total\{reason="(\w+)"\} (\S+)$', text, re.M)
+    }
+
+
+def test_refusals_are_counted_by_reason(guarded: InProc) -> None:
+    before = _refused(guarded)
+    assert set(before) == {"shed", "headers", "too_large", "timeout"}
+    assert (
+        call(guarded, "GET", "/health", headers={f"x-h{i}": "1" for i in range(LIMITS["max_headers"] + 5)})[0]
+        == 431
+    )
+    big = b"{" + b" " * (LIMITS["max_body_bytes"] + 10) + b"}"
+    assert call(guarded, "POST", "/qtrap/v1/chains/c1/score", big)[0] == 413
+    after = _refused(guarded)
+    assert after["headers"] == before["headers"] + 1
+    assert after["too_large"] == before["too_large"] + 1
+    assert after["shed"] >= before["shed"] and after["timeout"] >= before["timeout"]
