@@ -70,3 +70,16 @@ def running_requests(sim_port: int) -> float:
         if line.startswith("vllm:num_requests_running"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError("vllm:num_requests_running not exported")
+
+
+# one backend on one device (host "h", index 0) that is never contacted: for tests of the proxy's internals
+ONE_BACKEND: list[dict[str, Any]] = [
+    {
+        "name": "b",
+        "pool": "p",
+        "precision": "bf16",
+        "url": "http://127.0.0.1:9",
+        "model": "m",
+        "devices": [{"host": "h", "index": 0}],
+    }
+]

@@ -11,6 +11,7 @@ from qtrap_proxy.background import Background, stop_task
 from qtrap_proxy.config import load_config
 from qtrap_proxy.energy.service import EnergyService
 from qtrap_proxy.upstream import Backend
+from tests.helpers import ONE_BACKEND
 
 
 class _InstantMeter:
@@ -29,16 +30,7 @@ class _InstantMeter:
 def _service() -> EnergyService:
     cfg = load_config(
         data={
-            "backends": [
-                {
-                    "name": "b",
-                    "pool": "p",
-                    "precision": "bf16",
-                    "url": "http://127.0.0.1:9",
-                    "model": "m",
-                    "devices": [{"host": "h", "index": 0}],
-                }
-            ],
+            "backends": ONE_BACKEND,
             # as short as it goes: the sampler reads back to back
             "meter": {"kind": "dcgm", "urls": ["http://127.0.0.1:9/metrics"], "interval_s": 1e-9},
         }

@@ -23,21 +23,13 @@ from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.server import _Server
 from qtrap_proxy.timeline import Timeline, new_request_id
 from qtrap_proxy.upstream import Backend
+from tests.helpers import ONE_BACKEND
 
 
 def _proxy(tmp_path: Path, meter: dict[str, object]) -> Proxy:
     cfg = load_config(
         data={
-            "backends": [
-                {
-                    "name": "b",
-                    "pool": "p",
-                    "precision": "bf16",
-                    "url": "http://127.0.0.1:9",
-                    "model": "m",
-                    "devices": [{"host": "h", "index": 0}],
-                }
-            ],
+            "backends": ONE_BACKEND,
             "meter": meter,
             "ledger": {"path": str(tmp_path / "ledger.sqlite"), "batch_s": 0.01},
         }
@@ -159,16 +151,7 @@ def test_stop_waits_for_the_reading_that_settles_a_request_that_just_ended() -> 
     'unknown', when the meter can still close its interval within the bound."""
     cfg = load_config(
         data={
-            "backends": [
-                {
-                    "name": "b",
-                    "pool": "p",
-                    "precision": "bf16",
-                    "url": "http://127.0.0.1:9",
-                    "model": "m",
-                    "devices": [{"host": "h", "index": 0}],
-                }
-            ],
+            "backends": ONE_BACKEND,
             "meter": {
                 "kind": "dcgm",
                 "urls": ["http://127.0.0.1:9/metrics"],
