@@ -50,7 +50,8 @@ class ServerConfig(_Strict):
     max_connections: int = Field(
         4096,
         gt=0,
-        description="open client connections (uvicorn's limit_concurrency): beyond it new requests get 503; "
+        description="open client connections (uvicorn's limit_concurrency): beyond it new requests get 503, "
+        "and a connection opened while 128 more than this are open gets 503 and is closed at once; "
         "each relayed request also holds an upstream connection, so the file-descriptor limit is raised "
         "to 2 x this + 256 at start when the hard limit allows (a warning names the shortfall)",
     )

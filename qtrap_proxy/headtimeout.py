@@ -7,6 +7,12 @@ timer that answers 408 and closes the connection when a head is not complete
 ``server.header_timeout_s`` after the connection opened or after the first byte of a next request
 (an idle keep-alive connection is closed by uvicorn's ``timeout_keep_alive``, as before).
 The body's own bound is :mod:`qtrap_proxy.guard`'s ``server.body_timeout_s``.
+
+It also bounds the connections the process holds: uvicorn's ``limit_concurrency``
+(``server.max_connections``) answers requests 503 while too many connections are open, but it accepts
+every connection, so a flood of connections used up the open-file limit (2 x max_connections + 256;
+bench/soak.py sat at it). With ``max_open``, a connection accepted while more than ``max_open`` are
+open is answered uvicorn's 503 at once and closed, before it is read.
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ _BODY = openai_error_body(
     "invalid_request_error",
     None,
     "request_timeout",
+)
+RESPONSE_503 = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 19\r\nconnection: close\r\n\r\nService Unavailable"
 )
 RESPONSE_408 = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
@@ -38,8 +48,11 @@ def _base() -> type[asyncio.Protocol]:
     return HttpToolsProtocol
 
 
-def protocol(timeout_s: float, base: type[asyncio.Protocol] | None = None) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol class (``base``, default as uvicorn's ``http="auto"``) with the head bound."""
+def protocol(
+    timeout_s: float, base: type[asyncio.Protocol] | None = None, max_open: int | None = None
+) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class (``base``, default as uvicorn's ``http="auto"``) with the head bound,
+    and, with ``max_open``, at most that many connections kept open (those beyond get 503 and are closed)."""
     parent: Any = base or _base()
 
     class HeadTimeoutProtocol(parent):  # type: ignore[misc]
@@ -48,6 +61,10 @@ def protocol(timeout_s: float, base: type[asyncio.Protocol] | None = None) -> ty
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
+            if max_open is not None and len(self.connections) > max_open:
+                transport.write(RESPONSE_503)
+                transport.close()
+                return
             self._arm()
 
         def data_received(self, data: bytes) -> None:

@@ -39,6 +39,9 @@ _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 _SPARE_FDS = 256  # the ledger, the meter, logs, listening sockets
+# connections beyond server.max_connections that still get uvicorn's 503 for a request; past these, a new
+# connection is answered 503 and closed at once, so clients and upstreams stay within the open-file limit
+_OVER_LIMIT_CONNECTIONS = _SPARE_FDS // 2
 _REQUEST_LINE_BYTES = 16_384
 
 
@@ -143,7 +146,9 @@ def serve(cfg: ProxyConfig, *, log_level: str = "info", access_log: bool = False
         h11_max_incomplete_event_size=cfg.server.max_header_bytes + _REQUEST_LINE_BYTES,
         timeout_keep_alive=75,
         loop="auto",
-        http=head_timeout_protocol(cfg.server.header_timeout_s),
+        http=head_timeout_protocol(
+            cfg.server.header_timeout_s, max_open=cfg.server.max_connections + _OVER_LIMIT_CONNECTIONS
+        ),
     )
     for pool, precisions in proxy.router.pools.items():
         log.info("pool %s: %s", pool, ", ".join(f"{p} x{len(bs)}" for p, bs in precisions.items()))

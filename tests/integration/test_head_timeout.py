@@ -33,11 +33,12 @@ async def _ok(scope: Any, receive: Any, send: Any) -> None:
 
 
 @contextmanager
-def _served(base: type[asyncio.Protocol]) -> Iterator[int]:
+def _served(
+    base: type[asyncio.Protocol], timeout_s: float = 0.5, max_open: int | None = None
+) -> Iterator[int]:
     port = free_port()
-    cfg = uvicorn.Config(
-        _ok, host="127.0.0.1", port=port, log_level="critical", http=protocol(0.5, base), lifespan="off"
-    )
+    http = protocol(timeout_s, base, max_open)
+    cfg = uvicorn.Config(_ok, host="127.0.0.1", port=port, log_level="critical", http=http, lifespan="off")
     server = uvicorn.Server(cfg)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -96,3 +97,32 @@ def test_the_served_proxy_bounds_heads(tmp_path: Path) -> None:
         }
         with helpers.proxy(tmp_path, cfg):
             _expect_408(proxy_port, b"POST /v1/chat/completions HTTP/1.1\r\ncontent-le")
+
+
+@pytest.mark.parametrize("base", [HttpToolsProtocol, H11Protocol], ids=["httptools", "h11"])
+def test_connections_past_max_open_are_closed_at_once(base: type[asyncio.Protocol]) -> None:
+    """A connection flood cannot hold more than max_open connections (and their descriptors)."""
+    with _served(base, timeout_s=30, max_open=3) as port:
+        kept = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            for _ in range(3):  # beyond max_open: 503 and closed at once, not after the 30 s head timeout
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    t0 = time.monotonic()
+                    answer = _until_closed(s)
+                    assert answer.startswith(b"HTTP/1.1 503"), answer[:100]
+                    assert time.monotonic() - t0 < 2
+            for s in kept:  # the first three are still open and served
+                s.settimeout(0.2)
+                with pytest.raises(TimeoutError):
+                    s.recv(1)
+                s.settimeout(10)
+                s.sendall(GET)
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        finally:
+            for s in kept:
+                s.close()
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # room again
+            s.sendall(GET)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
