@@ -40,6 +40,7 @@ from typing import Any
 import orjson
 
 from qtrap_proxy.errors import ConfigError
+from qtrap_proxy.keystore import KEY_ID
 
 log = logging.getLogger("qtrap.ledger")
 
@@ -63,7 +64,7 @@ CREATE INDEX IF NOT EXISTS requests_key ON requests (key_id, start_unix_s) WHERE
 _INSERT = "INSERT OR REPLACE INTO requests (id, chain_id, hop, start_unix_s, record, key_id) VALUES (?, ?, ?, ?, ?, ?)"
 # one key's final records between two start times, by precision (GET /qtrap/v1/keys/{id}/usage)
 _KEY_USAGE = """
-SELECT precision, count(*), sum(status = 'ok'), coalesce(sum(prompt), 0), coalesce(sum(completion), 0),
+SELECT precision, count(*), coalesce(sum(status = 'ok'), 0), coalesce(sum(prompt), 0), coalesce(sum(completion), 0),
        sum(energy), sum(idle), sum(energy IS NULL), coalesce(sum(CASE WHEN energy IS NOT NULL THEN completion END), 0)
 FROM (
   SELECT json_extract(record, '$.precision') AS precision, json_extract(record, '$.status') AS status,
@@ -484,9 +485,9 @@ def _safe_text(v: Any) -> str | None:
 
 
 def _key_id(rec: Record) -> str | None:
-    """The record's key id for its index column (a key id is short ASCII; anything else is not one)."""
+    """The record's key id for its index column (anything but a well-formed key id is not one)."""
     v = rec.get("key_id")
-    return v if isinstance(v, str) and 0 < len(v) <= 64 and v.isascii() and v.isprintable() else None
+    return v if isinstance(v, str) and KEY_ID.fullmatch(v) else None
 
 
 def _start(rec: Record) -> float:
