@@ -38,8 +38,8 @@ STATUSES = (
     "internal_error",
 )
 
-# qtrap_refused_requests_total's reasons (unauthorized, forbidden: auth.py's gate, with auth.enabled)
-REFUSALS = ("shed", "headers", "too_large", "timeout", "unauthorized", "forbidden")
+REFUSALS = ("shed", "headers", "too_large", "timeout")  # qtrap_refused_requests_total's reasons
+AUTH_REFUSALS = ("unauthorized", "forbidden")  # and with auth.enabled, auth.py's gate's
 _ENERGY_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 _MAX_HOP_LABEL = 16
@@ -54,7 +54,9 @@ def hop_label(hop: int) -> str:
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, key_metrics: bool = False) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, auth: bool = False, key_metrics: bool = False
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         labels = ("pool", "backend", "precision")
@@ -124,7 +126,7 @@ class Metrics:
             ("reason",),
             registry=r,
         )
-        for reason in REFUSALS:
+        for reason in REFUSALS + (AUTH_REFUSALS if auth else ()):
             self.refused.labels(reason)
         self.chains_scored = Counter(
             "qtrap_chains_scored",
@@ -136,7 +138,7 @@ class Metrics:
         self._children: dict[tuple[str, str, str], BackendMetrics] = {}
         self.key_requests: Counter | None = None
         self.key_energy: Counter | None = None
-        if key_metrics:
+        if auth and key_metrics:
             self.key_requests = Counter(
                 "qtrap_key_requests",
                 "Requests answered for each client key (auth.key_metrics), by the key's name (else its id)",

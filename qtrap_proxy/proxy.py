@@ -50,7 +50,7 @@ class Proxy:
         self.config = config
         self.backends = [Backend(b) for b in config.backends]
         self.router = Router(config, self.backends, policy)
-        self.metrics = Metrics(registry, key_metrics=config.auth.enabled and config.auth.key_metrics)
+        self.metrics = Metrics(registry, auth=config.auth.enabled, key_metrics=config.auth.key_metrics)
         self.started_unix_s = int(time.time())
         for b in self.backends:
             b.metrics = self.metrics.child(b.pool, b.name, b.precision)
