@@ -239,6 +239,13 @@ class KeyStore:
         """Every key, oldest first."""
         return [k for _, k in self._select("ORDER BY created_unix_s, id", ())]
 
+    def version(self) -> int:
+        """A number that changes when another connection (the CLI) has changed the store since."""
+        try:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as e:
+            raise KeyStoreError(f"cannot read key store {self.path}: {e}") from e
+
     def by_hash(self) -> dict[str, ApiKey]:
         """Every key by the SHA-256 of its secret (what a proxy looks secrets up in)."""
         return dict(self._select("", ()))

@@ -148,3 +148,29 @@ def test_who_may_do_what(tmp_path: Path) -> None:
         client.may_see(client.key_id) and not client.may_see("key_000000000000") and not client.may_see(None)
     )
     assert ADMIN.may_see(None) and ADMIN.may_use("any")
+
+
+def test_the_key_ring_reads_the_keys_again_only_when_the_store_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = KeyStore(str(tmp_path / "k.sqlite"))
+    _, secret = store.create("a")
+    clock = Clock()
+    ring = KeyRing(store, refresh_s=1.0, clock=clock)
+    reads = 0
+    real = store.by_hash
+
+    def counted() -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        return real()
+
+    monkeypatch.setattr(store, "by_hash", counted)
+    for t in range(1, 6):
+        clock.t = float(t)
+        assert ring.lookup(secret) is not None
+    assert reads == 0
+    KeyStore(str(tmp_path / "k.sqlite")).create("b")
+    clock.t = 10.0
+    ring.lookup(secret)
+    assert reads == 1
