@@ -20,11 +20,21 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qtrap_proxy.asgi import read_body
+from qtrap_proxy.auth import AuthGate, principal_of
 from qtrap_proxy.background import STOP_TIMEOUT_S
 from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
 from qtrap_proxy.guard import Guard
+from qtrap_proxy.keystore import KEY_ID
 from qtrap_proxy.ledger import Ledger
-from qtrap_proxy.limits import MAX_ADMIN_BODY_BYTES, check_hops, check_id, parse_json_object, parse_page
+from qtrap_proxy.limits import (
+    MAX_ADMIN_BODY_BYTES,
+    bounded,
+    check_hops,
+    check_id,
+    parse_json_object,
+    parse_page,
+    parse_time,
+)
 from qtrap_proxy.openai_route import OpenAIRoute
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.tgi_route import TGIRoute
@@ -89,6 +99,8 @@ async def close_proxy(proxy: Proxy, shutdown: Shutdown) -> bool:
     except TimeoutError:
         log.error("closing the backends' connection pools overran the shutdown bound; left open")
     shutdown.flushed = await _close_ledger(proxy.ledger, left())
+    if proxy.key_ring is not None:
+        proxy.key_ring.store.close()
     return shutdown.flushed
 
 
@@ -165,8 +177,8 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
     the lifespan's end)."""
     bound = shutdown if shutdown is not None else Shutdown(proxy.config.server.shutdown_timeout_s)
 
-    async def models(_: Request) -> JSONResponse:
-        return JSONResponse(proxy.models())
+    async def models(request: Request) -> JSONResponse:
+        return JSONResponse(proxy.models(principal_of(request.scope)))
 
     async def health(_: Request) -> JSONResponse:
         code, body = await proxy.health()
@@ -181,7 +193,9 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
         except QtrapError as e:
             return _qtrap_error(e)
         rec = proxy.record(rid)
-        if rec is None:
+        who = principal_of(request.scope)
+        if rec is None or (who is not None and not who.may_see(rec.get("key_id"))):
+            # another key's record is not found either: a key cannot tell others' ids from unknown ones
             return _error(404, f"no record of request {rid!r}", "not_found_error")
         return JSONResponse(rec)
 
@@ -191,7 +205,7 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
             offset, limit = parse_page(request.query_params.get("offset"), request.query_params.get("limit"))
         except QtrapError as e:
             return _qtrap_error(e)
-        rec = proxy.chain_page(cid, offset, limit)
+        rec = proxy.chain_page(cid, offset, limit, principal_of(request.scope))
         if rec is None:
             return _error(404, f"no record of chain {cid!r}", "not_found_error")
         return JSONResponse(rec)
@@ -206,15 +220,43 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
             hops = body.get("hops")
             if hops is not None:
                 hops = check_hops(hops, "hops")
+            res = proxy.score_chain(cid, body["correct"], hops, principal_of(request.scope))
         except QtrapError as e:
             return _qtrap_error(e)
-        res = proxy.score_chain(cid, body["correct"], hops)
         if res is None:
             return _error(404, f"no record of chain {cid!r}", "not_found_error")
         return JSONResponse(res)
 
     async def energy(_: Request) -> JSONResponse:
         return JSONResponse(proxy.energy.energy_report())
+
+    async def keys(_: Request) -> Response:
+        if proxy.key_ring is None:
+            return _error(
+                404, "authentication is off (auth.enabled: false): there are no keys", "not_found_error"
+            )
+        now = time.time()
+        return JSONResponse({"keys": [k.public(now) for k in proxy.key_ring.all_keys()]})
+
+    async def key_usage(request: Request) -> Response:
+        raw = request.path_params["key_id"]
+        who = principal_of(request.scope)
+        if proxy.key_ring is None or who is None:
+            return _error(
+                404, "authentication is off (auth.enabled: false): there are no keys", "not_found_error"
+            )
+        if not KEY_ID.fullmatch(raw) or not who.may_see(raw):  # another key's usage is not found either
+            return _error(404, f"no key {bounded(repr(raw), 80)}", "not_found_error")
+        try:
+            q = request.query_params
+            since = parse_time(q["since"], "since") if "since" in q else 0.0
+            until = parse_time(q["until"], "until") if "until" in q else time.time() + 1.0
+        except QtrapError as e:
+            return _qtrap_error(e)
+        usage = proxy.key_usage(raw, since, until)
+        if usage is None:
+            return _error(404, f"no key {raw}", "not_found_error")
+        return JSONResponse(usage)
 
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -239,6 +281,8 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
         Route("/qtrap/v1/chains/{chain_id}", chain_record, methods=["GET"]),
         Route("/qtrap/v1/chains/{chain_id}/score", chain_score, methods=["POST"]),
         Route("/qtrap/v1/energy", energy, methods=["GET"]),
+        Route("/qtrap/v1/keys", keys, methods=["GET"]),
+        Route("/qtrap/v1/keys/{key_id}/usage", key_usage, methods=["GET"]),
     ]
 
     @asynccontextmanager
@@ -251,9 +295,17 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     refused = proxy.metrics.refused
-    return Guard(
-        _FastPath(relay, app), proxy.config.server, relay, lambda reason: refused.labels(reason).inc()
-    )
+
+    def on_refuse(reason: str) -> None:
+        refused.labels(reason).inc()
+
+    inner: ASGIApp = _FastPath(relay, app)
+    if proxy.key_ring is not None and proxy.admin_sha256 is not None:
+        tgi = [path for path, handler in relay.items() if isinstance(handler, TGIRoute)]
+        inner = AuthGate(
+            inner, proxy.config.auth, proxy.key_ring, proxy.admin_sha256, relay, tgi, on_refuse=on_refuse
+        )
+    return Guard(inner, proxy.config.server, relay, on_refuse)
 
 
 def _qtrap_error(e: QtrapError) -> Response:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
-from qtrap_proxy import __version__
+from qtrap_proxy import __version__, keystore
 from qtrap_proxy.config import ProxyConfig, load_config
-from qtrap_proxy.errors import ConfigError
+from qtrap_proxy.errors import ConfigError, KeyStoreError, QtrapError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +65,126 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=10.0, metavar="S", help="per-request timeout (default: 10)"
     )
 
+    keys = sub.add_parser(
+        "keys",
+        help="client API keys (auth)",
+        description="Client API keys for auth.enabled: stored hashed in auth.keys_path; a running proxy "
+        "sees a change within auth.refresh_s.",
+    )
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = ksub.add_parser(
+        "create", help="create a key and print its secret once", description="Create a client key."
+    )
+    create.add_argument("--name", help="a name for the key (A-Z a-z 0-9 _ . -, 1 to 64): metric label, lists")
+    create.add_argument(
+        "--pools", help="comma-separated pools the key may use (default: every pool)", default=""
+    )
+    create.add_argument(
+        "--expires", metavar="WHEN", help="30d, 12h, 90m, 2w, 3600s from now, or an ISO 8601 date (UTC)"
+    )
+    create.add_argument("--json", action="store_true", help="print the key and its secret as JSON")
+    listing = ksub.add_parser("list", help="list the keys (never their secrets)", description="List keys.")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    revoke = ksub.add_parser(
+        "revoke",
+        help="revoke a key",
+        description="Revoke a key (a running proxy refuses it within refresh_s).",
+    )
+    revoke.add_argument("key_id", metavar="ID", help="the key's id (key_...)")
+    for kp in (create, listing, revoke):
+        where = kp.add_mutually_exclusive_group(required=True)
+        where.add_argument(
+            "--config", "-c", metavar="FILE", help="the proxy's configuration (auth.keys_path)"
+        )
+        where.add_argument("--keys-path", metavar="FILE", help="the key store itself")
+    ksub.add_parser(
+        "admin",
+        help="print a new random admin key and its SHA-256",
+        description="Print a new random admin key (for $QTRAP_ADMIN_KEY) and its SHA-256 "
+        "(for auth.admin_key_sha256). Nothing is stored.",
+    )
+
     return p
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """``qtrap-proxy keys ACTION``: one line on stderr and status 2 for any bad input or store problem."""
+    try:
+        if args.keys_command == "admin":
+            secret = keystore.new_secret(keystore.ADMIN_PREFIX)
+            print(f"QTRAP_ADMIN_KEY={secret}")
+            print(f"admin_key_sha256: {keystore.hash_secret(secret)}")
+            return 0
+        pools: list[str] | None = None
+        if args.config is not None:
+            cfg = load_config(args.config)
+            path = cfg.keys_path
+            pools = sorted({b.pool for b in cfg.backends})
+        else:
+            path = args.keys_path
+        if args.keys_command == "create":
+            return _keys_create(args, path, pools)
+        store = keystore.KeyStore(path, create=False)
+        if args.keys_command == "list":
+            return _keys_list(store, args.json)
+        key, changed = store.revoke(keystore.check_key_id(args.key_id))
+        when = _when(key.revoked_unix_s)
+        print(f"{key.id} revoked at {when}" if changed else f"{key.id} was already revoked at {when}")
+        return 0
+    except QtrapError as e:
+        print(f"qtrap-proxy: {e}", file=sys.stderr)
+        return 2
+
+
+def _keys_create(args: argparse.Namespace, path: str, served: list[str] | None) -> int:
+    name = None if args.name is None else keystore.check_name(args.name)
+    pools = keystore.check_pools(p.strip() for p in args.pools.split(",") if p.strip())
+    unknown = [p for p in pools if served is not None and p not in served]
+    if unknown:
+        raise KeyStoreError(f"--pools: {', '.join(unknown)} not served (pools: {', '.join(served or [])})")
+    expires = None if args.expires is None else keystore.parse_expiry(args.expires)
+    key, secret = keystore.KeyStore(path).create(name, pools, expires)
+    if args.json:
+        print(json.dumps({**key.public(), "secret": secret}))
+        return 0
+    print(
+        f"created {key.id} (name {key.name or '-'}, pools {','.join(key.pools) or 'all'}, "
+        f"expires {_when(key.expires_unix_s) if key.expires_unix_s else 'never'}) in {path}"
+    )
+    print(secret)
+    print("the secret is shown only now: the store keeps its SHA-256", file=sys.stderr)
+    return 0
+
+
+def _keys_list(store: keystore.KeyStore, as_json: bool) -> int:
+    now = time.time()
+    keys = [k.public(now) for k in store.all_keys()]
+    if as_json:
+        print(json.dumps({"keys": keys}))
+        return 0
+    rows = [("ID", "NAME", "POOLS", "STATE", "CREATED", "EXPIRES", "REVOKED")]
+    rows += [
+        (
+            k["id"],
+            k["name"] or "-",
+            ",".join(k["pools"]) or "all",
+            k["state"],
+            _when(k["created_unix_s"]),
+            _when(k["expires_unix_s"]),
+            _when(k["revoked_unix_s"]),
+        )
+        for k in keys
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _when(unix_s: float | None) -> str:
+    if unix_s is None:
+        return "-"
+    return dt.datetime.fromtimestamp(unix_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _grafana(args: argparse.Namespace) -> int:
@@ -88,6 +210,12 @@ def _summary(cfg: ProxyConfig) -> str:
     for pool, items in pools.items():
         lines.append(f"pool {pool} (default precision {cfg.default_precision(pool)})")
         lines.extend(f"  {it}" for it in items)
+    a = cfg.auth
+    if a.enabled:
+        admin = "auth.admin_key_sha256" if a.admin_key_sha256 else f"${a.admin_key_env}"
+        lines.append(f"auth: on (keys {cfg.keys_path}, admin key from {admin})")
+    else:
+        lines.append("auth: off (no API keys asked for)")
     return "\n".join(lines)
 
 
@@ -95,12 +223,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "grafana":
         return _grafana(args)
+    if args.command == "keys":
+        return _keys(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
         print(f"qtrap-proxy: {e}", file=sys.stderr)
         return 2
     if args.command == "check-config":
+        if cfg.auth.enabled:
+            from qtrap_proxy.auth import admin_digest
+
+            try:
+                admin_digest(cfg.auth)
+            except ConfigError as e:
+                print(f"qtrap-proxy: {e}", file=sys.stderr)
+                return 2
         print(_summary(cfg))
         return 0
     if args.host is not None:

@@ -207,6 +207,58 @@ class LedgerConfig(_Strict):
     batch_s: float = Field(0.05, gt=0, description="longest wait before a batch of records is committed")
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+KEYS_FILE = "qtrap-keys.sqlite"  # auth.keys_path's default, in the ledger's directory
+
+
+class AuthConfig(_Strict):
+    """Client keys on the serving routes, an admin key on ``/qtrap/v1/*`` (docs/security.md)."""
+
+    enabled: bool = Field(
+        False, description="require an API key on every route but /health (and /metrics unless protected)"
+    )
+    keys_path: str | None = Field(
+        None,
+        description="SQLite file of the client keys (hashed), separate from the ledger so that the ledger "
+        f"can be shared without them (default: {KEYS_FILE} in the ledger's directory)",
+    )
+    admin_key_env: str = Field(
+        "QTRAP_ADMIN_KEY",
+        description="environment variable that holds the admin key (at least 32 characters)",
+    )
+    admin_key_sha256: str | None = Field(
+        None, description="the admin key's SHA-256 (hex), instead of or as well as the variable"
+    )
+    protect_metrics: bool = Field(False, description="GET /metrics needs the admin key too")
+    key_metrics: bool = Field(
+        False,
+        description="export qtrap_key_requests_total and qtrap_key_energy_joules_total labelled by key name "
+        "(one series per key: keys are few, created by the operator)",
+    )
+    refresh_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="longest a key created or revoked with `qtrap-proxy keys` takes to be seen by a running proxy",
+    )
+
+    @field_validator("admin_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if not _ENV_NAME.fullmatch(v):
+            raise ValueError("must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        return v
+
+    @field_validator("admin_key_sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and not _SHA256_HEX.fullmatch(v):
+            raise ValueError("must be 64 hexadecimal digits (e.g. `qtrap-proxy keys admin` prints one)")
+        return None if v is None else v.lower()
+
+
 class ProxyConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QTRAP_", env_nested_delimiter="__", extra="forbid")
 
@@ -215,6 +267,7 @@ class ProxyConfig(BaseSettings):
     pools: dict[str, PoolConfig] = Field(default_factory=dict)
     meter: MeterConfig = Field(default_factory=MeterConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -245,7 +298,18 @@ class ProxyConfig(BaseSettings):
                     f"pools.{pool}.default_precision: {pc.default_precision!r} is not served "
                     f"(pool has {sorted(precisions[pool])})"
                 )
+        if Path(self.keys_path).resolve() == Path(self.ledger.path).resolve():
+            raise ValueError(
+                "auth.keys_path: must not be the ledger's file (the ledger is shared without keys)"
+            )
         return self
+
+    @property
+    def keys_path(self) -> str:
+        """The key store's file: ``auth.keys_path``, else ``qtrap-keys.sqlite`` beside the ledger."""
+        if self.auth.keys_path is not None:
+            return self.auth.keys_path
+        return str(Path(self.ledger.path).parent / KEYS_FILE)
 
     def default_precision(self, pool: str) -> str:
         """The pool's configured default, else the precision of its first listed backend."""

@@ -7,6 +7,9 @@ reached SQLite), a request's headers are checked here first, against
 ``limits.py``: a request with a bad header reaches the relay without its
 ``x-qtrap-*`` headers and ``prepare`` raises the 400, so it is answered and
 accounted like any other bad request.
+
+With ``auth.enabled`` a key whose pool allow-list does not hold the resolved pool is refused here
+(403), before anything is sent upstream: one place for every relay route.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 from abc import abstractmethod
 
 from qtrap_proxy.asgi import Receive, Scope, Send
-from qtrap_proxy.errors import BadRequest
+from qtrap_proxy.auth import principal_of
+from qtrap_proxy.errors import BadRequest, Forbidden
 from qtrap_proxy.limits import HEADER_PREFIX, ClientHeaders, parse_qtrap_headers
 from qtrap_proxy.relay import Prepared, RelayRoute
 from qtrap_proxy.timeline import Timeline
@@ -40,7 +44,11 @@ class EdgeRoute(RelayRoute):
         if not isinstance(checked, ClientHeaders):  # called without __call__ (tests)
             checked = parse_qtrap_headers(scope["headers"])
         tl.chain_id, tl.hop = checked.chain_id, checked.hop
-        return self.prepare_checked(scope, body, tl, checked)
+        prep = self.prepare_checked(scope, body, tl, checked)
+        who = principal_of(scope)
+        if who is not None and not who.may_use(prep.backend.pool):
+            raise Forbidden(f"this API key may not use pool {prep.backend.pool!r}", param="model")
+        return prep
 
     @abstractmethod
     def prepare_checked(self, scope: Scope, body: bytes, tl: Timeline, headers: ClientHeaders) -> Prepared:

@@ -57,6 +57,31 @@ class NotFound(QtrapError):
     code = "model_not_found"
 
 
+class Unauthorized(QtrapError):
+    """No API key, or one that is unknown, expired or revoked (``auth.enabled``); answered with
+    ``WWW-Authenticate: Bearer``."""
+
+    status = 401
+    label = "unauthorized"
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(QtrapError):
+    """A valid key that may not do this: a pool outside its allow-list, a client key on an admin
+    route, the admin key on a serving route, or scoring a chain another key owns."""
+
+    status = 403
+    label = "forbidden"
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class KeyStoreError(QtrapError):
+    """The key store (``auth.keys_path``) cannot be opened, read or written, or a key's id, name, pools
+    or expiry is invalid (the CLI and start-up; never per request)."""
+
+
 class PayloadTooLarge(QtrapError):
     status = 413
     label = "too_large"

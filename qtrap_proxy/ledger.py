@@ -33,12 +33,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from qtrap_proxy.errors import ConfigError
+from qtrap_proxy.keystore import KEY_ID
 
 log = logging.getLogger("qtrap.ledger")
 
@@ -48,12 +50,30 @@ CREATE TABLE IF NOT EXISTS requests (
   chain_id TEXT,
   hop INTEGER,
   start_unix_s REAL NOT NULL,
-  record TEXT NOT NULL
+  record TEXT NOT NULL,
+  key_id TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_chain ON requests (chain_id) WHERE chain_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_start ON requests (start_unix_s);
 """
-_INSERT = "INSERT OR REPLACE INTO requests (id, chain_id, hop, start_unix_s, record) VALUES (?, ?, ?, ?, ?)"
+# ledgers written before the key_id column (issue 13) gain it; then its index
+_MIGRATIONS = (("key_id", "ALTER TABLE requests ADD COLUMN key_id TEXT"),)
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS requests_key ON requests (key_id, start_unix_s) WHERE key_id IS NOT NULL;
+"""
+_INSERT = "INSERT OR REPLACE INTO requests (id, chain_id, hop, start_unix_s, record, key_id) VALUES (?, ?, ?, ?, ?, ?)"
+# one key's final records between two start times, by precision (GET /qtrap/v1/keys/{id}/usage)
+_KEY_USAGE = """
+SELECT precision, count(*), coalesce(sum(status = 'ok'), 0), coalesce(sum(prompt), 0), coalesce(sum(completion), 0),
+       sum(energy), sum(idle), sum(energy IS NULL), coalesce(sum(CASE WHEN energy IS NOT NULL THEN completion END), 0)
+FROM (
+  SELECT json_extract(record, '$.precision') AS precision, json_extract(record, '$.status') AS status,
+         json_extract(record, '$.prompt_tokens') AS prompt, json_extract(record, '$.completion_tokens') AS completion,
+         json_extract(record, '$.energy_j') AS energy, json_extract(record, '$.idle_energy_j') AS idle
+  FROM requests WHERE key_id = ? AND start_unix_s >= ? AND start_unix_s < ?
+)
+GROUP BY precision ORDER BY precision
+"""
 
 _COMMIT_ROWS = 1_000  # records per transaction
 _MAX_BACKLOG = 100_000  # records held while SQLite refuses them; beyond, the oldest are dropped (counted)
@@ -79,7 +99,24 @@ _VALUE_ERRORS = (
 )
 
 Record = dict[str, Any]
-Row = tuple[str, str | None, int | None, float, str]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One precision's sums over a key's records (Ledger.key_usage); energies None when none is known."""
+
+    precision: str | None
+    requests: int
+    ok_requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    energy_j: float | None  # of the requests whose energy is known
+    idle_energy_j: float | None
+    energy_unknown_requests: int
+    completion_tokens_energy_known: int  # completion tokens of the requests whose energy is known
+
+
+Row = tuple[str, str | None, int | None, float, str, str | None]
 Durable = Callable[[list[Record]], None]
 
 
@@ -93,6 +130,11 @@ class Ledger:
             conn = sqlite3.connect(path)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+            for column, ddl in _MIGRATIONS:
+                if column not in columns:
+                    conn.execute(ddl)
+            conn.executescript(_INDEXES)
             conn.commit()
             conn.close()
         except (sqlite3.Error, OSError) as e:
@@ -215,6 +257,11 @@ class Ledger:
             "SELECT record FROM requests WHERE chain_id = ? ORDER BY hop, start_unix_s", (chain_id,)
         ).fetchall()
         return [_load(r[0]) for r in rows]
+
+    def key_usage(self, key_id: str, since_unix_s: float, until_unix_s: float) -> list[UsageRow]:
+        """One key's final records that started in [since, until), summed by precision."""
+        rows = self._reader.execute(_KEY_USAGE, (key_id, since_unix_s, until_unix_s)).fetchall()
+        return [UsageRow(*row) for row in rows]
 
     def count(self) -> int:
         return int(self._reader.execute("SELECT count(*) FROM requests").fetchone()[0])
@@ -366,6 +413,7 @@ class Ledger:
             hop if type(hop) is int and -_INT64 <= hop < _INT64 else None,
             _start(rec),
             text,
+            _key_id(rec),
         )
         return row, rec2
 
@@ -403,7 +451,14 @@ def _row(rec: Record) -> Row:
         raise ValueError(f"chain_id {_safe_text(chain)!r} is not a storable string")
     if hop is not None and not (type(hop) is int and -_INT64 <= hop < _INT64):
         raise ValueError(f"hop {_safe_text(hop)} is not a 64-bit integer")
-    return rid, chain, hop, _start(rec), orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS).decode()
+    return (
+        rid,
+        chain,
+        hop,
+        _start(rec),
+        orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS).decode(),
+        _key_id(rec),
+    )
 
 
 def _storable_text(v: Any) -> bool:
@@ -427,6 +482,12 @@ def _safe_text(v: Any) -> str | None:
     except ValueError:  # an int too long to print
         s = f"<{type(v).__name__}>"
     return s[:_MAX_TEXT].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _key_id(rec: Record) -> str | None:
+    """The record's key id for its index column (anything but a well-formed key id is not one)."""
+    v = rec.get("key_id")
+    return v if isinstance(v, str) and KEY_ID.fullmatch(v) else None
 
 
 def _start(rec: Record) -> float:

@@ -16,11 +16,15 @@ header or field and the limit; a bad value is never echoed raw or unbounded.
 * bodies of ``POST /qtrap/v1/*``: at most ``MAX_ADMIN_BODY_BYTES`` (413 beyond);
 * an error message kept in a record: cut at ``MAX_ERROR_CHARS``;
 * ``GET /qtrap/v1/chains/{id}?offset=N&limit=M``: ``offset`` from 0, ``limit`` from 1 to
-  ``MAX_PAGE`` (default ``DEFAULT_PAGE``) records a page.
+  ``MAX_PAGE`` (default ``DEFAULT_PAGE``) records a page;
+* ``?since=`` and ``?until=`` (``GET /qtrap/v1/keys/{id}/usage``): Unix seconds or an ISO 8601 date or
+  time (UTC unless it says otherwise), at most ``MAX_HEADER_CHARS`` characters.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -159,6 +163,26 @@ def parse_page(offset: str | None, limit: str | None) -> tuple[int, int]:
             )
         size = int(limit)
     return start, size
+
+
+def parse_time(value: str, what: str) -> float:
+    """A query parameter naming a time: Unix seconds, or an ISO 8601 date or time (UTC unless it says)."""
+    if len(value) <= MAX_HEADER_CHARS and value.isascii():
+        try:
+            t = float(value)
+        except ValueError:
+            try:
+                when = dt.datetime.fromisoformat(value)
+            except ValueError:
+                pass
+            else:
+                return (when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)).timestamp()
+        else:
+            if math.isfinite(t) and 0 <= t < 1e11:
+                return t
+    raise BadRequest(
+        f"{what} must be Unix seconds or an ISO 8601 date or time, got {_show(value)}", param=what
+    )
 
 
 def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:

@@ -2,7 +2,10 @@
 
 Labels are bounded: pool, backend and precision come from the configuration
 (never from what a client sends), status from a fixed vocabulary, and no
-request or chain id is ever a label. Tests pass a fresh ``CollectorRegistry``.
+request or chain id is ever a label. The per-key metrics (``auth.key_metrics``,
+off by default) are labelled by the key's name (else its id): keys are created
+by the operator, so they are few, and names are checked (keystore.NAME).
+Tests pass a fresh ``CollectorRegistry``.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ STATUSES = (
     "client_disconnected",
     "bad_request",
     "not_found",
+    "forbidden",
     "too_large",
     "internal_error",
 )
 
 REFUSALS = ("shed", "headers", "too_large", "timeout")  # qtrap_refused_requests_total's reasons
+AUTH_REFUSALS = ("unauthorized", "forbidden")  # and with auth.enabled, auth.py's gate's
 _ENERGY_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 _MAX_HOP_LABEL = 16
@@ -49,7 +54,9 @@ def hop_label(hop: int) -> str:
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, auth: bool = False, key_metrics: bool = False
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         labels = ("pool", "backend", "precision")
@@ -114,11 +121,12 @@ class Metrics:
         # or backend to label them with, so not in qtrap_requests_total
         self.refused = Counter(
             "qtrap_refused_requests",
-            "Requests refused by the proxy's limits before routing (reason=shed|headers|too_large|timeout)",
+            "Requests refused by the proxy's limits or its API-key check before routing "
+            "(reason=shed|headers|too_large|timeout|unauthorized|forbidden)",
             ("reason",),
             registry=r,
         )
-        for reason in REFUSALS:
+        for reason in REFUSALS + (AUTH_REFUSALS if auth else ()):
             self.refused.labels(reason)
         self.chains_scored = Counter(
             "qtrap_chains_scored",
@@ -128,6 +136,27 @@ class Metrics:
             registry=r,
         )
         self._children: dict[tuple[str, str, str], BackendMetrics] = {}
+        self.key_requests: Counter | None = None
+        self.key_energy: Counter | None = None
+        if auth and key_metrics:
+            self.key_requests = Counter(
+                "qtrap_key_requests",
+                "Requests answered for each client key (auth.key_metrics), by the key's name (else its id)",
+                ("key",),
+                registry=r,
+            )
+            self.key_energy = Counter(
+                "qtrap_key_energy_joules",
+                "GPU energy attributed to each client key's finished requests (final figures; requests "
+                "of unknown energy add nothing, see qtrap_energy_unknown_requests_total)",
+                ("key",),
+                registry=r,
+            )
+
+    def key_finished(self, tl: Timeline) -> None:
+        """Count a finished request for its key (auth.key_metrics)."""
+        if self.key_requests is not None and tl.key_label is not None:
+            self.key_requests.labels(tl.key_label).inc()
 
     def register_energy(self, service: EnergyService) -> None:
         """Per-device figures read from the energy service at scrape time."""
@@ -147,6 +176,8 @@ class Metrics:
             bm.energy_unknown.inc()
         else:
             bm.energy.inc(energy)
+            if self.key_energy is not None and tl.key_label is not None:
+                self.key_energy.labels(tl.key_label).inc(energy)
             bm.request_energy.observe(energy)
             for hop in rec.get("hops", ()):
                 if hop.get("energy_j") is not None and hop.get("index") is not None:

@@ -18,10 +18,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from qtrap_proxy.auth import KeyRing, Principal, admin_digest
 from qtrap_proxy.config import ProxyConfig
 from qtrap_proxy.energy.attribution import Tracked
 from qtrap_proxy.energy.service import EnergyService
-from qtrap_proxy.ledger import Ledger
+from qtrap_proxy.errors import ConfigError, Forbidden, KeyStoreError
+from qtrap_proxy.keystore import KeyStore
+from qtrap_proxy.ledger import Ledger, UsageRow
 from qtrap_proxy.metrics import Metrics, hop_label
 from qtrap_proxy.record import build_record, chain_summary
 from qtrap_proxy.routing import Router, RoutingPolicy
@@ -47,7 +50,7 @@ class Proxy:
         self.config = config
         self.backends = [Backend(b) for b in config.backends]
         self.router = Router(config, self.backends, policy)
-        self.metrics = Metrics(registry)
+        self.metrics = Metrics(registry, auth=config.auth.enabled, key_metrics=config.auth.key_metrics)
         self.started_unix_s = int(time.time())
         for b in self.backends:
             b.metrics = self.metrics.child(b.pool, b.name, b.precision)
@@ -55,6 +58,15 @@ class Proxy:
         self._committing: dict[str, dict[str, Any]] = {}  # final, queued for the ledger
         self._keep = keep_records
         self._scored: OrderedDict[str, None] = OrderedDict()  # chains already scored
+        # auth (auth.py): the admin key's digest and the client keys; None while auth is off
+        self.admin_sha256: bytes | None = None
+        self.key_ring: KeyRing | None = None
+        if config.auth.enabled:
+            self.admin_sha256 = admin_digest(config.auth)
+            try:
+                self.key_ring = KeyRing(KeyStore(config.keys_path), config.auth.refresh_s)
+            except KeyStoreError as e:
+                raise ConfigError(f"auth.keys_path: {e}") from e
         self.ledger = Ledger(config.ledger.path, config.ledger.retention_days, config.ledger.batch_s)
         self.energy = EnergyService(config, self.backends, self._on_final)
         self.metrics.register_energy(self.energy)
@@ -79,6 +91,7 @@ class Proxy:
         """A request has finished (any outcome): account it once."""
         try:
             self.metrics.child(tl.pool, tl.backend, tl.precision).finished(tl, was_inflight=was_inflight)
+            self.metrics.key_finished(tl)
             tr = self.energy.tracked.get(tl.request_id)
             if tr is None:  # rejected before reaching a backend: nothing to measure
                 tr = Tracked(
@@ -137,25 +150,38 @@ class Proxy:
             )
         return self.ledger.get(request_id)
 
-    def chain(self, chain_id: str) -> dict[str, Any] | None:
+    def _chain_records(self, chain_id: str) -> list[dict[str, Any]]:
+        """Every record of a chain, by hop and start."""
         recs = {r["id"]: r for r in self.ledger.chain(chain_id)}
         for source in (self._committing.values(), self._finals.values()):
             recs.update({r["id"]: r for r in source if r.get("chain_id") == chain_id})
         for tr in self.energy.tracked.values():
             if tr.tl.chain_id == chain_id:
                 recs[tr.tl.request_id] = self.record(tr.tl.request_id) or {}
+        return sorted(recs.values(), key=lambda r: (r.get("hop") or 0, r["start_unix_s"]))
+
+    def chain(self, chain_id: str, who: Principal | None = None) -> dict[str, Any] | None:
+        """A chain's summary; for a client key (``who``) only that key's records of it. None if none."""
+        recs = self._chain_records(chain_id)
+        if who is not None:
+            recs = [r for r in recs if who.may_see(r.get("key_id"))]
+        return chain_summary(chain_id, recs) if recs else None
+
+    def score_chain(
+        self, chain_id: str, correct: bool, hops: int | None, who: Principal | None = None
+    ) -> dict[str, Any] | None:
+        """Count a client's verdict on a chain's final answer (once per chain); None if the chain is unknown
+        (to ``who``). With auth on only the chain's owner, the key of its first record, or the admin may
+        score it: another key that has records in the chain gets Forbidden, one that has none None."""
+        recs = self._chain_records(chain_id)
+        if who is not None and not who.admin:
+            if not any(who.may_see(r.get("key_id")) for r in recs):
+                return None
+            owner = min(recs, key=lambda r: r["start_unix_s"]).get("key_id")
+            if not who.may_see(owner):
+                raise Forbidden(f"chain {chain_id!r} belongs to another API key; only its owner may score it")
         if not recs:
             return None
-        return chain_summary(
-            chain_id, sorted(recs.values(), key=lambda r: (r.get("hop") or 0, r["start_unix_s"]))
-        )
-
-    def score_chain(self, chain_id: str, correct: bool, hops: int | None) -> dict[str, Any] | None:
-        """Count a client's verdict on a chain's final answer (once per chain); None if the chain is unknown."""
-        chain = self.chain(chain_id)
-        if chain is None:
-            return None
-        recs = chain["records"]
         last = recs[-1]
         n = hops if hops is not None else len(recs)
         first = chain_id not in self._scored
@@ -223,9 +249,12 @@ class Proxy:
         code = 503 if status == "down" else 200  # only the pools take the proxy out of a load balancer
         return code, {"status": status, "pools": pools_up, "backends": out, "ledger": ledger}
 
-    def models(self) -> dict[str, Any]:
+    def models(self, who: Principal | None = None) -> dict[str, Any]:
+        """The pools and ``pool@precision`` ids, in OpenAI's list format (a client key: its pools only)."""
         data = []
         for pool, precisions in self.router.pools.items():
+            if who is not None and not who.may_use(pool):
+                continue
             data.append({"id": pool, "object": "model", "created": self.started_unix_s, "owned_by": "qtrap"})
             for precision in precisions:
                 data.append(
@@ -259,10 +288,12 @@ class Proxy:
         finally:
             self._health_probe = None
 
-    def chain_page(self, chain_id: str, offset: int, limit: int) -> dict[str, Any] | None:
+    def chain_page(
+        self, chain_id: str, offset: int, limit: int, who: Principal | None = None
+    ) -> dict[str, Any] | None:
         """:meth:`chain` with its ``records`` and ``hops`` cut to ``limit`` from ``offset`` (totals stay
         the chain's); ``next_offset`` is null on the last page."""
-        rec = self.chain(chain_id)
+        rec = self.chain(chain_id, who)
         if rec is None:
             return None
         total = len(rec["records"])
@@ -275,3 +306,56 @@ class Proxy:
             "limit": limit,
             "next_offset": end if end < total else None,
         }
+
+    # -- per-key usage (issue 13) ------------------------------------------------
+    def key_usage(self, key_id: str, since_unix_s: float, until_unix_s: float) -> dict[str, Any] | None:
+        """What one client key used from the ledger's final records that started in [since, until):
+        requests, tokens, attributed and idle energy, by precision; None for a key the store does not
+        hold. Energy sums cover the requests whose energy is known; the others are counted, never as 0 J."""
+        if self.key_ring is None:
+            return None
+        key = self.key_ring.get(key_id)
+        if key is None:
+            return None
+        rows = self.ledger.key_usage(key_id, since_unix_s, until_unix_s)
+        by_precision = [{"precision": row.precision, **_usage([row])} for row in rows]
+        pending = sum(1 for tr in self.energy.tracked.values() if tr.tl.key_id == key_id)
+        pending += sum(1 for r in self._committing.values() if r.get("key_id") == key_id)
+        return {
+            "key_id": key.id,
+            "name": key.name,
+            "since_unix_s": since_unix_s,
+            "until_unix_s": until_unix_s,
+            **_usage(rows),
+            "by_precision": by_precision,
+            "not_final_requests": pending,
+            "note": "sums over the final records in the ledger; requests in flight or waiting for their final "
+            "energy figure (not_final_requests, now) count once they are final",
+        }
+
+
+def _usage(rows: list[UsageRow]) -> dict[str, Any]:
+    """The sums of some usage rows, as the usage API shows them (energy None when no request's is known)."""
+    requests = sum(r.requests for r in rows)
+    energies = [r.energy_j for r in rows if r.energy_j is not None]
+    idles = [r.idle_energy_j for r in rows if r.idle_energy_j is not None]
+    none = 0.0 if requests == 0 else None  # nothing used is 0 J; used but never measured is unknown
+    energy = sum(energies) if energies else none
+    idle = sum(idles) if idles else none
+    known_tokens = sum(r.completion_tokens_energy_known for r in rows)
+    total = (energy or 0.0) + (idle or 0.0)
+    return {
+        "requests": requests,
+        "ok_requests": sum(r.ok_requests for r in rows),
+        "prompt_tokens": sum(r.prompt_tokens for r in rows),
+        "completion_tokens": sum(r.completion_tokens for r in rows),
+        "energy_j": energy,
+        "idle_energy_j": idle,
+        "idle_share": idle / total if idle is not None and total > 0 else None,
+        "j_per_token": energy / known_tokens if energy is not None and known_tokens else None,
+        "energy_unknown_requests": sum(r.energy_unknown_requests for r in rows),
+        "energy_null_reason": None
+        if energy is not None
+        else "no request of this key in the window has a measured energy figure (each record's "
+        "energy_null_reason says why)",
+    }

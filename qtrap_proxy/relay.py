@@ -29,6 +29,7 @@ from qtrap_proxy.asgi import (
     run_until_disconnect,
     send_full,
 )
+from qtrap_proxy.auth import principal_of
 from qtrap_proxy.errors import BadRequest, QtrapError, UpstreamBroken, UpstreamError, UpstreamTimeout
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.sse import SSESplitter
@@ -91,6 +92,9 @@ class RelayRoute(ABC):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         proxy = self.proxy
         tl = Timeline(new_request_id(), route=self.route_name)
+        who = principal_of(scope)
+        if who is not None and who.key is not None:
+            tl.key_id, tl.key_label = who.key.id, who.key.label
         try:
             body = await read_body(scope, receive, proxy.config.server.max_body_bytes)
             _read_chain_headers(scope, tl)
@@ -104,7 +108,10 @@ class RelayRoute(ABC):
         proxy.begin(tl, prep.backend, prep.hop_split)
         try:
             disconnected = await run_until_disconnect(
-                self._relay(prep, tl, header(scope, b"authorization"), send), receive
+                # with auth on the client's Authorization is a qtrap key: never sent upstream (the gate
+                # has taken it out of the scope as well)
+                self._relay(prep, tl, None if who is not None else header(scope, b"authorization"), send),
+                receive,
             )
             if disconnected and tl.end is None:
                 tl.finish("client_disconnected", 499, "client disconnected")

@@ -36,6 +36,8 @@ class Timeline:
     backend: str | None = None
     chain_id: str | None = None
     hop: int | None = None
+    key_id: str | None = None  # the client key's public id (auth.enabled); in the record
+    key_label: str | None = None  # its metric label (name, else id); not in the record
     start: float = field(default_factory=time.monotonic)
     start_unix_s: float = field(default_factory=time.time)
     first_byte: float | None = None
@@ -82,6 +84,7 @@ class Timeline:
             "id": self.request_id,
             "chain_id": self.chain_id,
             "hop": self.hop,
+            "key_id": self.key_id,
             "route": self.route,
             "stream": self.stream,
             "pool": self.pool,

@@ -142,3 +142,54 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 0 and "pool p" in r.stdout
+
+
+# ---------------------------------------------------------------- auth (issue 13)
+
+
+def test_auth_is_off_by_default_and_its_keys_live_beside_the_ledger() -> None:
+    cfg = load_config(data=_cfg(ledger={"path": "/var/lib/qtrap/ledger.sqlite"}))
+    assert not cfg.auth.enabled and not cfg.auth.protect_metrics and not cfg.auth.key_metrics
+    assert cfg.auth.admin_key_env == "QTRAP_ADMIN_KEY" and cfg.auth.refresh_s == 5.0
+    assert cfg.keys_path == "/var/lib/qtrap/qtrap-keys.sqlite"
+    assert load_config(data=_cfg(auth={"keys_path": "/k.sqlite"})).keys_path == "/k.sqlite"
+
+
+@pytest.mark.parametrize(
+    ("auth", "message"),
+    [
+        ({"enable": True}, r"auth\.enable: Extra inputs are not permitted"),
+        ({"admin_key_sha256": "abc"}, r"auth\.admin_key_sha256: must be 64 hexadecimal digits"),
+        ({"admin_key_env": "1BAD-NAME"}, r"auth\.admin_key_env: must be an environment variable name"),
+        ({"refresh_s": 0}, r"auth\.refresh_s"),
+        ({"refresh_s": "nan"}, r"auth\.refresh_s"),
+        ({"keys_path": "ledger.sqlite"}, r"auth\.keys_path: must not be the ledger's file"),
+    ],
+)
+def test_bad_auth_settings_are_named(auth: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(data=_cfg(auth=auth, ledger={"path": "ledger.sqlite"}))
+
+
+def test_auth_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QTRAP_AUTH__ENABLED", "true")
+    monkeypatch.setenv("QTRAP_AUTH__PROTECT_METRICS", "true")
+    cfg = load_config(data=_cfg())
+    assert cfg.auth.enabled and cfg.auth.protect_metrics
+
+
+def test_serve_and_check_config_refuse_auth_without_an_admin_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("QTRAP_ADMIN_KEY", raising=False)
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(_cfg(auth={"enabled": True}, ledger={"path": str(tmp_path / "ledger.sqlite")}))
+    )
+    for command in ("serve", "check-config"):
+        assert main([command, "--config", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "no admin key; set $QTRAP_ADMIN_KEY" in err
+    monkeypatch.setenv("QTRAP_ADMIN_KEY", "qa-" + "k" * 40)
+    assert main(["check-config", "--config", str(path)]) == 0
+    assert "auth: on (keys " in capsys.readouterr().out

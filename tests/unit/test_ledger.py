@@ -210,3 +210,112 @@ def test_close_gives_up_on_records_sqlite_keeps_refusing_after_bounded_tries(
     led.close()  # returns: a bounded number of tries, then the records are given up, counted
     assert sorted(dropped) == ["r0", "r1", "r2"] and led.write_errors["dropped"] == 3
     assert led.state()["status"] == "down" and led.state()["reason"] == "closed"
+
+
+# ---------------------------------------------------------------- key ids (issue 13)
+
+_OLD_SCHEMA = """
+CREATE TABLE requests (id TEXT PRIMARY KEY, chain_id TEXT, hop INTEGER, start_unix_s REAL NOT NULL,
+                       record TEXT NOT NULL);
+CREATE INDEX requests_chain ON requests (chain_id) WHERE chain_id IS NOT NULL;
+CREATE INDEX requests_start ON requests (start_unix_s);
+INSERT INTO requests VALUES ('old', 'c', 1, 1e9, '{"id": "old", "chain_id": "c", "hop": 1, "start_unix_s": 1e9}');
+"""
+
+
+def test_a_ledger_written_before_key_ids_gains_the_column_and_its_index(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(_OLD_SCHEMA)
+    conn.close()
+    led = Ledger(str(path), batch_s=0.02)
+    try:
+        conn = sqlite3.connect(path)
+        assert "key_id" in {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM requests WHERE key_id = 'key_0123456789ab' AND start_unix_s >= 0"
+        ).fetchall()
+        assert "requests_key" in str(plan)
+        conn.close()
+        assert led.get("old") == {"id": "old", "chain_id": "c", "hop": 1, "start_unix_s": 1e9}
+        durable = Durables()
+        led.start(durable)
+        led.put(_rec("new", key_id="key_0123456789ab"))
+        _wait(lambda: "rnew" in durable.ids, "a record was not written to a migrated ledger")
+        assert [u.requests for u in led.key_usage("key_0123456789ab", 0, 2e9)] == [1]
+    finally:
+        led.close()
+    Ledger(str(path)).close()  # opening a migrated ledger again changes nothing
+
+
+def test_key_usage_sums_a_keys_records_by_precision_in_a_time_window(led: Ledger) -> None:
+    k, other = "key_0123456789ab", "key_ba9876543210"
+    recs = [
+        _rec(
+            1,
+            key_id=k,
+            precision="bf16",
+            status="ok",
+            prompt_tokens=10,
+            completion_tokens=5,
+            energy_j=2.0,
+            idle_energy_j=0.5,
+        ),
+        _rec(
+            2,
+            key_id=k,
+            precision="bf16",
+            status="ok",
+            prompt_tokens=20,
+            completion_tokens=7,
+            energy_j=None,
+            idle_energy_j=None,
+        ),
+        _rec(
+            3,
+            key_id=k,
+            precision="int4",
+            status="upstream_error",
+            prompt_tokens=1,
+            completion_tokens=0,
+            energy_j=0.25,
+            idle_energy_j=0.0,
+        ),
+        _rec(
+            4,
+            key_id=k,
+            precision="bf16",
+            status="ok",
+            prompt_tokens=99,
+            completion_tokens=99,
+            energy_j=9.0,
+            start_unix_s=2e9,
+        ),  # outside the window
+        _rec(
+            5,
+            key_id=other,
+            precision="bf16",
+            status="ok",
+            prompt_tokens=99,
+            completion_tokens=99,
+            energy_j=9.0,
+        ),
+        _rec(6, key_id="not a key id' OR 1=1", precision="bf16", prompt_tokens=99),  # stored without a key id
+    ]
+    durable = Durables()
+    led.start(durable)
+    for r in recs:
+        led.put(r)
+    _wait(lambda: len(durable.ids) == len(recs), "records not written")
+    bf16, int4 = led.key_usage(k, 0, 1.5e9)
+    assert (bf16.precision, bf16.requests, bf16.ok_requests, bf16.prompt_tokens, bf16.completion_tokens) == (
+        "bf16", 2, 2, 30, 12
+    )  # fmt: skip
+    assert (bf16.energy_j, bf16.idle_energy_j, bf16.energy_unknown_requests) == (2.0, 0.5, 1)
+    assert bf16.completion_tokens_energy_known == 5
+    assert (int4.precision, int4.requests, int4.ok_requests, int4.energy_j, int4.energy_unknown_requests) == (
+        "int4", 1, 0, 0.25, 0
+    )  # fmt: skip
+    assert led.key_usage(k, 1.5e9, 3e9)[0].requests == 1
+    assert led.key_usage("not a key id' OR 1=1", 0, 3e9) == []
+    assert led.get("r6") is not None
