@@ -20,9 +20,14 @@ bandwidth at the fitted efficiency (one efficiency per shape), so that t0 stays 
 Where a level still differs from the smooth model by more than 5% the profile's per-rows correction (the
 mechanism the H100 profile uses) takes the rest, and the table says so (``corr``).
 
+Qwen3-32B was measured in three runs (RUNS), separate machine starts each with its own BF16 server beside one
+quantized one: the fit takes BF16 as the runs' geometric mean and each quantized level at the ratio to BF16 its
+own run measured (``fit_points``); the check compares every cell with its own run, takes B* on the ratio to the
+same run's BF16, and prints the BF16 spread between the runs (``bf16_spread``): the run-to-run variation.
+
 ``check`` is independent of the fit: it recomputes every cell from the shipped JSON through the simulator's
 own CalibratedPerf and prints measured and simulated J/token and tokens/s, their ratio and the B* each
-implies. tests/unit/sim/test_vllm_profile.py asserts the same 15% and B* agreement.
+implies. tests/unit/sim/test_h200_profile.py asserts the same 15% and B* agreement.
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ from qtrap_sim.textgen import count_tokens  # noqa: E402
 RESULTS = ROOT / "docs" / "results" / "h200-vllm-2026-12-05"
 PROFILE = ROOT / "qtrap_sim" / "profiles" / "h200.json"
 SHAPES = ("qwen3-0.6b", "qwen3-8b", "qwen3-32b")
+# the runs (result folders) of each shape: each a separate vLLM server pair on its own machine start, with
+# BF16 beside the quantized precisions it was run with. 32B: BF16+W4A16 (KV_TOKENS=80000), BF16+FP8 and
+# BF16+W8A8 (KV_TOKENS=60000; at most 128 requests of ~190 tokens, so the KV size never binds here).
+RUNS = {
+    "qwen3-0.6b": ("qwen3-0.6b",),
+    "qwen3-8b": ("qwen3-8b",),
+    "qwen3-32b": ("qwen3-32b", "qwen3-32b-fp8", "qwen3-32b-w8a8"),
+}
 # precision label in the measurements -> kernel name in the profile
 KERNELS = {"bf16": "bf16", "fp8": "fp8_w8a8", "w8a8": "int8_w8a8", "w4a16": "int4_w4a16"}
 KERNEL_NOTES = {
@@ -115,16 +128,55 @@ def serving_point(c: int, w: dict[str, float]) -> tuple[float, float]:
 
 
 def measured(shape: str) -> list[dict[str, Any]]:
-    """The levels of a shape's committed run with a complete window (tokens/s, power, J/token, its CI)."""
-    doc = json.loads((RESULTS / shape / "e2e-summary.json").read_text())
+    """The levels of a shape's committed runs with a complete window (tokens/s, power, J/token, its CI),
+    each tagged with its run (result folder)."""
     out = []
-    for lv in doc["levels"]:
-        if not lv.get("tokens_per_s") or not lv.get("avg_power_w") or lv.get("j_per_token") is None:
-            continue
-        out.append({"precision": lv["precision"], "concurrency": lv["concurrency"],
-                    "tokens_per_s": lv["tokens_per_s"], "power_w": lv["avg_power_w"],
-                    "j_per_token": lv["j_per_token"], "ci": lv.get("j_per_token_ci")})  # fmt: skip
+    for run in RUNS[shape]:
+        doc = json.loads((RESULTS / run / "e2e-summary.json").read_text())
+        for lv in doc["levels"]:
+            if not lv.get("tokens_per_s") or not lv.get("avg_power_w") or lv.get("j_per_token") is None:
+                continue
+            out.append({"run": run, "precision": lv["precision"], "concurrency": lv["concurrency"],
+                        "tokens_per_s": lv["tokens_per_s"], "power_w": lv["avg_power_w"],
+                        "j_per_token": lv["j_per_token"], "ci": lv.get("j_per_token_ci")})  # fmt: skip
     return out
+
+
+def _gmean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def fit_points(shape: str, w: dict[str, float]) -> list[dict[str, Any]]:
+    """The step time and energy each fitted level must cost, one point per kernel and concurrency.
+
+    One run: its levels as measured. Several runs of a shape (each with its own BF16): BF16 at each C is the
+    geometric mean of the runs' step times and step energies, and each quantized level is moved by its own
+    run's offset from that mean at the same C (its time by mean_t / t_bf16_run, its energy likewise), so the
+    fit sees every quantized kernel at the ratio to BF16 that its own run measured, on the runs' mean BF16."""
+    cells = measured(shape)
+    step = {(c["run"], c["precision"], c["concurrency"]): (c["concurrency"] / c["tokens_per_s"],
+            c["power_w"] * c["concurrency"] / c["tokens_per_s"]) for c in cells}  # fmt: skip
+    base: dict[int, list[tuple[str, float, float]]] = {}
+    for (run, prec, c), (t, e) in step.items():
+        if prec == "bf16":
+            base.setdefault(c, []).append((run, t, e))
+    mean = {c: (_gmean([t for _, t, _ in v]), _gmean([e for _, _, e in v])) for c, v in base.items()}
+    pts = []
+    for c, (t, e) in sorted(mean.items()):
+        rows, ctx = serving_point(c, w)
+        pts.append({"kernel": "bf16", "concurrency": c, "rows": rows, "ctx": ctx, "t": t, "e": e,
+                    "runs": sorted(run for run, _, _ in base[c])})  # fmt: skip
+    for (run, prec, c), (t, e) in sorted(step.items()):
+        if prec == "bf16":
+            continue
+        rows, ctx = serving_point(c, w)
+        ft = fe = 1.0
+        if len(RUNS[shape]) > 1 and (run, "bf16", c) in step:
+            tb, eb = step[(run, "bf16", c)]
+            ft, fe = mean[c][0] / tb, mean[c][1] / eb
+        pts.append({"kernel": KERNELS[prec], "concurrency": c, "rows": rows, "ctx": ctx, "t": t * ft,
+                    "e": e * fe, "runs": [run], "offset": [round(ft, 4), round(fe, 4)]})  # fmt: skip
+    return pts
 
 
 def idle_power_w() -> float:
@@ -154,6 +206,7 @@ def fit() -> dict[str, Any]:
         "sources": [
             {
                 "dir": str(RESULTS.relative_to(ROOT)),
+                "runs": {shape: list(runs) for shape, runs in RUNS.items()},
                 "gpu": "NVIDIA H200 141GB HBM3e, driver 580.159.04",
                 "workload": w,
             }
@@ -175,14 +228,10 @@ def fit() -> dict[str, Any]:
         "models": {},
     }
     for shape in SHAPES:
-        cells = measured(shape)
-        kernels = sorted({KERNELS[c["precision"]] for c in cells})
+        fpts = fit_points(shape, w)
+        kernels = sorted({p["kernel"] for p in fpts})
         layers = SHAPE_PARAMS[shape]["layers"]
-        pts = []
-        for c in cells:
-            rows, ctx = serving_point(c["concurrency"], w)
-            t = c["concurrency"] / c["tokens_per_s"]
-            pts.append((KERNELS[c["precision"]], c["concurrency"], rows, ctx, t, c["power_w"] * t))
+        pts = [(p["kernel"], p["concurrency"], p["rows"], p["ctx"], p["t"], p["e"]) for p in fpts]
         ki = {k: i for i, k in enumerate(kernels)}
 
         # time: per kernel (t0, B), per shape (bandwidth efficiency, attention s per ctx token)
@@ -257,9 +306,10 @@ def fit() -> dict[str, Any]:
         load_profile.cache_clear()
         for k in kernels:
             perf = CalibratedPerf("h200", shape, k)
-            mine = sorted((p for p in pts if p[0] == k), key=lambda p: p[2])
+            mine = sorted((p for p in fpts if p["kernel"] == k), key=lambda p: p["rows"])
             batches, kt, ke = [], [], []
-            for _, c_, r, cx, t, e in mine:
+            for p in mine:
+                c_, r, cx, t, e = p["concurrency"], p["rows"], p["ctx"], p["t"], p["e"]
                 t_lin, e_lin = perf.linear_cost(round(r))
                 t_att = perf.att_fixed_s + perf.att_ctx_s * cx
                 e_att = perf.idle_power_w * t_att + perf.att_ctx_j * cx
@@ -268,9 +318,11 @@ def fit() -> dict[str, Any]:
                 batches.append(round(r))
                 kt.append(round(ct, 4) if abs(ct - 1) > 0.05 else 1.0)
                 ke.append(round(ce, 4) if abs(ce - 1) > 0.05 else 1.0)
-                model["kernels"][k]["measured"].append(
-                    {"concurrency": c_, "rows": round(r, 1), "ctx": round(cx), "step_s": t, "step_j": e}
-                )
+                rec = {"concurrency": c_, "rows": round(r, 1), "ctx": round(cx), "step_s": t, "step_j": e,
+                       "runs": p["runs"]}  # fmt: skip
+                if "offset" in p and p["offset"] != [1.0, 1.0]:
+                    rec["bf16_offset_time_energy"] = p["offset"]
+                model["kernels"][k]["measured"].append(rec)
             model["kernels"][k]["correction"] = {"batches": batches, "time": kt, "energy": ke}
         PROFILE.write_text(json.dumps(prof, indent=1) + "\n")
         load_profile.cache_clear()
@@ -308,43 +360,97 @@ def b_star_of_ratios(cs: list[int], ratios: list[float]) -> float | None:
 
 
 def b_stars(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """B* (first crossing of quantized/BF16 J/token through 1) measured and simulated, per shape and
-    precision, with the ratio at each level."""
+    """B* (first crossing of quantized/BF16 J/token through 1) measured and simulated, per shape, run and
+    precision, with the ratio at each level. The real ratio is taken within a run (the quantized server over
+    the BF16 server of the same machine start); the simulator has one BF16 per shape."""
     out = []
     for shape in SHAPES:
-        mine = [r for r in rows if r["shape"] == shape]
-        base = {r["concurrency"]: r for r in mine if r["precision"] == "bf16"}
-        for prec in sorted({r["precision"] for r in mine} - {"bf16"}):
-            pts = sorted((r for r in mine if r["precision"] == prec and r["concurrency"] in base),
-                         key=lambda r: r["concurrency"])  # fmt: skip
-            cs = [r["concurrency"] for r in pts]
-            real = [r["j_per_token"] / base[r["concurrency"]]["j_per_token"] for r in pts]
-            sim = [r["sim"]["j_per_token"] / base[r["concurrency"]]["sim"]["j_per_token"] for r in pts]
-            out.append({"shape": shape, "precision": prec, "concurrency": cs, "real_ratio": real,
-                        "sim_ratio": sim, "real_b_star": b_star_of_ratios(cs, real),
-                        "sim_b_star": b_star_of_ratios(cs, sim)})  # fmt: skip
+        for run in RUNS[shape]:
+            mine = [r for r in rows if r["shape"] == shape and r["run"] == run]
+            base = {r["concurrency"]: r for r in mine if r["precision"] == "bf16"}
+            for prec in sorted({r["precision"] for r in mine} - {"bf16"}):
+                pts = sorted((r for r in mine if r["precision"] == prec and r["concurrency"] in base),
+                             key=lambda r: r["concurrency"])  # fmt: skip
+                cs = [r["concurrency"] for r in pts]
+                real = [r["j_per_token"] / base[r["concurrency"]]["j_per_token"] for r in pts]
+                sim = [r["sim"]["j_per_token"] / base[r["concurrency"]]["sim"]["j_per_token"] for r in pts]
+                out.append({"shape": shape, "run": run, "precision": prec, "concurrency": cs,
+                            "real_ratio": real, "sim_ratio": sim, "real_b_star": b_star_of_ratios(cs, real),
+                            "sim_b_star": b_star_of_ratios(cs, sim)})  # fmt: skip
+    return out
+
+
+def bf16_spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per shape with several runs and per C: each run's BF16 J/token, tokens/s and power, and the spread
+    (largest over smallest) between the runs: the run-to-run (machine start to machine start) variation."""
+    out = []
+    for shape in SHAPES:
+        if len(RUNS[shape]) < 2:
+            continue
+        bf = [r for r in rows if r["shape"] == shape and r["precision"] == "bf16"]
+        for c in sorted({r["concurrency"] for r in bf}):
+            by_run = {r["run"]: r for r in bf if r["concurrency"] == c}
+            if len(by_run) < 2:
+                continue
+            j = [r["j_per_token"] for r in by_run.values()]
+            out.append({"shape": shape, "concurrency": c, "runs": by_run,
+                        "j_spread": max(j) / min(j),
+                        "tps_spread": max(r["tokens_per_s"] for r in by_run.values())
+                        / min(r["tokens_per_s"] for r in by_run.values()),
+                        "power_spread": max(r["power_w"] for r in by_run.values())
+                        / min(r["power_w"] for r in by_run.values()),
+                        "sim_j_per_token": next(iter(by_run.values()))["sim"]["j_per_token"]})  # fmt: skip
     return out
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    L = ["| shape | precision | C | J/token real | J/token sim | sim/real | tok/s real | tok/s sim | sim/real |",
-         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    L = ["| shape | run | precision | C | J/token real | J/token sim | sim/real | tok/s real | tok/s sim | sim/real |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
-        L.append(f"| {r['shape']} | {r['precision']} | {r['concurrency']} | {r['j_per_token']:.4g} | "
+        L.append(f"| {r['shape']} | {r['run']} | {r['precision']} | {r['concurrency']} | {r['j_per_token']:.4g} | "
                  f"{r['sim']['j_per_token']:.4g} | {r['j_ratio']:.3f} | {r['tokens_per_s']:,.0f} | "
                  f"{r['sim']['tokens_per_s']:,.0f} | {r['tps_ratio']:.3f} |")  # fmt: skip
     worst_j = max(abs(r["j_ratio"] - 1) for r in rows)
     worst_t = max(abs(r["tps_ratio"] - 1) for r in rows)
     L.append(f"\nWorst cell: J/token {worst_j:.1%}, tokens/s {worst_t:.1%} off ({len(rows)} cells).\n")
-    L.append("| shape | precision | B* real | B* sim | quantized/BF16 J/token by C (real / sim) |")
-    L.append("| --- | --- | --- | --- | --- |")
+    L.append("| shape | worst J/token off | worst tok/s off | cells |")
+    L.append("| --- | --- | --- | --- |")
+    for shape in SHAPES:
+        mine = [r for r in rows if r["shape"] == shape]
+        L.append(f"| {shape} | {max(abs(r['j_ratio'] - 1) for r in mine):.1%} | "
+                 f"{max(abs(r['tps_ratio'] - 1) for r in mine):.1%} | {len(mine)} |")  # fmt: skip
+    L.append("")
+    L.append("| shape | run | precision | B* real | B* sim | quantized/BF16 J/token by C (real / sim) |")
+    L.append("| --- | --- | --- | --- | --- | --- |")
     for b in b_stars(rows):
         pairs = "; ".join(f"{c}: {r:.2f}/{s:.2f}" for c, r, s in zip(b["concurrency"], b["real_ratio"],
                                                                     b["sim_ratio"], strict=True))  # fmt: skip
         fmt = lambda x: "none in range" if x is None else f"{x:.3g}"  # noqa: E731
         L.append(
-            f"| {b['shape']} | {b['precision']} | {fmt(b['real_b_star'])} | {fmt(b['sim_b_star'])} | {pairs} |"
+            f"| {b['shape']} | {b['run']} | {b['precision']} | {fmt(b['real_b_star'])} | {fmt(b['sim_b_star'])} "
+            f"| {pairs} |"
         )
+    spread = bf16_spread(rows)
+    if spread:
+        L.append("\nBF16 run to run (the same server on separate machine starts): J/token by run "
+                 "(tok/s, W), the spread max/min, and the simulator's one BF16\n")  # fmt: skip
+        for shape in SHAPES:
+            mine = [s for s in spread if s["shape"] == shape]
+            if not mine:
+                continue
+            runs = RUNS[shape]
+            L.append(
+                "| shape | C | " + " | ".join(runs) + " | J/token spread | tok/s spread | W spread | sim |"
+            )
+            L.append("| --- | --- | " + " | ".join("---" for _ in runs) + " | --- | --- | --- | --- |")
+            for s_ in mine:
+                cols = []
+                for run in runs:
+                    r = s_["runs"].get(run)
+                    cols.append("-" if r is None else f"{r['j_per_token']:.4g} ({r['tokens_per_s']:,.0f}, "
+                                f"{r['power_w']:.0f})")  # fmt: skip
+                L.append(f"| {shape} | {s_['concurrency']} | " + " | ".join(cols) + f" | {s_['j_spread']:.3f} | "
+                         f"{s_['tps_spread']:.3f} | {s_['power_spread']:.3f} | {s_['sim_j_per_token']:.4g} |")  # fmt: skip
     return "\n".join(L) + "\n"
 
 

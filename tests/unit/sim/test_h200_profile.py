@@ -4,7 +4,8 @@ Each measured level (shape x precision x concurrency) is recomputed from qtrap_s
 the simulator's own CalibratedPerf at the level's mean engine step (bench/fit_vllm_profiles.py: rows and
 context of loadgen's synthetic chains at that concurrency, prefix caching included), and must land within
 15% of real vLLM's J/token and tokens/s; the B* each implies (or "no crossover") must match real vLLM's
-within one sweep step.
+within one sweep step. Qwen3-32B was measured on three machine starts (BF16 beside W4A16, beside FP8, beside
+W8A8): every cell is checked against its own run, and B* on the ratio to the BF16 of the same run.
 """
 
 from __future__ import annotations
@@ -46,12 +47,19 @@ def rows(fit: ModuleType) -> list[dict[str, object]]:
 
 
 def test_every_committed_level_is_compared(fit: ModuleType, rows: list[dict[str, object]]) -> None:
+    folders = {p.parent.name for p in fit.RESULTS.glob("*/e2e-summary.json")}
+    assert folders == {run for runs in fit.RUNS.values() for run in runs}  # no result folder left out
     for shape in fit.SHAPES:
-        doc = json.loads((fit.RESULTS / shape / "e2e-summary.json").read_text())
-        complete = [lv for lv in doc["levels"] if lv.get("j_per_token") is not None and lv.get("avg_power_w")]
-        assert len([r for r in rows if r["shape"] == shape]) == len(complete) > 0
-    # 3 shapes; 4 precisions x 6 levels (0.6B), 4 x 5 + 2 (8B), 2 x 5 (32B)
-    assert len(rows) == 24 + 22 + 10
+        for run in fit.RUNS[shape]:
+            doc = json.loads((fit.RESULTS / run / "e2e-summary.json").read_text())
+            complete = [
+                lv for lv in doc["levels"] if lv.get("j_per_token") is not None and lv.get("avg_power_w")
+            ]
+            assert len([r for r in rows if r["shape"] == shape and r["run"] == run]) == len(complete) > 0
+    # 0.6B: 4 precisions x 6 levels; 8B: 4 x 5 + 2; 32B: three runs of 2 precisions x 5 levels
+    # (BF16 + W4A16, BF16 + FP8, BF16 + W8A8)
+    assert len(rows) == 24 + 22 + 10 + 10 + 10
+    assert {r["precision"] for r in rows if r["shape"] == "qwen3-32b"} == {"bf16", "fp8", "w8a8", "w4a16"}
 
 
 def test_j_per_token_and_throughput_within_15_percent(rows: list[dict[str, object]]) -> None:
@@ -80,7 +88,7 @@ def test_b_star_matches_real_vllm_within_one_sweep_step(
             between = [c for c in cs if lo < c < hi]
             assert len(between) <= 1, where
         checked += 1
-    assert checked == 7  # 0.6B and 8B: fp8, w8a8, w4a16; 32B: w4a16
+    assert checked == 9  # 0.6B and 8B: fp8, w8a8, w4a16; 32B: w4a16, fp8, w8a8 (each in its own run)
 
 
 def test_quantized_cheaper_on_the_8b_shape_at_every_level(
@@ -92,6 +100,20 @@ def test_quantized_cheaper_on_the_8b_shape_at_every_level(
             assert max(b["sim_ratio"]) < 0.95 and max(b["real_ratio"]) < 0.95, b
 
 
+def test_32b_bf16_run_to_run_spread_is_reported_and_the_simulator_sits_inside_it(
+    fit: ModuleType, rows: list[dict[str, object]]
+) -> None:
+    """The three 32B runs' BF16 servers are the same server on separate machine starts: their spread is
+    printed (run to run, not a model error), and the simulator's one BF16 lies between the runs."""
+    spread = fit.bf16_spread(rows)
+    assert [s["concurrency"] for s in spread] == [1, 4, 16, 64, 128]
+    for s in spread:
+        assert set(s["runs"]) == set(fit.RUNS["qwen3-32b"]) and s["j_spread"] > 1
+        j = [r["j_per_token"] for r in s["runs"].values()]
+        assert min(j) < s["sim_j_per_token"] < max(j), s
+    assert "BF16 run to run" in fit.markdown(rows)
+
+
 def test_profile_maps_precision_labels_to_vllm_kernels() -> None:
     assert kernel_of("h200", "int4") == "int4_w4a16"
     assert kernel_of("h200", "fp8") == "fp8_w8a8"
@@ -100,7 +122,7 @@ def test_profile_maps_precision_labels_to_vllm_kernels() -> None:
     prof = load_profile("h200")
     assert prof["kind"] == "serving" and prof["gpu_name"] == "NVIDIA H200"
     for shape in ("qwen3-0.6b", "qwen3-8b", "qwen3-32b"):
-        assert "bf16" in prof["models"][shape]["kernels"]
+        assert set(prof["models"][shape]["kernels"]) == {"bf16", "fp8_w8a8", "int8_w8a8", "int4_w4a16"}
 
 
 def test_per_step_host_overhead_dominates_the_small_shape() -> None:
