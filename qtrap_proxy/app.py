@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,6 +27,7 @@ from qtrap_proxy.guard import Guard
 from qtrap_proxy.ledger import Ledger
 from qtrap_proxy.limits import MAX_ADMIN_BODY_BYTES, check_hops, check_id, parse_json_object, parse_page
 from qtrap_proxy.openai_route import OpenAIRoute
+from qtrap_proxy.openapi import build_openapi
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.tgi_route import TGIRoute
 
@@ -216,6 +218,11 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
     async def energy(_: Request) -> JSONResponse:
         return JSONResponse(proxy.energy.energy_report())
 
+    spec = orjson.dumps(build_openapi(proxy.config.server))
+
+    async def openapi(_: Request) -> Response:
+        return Response(spec, media_type="application/json")
+
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -239,6 +246,7 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
         Route("/qtrap/v1/chains/{chain_id}", chain_record, methods=["GET"]),
         Route("/qtrap/v1/chains/{chain_id}/score", chain_score, methods=["POST"]),
         Route("/qtrap/v1/energy", energy, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
 
     @asynccontextmanager
