@@ -36,6 +36,7 @@ from qtrap_proxy.limits import (
     MAX_ID_CHARS,
     MAX_MODEL_CHARS,
     MAX_PAGE,
+    MAX_REWRITE_DEPTH,
 )
 from qtrap_proxy.proxy import H_BACKEND, H_REQUEST_ID
 from qtrap_proxy.proxy import H_PRECISION as H_RESP_PRECISION
@@ -514,7 +515,8 @@ def _responses(op: Operation, server: ServerConfig) -> dict[str, Any]:
         what = []
         if op.body is not None:
             what.append(
-                f"malformed JSON (not UTF-8, nested deeper than {JSON_MAX_DEPTH} levels, not an object), a "
+                f"malformed JSON (not UTF-8, nested deeper than "
+                f"{MAX_REWRITE_DEPTH if op.family == 'openai' else JSON_MAX_DEPTH} levels, not an object), a "
                 "missing field or a value outside the documented bounds"
             )
         if relayed:
@@ -582,7 +584,8 @@ and attributes measured GPU energy to it.
 
 Relay routes take the documented fields and pass every other field through to the backend unchanged.
 Every `x-qtrap-*` request header on them must be printable ASCII (0x20-0x7E), at most {hdr} characters;
-JSON bodies must be UTF-8, nested at most {depth} levels, an object at the top. A value outside a
+JSON bodies must be UTF-8, nested at most {depth} levels ({rewrite} on the OpenAI routes, whose
+bodies the proxy rewrites), an object at the top. A value outside a
 documented bound is a 400 naming it (`param`), never a 5xx. Errors are in OpenAI's shape
 (`{{"error": {{"message", "type", "param", "code"}}}}`), on TGI's routes in TGI's (`{{"error", "error_type"}}`).
 A wrong method gets 405 with `Allow`; an unknown path 404. Every `GET` route also answers `HEAD`.
@@ -604,6 +607,7 @@ def build_openapi(server: ServerConfig | None = None) -> dict[str, Any]:
     description = _DESCRIPTION.format(
         hdr=MAX_HEADER_CHARS,
         depth=JSON_MAX_DEPTH,
+        rewrite=MAX_REWRITE_DEPTH,
         body=server.max_body_bytes,
         headers=server.max_headers,
         header_bytes=server.max_header_bytes,
