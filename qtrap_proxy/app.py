@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -36,6 +37,7 @@ from qtrap_proxy.limits import (
     parse_time,
 )
 from qtrap_proxy.openai_route import OpenAIRoute
+from qtrap_proxy.openapi import build_openapi
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.tgi_route import TGIRoute
 
@@ -258,6 +260,11 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
             return _error(404, f"no key {raw}", "not_found_error")
         return JSONResponse(usage)
 
+    spec = orjson.dumps(build_openapi(proxy.config.server))
+
+    async def openapi(_: Request) -> Response:
+        return Response(spec, media_type="application/json")
+
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -283,6 +290,7 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
         Route("/qtrap/v1/energy", energy, methods=["GET"]),
         Route("/qtrap/v1/keys", keys, methods=["GET"]),
         Route("/qtrap/v1/keys/{key_id}/usage", key_usage, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
 
     @asynccontextmanager

@@ -98,6 +98,16 @@ class RequestTimeout(QtrapError):
     code = "request_timeout"
 
 
+class InternalError(QtrapError):
+    """A bug: something other than a QtrapError escaped a route's validation. Answered in the route's error
+    shape with the request id, and accounted, like any other failed request (never a bare 500)."""
+
+    status = 500
+    label = "internal_error"
+    type = "internal_error"
+    code = "internal_error"
+
+
 class ClientGone(QtrapError):
     """The client disconnected before its request was complete (nginx's 499: nobody reads the answer)."""
 

@@ -12,7 +12,8 @@ header or field and the limit; a bad value is never echoed raw or unbounded.
 * ``model`` in a body and ``x-qtrap-model``: 1 to ``MAX_MODEL_CHARS`` printable
   characters (no control characters);
 * JSON bodies: valid UTF-8, nested at most ``JSON_MAX_DEPTH`` levels (orjson's
-  own limit), an object at the top;
+  own limit), an object at the top; a body the proxy rewrites before relaying it
+  (the OpenAI routes) at most ``MAX_REWRITE_DEPTH`` levels (what orjson can write);
 * bodies of ``POST /qtrap/v1/*``: at most ``MAX_ADMIN_BODY_BYTES`` (413 beyond);
 * an error message kept in a record: cut at ``MAX_ERROR_CHARS``;
 * ``GET /qtrap/v1/chains/{id}?offset=N&limit=M``: ``offset`` from 0, ``limit`` from 1 to
@@ -42,6 +43,7 @@ MAX_ERROR_CHARS = 1_000
 DEFAULT_PAGE = 1_000
 MAX_PAGE = 1_000
 JSON_MAX_DEPTH = 1_024  # orjson refuses deeper documents; stated here so the README can say it
+MAX_REWRITE_DEPTH = 254  # orjson.dumps refuses deeper documents ("Recursion limit reached")
 
 HEADER_PREFIX = b"x-qtrap-"
 H_CHAIN_ID = b"x-qtrap-chain-id"
@@ -146,6 +148,18 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise BadRequest("request body must be a JSON object")
     return obj
+
+
+def dump_json_object(obj: dict[str, Any]) -> bytes:
+    """A request body the proxy changed, written back: BadRequest (not a 500) for one orjson can read
+    but not write (nested deeper than MAX_REWRITE_DEPTH levels)."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError as e:
+        raise BadRequest(
+            f"request body cannot be relayed ({e}): a body nested deeper than {MAX_REWRITE_DEPTH} levels "
+            "is refused on this route"
+        ) from e
 
 
 def parse_page(offset: str | None, limit: str | None) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import orjson
 from qtrap_proxy.asgi import Scope
 from qtrap_proxy.edge import EdgeRoute
 from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
-from qtrap_proxy.limits import ClientHeaders, bounded, check_model, parse_json_object
+from qtrap_proxy.limits import ClientHeaders, bounded, check_model, dump_json_object, parse_json_object
 from qtrap_proxy.relay import Prepared, StreamFilter
 from qtrap_proxy.sse import data_of
 from qtrap_proxy.timeline import Timeline
@@ -309,7 +309,7 @@ class OpenAIRoute(EdgeRoute):
                 },
             )
         return Prepared(
-            backend, self.path, orjson.dumps(req), stream, filt, hop_split=hop_pattern is not None
+            backend, self.path, dump_json_object(req), stream, filt, hop_split=hop_pattern is not None
         )
 
     def account_full_body(self, tl: Timeline, body: bytes, headers: Mapping[str, str]) -> None:

@@ -30,7 +30,14 @@ from qtrap_proxy.asgi import (
     send_full,
 )
 from qtrap_proxy.auth import principal_of
-from qtrap_proxy.errors import BadRequest, QtrapError, UpstreamBroken, UpstreamError, UpstreamTimeout
+from qtrap_proxy.errors import (
+    BadRequest,
+    InternalError,
+    QtrapError,
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.sse import SSESplitter
 from qtrap_proxy.timeline import Timeline, new_request_id
@@ -99,7 +106,8 @@ class RelayRoute(ABC):
             body = await read_body(scope, receive, proxy.config.server.max_body_bytes)
             _read_chain_headers(scope, tl)
             prep = self.prepare(scope, body, tl)
-        except QtrapError as e:
+        except Exception as exc:
+            e = exc if isinstance(exc, QtrapError) else _internal(exc, tl)
             tl.finish(e.label, e.status, e.message)
             proxy.end(tl, was_inflight=False)
             await send_full(send, e.status, self.error_body(e), proxy.response_headers(tl), _JSON)
@@ -182,6 +190,13 @@ class RelayRoute(ABC):
         except OSError:
             # uvicorn raises OSError from send() once the client is gone: same as a disconnect.
             tl.finish("client_disconnected", 499, "client disconnected")
+
+
+def _internal(e: Exception, tl: Timeline) -> InternalError:
+    log.error("validating request %s failed", tl.request_id, exc_info=e)
+    return InternalError(
+        f"internal error while validating the request ({type(e).__name__}); request {tl.request_id}"
+    )
 
 
 def _as_upstream_error(e: BaseException, backend: Backend, started: bool) -> UpstreamError:

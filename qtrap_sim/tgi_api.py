@@ -61,6 +61,9 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
             temperature = params.get("temperature")
             temperature = 0.0 if not params.get("do_sample") else float(temperature or 1.0)
             stream = mode == "stream" or (mode == "compat" and body.get("stream") is True)
+            stop = params.get("stop") or []
+            if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+                raise TGIError(422, "`stop` must be an array of strings")
         except TGIError as e:
             return e.response()
         except (TypeError, ValueError) as e:
@@ -70,7 +73,7 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
         req, text = backend.new_request(
             request.headers.get("x-request-id"), inputs, prompt_tokens, max_new, seed, temperature
         )
-        gen = backend.generate(req, text, params.get("stop") or [])
+        gen = backend.generate(req, text, stop)
         details_wanted = bool(params.get("details"))
 
         def details() -> dict[str, Any]:

@@ -95,6 +95,8 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
             stop = body.get("stop") or []
             if isinstance(stop, str):
                 stop = [stop]
+            if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+                raise VLLMError(400, "stop: a string or an array of strings", param="stop")
             temperature = body.get("temperature")
             temperature = 1.0 if temperature is None else float(temperature)
             seed = body.get("seed")

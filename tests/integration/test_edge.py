@@ -18,6 +18,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from qtrap_proxy.limits import MAX_REWRITE_DEPTH
+from qtrap_proxy.openai_route import OpenAIRoute
 from tests.helpers import backend, free_port
 from tests.integration import fake_backend
 from tests.integration.inproc import InProc, running_proxy
@@ -134,6 +136,44 @@ def _final_record(p: InProc, rid: str) -> dict[str, object]:
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/qtrap/v1/chains/c/score"])
 def test_deep_json_and_invalid_utf8_bodies_get_400(edge: InProc, path: str, body: bytes) -> None:
     assert "not valid JSON" in _openai_400(call(edge, "POST", path, body))
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_json_too_deep_to_relay_gets_400_not_500(edge: InProc, path: str) -> None:
+    """The fuzz test's find: 255 to 1024 levels parse, but orjson cannot write them back (a 500, no record)."""
+    field = b'"messages"' if path.endswith("chat/completions") else b'"prompt"'
+
+    def body(depth: int) -> bytes:  # the object around the field is one level
+        return b'{"model": "echo", ' + field + b": " + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+    assert (
+        call(edge, "POST", path, body(MAX_REWRITE_DEPTH)).headers.get("x-qtrap-backend") == "fake-echo"
+    )  # relayed
+    a = call(edge, "POST", path, body(MAX_REWRITE_DEPTH + 1))
+    assert f"deeper than {MAX_REWRITE_DEPTH} levels" in _openai_400(a)
+    rec = _final_record(edge, a.headers["x-qtrap-request-id"])
+    assert rec["status"] == "bad_request"
+    assert "deeper than" in _openai_400(call(edge, "POST", path, body(1_000)))
+
+
+def test_a_bug_in_validation_is_answered_in_the_error_shape_and_recorded(
+    edge: InProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever escapes a route's checks is a 500 in the route's error shape with its request id and record
+    (a bare 500, without a record, before)."""
+
+    def broken(*_: object) -> None:
+        raise ZeroDivisionError("planted")
+
+    monkeypatch.setattr(OpenAIRoute, "prepare_checked", broken)
+    a = call(edge, "POST", "/v1/chat/completions", CHAT)
+    assert a.status == 500, a.body
+    err = a.json()["error"]  # type: ignore[index]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == "internal_error"
+    assert "ZeroDivisionError" in err["message"] and "planted" not in err["message"]
+    monkeypatch.undo()
+    rec = _final_record(edge, a.headers["x-qtrap-request-id"])
+    assert rec["status"] == "internal_error" and rec["http_status"] == 500
 
 
 def test_tgi_deep_json_gets_400_in_tgi_shape(edge: InProc) -> None:

@@ -82,6 +82,7 @@ class Outcome:
     log: str
     completed: list[str]  # requests whose answer the client had in full before the signal
     records: dict[str, dict[str, Any]]  # the ledger's, read after the exit
+    ledger: Path
 
     def where(self, run: int) -> str:
         return f"run {run}: status {self.status} after {self.took_s:.2f} s\n{self.log[-4000:]}"
@@ -153,7 +154,25 @@ def _sigterm_under_load(
         log.read_text(errors="replace"),
         [rid for t, rid in load.completed if t < t_signal],
         _records(ledger),
+        ledger,
     )
+
+
+def check_clean_sigterm(out: Outcome, run: int) -> None:
+    """Exit 0 within the bound, no traceback, and a final record (energy known, or null with the reason)
+    of every request the client had in full before the signal. The fault matrix's SIGTERM cell too."""
+    where = out.where(run)
+    assert out.status is not None, "SIGTERM did not finish within the bound: " + where
+    assert out.status == 0 and out.took_s <= BOUND_S + MARGIN_S, where
+    assert "Traceback" not in out.log, where
+    assert len(out.completed) >= CLIENTS, f"too little load ({len(out.completed)} completed): " + where
+    missing = [rid for rid in out.completed if rid not in out.records]
+    assert not missing, f"{len(missing)} of {len(out.completed)} completed requests have no record: " + where
+    for rid in out.completed:
+        rec = out.records[rid]
+        assert rec["final"] is True and rec["status"] == "ok", rec
+        # energy is measured, or null with the reason: never a silent 0
+        assert rec["energy_j"] is not None or rec["energy_null_reason"], rec
 
 
 def _records(ledger: Path) -> dict[str, dict[str, Any]]:
@@ -171,20 +190,7 @@ def test_sigterm_under_load_exits_0_within_the_bound_with_the_ledger_flushed_20_
     took = []
     for run in range(RUNS):
         out = _sigterm_under_load(tmp_path, sim_port, run)
-        where = out.where(run)
-        assert out.status is not None, "SIGTERM did not finish within the bound: " + where
-        assert out.status == 0 and out.took_s <= BOUND_S + MARGIN_S, where
-        assert "Traceback" not in out.log, where
-        assert len(out.completed) >= CLIENTS, f"too little load ({len(out.completed)} completed): " + where
-        missing = [rid for rid in out.completed if rid not in out.records]
-        assert not missing, (
-            f"{len(missing)} of {len(out.completed)} completed requests have no record: " + where
-        )
-        for rid in out.completed:
-            rec = out.records[rid]
-            assert rec["final"] is True and rec["status"] == "ok", rec
-            # energy is measured, or null with the reason: never a silent 0
-            assert rec["energy_j"] is not None or rec["energy_null_reason"], rec
+        check_clean_sigterm(out, run)
         took.append(out.took_s)
     print(
         f"{RUNS} SIGTERMs: shutdown took {min(took):.2f}-{max(took):.2f} s; {time.monotonic() - t0:.0f} s in all"

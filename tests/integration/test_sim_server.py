@@ -170,3 +170,23 @@ def test_oracle_answers_through_the_api() -> None:
             and r2.usage.completion_tokens == 7
             and r2.choices[0].finish_reason == "length"
         )
+
+
+def test_a_stop_that_is_not_strings_is_a_client_error_not_a_500(int4_sim: str) -> None:
+    """The fuzz test's find (through the proxy): `stop: true` made both APIs answer 500."""
+    chat = {"model": "qwen3-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    port = free_port()
+    with sim(port, "--api", "tgi", "--step-ms", "1"):
+        for stop in (True, 5, [1], {"a": "b"}):
+            for stream in (False, True):
+                body = {**chat, "stop": stop, "stream": stream}
+                r = requests.post(int4_sim + "/v1/chat/completions", json=body, timeout=10)
+                assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+            for path in ("/generate", "/generate_stream"):
+                tgi = {"inputs": "hi", "parameters": {"max_new_tokens": 2, "stop": stop}}
+                r = requests.post(f"http://127.0.0.1:{port}{path}", json=tgi, timeout=10)
+                assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
+        ok = requests.post(int4_sim + "/v1/chat/completions", json={**chat, "stop": ["x", "y"]}, timeout=10)
+        assert ok.status_code == 200
+        tgi = {"inputs": "hi", "parameters": {"max_new_tokens": 2, "stop": ["x"]}}
+        assert requests.post(f"http://127.0.0.1:{port}/generate", json=tgi, timeout=10).status_code == 200

@@ -20,6 +20,7 @@ ADMIN_KEY = "qa-" + "z" * 40
     ("method", "path", "protect", "role"),
     [
         ("GET", "/health", True, Role.OPEN),
+        ("GET", "/openapi.json", True, Role.OPEN),
         ("GET", "/metrics", False, Role.OPEN),
         ("GET", "/metrics", True, Role.ADMIN),
         ("POST", "/v1/chat/completions", False, Role.CLIENT),

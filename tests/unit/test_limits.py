@@ -7,10 +7,12 @@ import pytest
 from qtrap_proxy.errors import BadRequest
 from qtrap_proxy.limits import (
     MAX_HOP,
+    MAX_REWRITE_DEPTH,
     ClientHeaders,
     check_hops,
     check_id,
     check_model,
+    dump_json_object,
     parse_json_object,
     parse_qtrap_headers,
 )
@@ -81,3 +83,13 @@ def test_hops_model_and_json_bodies() -> None:
     for body in (b"[" * 100_000, b'{"a": "\xff"}', b'{"a": "\\ud800"}', b"[1]", b"", b"1e999"):
         with pytest.raises(BadRequest):
             parse_json_object(body)
+
+
+def test_a_body_readable_but_too_deep_to_write_back_is_a_bad_request() -> None:
+    """The fuzz test's find: orjson reads 1024 levels but writes 254, and the OpenAI routes write the body
+    back (a 500 without a record)."""
+    ok = parse_json_object(b'{"m": ' + b"[" * (MAX_REWRITE_DEPTH - 1) + b"]" * (MAX_REWRITE_DEPTH - 1) + b"}")
+    assert dump_json_object(ok).startswith(b'{"m":[[')
+    deep = parse_json_object(b'{"m": ' + b"[" * MAX_REWRITE_DEPTH + b"]" * MAX_REWRITE_DEPTH + b"}")
+    with pytest.raises(BadRequest, match=f"deeper than {MAX_REWRITE_DEPTH} levels"):
+        dump_json_object(deep)
