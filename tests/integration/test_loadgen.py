@@ -229,17 +229,22 @@ def test_ctrl_c_writes_a_partial_report(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
+    seen: list[str] = []
     try:
         assert proc.stderr is not None
         deadline = time.monotonic() + 120
-        while "bf16 c=1 ..." not in proc.stderr.readline():
-            assert time.monotonic() < deadline and proc.poll() is None
+        while "bf16 c=1 ..." not in (line := proc.stderr.readline()):
+            seen.append(line)
+            assert time.monotonic() < deadline and proc.poll() is None, (
+                "".join(seen[-30:]) + proc.stderr.read()
+            )
         time.sleep(3)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.communicate()  # reap it and close its pipes (a leak would fail a later test)
     assert proc.returncode == 130, stderr
     assert "partial report" in stderr + stdout
     rep = json.loads((out / "report.json").read_text())
