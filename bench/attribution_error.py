@@ -26,7 +26,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from qtrap_proxy.localproc import child, free_port
+from qtrap_common.localproc import child, free_port
 
 
 def main() -> None:

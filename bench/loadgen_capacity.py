@@ -68,7 +68,7 @@ import aiohttp
 from loadgen.client import ChatClient, Exchange
 from loadgen.datasets import synthetic
 from loadgen.runner import LevelPlan, run_level
-from qtrap_proxy.localproc import child, free_port
+from qtrap_common.localproc import child, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_P99_MS = 5.0

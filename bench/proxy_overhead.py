@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from qtrap_proxy.localproc import child, free_port
+from qtrap_common.localproc import child, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()

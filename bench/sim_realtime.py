@@ -24,7 +24,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from qtrap_proxy.localproc import free_port, stop, wait_http
+from qtrap_common.localproc import free_port, stop, wait_http
 
 
 async def streams(url: str, n: int, max_tokens: int) -> tuple[int, float]:

@@ -64,7 +64,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from qtrap_proxy.localproc import free_port, stop, wait_http
+from qtrap_common.localproc import free_port, stop, wait_http
 
 CHAT = "/v1/chat/completions"
 HDRS = {"content-type": "application/json"}

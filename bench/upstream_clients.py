@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from qtrap_proxy.localproc import child, free_port
+from qtrap_common.localproc import child, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

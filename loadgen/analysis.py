@@ -26,13 +26,8 @@ from typing import Any
 import numpy as np
 
 from loadgen.runner import LevelRun
+from qtrap_common.precision import BASELINES, BITS
 
-BITS = {
-    "fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "w8a8": 8, "w8a8-fp8": 8, "int8-dequant": 8,
-    "bnb-int8": 8, "bnb-8bit": 8, "llm-int8": 8, "int4": 4, "awq": 4, "gptq": 4, "w4a16": 4, "nf4": 4,
-    "bnb-nf4": 4, "bnb-4bit": 4, "fp4": 4, "nvfp4": 4,
-}  # fmt: skip
-BASELINES = ("fp16", "bf16", "fp32")
 METRICS = ("j_per_correct", "j_per_token")
 MIN_MEASURED_WINDOW_S = 2.0  # shortest window (summed over repeats) for the measured J/token cross-check
 

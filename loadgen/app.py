@@ -19,12 +19,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from loadgen import datasets
-from loadgen.analysis import BASELINES, analyse, observe
+from loadgen.analysis import analyse, observe
 from loadgen.client import ChatClient
 from loadgen.embedded import PRECISIONS, embedded_stack
 from loadgen.proxyapi import ProxyError, energy_snapshot, fetch_records, pool_precisions
 from loadgen.report import build, energy_summary, print_summary, write_csv, write_html, write_json
 from loadgen.runner import Chain, LevelPlan, LevelRun, run_level
+from qtrap_common.precision import BASELINES
 
 
 class Fail(Exception):

@@ -15,6 +15,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from qtrap_common import wire
+
 
 @dataclass(slots=True)
 class Exchange:
@@ -94,7 +96,7 @@ class ChatClient:
     async def report_score(self, chain: str, correct: bool, hops: int) -> None:
         """Tell the proxy whether a chain's final answer was right (``qtrap_chains_scored_total``), so its
         dashboards can show energy per correct answer; best effort: other servers do not know the route."""
-        url = self.url.rsplit("/v1/", 1)[0] + f"/qtrap/v1/chains/{chain}/score"
+        url = self.url.rsplit("/v1/", 1)[0] + wire.path(wire.CHAIN_SCORE_PATH, chain_id=chain)
         try:
             async with self.session.post(
                 url,
@@ -127,9 +129,9 @@ class ChatClient:
                 timeout=self.timeout,
             ) as r:
                 ex.http_status = r.status
-                ex.request_id = r.headers.get("x-qtrap-request-id")
-                ex.backend = r.headers.get("x-qtrap-backend")
-                ex.precision = r.headers.get("x-qtrap-precision")
+                ex.request_id = r.headers.get(wire.RESP_REQUEST_ID)
+                ex.backend = r.headers.get(wire.RESP_BACKEND)
+                ex.precision = r.headers.get(wire.RESP_PRECISION)
                 if r.status != 200:
                     ex.error = f"HTTP {r.status}: {_error_message(await r.read())}"
                     return ex

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from qtrap_proxy.localproc import child, free_port
+from qtrap_common.localproc import child, free_port
 
 PRECISIONS = ("bf16", "fp8", "int8", "int4")  # on the H200 profile: CUTLASS FP8, CUTLASS W8A8, Machete W4A16
 GPU = "h200"  # the simulator's profile calibrated to real vLLM serving

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 
 from loadgen.runner import LevelRun
+from qtrap_common import wire
 
 
 class ProxyError(RuntimeError):
@@ -44,7 +45,7 @@ async def energy_snapshot(session: aiohttp.ClientSession, base: str) -> dict[str
     """``GET /qtrap/v1/energy`` with the client's clock; None when the proxy does not answer."""
     t = time.monotonic()
     try:
-        status, doc = await _get(session, base.rstrip("/") + "/qtrap/v1/energy", 5.0)
+        status, doc = await _get(session, base.rstrip("/") + wire.ENERGY_PATH, 5.0)
     except (TimeoutError, aiohttp.ClientError):
         return None
     if status != 200 or not isinstance(doc, dict):
@@ -69,7 +70,9 @@ async def fetch_records(
         while True:
             async with sem:
                 try:
-                    status, doc = await _get(session, f"{base.rstrip('/')}/qtrap/v1/chains/{chain_id}")
+                    status, doc = await _get(
+                        session, base.rstrip("/") + wire.path(wire.CHAIN_PATH, chain_id=chain_id)
+                    )
                 except (TimeoutError, aiohttp.ClientError):
                     status, doc = 0, None
             if status == 200 and isinstance(doc, dict):

@@ -24,6 +24,7 @@ from loadgen.chains import carried_step, hop_prompt, stream_prompt
 from loadgen.client import ChatClient, Exchange
 from loadgen.datasets import Problem
 from loadgen.scoring import Score, score
+from qtrap_common import wire
 
 
 @dataclass(slots=True)
@@ -68,7 +69,7 @@ async def run_chain(client: ChatClient, chain: Chain, hops_mode: str) -> None:
                 stream_prompt(p),
                 chain=chain.id,
                 hop=1,
-                headers={"x-qtrap-chain-id": chain.id, "x-qtrap-hop": "1", "x-qtrap-hop-split": "lines"},
+                headers={wire.CHAIN_ID: chain.id, wire.HOP: "1", wire.HOP_SPLIT: "lines"},
             )
             chain.exchanges.append(ex)
             if ex.status == "ok":
@@ -80,7 +81,7 @@ async def run_chain(client: ChatClient, chain: Chain, hops_mode: str) -> None:
                 hop_prompt(p, hop, steps),
                 chain=chain.id,
                 hop=hop,
-                headers={"x-qtrap-chain-id": chain.id, "x-qtrap-hop": str(hop)},
+                headers={wire.CHAIN_ID: chain.id, wire.HOP: str(hop)},
             )
             chain.exchanges.append(ex)
             if ex.status != "ok":

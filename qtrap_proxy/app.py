@@ -20,9 +20,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from qtrap_common import wire
+from qtrap_common.background import STOP_TIMEOUT_S
 from qtrap_proxy.asgi import read_body
 from qtrap_proxy.auth import AuthGate, principal_of
-from qtrap_proxy.background import STOP_TIMEOUT_S
 from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
 from qtrap_proxy.guard import Guard
 from qtrap_proxy.keystore import KEY_ID
@@ -284,12 +285,12 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/qtrap/v1/requests/{request_id}", request_record, methods=["GET"]),
-        Route("/qtrap/v1/chains/{chain_id}", chain_record, methods=["GET"]),
-        Route("/qtrap/v1/chains/{chain_id}/score", chain_score, methods=["POST"]),
-        Route("/qtrap/v1/energy", energy, methods=["GET"]),
-        Route("/qtrap/v1/keys", keys, methods=["GET"]),
-        Route("/qtrap/v1/keys/{key_id}/usage", key_usage, methods=["GET"]),
+        Route(wire.REQUEST_PATH, request_record, methods=["GET"]),
+        Route(wire.CHAIN_PATH, chain_record, methods=["GET"]),
+        Route(wire.CHAIN_SCORE_PATH, chain_score, methods=["POST"]),
+        Route(wire.ENERGY_PATH, energy, methods=["GET"]),
+        Route(wire.KEYS_PATH, keys, methods=["GET"]),
+        Route(wire.KEY_USAGE_PATH, key_usage, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
 

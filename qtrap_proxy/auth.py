@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp
 
-from qtrap_proxy.asgi import Receive, Scope, Send
+from qtrap_common.asgi import Receive, Scope, Send
 from qtrap_proxy.config import AuthConfig
 from qtrap_proxy.errors import ConfigError, Forbidden, KeyStoreError, QtrapError, Unauthorized
 from qtrap_proxy.keystore import ApiKey, KeyStore, hash_secret

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
-from qtrap_proxy.asgi import Receive, Scope, Send
+from qtrap_common.asgi import Receive, Scope, Send
 from qtrap_proxy.auth import principal_of
 from qtrap_proxy.errors import BadRequest, Forbidden
 from qtrap_proxy.limits import HEADER_PREFIX, ClientHeaders, parse_qtrap_headers

@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection
 
 from starlette.types import ASGIApp
 
-from qtrap_proxy.asgi import Message, Receive, Scope, Send, header
+from qtrap_common.asgi import Message, Receive, Scope, Send, header
 from qtrap_proxy.config import ServerConfig
 from qtrap_proxy.errors import PayloadTooLarge, RequestTimeout, openai_error_body
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from qtrap_common import wire
 from qtrap_proxy.errors import BadRequest
 
 MAX_HOP = 10_000
@@ -45,12 +46,12 @@ MAX_PAGE = 1_000
 JSON_MAX_DEPTH = 1_024  # orjson refuses deeper documents; stated here so the README can say it
 MAX_REWRITE_DEPTH = 254  # orjson.dumps refuses deeper documents ("Recursion limit reached")
 
-HEADER_PREFIX = b"x-qtrap-"
-H_CHAIN_ID = b"x-qtrap-chain-id"
-H_HOP = b"x-qtrap-hop"
-H_HOP_SPLIT = b"x-qtrap-hop-split"
-H_PRECISION = b"x-qtrap-precision"
-H_MODEL = b"x-qtrap-model"
+HEADER_PREFIX = wire.B_HEADER_PREFIX
+H_CHAIN_ID = wire.B_CHAIN_ID
+H_HOP = wire.B_HOP
+H_HOP_SPLIT = wire.B_HOP_SPLIT
+H_PRECISION = wire.B_PRECISION
+H_MODEL = wire.B_MODEL
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,8 @@ from typing import Any
 
 import orjson
 
-from qtrap_proxy.asgi import Scope
+from qtrap_common import wire
+from qtrap_common.asgi import Scope
 from qtrap_proxy.edge import EdgeRoute
 from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
 from qtrap_proxy.limits import ClientHeaders, bounded, check_model, dump_json_object, parse_json_object
@@ -305,7 +306,7 @@ class OpenAIRoute(EdgeRoute):
                 qtrap_info=lambda: {
                     "request_id": tl.request_id,
                     "energy_j_provisional": proxy.provisional_j(tl),
-                    "record": f"/qtrap/v1/requests/{tl.request_id}",
+                    "record": wire.path(wire.REQUEST_PATH, request_id=tl.request_id),
                 },
             )
         return Prepared(

@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from qtrap_common import wire
 from qtrap_proxy.auth import KeyRing, Principal, admin_digest
 from qtrap_proxy.config import ProxyConfig
 from qtrap_proxy.energy.attribution import Tracked
@@ -34,9 +35,9 @@ from qtrap_proxy.upstream import Backend, Health
 log = logging.getLogger("qtrap.proxy")
 
 # Response headers every relayed answer carries.
-H_REQUEST_ID = b"x-qtrap-request-id"
-H_BACKEND = b"x-qtrap-backend"
-H_PRECISION = b"x-qtrap-precision"
+H_REQUEST_ID = wire.B_RESP_REQUEST_ID
+H_BACKEND = wire.B_RESP_BACKEND
+H_PRECISION = wire.B_RESP_PRECISION
 
 
 class Proxy:

@@ -19,16 +19,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from qtrap_proxy.asgi import (
-    Receive,
-    Scope,
-    Send,
-    header,
-    read_body,
-    relay_headers,
-    run_until_disconnect,
-    send_full,
-)
+from qtrap_common import wire
+from qtrap_common.asgi import Receive, Scope, Send, header, relay_headers, run_until_disconnect, send_full
+from qtrap_proxy.asgi import read_body
 from qtrap_proxy.auth import principal_of
 from qtrap_proxy.errors import (
     BadRequest,
@@ -46,7 +39,7 @@ from qtrap_proxy.upstream import Backend
 log = logging.getLogger("qtrap.relay")
 
 # the provisional energy figure of a non-streaming answer (the final one is at /qtrap/v1/requests/{id})
-H_ENERGY = b"x-qtrap-energy-j-provisional"
+H_ENERGY = wire.B_RESP_ENERGY_PROVISIONAL
 
 _JSON = b"application/json"
 
@@ -213,8 +206,8 @@ def _as_upstream_error(e: BaseException, backend: Backend, started: bool) -> Ups
 
 
 def _read_chain_headers(scope: Scope, tl: Timeline) -> None:
-    tl.chain_id = header(scope, b"x-qtrap-chain-id")
-    hop = header(scope, b"x-qtrap-hop")
+    tl.chain_id = header(scope, wire.B_CHAIN_ID)
+    hop = header(scope, wire.B_HOP)
     if hop is not None:
         if not hop.strip().isdigit() or int(hop) < 1:
             raise BadRequest(

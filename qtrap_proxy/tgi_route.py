@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from qtrap_proxy.asgi import Scope
+from qtrap_common.asgi import Scope
 from qtrap_proxy.edge import EdgeRoute
 from qtrap_proxy.errors import BadRequest, QtrapError
 from qtrap_proxy.limits import ClientHeaders, check_model, parse_json_object

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from qtrap_common import wire
 from qtrap_proxy.config import BackendConfig
 from qtrap_proxy.errors import UpstreamConnectError, UpstreamTimeout
 from qtrap_proxy.metrics import BackendMetrics
@@ -71,7 +72,7 @@ class Backend:
 
     def headers(self, request_id: str, client_auth: str | None) -> dict[str, str]:
         h = dict(self._headers)
-        h["X-Request-Id"] = request_id
+        h[wire.REQUEST_ID] = request_id
         if client_auth is not None and "Authorization" not in h:
             h["Authorization"] = client_auth
         return h

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from qtrap_proxy.asgi import run_until_disconnect
+from qtrap_common.asgi import run_until_disconnect
 from qtrap_sim.engine import Engine, SimRequest
 from qtrap_sim.gpu import SimGPU
 from qtrap_sim.oracle import Oracle, default_hop_accuracy, load_problems

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qtrap_proxy.background import Background
+from qtrap_common.background import Background
 from qtrap_sim.gpu import SimGPU
 from qtrap_sim.perf import PerfModel
 

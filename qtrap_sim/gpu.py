@@ -14,7 +14,7 @@ import random
 import time
 import uuid
 
-from qtrap_proxy.background import Background
+from qtrap_common.background import Background
 
 
 class SimGPU(Background):

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from qtrap_common import wire
 from qtrap_sim.backend import SimBackend
 from qtrap_sim.textgen import count_tokens
 
@@ -71,7 +72,7 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
 
         seed = params.get("seed")
         req, text = backend.new_request(
-            request.headers.get("x-request-id"), inputs, prompt_tokens, max_new, seed, temperature
+            request.headers.get(wire.REQUEST_ID), inputs, prompt_tokens, max_new, seed, temperature
         )
         gen = backend.generate(req, text, stop)
         details_wanted = bool(params.get("details"))

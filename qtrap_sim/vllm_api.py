@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from qtrap_common import wire
 from qtrap_sim.backend import SimBackend
 from qtrap_sim.textgen import count_tokens
 
@@ -110,7 +111,7 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
         except (TypeError, ValueError) as e:
             return VLLMError(400, str(e)).response()
 
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        rid = request.headers.get(wire.REQUEST_ID) or uuid.uuid4().hex
         req, text = backend.new_request(rid, prompt, prompt_tokens, max_tokens, seed, temperature, ignore_eos)
         gen = backend.generate(req, text, stop)
         oid = ("chatcmpl-" if chat else "cmpl-") + rid

@@ -13,7 +13,7 @@ from typing import Any
 import requests
 import yaml
 
-from qtrap_proxy.localproc import child, free_port, stop
+from qtrap_common.localproc import child, free_port, stop
 
 __all__ = ["free_port", "stop"]
 

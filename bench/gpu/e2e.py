@@ -322,7 +322,7 @@ def run(args: argparse.Namespace, engine: Engine | None = None) -> int:
     transformers serve; bench/gpu/vllm_e2e.py passes vLLM)."""
     import yaml
 
-    from qtrap_proxy.localproc import child, free_port, stop, wait_http
+    from qtrap_common.localproc import child, free_port, stop, wait_http
 
     deadline = float(os.environ.get("QTRAP_DEADLINE_UNIX", "0")) or (time.time() + args.budget_s)
     out = Path(args.out)

@@ -539,7 +539,7 @@ def _serve_cmd(model_dir: Path, port: int, extra: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from qtrap_proxy.localproc import child, free_port, stop
+    from qtrap_common.localproc import child, free_port, stop
 
     deadline = float(os.environ.get("QTRAP_DEADLINE_UNIX", "0")) or (time.time() + args.budget_s)
     work = Path(args.work)

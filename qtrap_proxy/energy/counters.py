@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from qtrap_proxy.background import STOP_TIMEOUT_S, Background
+from qtrap_common.background import STOP_TIMEOUT_S, Background
 from qtrap_proxy.redact import redact_url, redact_urls_in
 
 log = logging.getLogger("qtrap.energy")

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from qtrap_proxy.background import STOP_TIMEOUT_S, Background
+from qtrap_common.background import STOP_TIMEOUT_S, Background
 from qtrap_proxy.config import ProxyConfig
 from qtrap_proxy.energy.attribution import DeviceAccount, Tracked
 from qtrap_proxy.energy.counters import CounterPoller, TokenCounter

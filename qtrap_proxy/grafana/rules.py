@@ -20,7 +20,7 @@ replicas):
   served in those 5 minutes.
 * **Casting-overhead ratio** = (J/token / baseline J/token) / (bits / baseline bits): what a
   precision costs per token relative to the ideal scaling with its weight width. Bits come from a
-  static table of precision labels (loadgen's ``BITS``); other labels get no casting-overhead series.
+  static table of precision labels (``qtrap_common.precision.BITS``); other labels get no casting-overhead series.
 * **By in-flight level** (the B* rules): the busy-time average of requests in flight over 1
   minute (``qtrap_inflight_requests`` averaged over the samples where it is above 0) is binned
   into powers of two (label ``inflight`` = ``001`` for [0, 1.41), ``002`` for [1.41, 2.83), ...,
@@ -42,6 +42,8 @@ replicas):
 from __future__ import annotations
 
 from typing import Any
+
+from qtrap_common.precision import BASELINES, BITS
 
 # -- names the dashboards and alerts use -------------------------------------------------------
 
@@ -140,14 +142,10 @@ def _ratio_to_baseline(series: str, extra_on: str = "") -> str:
 
 
 def _bits_rule() -> str:
-    from loadgen.analysis import BITS
-
     return _or([f'label_replace(vector({bits}), "precision", "{p}", "", "")' for p, bits in BITS.items()])
 
 
 def _baseline_rule() -> str:
-    from loadgen.analysis import BASELINES
-
     return "\n  or on(pool)\n".join(
         f'label_replace(group by (pool) (qtrap_requests_total{{precision="{b}"}}), "baseline", "{b}", "", "")'
         for b in BASELINES

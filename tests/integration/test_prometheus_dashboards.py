@@ -22,9 +22,9 @@ import yaml
 
 from loadgen.analysis import crossings
 from loadgen.embedded import embedded_stack
+from qtrap_common.localproc import child, free_port
 from qtrap_proxy.grafana.dashboards import dashboards
 from qtrap_proxy.grafana.rules import record_names
-from qtrap_proxy.localproc import child, free_port
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.skipif(

@@ -25,7 +25,7 @@ import pytest
 import requests
 import yaml
 
-from qtrap_proxy.localproc import wait_http
+from qtrap_common.localproc import wait_http
 from tests.helpers import ROOT, backend, free_port, sim
 
 RUNS = 20

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from qtrap_proxy.background import Background, stop_task
+from qtrap_common.background import Background, stop_task
 from qtrap_proxy.config import load_config
 from qtrap_proxy.energy.service import EnergyService
 from qtrap_proxy.upstream import Backend

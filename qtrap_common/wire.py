@@ -1,0 +1,137 @@
+"""The wire contract between qtrap's products and their clients (DESIGN.md's contracts).
+
+Header names, the admin API's paths and the shapes of the request record and the chain summary, in
+one place: the proxy writes them, loadgen and the simulator read them. Header names are lower-case
+(ASGI and aiohttp give them so); the ``B_*`` forms are the same names as bytes for raw-ASGI code.
+Records are plain JSON objects on the wire; :class:`RequestRecord` and :class:`ChainSummary` type them
+for code on both sides (``total=False`` nowhere: every key is always present, null when unknown).
+"""
+
+from __future__ import annotations
+
+from typing import Final, TypedDict
+
+# -- request headers a client may send (all optional) -----------------------------------------------
+HEADER_PREFIX: Final = "x-qtrap-"
+CHAIN_ID: Final = "x-qtrap-chain-id"  # groups the hops of one reasoning chain
+HOP: Final = "x-qtrap-hop"  # 1-based hop number within the chain
+HOP_SPLIT: Final = "x-qtrap-hop-split"  # `lines` or `regex`: one stream split into hops by the proxy
+PRECISION: Final = "x-qtrap-precision"  # pins a precision (as does `model@precision`)
+MODEL: Final = "x-qtrap-model"  # pool or pool@precision on TGI's routes, which have no `model` field
+REQUEST_ID: Final = "x-request-id"  # forwarded upstream: the simulator's truth is keyed by it
+
+# -- response headers every relayed answer carries ----------------------------------------------------
+RESP_REQUEST_ID: Final = "x-qtrap-request-id"  # the key to the request's record
+RESP_BACKEND: Final = "x-qtrap-backend"
+RESP_PRECISION: Final = "x-qtrap-precision"
+# a non-streaming answer's provisional energy figure; the final one is in the record
+RESP_ENERGY_PROVISIONAL: Final = "x-qtrap-energy-j-provisional"
+
+B_HEADER_PREFIX: Final = HEADER_PREFIX.encode()
+B_CHAIN_ID: Final = CHAIN_ID.encode()
+B_HOP: Final = HOP.encode()
+B_HOP_SPLIT: Final = HOP_SPLIT.encode()
+B_PRECISION: Final = PRECISION.encode()
+B_MODEL: Final = MODEL.encode()
+B_RESP_REQUEST_ID: Final = RESP_REQUEST_ID.encode()
+B_RESP_BACKEND: Final = RESP_BACKEND.encode()
+B_RESP_PRECISION: Final = RESP_PRECISION.encode()
+B_RESP_ENERGY_PROVISIONAL: Final = RESP_ENERGY_PROVISIONAL.encode()
+
+# -- the admin API (paths are starlette route templates; `path()` fills them) -------------------------
+ADMIN_PREFIX: Final = "/qtrap/v1"
+REQUEST_PATH: Final = ADMIN_PREFIX + "/requests/{request_id}"
+CHAIN_PATH: Final = ADMIN_PREFIX + "/chains/{chain_id}"
+CHAIN_SCORE_PATH: Final = ADMIN_PREFIX + "/chains/{chain_id}/score"
+ENERGY_PATH: Final = ADMIN_PREFIX + "/energy"
+KEYS_PATH: Final = ADMIN_PREFIX + "/keys"
+KEY_USAGE_PATH: Final = ADMIN_PREFIX + "/keys/{key_id}/usage"
+
+
+def path(template: str, **params: str) -> str:
+    """An admin path with its ``{name}`` parameters filled in (values are not escaped: callers pass ids
+    the proxy issued or validated, which contain no ``/``)."""
+    return template.format(**params)
+
+
+# -- request statuses (a record's ``status``, the ``status`` label of qtrap_requests_total) ------------
+STATUSES: Final = (
+    "in_flight", "ok", "upstream_error", "upstream_unreachable", "upstream_timeout", "stream_broken",
+    "client_disconnected", "bad_request", "not_found", "unauthorized", "forbidden", "too_large",
+    "internal_error",
+)  # fmt: skip
+
+
+# -- the request record (GET /qtrap/v1/requests/{id}, the ledger's rows) ------------------------------
+class Timeline(TypedDict):
+    t_s: list[float]  # chunk arrival times, seconds after the request started
+    tokens: list[int]  # tokens in each chunk
+
+
+class HopEnergy(TypedDict):
+    index: int  # 1-based hop
+    tokens: int | None
+    energy_j: float | None
+
+
+class RequestRecord(TypedDict):
+    id: str
+    chain_id: str | None
+    hop: int | None
+    key_id: str | None
+    route: str
+    stream: bool
+    pool: str | None
+    backend: str | None
+    precision: str | None
+    status: str
+    http_status: int | None
+    error: str | None
+    start_unix_s: float
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    ttft_s: float | None
+    e2e_s: float | None
+    chunks: int
+    tokens_exact: bool
+    timeline: Timeline
+    devices: list[str]
+    meter: str
+    final: bool
+    energy_j: float | None
+    idle_energy_j: float | None
+    j_per_token: float | None
+    error_bound_j: float | None
+    energy_null_reason: str | None
+    provisional: bool
+    hops: list[HopEnergy]
+
+
+# -- the chain summary (GET /qtrap/v1/chains/{id}) ----------------------------------------------------
+class ChainHop(TypedDict):
+    index: int | None
+    request_id: str
+    status: str | None
+    tokens: int | None
+    energy_j: float | None
+    final: bool | None
+
+
+class ChainSummary(TypedDict):
+    chain_id: str
+    requests: int
+    final: bool
+    energy_j: float | None
+    energy_null_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    hops: list[ChainHop]
+    records: list[RequestRecord]
+
+
+class ChainPage(ChainSummary):
+    """A page of a chain's summary (``?offset=&limit=``): totals stay the chain's."""
+
+    offset: int
+    limit: int
+    next_offset: int | None
