@@ -135,3 +135,23 @@ def test_version_has_one_source_pyproject(capsys: pytest.CaptureFixture[str]) ->
         check=False,
     )
     assert r.returncode == 0 and r.stdout.split() == [want] * 3, r.stdout + r.stderr
+
+
+def test_loadgen_without_its_extra_says_how_to_install_it() -> None:
+    """`pip install qtrap` leaves out loadgen's dependencies (the `loadgen` extra): `python -m loadgen`
+    then stops with one line naming the extra, not a traceback."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    # -S: no site-packages, so neither numpy nor rich; the source tree alone on the path
+    r = subprocess.run(
+        [sys.executable, "-S", "-m", "loadgen", "--version"],
+        env={"PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr == "error: loadgen needs numpy, rich: pip install 'qtrap[loadgen]'\n"
