@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up qtrap on a fresh Debian machine: a virtual environment in .venv with the
-# project installed. With --test, also the test tools: Debian's prometheus (promtool),
-# chromium (the HTML report is checked in a headless browser) and docker-compose
+# project and its `loadgen` extra installed. With --test, also the test tools: Debian's
+# prometheus (promtool), chromium (the HTML report is checked in a headless browser) and docker-compose
 # (`docker-compose config` checks deploy/compose when the `docker compose` plugin is absent),
 # the CPU build of PyTorch and HF transformers (for a real `transformers serve`
 # backend), the openai SDK and TGI's text-generation client.
@@ -47,13 +47,13 @@ if [[ $want_test == 1 ]]; then
   # The CPU wheel first, so that nothing below pulls the CUDA build of torch.
   echo "setup: installing torch 2.13.0 (CPU)"
   "${PIP[@]}" "torch==2.13.0"
-  echo "setup: installing qtrap with test extras"
-  "${PIP[@]}" -e ".[test]"
+  echo "setup: installing qtrap with the loadgen and test extras"
+  "${PIP[@]}" -e ".[loadgen,test]"
   # text-generation pins huggingface-hub<1.0, which transformers 5 cannot use; the client
   # itself only needs requests, aiohttp and pydantic, so it goes in without its pins.
   "${PIP[@]}" --no-deps "text-generation==0.7.0"
 else
-  echo "setup: installing qtrap"
-  "${PIP[@]}" -e .
+  echo "setup: installing qtrap with the loadgen extra"
+  "${PIP[@]}" -e ".[loadgen]"
 fi
 echo "$want" > "$stamp"

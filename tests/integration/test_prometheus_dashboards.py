@@ -27,9 +27,12 @@ from qtrap_proxy.grafana.dashboards import dashboards
 from qtrap_proxy.grafana.rules import record_names
 from tests.helpers import ROOT
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("prometheus") is None, reason="prometheus (Debian package prometheus) not installed"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("prometheus") is None, reason="prometheus (Debian package prometheus) not installed"
+    ),
+    pytest.mark.slow,  # about 100 s: loadgen sweeps a metered proxy while Prometheus scrapes it
+]
 
 RULES = ROOT / "deploy" / "prometheus" / "rules"
 POOL = "qwen3-8b"

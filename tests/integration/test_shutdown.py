@@ -183,6 +183,7 @@ def _records(ledger: Path) -> dict[str, dict[str, Any]]:
         conn.close()
 
 
+@pytest.mark.slow  # about 60 s: 20 runs
 def test_sigterm_under_load_exits_0_within_the_bound_with_the_ledger_flushed_20_times(
     tmp_path: Path, sim_port: int
 ) -> None:

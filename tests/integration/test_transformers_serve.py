@@ -16,6 +16,8 @@ from tests.helpers import BIN, backend, free_port, proxy, server
 
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.slow  # a real `transformers serve`
+
 
 @pytest.fixture(scope="module")
 def hf_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:

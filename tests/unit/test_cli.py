@@ -102,3 +102,56 @@ def test_admin_prints_a_random_key_and_its_digest(capsys: pytest.CaptureFixture[
     assert code == 0 and key.startswith("qa-") and len(key) >= 32
     assert digest == f"admin_key_sha256: {hashlib.sha256(key.encode()).hexdigest()}"
     assert _run(capsys, "keys", "admin")[1] != out
+
+
+def test_version_has_one_source_pyproject(capsys: pytest.CaptureFixture[str]) -> None:
+    """`qtrap-proxy --version` and the three packages' __version__ are pyproject.toml's version, both
+    installed (from the package's metadata) and from a source tree that is not installed."""
+    import subprocess
+    import sys
+    import tomllib
+
+    import loadgen
+    import qtrap_proxy
+    import qtrap_sim
+
+    root = Path(__file__).resolve().parents[2]
+    with open(root / "pyproject.toml", "rb") as f:
+        want = tomllib.load(f)["project"]["version"]
+    assert qtrap_proxy.__version__ == qtrap_sim.__version__ == loadgen.__version__ == want, (
+        "installed metadata differs from pyproject.toml: run `bash scripts/setup.sh` again"
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"qtrap-proxy {want}\n"
+    # -S: no site-packages, so no installed qtrap; the source tree alone on the path
+    code = "import loadgen, qtrap_proxy, qtrap_sim; print(qtrap_proxy.__version__, qtrap_sim.__version__, loadgen.__version__)"
+    r = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env={"PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0 and r.stdout.split() == [want] * 3, r.stdout + r.stderr
+
+
+def test_loadgen_without_its_extra_says_how_to_install_it() -> None:
+    """`pip install qtrap` leaves out loadgen's dependencies (the `loadgen` extra): `python -m loadgen`
+    then stops with one line naming the extra, not a traceback."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    # -S: no site-packages, so neither numpy nor rich; the source tree alone on the path
+    r = subprocess.run(
+        [sys.executable, "-S", "-m", "loadgen", "--version"],
+        env={"PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr == "error: loadgen needs numpy, rich: pip install 'qtrap[loadgen]'\n"
