@@ -452,10 +452,10 @@ def _crossovers(
             if len(known) < 2:
                 entry.update(
                     direction=None,
-                    ci=None,
-                    ci_coverage=None,
                     note="fewer than two concurrency levels with a ratio: no B*",
-                )
+                    ci_coverage=None,
+                    ci=None,
+                )  # the order of every crossover (schema.Crossover)
                 out.append(entry)
                 continue
             if found:

@@ -25,6 +25,7 @@ from loadgen.embedded import PRECISIONS, embedded_stack
 from loadgen.proxyapi import ProxyError, energy_snapshot, fetch_records, pool_precisions
 from loadgen.report import build, energy_summary, print_summary, write_csv, write_html, write_json
 from loadgen.runner import Chain, LevelPlan, LevelRun, run_level
+from loadgen.schema import Config, Report
 from qtrap_common.precision import BASELINES
 
 
@@ -248,7 +249,7 @@ def _on_sigint(stop: asyncio.Event, display: Display) -> None:
     stop.set()
 
 
-def plots_or_none(report: dict[str, Any], out: Path) -> list[Path]:
+def plots_or_none(report: Report, out: Path) -> list[Path]:
     """The PNG plots, or none (with a note on stderr) where matplotlib is not installed: a GPU machine
     often lacks it. ``python -m loadgen render`` draws them later from report.json."""
     try:
@@ -262,7 +263,7 @@ def plots_or_none(report: dict[str, Any], out: Path) -> list[Path]:
     return all_plots(report, out)
 
 
-def render_outputs(report: dict[str, Any], out: Path) -> list[Path]:
+def render_outputs(report: Report, out: Path) -> list[Path]:
     """Plots, report.html and the terminal summary of a report (also ``python -m loadgen render``)."""
     plots = plots_or_none(report, out)
     write_html(report, plots, out / "report.html")
@@ -349,32 +350,32 @@ def run(args: argparse.Namespace) -> int:
         index_weights=args.index_weights,
         accuracy_null_reason=args.no_score,
     )
-    config = {
-        "proxy": args.proxy
+    config = Config(
+        proxy=args.proxy
         or f"embedded default (qtrap_sim, simulated {args.sim_gpu.upper()}"
         + (", calibrated to vLLM 0.26 serving)" if args.sim_gpu == "h200" else ", 2026-11 kernel probe)"),
-        "model": args.model or "qwen3-8b",
-        "precisions": precisions,
-        "baseline": baseline,
-        "concurrency": args.concurrency,
-        "dataset": args.dataset,
-        "data_file": args.data_file,
-        "hops": args.hops,
-        "num_chains": args.num_chains,
-        "duration_s": args.duration,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "seed": args.seed,
-        "max_tokens": args.max_tokens or (1024 if args.hops == "stream" else 256),
-        "extra_body": args.extra_body,
-        "bootstrap": args.bootstrap,
-        "index_weights": list(args.index_weights),
-        "scoring": "strict (#### N / Answer: letter); flexible reported alongside"
+        model=args.model or "qwen3-8b",
+        precisions=precisions,
+        baseline=baseline,
+        concurrency=args.concurrency,
+        dataset=args.dataset,
+        data_file=args.data_file,
+        hops=args.hops,
+        num_chains=args.num_chains,
+        duration_s=args.duration,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        seed=args.seed,
+        max_tokens=args.max_tokens or (1024 if args.hops == "stream" else 256),
+        extra_body=args.extra_body,
+        bootstrap=args.bootstrap,
+        index_weights=list(args.index_weights),
+        scoring="strict (#### N / Answer: letter); flexible reported alongside"
         if not args.no_score
         else f"not scored: {args.no_score}",
-        "no_score": args.no_score,
-        "argv": sys.argv[1:],
-    }
+        no_score=args.no_score,
+        argv=sys.argv[1:],
+    )
     report = build(
         config,
         analysis,

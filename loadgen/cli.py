@@ -5,7 +5,7 @@ backends of one calibrated model at BF16, INT8 and INT4 behind a qtrap proxy);
 ``--proxy URL`` drives a running proxy instead. ``python -m loadgen compare
 A/report.json B/report.json`` compares finished runs; ``python -m loadgen render
 A/report.json`` draws a report's plots and report.html again (e.g. where the run's
-machine had no matplotlib).
+machine had no matplotlib); ``python -m loadgen schema`` prints report.json's JSON Schema.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ EPILOG = """examples:
       --data-file gsm8k/test.jsonl --concurrency 1,4,16,64 --num-chains 200 --repeats 3
   python -m loadgen compare small/report.json large/report.json
   python -m loadgen render run/report.json --out run-html        # plots and report.html again
+  python -m loadgen schema > docs/report-schema.json             # report.json's JSON Schema
 
 outputs in --out: report.json (docs/report-schema.md), requests.csv, *.png, report.html.
 exit status: 0 done, 1 the run finished with failed requests only, 2 bad input or unreachable proxy,
@@ -100,7 +101,7 @@ def run_parser() -> argparse.ArgumentParser:
         prog="python -m loadgen",
         description="Replay GSM8K/MathQA reasoning chains through a qtrap proxy at controlled concurrency, "
         "score the answers, and locate B*: the concurrency where a quantized precision's energy per correct "
-        "answer crosses FP16/BF16's. Subcommands: `compare REPORT...`, `render REPORT`.",
+        "answer crosses FP16/BF16's. Subcommands: `compare REPORT...`, `render REPORT`, `schema`.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -283,6 +284,14 @@ def render_parser() -> argparse.ArgumentParser:
     return p
 
 
+def schema_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="python -m loadgen schema",
+        description="Print the JSON Schema (draft 2020-12) of report.json, generated from loadgen/schema.py "
+        "(docs/report-schema.json is this output).",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
@@ -295,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
 
         rargs = render_parser().parse_args(argv[1:])
         return render(Path(rargs.report), Path(rargs.out) if rargs.out else None)
+    if argv and argv[0] == "schema":
+        schema_parser().parse_args(argv[1:])
+        from loadgen.schema import schema_json
+
+        sys.stdout.write(schema_json())
+        return 0
     if argv and argv[0] == "run":
         argv = argv[1:]
     args = run_parser().parse_args(argv)

@@ -10,10 +10,11 @@ from rich.console import Console
 from rich.table import Table
 
 from loadgen.report import ReportError, fmt, fmt_ci, load
+from loadgen.schema import Report
 
 
 def compare(paths: list[Path], metric: str = "j_per_correct") -> int:
-    reports = []
+    reports: list[tuple[Path, Report]] = []
     for p in paths:
         try:
             reports.append((p, load(p / "report.json" if p.is_dir() else p)))
@@ -34,13 +35,13 @@ def compare(paths: list[Path], metric: str = "j_per_correct") -> int:
     ):
         t.add_column(h)
     for path, rep in reports:
-        cfg = rep.get("config", {})
-        rows = [cx for cx in rep.get("crossovers", []) if cx.get("metric") == metric]
+        cfg = rep.config
+        rows = [cx for cx in rep.crossovers if cx.metric == metric]
         if not rows:
             t.add_row(
                 str(path),
-                str(cfg.get("model")),
-                str(cfg.get("dataset")),
+                str(cfg.model),
+                str(cfg.dataset),
                 "-",
                 "-",
                 "-",
@@ -49,10 +50,10 @@ def compare(paths: list[Path], metric: str = "j_per_correct") -> int:
                 "-",
             )
         for cx in rows:
-            ratios = "  ".join(f"c={c}:{fmt(r)}" for c, r in zip(cx["concurrency"], cx["ratio"], strict=True))
+            ratios = "  ".join(f"c={c}:{fmt(r)}" for c, r in zip(cx.concurrency, cx.ratio, strict=True))
             t.add_row(
-                str(path), str(cfg.get("model")), str(cfg.get("dataset")), cx["precision"], cx["baseline"],
-                fmt(cx.get("b_star")), fmt_ci(cx.get("ci")), cx.get("direction") or "-", ratios,
+                str(path), str(cfg.model), str(cfg.dataset), cx.precision, cx.baseline,
+                fmt(cx.b_star), fmt_ci(cx.ci), cx.direction or "-", ratios,
             )  # fmt: skip
     Console().print(t)
     return 0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+from loadgen.schema import Level, Metric, Report
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
@@ -23,27 +25,34 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _by_precision(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for lv in report["levels"]:
-        out.setdefault(lv["precision"], []).append(lv)
+def _by_precision(report: Report) -> dict[str, list[Level]]:
+    out: dict[str, list[Level]] = {}
+    for lv in report.levels:
+        out.setdefault(lv.precision, []).append(lv)
     for v in out.values():
-        v.sort(key=lambda lv: lv["concurrency"])
+        v.sort(key=lambda lv: lv.concurrency)
     return out
 
 
-def _color(report: dict[str, Any], precision: str) -> str:
-    names = list(dict.fromkeys(lv["precision"] for lv in report["levels"]))
+def _color(report: Report, precision: str) -> str:
+    names = list(dict.fromkeys(lv.precision for lv in report.levels))
     return _COLORS[names.index(precision) % len(_COLORS)]
 
 
-def _metric_panel(ax: Axes, report: dict[str, Any], metric: str, label: str) -> None:
+def _metric(lv: Level, metric: Metric) -> tuple[float | None, list[float] | None]:
+    """A level's figure and its interval."""
+    if metric == "j_per_token":
+        return lv.j_per_token, lv.ci.j_per_token
+    return lv.j_per_correct, lv.ci.j_per_correct
+
+
+def _metric_panel(ax: Axes, report: Report, metric: Metric, label: str) -> None:
     for p, levels in _by_precision(report).items():
-        pts = [
-            (lv["concurrency"], lv[metric], (lv.get("ci") or {}).get(metric))
-            for lv in levels
-            if lv[metric] is not None
-        ]
+        pts: list[tuple[int, float, list[float] | None]] = []
+        for lv in levels:
+            y, ci = _metric(lv, metric)
+            if y is not None:
+                pts.append((lv.concurrency, y, ci))
         if not pts:
             continue
         xs = [x for x, _, _ in pts]
@@ -51,18 +60,18 @@ def _metric_panel(ax: Axes, report: dict[str, Any], metric: str, label: str) -> 
         lo = [y - ci[0] if ci else 0.0 for _, y, ci in pts]
         hi = [ci[1] - y if ci else 0.0 for _, y, ci in pts]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=p, color=_color(report, p))
-    for cx in report.get("crossovers", []):
-        if cx["metric"] == metric and cx.get("b_star") is not None:
-            ax.axvline(cx["b_star"], ls="--", color=_color(report, cx["precision"]), alpha=0.7)
+    for cx in report.crossovers:
+        if cx.metric == metric and cx.b_star is not None:
+            ax.axvline(cx.b_star, ls="--", color=_color(report, cx.precision), alpha=0.7)
             ax.annotate(
-                f"B*={cx['b_star']:.3g}",
-                (cx["b_star"], 0.97),
+                f"B*={cx.b_star:.3g}",
+                (cx.b_star, 0.97),
                 xycoords=("data", "axes fraction"),
                 rotation=90,
                 va="top",
                 ha="right",
                 fontsize=8,
-                color=_color(report, cx["precision"]),
+                color=_color(report, cx.precision),
             )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -72,12 +81,12 @@ def _metric_panel(ax: Axes, report: dict[str, Any], metric: str, label: str) -> 
     ax.legend(fontsize=8)
 
 
-def _not_measured(ax: Axes, report: dict[str, Any], title: str) -> None:
+def _not_measured(ax: Axes, report: Report, title: str) -> None:
     ax.set_title(title)
     ax.text(
         0.5,
         0.5,
-        "accuracy not measured\n\n" + textwrap.fill(str(report.get("accuracy_null_reason") or ""), 34),
+        "accuracy not measured\n\n" + textwrap.fill(report.accuracy_null_reason or "", 34),
         ha="center",
         va="center",
         transform=ax.transAxes,
@@ -88,26 +97,24 @@ def _not_measured(ax: Axes, report: dict[str, Any], title: str) -> None:
     ax.set_yticks([])
 
 
-def energy_plot(report: dict[str, Any], path: Path) -> Path:
+def energy_plot(report: Report, path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     _metric_panel(axes[0], report, "j_per_token", "J per output token")
     axes[0].set_title("Energy per token")
-    scored = report.get("accuracy_measured", True)
+    scored = report.accuracy_measured
     if scored:
         _metric_panel(axes[1], report, "j_per_correct", "J per correct answer")
         axes[1].set_title("Energy per correct answer")
     else:
         _not_measured(axes[1], report, "Energy per correct answer")
     # the ratio of J per correct answer; of J/token when answers were not scored
-    metric = "j_per_correct" if scored else "j_per_token"
+    metric: Metric = "j_per_correct" if scored else "j_per_token"
     ax = axes[2]
-    for cx in report.get("crossovers", []):
-        if cx["metric"] != metric:
+    for cx in report.crossovers:
+        if cx.metric != metric:
             continue
-        cis = cx.get("ratio_ci") or [None] * len(cx["concurrency"])
-        pts = [
-            (c, r, ci) for c, r, ci in zip(cx["concurrency"], cx["ratio"], cis, strict=True) if r is not None
-        ]
+        cis = cx.ratio_ci or [None] * len(cx.concurrency)
+        pts = [(c, r, ci) for c, r, ci in zip(cx.concurrency, cx.ratio, cis, strict=True) if r is not None]
         if pts:
             ax.errorbar(
                 [c for c, _, _ in pts],
@@ -118,11 +125,11 @@ def energy_plot(report: dict[str, Any], path: Path) -> Path:
                 ],
                 marker="o",
                 capsize=3,
-                label=f"{cx['precision']} / {cx['baseline']}",
-                color=_color(report, cx["precision"]),
+                label=f"{cx.precision} / {cx.baseline}",
+                color=_color(report, cx.precision),
             )
-        if cx.get("b_star") is not None:
-            ax.axvline(cx["b_star"], ls="--", color=_color(report, cx["precision"]), alpha=0.7)
+        if cx.b_star is not None:
+            ax.axvline(cx.b_star, ls="--", color=_color(report, cx.precision), alpha=0.7)
     ax.axhline(1.0, color="black", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrency (chains in flight)")
@@ -134,17 +141,17 @@ def energy_plot(report: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def accuracy_plot(report: dict[str, Any], path: Path) -> Path:
+def accuracy_plot(report: Report, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
-    if not report.get("accuracy_measured", True):
+    if not report.accuracy_measured:
         _not_measured(ax, report, "Accuracy by hop depth")
         return _save(fig, path)
-    for p, acc in report.get("accuracy", {}).items():
-        hops = sorted(acc["by_hops"], key=int)
+    for p, acc in report.accuracy.items():
+        hops = sorted(acc.by_hops, key=int)
         if hops:
             ax.plot(
                 [int(h) for h in hops],
-                [acc["by_hops"][h]["accuracy"] for h in hops],
+                [acc.by_hops[h].accuracy for h in hops],
                 marker="o",
                 label=p,
                 color=_color(report, p),
@@ -159,20 +166,30 @@ def accuracy_plot(report: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def throughput_plot(report: dict[str, Any], path: Path) -> Path:
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def throughput_plot(report: Report, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     positive = False
     for p, levels in _by_precision(report).items():
         color = _color(report, p)
 
-        def series(get: Any, levels: list[dict[str, Any]] = levels) -> tuple[list[int], list[float]]:
-            pts = [(lv["concurrency"], get(lv)) for lv in levels if get(lv) is not None]
+        def series(
+            get: Callable[[Level], float | None], levels: list[Level] = levels
+        ) -> tuple[list[int], list[float]]:
+            pts = [(lv.concurrency, v) for lv in levels if (v := get(lv)) is not None]
             return [c for c, _ in pts], [v for _, v in pts]
 
-        xs, ys = series(lambda lv: lv["tokens_per_s"])
+        xs, ys = series(lambda lv: lv.tokens_per_s)
         axes[0].plot(xs, ys, marker="o", label=p, color=color)
-        for key, marker, ls, what in (("ttft_s", "o", "-", "TTFT p50"), ("e2e_s", "s", "--", "request p50")):
-            xs, ys = series(lambda lv, key=key: None if lv[key]["p50"] is None else lv[key]["p50"] * 1e3)
+        latencies: list[tuple[Callable[[Level], float | None], str, str, str]] = [
+            (lambda lv: _ms(lv.ttft_s.p50), "o", "-", "TTFT p50"),
+            (lambda lv: _ms(lv.e2e_s.p50), "s", "--", "request p50"),
+        ]
+        for get, marker, ls, what in latencies:
+            xs, ys = series(get)
             positive |= any(y > 0 for y in ys)
             axes[1].plot(xs, ys, marker=marker, ls=ls, label=f"{p} {what}", color=color)
     axes[0].set_ylabel("output tokens/s (steady state)")
@@ -190,7 +207,7 @@ def throughput_plot(report: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def all_plots(report: dict[str, Any], out: Path) -> list[Path]:
+def all_plots(report: Report, out: Path) -> list[Path]:
     return [
         energy_plot(report, out / "energy.png"),
         accuracy_plot(report, out / "accuracy_by_hops.png"),

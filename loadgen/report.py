@@ -1,4 +1,5 @@
-"""report.json, requests.csv, report.html and the terminal summary (schema: docs/report-schema.md)."""
+"""report.json, requests.csv, report.html and the terminal summary (schema: loadgen/schema.py,
+docs/report-schema.md)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import csv
 import html
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from loadgen.analysis import Analysis
 from loadgen.runner import LevelRun
-
-SCHEMA_VERSION = "1.1"
+from loadgen.schema import GENERATOR, IGNORE_UNKNOWN, Config, Energy, Report
+from loadgen.schema import SCHEMA_VERSION as SCHEMA_VERSION  # defined in loadgen.schema; re-exported
 
 
 class ReportError(ValueError):
@@ -26,7 +29,7 @@ class ReportError(ValueError):
 def energy_summary(start: dict[str, Any] | None, end: dict[str, Any] | None) -> dict[str, Any]:
     """The proxy's device energy accounts (``GET /qtrap/v1/energy``) when the sweep started and after its
     last level's records were final: conservation (attributed + idle + foreign = measured) over the
-    proxy's lifetime, and what each device's counter measured during the run."""
+    proxy's lifetime, and what each device's counter measured during the run (``Energy``'s fields)."""
     if end is None:
         return {"devices": [], "null_reason": "the proxy's GET /qtrap/v1/energy did not answer"}
     keys = (
@@ -47,30 +50,34 @@ def energy_summary(start: dict[str, Any] | None, end: dict[str, Any] | None) -> 
 
 
 def build(
-    config: dict[str, Any],
+    config: Config | Mapping[str, Any],
     analysis: Analysis,
     *,
     partial: bool,
     started_unix_s: float,
     duration_s: float,
-    energy: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "generator": "qtrap loadgen",
-        "partial": partial,
-        "started_unix_s": started_unix_s,
-        "duration_s": duration_s,
-        "config": config,
-        "baseline": analysis.baseline,
-        "accuracy_measured": analysis.accuracy_null_reason is None,
-        "accuracy_null_reason": analysis.accuracy_null_reason,
-        "accuracy": analysis.accuracy,
-        "levels": analysis.levels,
-        "crossovers": analysis.crossovers,
-        "indices": analysis.indices,
-        "energy": energy if energy is not None else {"devices": [], "null_reason": "not recorded"},
-    }
+    energy: Energy | Mapping[str, Any] | None = None,
+) -> Report:
+    """The report of a run, validated: a figure of the analysis without a field in ``Report`` (or of
+    another type) raises ``pydantic.ValidationError``."""
+    return Report.model_validate(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "generator": GENERATOR,
+            "partial": partial,
+            "started_unix_s": started_unix_s,
+            "duration_s": duration_s,
+            "config": config,
+            "baseline": analysis.baseline,
+            "accuracy_measured": analysis.accuracy_null_reason is None,
+            "accuracy_null_reason": analysis.accuracy_null_reason,
+            "accuracy": analysis.accuracy,
+            "levels": analysis.levels,
+            "crossovers": analysis.crossovers,
+            "indices": analysis.indices,
+            "energy": energy if energy is not None else {"devices": [], "null_reason": "not recorded"},
+        }
+    )
 
 
 def _clean(x: Any) -> Any:
@@ -83,12 +90,25 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def write_json(report: dict[str, Any], path: Path) -> Path:
-    path.write_text(json.dumps(_clean(report), indent=2) + "\n")
+def dumps(report: Report) -> str:
+    """report.json's text: non-finite figures become null."""
+    return json.dumps(_clean(report.model_dump()), indent=2) + "\n"
+
+
+def write_json(report: Report, path: Path) -> Path:
+    path.write_text(dumps(report))
     return path
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def _error_line(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{where or 'report'}: {err['msg']}{more}"
+
+
+def load(path: str | Path) -> Report:
+    """A report.json of this major version, validated; a newer minor version's added fields are ignored."""
     p = Path(path)
     try:
         doc = json.loads(p.read_text())
@@ -98,9 +118,17 @@ def load(path: str | Path) -> dict[str, Any]:
         raise ReportError(f"{p} is not a JSON report: {e}") from e
     if not isinstance(doc, dict) or "schema_version" not in doc or "levels" not in doc:
         raise ReportError(f"{p} is not a qtrap loadgen report (no schema_version/levels)")
-    if str(doc["schema_version"]).split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+    version = str(doc["schema_version"]).split(".")
+    if version[0] != SCHEMA_VERSION.split(".")[0]:
         raise ReportError(f"{p} has schema {doc['schema_version']}; this loadgen reads {SCHEMA_VERSION}")
-    return doc
+    mine = int(SCHEMA_VERSION.split(".")[1])
+    newer = len(version) > 1 and version[1].isdigit() and int(version[1]) > mine
+    try:
+        return Report.model_validate(doc, context={IGNORE_UNKNOWN: newer})
+    except ValidationError as e:
+        raise ReportError(
+            f"{p} is not a valid schema {doc['schema_version']} report: {_error_line(e)}"
+        ) from e
 
 
 CSV_FIELDS = [
@@ -170,18 +198,18 @@ def fmt_ci(ci: list[float] | None, digits: int = 3) -> str:
     return "-" if not ci else f"[{ci[0]:.{digits}g}, {ci[1]:.{digits}g}]"
 
 
-def crossover_rows(report: dict[str, Any]) -> list[list[str]]:
+def crossover_rows(report: Report) -> list[list[str]]:
     rows = []
-    for cx in report.get("crossovers", []):
+    for cx in report.crossovers:
         rows.append(
             [
-                f"{cx['precision']} vs {cx['baseline']}",
-                cx["metric"],
-                fmt(cx.get("b_star")),
-                fmt_ci(cx.get("ci")),
-                "-" if cx.get("ci_coverage") is None else f"{cx['ci_coverage']:.0%}",
-                cx.get("direction") or "-",
-                "  ".join(f"c={c}:{fmt(r)}" for c, r in zip(cx["concurrency"], cx["ratio"], strict=True)),
+                f"{cx.precision} vs {cx.baseline}",
+                cx.metric,
+                fmt(cx.b_star),
+                fmt_ci(cx.ci),
+                "-" if cx.ci_coverage is None else f"{cx.ci_coverage:.0%}",
+                cx.direction or "-",
+                "  ".join(f"c={c}:{fmt(r)}" for c, r in zip(cx.concurrency, cx.ratio, strict=True)),
             ]
         )
     return rows
@@ -211,36 +239,35 @@ LEVEL_HEAD = [
 ]
 
 
-def level_rows(report: dict[str, Any]) -> list[list[str]]:
+def level_rows(report: Report) -> list[list[str]]:
     rows = []
-    order = list(dict.fromkeys(lv["precision"] for lv in report["levels"]))
-    for lv in sorted(report["levels"], key=lambda lv: (lv["concurrency"], order.index(lv["precision"]))):
-        ci = lv.get("ci") or {}
-        ttft = (lv.get("ttft_s") or {}).get("p50")
+    order = list(dict.fromkeys(lv.precision for lv in report.levels))
+    for lv in sorted(report.levels, key=lambda lv: (lv.concurrency, order.index(lv.precision))):
+        ttft = lv.ttft_s.p50
         rows.append(
             [
-                lv["precision"],
-                str(lv["concurrency"]),
-                str(lv["chains"]),
-                fmt(lv["accuracy"]),
-                fmt(lv["j_per_token"]),
-                fmt_ci(ci.get("j_per_token")),
-                fmt(lv["j_per_correct"]),
-                fmt_ci(ci.get("j_per_correct")),
-                fmt(lv["tokens_per_s"], 4),
+                lv.precision,
+                str(lv.concurrency),
+                str(lv.chains),
+                fmt(lv.accuracy),
+                fmt(lv.j_per_token),
+                fmt_ci(lv.ci.j_per_token),
+                fmt(lv.j_per_correct),
+                fmt_ci(lv.ci.j_per_correct),
+                fmt(lv.tokens_per_s, 4),
                 "-" if ttft is None else f"{ttft * 1e3:.1f}",
-                f"{lv['errors']}/{lv['requests']}",
+                f"{lv.errors}/{lv.requests}",
             ]
         )
     return rows
 
 
-def accuracy_note(report: dict[str, Any]) -> str | None:
+def accuracy_note(report: Report) -> str | None:
     """One line when the run did not score answers (``--no-score``), else None."""
-    if report.get("accuracy_measured", True):
+    if report.accuracy_measured:
         return None
     return (
-        f"accuracy not measured: {report.get('accuracy_null_reason') or 'no reason given'}; "
+        f"accuracy not measured: {report.accuracy_null_reason or 'no reason given'}; "
         "J per correct answer and the trust, sustainability and composite indices are null, "
         "and B* is located on J/token only"
     )
@@ -258,19 +285,19 @@ ENERGY_HEAD = [
 ]
 
 
-def energy_rows(report: dict[str, Any]) -> list[list[str]]:
+def energy_rows(report: Report) -> list[list[str]]:
     return [
         [
-            str(d["device"]),
-            str(d.get("meter")),
-            fmt(d.get("measured_j"), 6),
-            fmt(d.get("attributed_j"), 6),
-            fmt(d.get("idle_j"), 6),
-            fmt(d.get("foreign_j"), 6),
-            "-" if d.get("conservation_error_ratio") is None else f"{d['conservation_error_ratio']:.2e}",
-            fmt(d.get("run_measured_j"), 6),
+            d.device,
+            str(d.meter),
+            fmt(d.measured_j, 6),
+            fmt(d.attributed_j, 6),
+            fmt(d.idle_j, 6),
+            fmt(d.foreign_j, 6),
+            "-" if d.conservation_error_ratio is None else f"{d.conservation_error_ratio:.2e}",
+            fmt(d.run_measured_j, 6),
         ]
-        for d in (report.get("energy") or {}).get("devices", [])
+        for d in report.energy.devices
     ]
 
 
@@ -286,62 +313,60 @@ INDEX_HEAD = [
 ]
 
 
-def index_rows(report: dict[str, Any]) -> list[list[str]]:
+def index_rows(report: Report) -> list[list[str]]:
     return [
         [
-            i["precision"],
-            str(i["concurrency"]),
-            fmt(i.get("bits")),
-            fmt(i["casting_overhead_ratio"]),
-            fmt(i["trust_index"]),
-            fmt(i["sustainability_index"]),
-            fmt(i["economy_index"]),
-            fmt(i["composite_index"]),
+            i.precision,
+            str(i.concurrency),
+            fmt(i.bits),
+            fmt(i.casting_overhead_ratio),
+            fmt(i.trust_index),
+            fmt(i.sustainability_index),
+            fmt(i.economy_index),
+            fmt(i.composite_index),
         ]
-        for i in report.get("indices", [])
+        for i in report.indices
     ]
 
 
 HOP_HEAD = ["precision", "conc", "hop", "requests", "J/request", "J/token"]
 
 
-def hop_rows(report: dict[str, Any]) -> list[list[str]]:
+def hop_rows(report: Report) -> list[list[str]]:
     rows = []
-    for lv in report["levels"]:
-        for hop, h in (lv.get("energy_by_hop") or {}).items():
+    for lv in report.levels:
+        for hop, h in lv.energy_by_hop.items():
             rows.append(
                 [
-                    lv["precision"],
-                    str(lv["concurrency"]),
+                    lv.precision,
+                    str(lv.concurrency),
                     hop,
-                    str(h["requests"]),
-                    fmt(h["j_per_request"]),
-                    fmt(h["j_per_token"]),
+                    str(h.requests),
+                    fmt(h.j_per_request),
+                    fmt(h.j_per_token),
                 ]
             )
     return rows
 
 
-def print_summary(report: dict[str, Any], console: Console) -> None:
+def print_summary(report: Report, console: Console) -> None:
     t = Table(title="Levels (energy over each level's steady-state window; accuracy of its measured chains)")
     for h in LEVEL_HEAD:
         t.add_column(h, justify="right" if h not in ("precision",) else "left")
     for row in level_rows(report):
         t.add_row(*row)
     console.print(t)
-    t = Table(
-        title=f"B*: where a quantized precision's energy crosses {report.get('baseline') or 'the baseline'}'s"
-    )
+    t = Table(title=f"B*: where a quantized precision's energy crosses {report.baseline or 'the baseline'}'s")
     for h in CROSS_HEAD:
         t.add_column(h)
     for row in crossover_rows(report):
         t.add_row(*row)
-    if not report.get("crossovers"):
+    if not report.crossovers:
         t.add_row(
             "-", "-", "-", "-", "-", "no baseline (fp16/bf16) or a single precision: nothing to compare", "-"
         )
     console.print(t)
-    if report.get("indices"):
+    if report.indices:
         t = Table(title="Indices (casting overhead: J/token against linear-in-bits scaling of the baseline)")
         for h in INDEX_HEAD:
             t.add_column(h, justify="left" if h == "precision" else "right")
@@ -358,12 +383,12 @@ def print_summary(report: dict[str, Any], console: Console) -> None:
     note = accuracy_note(report)
     if note:
         console.print(note, highlight=False, markup=False)
-    for lv in report["levels"]:
-        if lv["energy_j"] is None:
+    for lv in report.levels:
+        if lv.energy_j is None:
             console.print(
-                f"energy unknown for {lv['precision']} at concurrency {lv['concurrency']}: {lv['energy_null_reason']}"
+                f"energy unknown for {lv.precision} at concurrency {lv.concurrency}: {lv.energy_null_reason}"
             )
-    if report.get("partial"):
+    if report.partial:
         console.print("[bold]partial report[/bold]: the run was interrupted")
 
 
@@ -383,8 +408,8 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-widt
 .warn{background:#fff6d6;border:1px solid #e6c200;padding:6px 10px}"""
 
 
-def write_html(report: dict[str, Any], plots: list[Path], path: Path) -> Path:
-    cfg = report.get("config", {})
+def write_html(report: Report, plots: list[Path], path: Path) -> Path:
+    cfg = report.config
     imgs = "".join(
         f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"></figure>'
         for p in plots
@@ -394,17 +419,16 @@ def write_html(report: dict[str, Any], plots: list[Path], path: Path) -> Path:
         accuracy_html = f'<p class="warn">{html.escape(note[0].upper() + note[1:])}.</p>'
     else:
         acc_rows = [
-            [p, str(a["chains"]), fmt(a["accuracy"]), fmt_ci(a.get("ci")), fmt(a.get("accuracy_flexible"))]
-            for p, a in report.get("accuracy", {}).items()
+            [p, str(a.chains), fmt(a.accuracy), fmt_ci(a.ci), fmt(a.accuracy_flexible)]
+            for p, a in report.accuracy.items()
         ]
         accuracy_html = _table(
             ["precision", "chains", "accuracy (strict)", "95% CI", "accuracy (flexible)"], acc_rows
         )
-    energy = report.get("energy") or {}
     energy_html = (
         _table(ENERGY_HEAD, energy_rows(report))
-        if energy.get("devices")
-        else f'<p class="note">{html.escape(str(energy.get("null_reason") or "not recorded"))}</p>'
+        if report.energy.devices
+        else f'<p class="note">{html.escape(report.energy.null_reason or "not recorded")}</p>'
     )
     no_plots = (
         ""
@@ -415,14 +439,14 @@ def write_html(report: dict[str, Any], plots: list[Path], path: Path) -> Path:
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>qtrap loadgen report</title><style>{_CSS}</style></head>
 <body>
-<h1>qtrap loadgen report{" (partial)" if report.get("partial") else ""}</h1>
-<p class="note">model <code>{html.escape(str(cfg.get("model")))}</code>, dataset <code>{html.escape(str(cfg.get("dataset")))}</code>,
-hops as <code>{html.escape(str(cfg.get("hops")))}</code>, concurrency {html.escape(str(cfg.get("concurrency")))},
-repeats {html.escape(str(cfg.get("repeats")))}, proxy <code>{html.escape(str(cfg.get("proxy")))}</code>; schema {report["schema_version"]}.</p>
+<h1>qtrap loadgen report{" (partial)" if report.partial else ""}</h1>
+<p class="note">model <code>{html.escape(str(cfg.model))}</code>, dataset <code>{html.escape(str(cfg.dataset))}</code>,
+hops as <code>{html.escape(str(cfg.hops))}</code>, concurrency {html.escape(str(cfg.concurrency))},
+repeats {html.escape(str(cfg.repeats))}, proxy <code>{html.escape(str(cfg.proxy))}</code>; schema {report.schema_version}.</p>
 {accuracy_html if note else ""}
 <h2>B*</h2>
 {_table(CROSS_HEAD, crossover_rows(report))}
-<p class="note">Ratio = quantized / {html.escape(str(report.get("baseline")))}; B* interpolated on log(concurrency);
+<p class="note">Ratio = quantized / {html.escape(str(report.baseline))}; B* interpolated on log(concurrency);
 the interval is the bootstrap percentile interval of B* over the replicates that cross in the same direction
 ("replicates crossing").</p>
 {imgs}{no_plots}

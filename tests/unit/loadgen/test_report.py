@@ -3,7 +3,6 @@ energy accounts in the report, and `python -m loadgen render`."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ from rich.console import Console
 from loadgen.analysis import analyse
 from loadgen.app import plots_or_none, render
 from loadgen.cli import main
-from loadgen.report import build, energy_summary, load, print_summary, write_html, write_json
+from loadgen.report import build, dumps, energy_summary, load, print_summary, write_html, write_json
+from loadgen.schema import Report
 from tests.unit.loadgen.test_analysis import _fleet
 
 REASON = "random weights: the answers mean nothing"
@@ -42,12 +42,12 @@ def _snapshot(measured: float, attributed: float, idle: float) -> dict[str, Any]
     }
 
 
-def _report(scored: bool) -> dict[str, Any]:
+def _report(scored: bool) -> Report:
     a = analyse(_fleet(4), bootstrap=100, seed=0, accuracy_null_reason=None if scored else REASON)
     energy = energy_summary(_snapshot(100.0, 60.0, 40.0), _snapshot(1100.0, 900.0, 200.0))
     report = build({"model": "m", "concurrency": [1, 64]}, a, partial=False, started_unix_s=0.0, duration_s=1.0,
                    energy=energy)  # fmt: skip
-    return json.loads(json.dumps(report))  # as read back from report.json
+    return Report.model_validate_json(dumps(report))  # as read back from report.json
 
 
 def test_energy_summary_conservation_and_run_delta() -> None:
@@ -65,8 +65,8 @@ def test_no_score_report_html_and_summary(tmp_path: Path) -> None:
     from loadgen.plots import all_plots
 
     rep = _report(scored=False)
-    assert rep["accuracy_measured"] is False and rep["accuracy_null_reason"] == REASON
-    assert rep["schema_version"] == "1.1" and rep["energy"]["devices"][0]["run_measured_j"] == 1000.0
+    assert rep.accuracy_measured is False and rep.accuracy_null_reason == REASON
+    assert rep.schema_version == "1.1" and rep.energy.devices[0].run_measured_j == 1000.0
     plots = all_plots(rep, tmp_path)
     assert [p.name for p in plots] == ["energy.png", "accuracy_by_hops.png", "throughput_latency.png"]
     html = write_html(rep, plots, tmp_path / "report.html").read_text()
@@ -78,7 +78,7 @@ def test_no_score_report_html_and_summary(tmp_path: Path) -> None:
     assert "accuracy not measured: random weights" in text and "casting overhead" in text
     assert "j_per_correct" not in text  # B* only on J/token
     scored = _report(scored=True)
-    assert scored["accuracy_measured"] is True and scored["accuracy_null_reason"] is None
+    assert scored.accuracy_measured is True and scored.accuracy_null_reason is None
     html = write_html(scored, [], tmp_path / "scored.html").read_text()
     assert "not measured" not in html and "accuracy (strict)" in html and "No plots" in html
 
@@ -98,7 +98,7 @@ def test_render_draws_plots_and_html_from_report_json(
     assert "rendered:" in capsys.readouterr().out
     # a directory works too, and writes beside its report.json
     assert render(src, None) == 0 and (src / "report.html").exists()
-    assert load(src / "report.json")["accuracy_measured"] is False
+    assert load(src / "report.json").accuracy_measured is False
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert main(["render", str(bad)]) == 2

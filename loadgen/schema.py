@@ -1,0 +1,380 @@
+"""report.json as pydantic models: the one place of ``SCHEMA_VERSION``, the models ``build()`` validates
+and ``load()`` reads, and the JSON Schema exported to docs/report-schema.json (``python -m loadgen schema``).
+
+docs/report-schema.md documents every field; tests/unit/loadgen/test_schema.py fails when it, the exported
+JSON Schema and these models disagree.
+
+Compatibility: ``schema_version`` is ``MAJOR.MINOR`` and minor versions only add fields. Fields added after
+1.0 have defaults, so reports of older minor versions load; ``load()`` reads a report of a newer minor
+version with the fields it added ignored (``Report.model_validate(doc, context={IGNORE_UNKNOWN: True})``);
+otherwise an unknown field is an error (``extra="forbid"``), so a figure the analysis adds without a field
+here fails ``build()``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    WithJsonSchema,
+    model_serializer,
+    model_validator,
+)
+from pydantic.json_schema import GenerateJsonSchema
+
+SCHEMA_VERSION = "1.1"
+GENERATOR = "qtrap loadgen"
+IGNORE_UNKNOWN = "ignore_unknown_fields"  # validation context key: a report of a newer minor version
+SCHEMA_COMMAND = "python -m loadgen schema > docs/report-schema.json"
+
+Metric = Literal["j_per_correct", "j_per_token"]
+# [lo, hi]: a 95% bootstrap interval; [open, close]: a window on time.monotonic()
+Interval = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+def _number(value: Any) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("Input should be a number")
+    return value
+
+
+# a figure JSON may carry as an integer (B* is exactly a swept concurrency when a level's ratio is 1):
+# kept as written (a float field would make 8 8.0), so a report dumps to the same bytes it was built from
+Number = Annotated[int | float, PlainValidator(_number), WithJsonSchema({"type": "number"})]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ignore_unknown(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and info.context and info.context.get(IGNORE_UNKNOWN):
+            return {k: v for k, v in data.items() if k in cls.model_fields}
+        return data
+
+
+class Config(_Model):
+    """The run's settings; a report records those it was given (a run of ``python -m loadgen`` sets all;
+    older runs lack the later ones)."""
+
+    proxy: str | None = None
+    """the proxy's URL, or which embedded default ran"""
+    model: str | None = None
+    """the pool (model) asked for"""
+    precisions: list[str] | None = None
+    """the precisions swept"""
+    baseline: str | None = None
+    """the precision others are compared with"""
+    concurrency: list[int] | None = None
+    """the concurrency levels swept"""
+    dataset: str | None = None
+    """synthetic, gsm8k or mathqa"""
+    data_file: str | None = None
+    """the local dataset file, or null"""
+    hops: Literal["requests", "stream"] | None = None
+    """requests: one request per hop; stream: one request per problem split into hops by the proxy"""
+    num_chains: int | None = None
+    """measured chains per level (`--num-chains`), or null"""
+    duration_s: float | None = None
+    """seconds of steady state per level (`--duration`), or null"""
+    warmup: int | None = None
+    """warm-up chains per level (`--warmup`), or null for the default (the concurrency)"""
+    repeats: int | None = None
+    """times each level ran"""
+    seed: int | None = None
+    """problem order, synthetic problems and sampling seed"""
+    max_tokens: int | None = None
+    """max_tokens of every request"""
+    extra_body: dict[str, Any] | None = None
+    """fields added to every request body (`--extra-body`)"""
+    bootstrap: int | None = None
+    """bootstrap replicates"""
+    index_weights: list[float] | None = None
+    """weights of the trust, sustainability and economy indices"""
+    scoring: str | None = None
+    """how answers were scored ("not scored: REASON" with `--no-score`)"""
+    no_score: str | None = None
+    """`--no-score`'s REASON, or null"""
+    argv: list[str] | None = None
+    """the command line's arguments"""
+
+    @model_serializer(mode="wrap")
+    def _as_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if k in self.model_fields_set}
+
+
+class HopAccuracy(_Model):
+    """Chains of one hop count."""
+
+    chains: int
+    correct: int
+    accuracy: float
+
+
+class Accuracy(_Model):
+    """One precision's accuracy over all its measured chains."""
+
+    chains: int
+    """measured chains scored (without scoring: those that got an answer)"""
+    correct: int | None
+    """chains answered correctly (strict); null without scoring"""
+    accuracy: float | None
+    """correct / chains (strict); null without scoring or without chains"""
+    accuracy_flexible: float | None
+    """the same, scored flexibly"""
+    ci: Interval | None
+    """95% bootstrap interval of the accuracy"""
+    by_hops: dict[str, HopAccuracy]
+    """by the chain's hop count; empty without scoring"""
+    null_reason: str | None = None
+    """why the figures are null (`--no-score`'s REASON); added in 1.1"""
+
+
+class Percentiles(_Model):
+    """Percentiles in seconds; null without a sample."""
+
+    p50: float | None
+    p90: float | None
+    p99: float | None
+
+
+class LevelCI(_Model):
+    """95% bootstrap intervals of a level's energy figures."""
+
+    level: float
+    """the confidence level, 0.95"""
+    j_per_token: Interval | None
+    j_per_chain: Interval | None
+    j_per_correct: Interval | None
+    """null without scoring"""
+
+
+class HopEnergy(_Model):
+    """A level's window requests of one hop number."""
+
+    requests: int
+    energy_j: float
+    tokens: int
+    j_per_request: float
+    j_per_token: float | None
+
+
+class Level(_Model):
+    """One (precision, concurrency) level, its repeats merged."""
+
+    precision: str
+    concurrency: int
+    repeats: int
+    chains: int
+    """measured chains (warm-up excluded)"""
+    chains_ok: int | None = None
+    """measured chains that got an answer (every request succeeded); added in 1.1"""
+    chains_scored: int
+    """measured chains scored (0 without scoring)"""
+    requests: int
+    """all requests of the level, warm-up included"""
+    errors: int
+    """failed requests"""
+    error_kinds: dict[str, int]
+    """failed requests by kind (`HTTP 502`, `connection`, `timed out`, `stream error`, ...)"""
+    tokens: int
+    """completion tokens of measured requests"""
+    window_s: float
+    """steady-state window length, summed over repeats"""
+    windows_monotonic_s: list[Interval] = Field(default_factory=list)
+    """[open, close] per repeat on loadgen's time.monotonic(); added in 1.1"""
+    window_requests: int
+    """requests inside the window with a final energy figure"""
+    energy_j: float | None
+    """energy of the window requests; null when none is known"""
+    energy_null_reason: str | None
+    """why energy_j is null (the most common reason), else null"""
+    energy_unknown_requests: int
+    """window requests whose energy is unknown"""
+    j_per_token: float | None
+    j_per_request: float | None
+    j_per_chain: float | None
+    j_per_correct: float | None
+    measured_j_per_token: float | None
+    """device counters over the window / tokens in it; null for windows under 2 s"""
+    energy_by_hop: dict[str, HopEnergy] = Field(default_factory=dict)
+    """window requests by their hop number in the chain (1: the first); added in 1.1"""
+    accuracy: float | None
+    """this level's measured chains, strict; null without scoring"""
+    accuracy_flexible: float | None
+    accuracy_by_hops: dict[str, float]
+    """{hops: accuracy}; empty without scoring"""
+    accuracy_null_reason: str | None = None
+    """`--no-score`'s REASON, or null; added in 1.1"""
+    tokens_per_s: float | None
+    """steady-state output tokens per second"""
+    ttft_s: Percentiles
+    itl_s: Percentiles
+    e2e_s: Percentiles
+    ci: LevelCI
+    interrupted: bool
+    """the level was cut short by Ctrl-C"""
+
+    @model_validator(mode="after")
+    def _unknown_energy_has_a_reason(self) -> Level:
+        if self.energy_j is None and not self.energy_null_reason:
+            raise ValueError("energy_j is null without energy_null_reason")
+        return self
+
+
+class Crossing(_Model):
+    """Where the ratio crosses 1."""
+
+    b_star: Number
+    direction: Literal["below", "above"]
+    """below: the quantized precision is cheaper below b_star"""
+
+
+class Crossover(_Model):
+    """B* of one quantized precision against the baseline on one metric."""
+
+    precision: str
+    baseline: str
+    metric: Metric
+    concurrency: list[int]
+    """the levels both precisions ran"""
+    ratio: list[float | None]
+    """quantized / baseline at each of them; null where unknown"""
+    b_star: Number | None
+    """the first concurrency where the ratio crosses 1 (log-log interpolation); null when it does not"""
+    all_crossings: list[Crossing]
+    direction: str | None
+    """<p> cheaper below B*, cheaper above B*, cheaper at every swept concurrency or dearer at every swept
+    concurrency; null with fewer than two ratios"""
+    note: str
+    """the finding in words"""
+    ci_coverage: float | None
+    """the share of bootstrap replicates that cross"""
+    ci: Interval | None
+    """95% bootstrap interval of B* over the replicates that cross in the same direction"""
+    ratio_ci: list[Interval | None] | None = Field(default=None, exclude_if=lambda v: v is None)
+    """bootstrap interval of each ratio; absent with fewer than two ratios"""
+
+
+class IndexWeights(_Model):
+    """The composite's weights, normalised to sum 1."""
+
+    trust: float
+    sustainability: float
+    economy: float
+
+
+class Index(_Model):
+    """The indices of one quantized precision at one concurrency, against the baseline."""
+
+    precision: str
+    baseline: str
+    concurrency: int
+    bits: int | None
+    """the precision's bit width, null when unknown"""
+    casting_overhead_ratio: float | None
+    """J/token against the baseline's scaled linearly in bits"""
+    trust_index: float | None
+    """accuracy / the baseline's; null without scoring"""
+    sustainability_index: float | None
+    """the baseline's J per correct answer / this one's; null without scoring"""
+    economy_index: float | None
+    """tokens/s / the baseline's"""
+    weights: IndexWeights
+    composite_index: float | None
+    """the weighted sum of the three indices; null when one is"""
+
+
+class DeviceEnergy(_Model):
+    """One device's energy accounts over the proxy's lifetime (attributed + idle + foreign = measured)."""
+
+    device: str
+    meter: str | None
+    meter_up: bool | None
+    updates: int | None
+    counter_resets: int | None
+    measured_j: float | None
+    attributed_j: float | None
+    idle_j: float | None
+    foreign_j: float | None
+    conservation_error_j: float | None
+    conservation_error_ratio: float | None
+    pending_intervals: int | None
+    run_measured_j: float | None
+    """the counter's increase from the start of the sweep to the end of its last level"""
+
+
+class Energy(_Model):
+    """The proxy's energy accounts (GET /qtrap/v1/energy) after the last level."""
+
+    devices: list[DeviceEnergy]
+    null_reason: str | None
+    """why there are no devices: the proxy did not answer, meters none, or this was not recorded"""
+
+    @model_validator(mode="after")
+    def _no_devices_has_a_reason(self) -> Energy:
+        if not self.devices and not self.null_reason:
+            raise ValueError("no devices without null_reason")
+        return self
+
+
+def _not_recorded() -> Energy:
+    return Energy(devices=[], null_reason="not recorded")
+
+
+class Report(_Model):
+    """report.json of `python -m loadgen` (docs/report-schema.md). Figures in base units (J, s,
+    tokens/s); unknown values are null, never 0."""
+
+    schema_version: str = Field(pattern=r"^\d+\.\d+$")
+    """MAJOR.MINOR; a reader accepts its own major version"""
+    generator: str
+    """the writer: qtrap loadgen"""
+    partial: bool
+    """the run was interrupted (Ctrl-C); the levels that ran are reported"""
+    started_unix_s: float
+    duration_s: float
+    config: Config
+    baseline: str | None
+    """the precision others are compared with"""
+    accuracy_measured: bool = True
+    """false when answers were not scored (`--no-score`); added in 1.1"""
+    accuracy_null_reason: str | None = None
+    """`--no-score`'s REASON; added in 1.1"""
+    accuracy: dict[str, Accuracy]
+    """per precision"""
+    levels: list[Level]
+    crossovers: list[Crossover]
+    indices: list[Index]
+    energy: Energy = Field(default_factory=_not_recorded)
+    """added in 1.1"""
+
+
+class _Generator(GenerateJsonSchema):
+    """No per-field titles: they only repeat the field names."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of report.json, as ``load()`` accepts it."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$comment": f"schema {SCHEMA_VERSION}; generated from loadgen/schema.py by `{SCHEMA_COMMAND}`",
+        **Report.model_json_schema(schema_generator=_Generator),
+    }
+
+
+def schema_json() -> str:
+    """docs/report-schema.json's text."""
+    return json.dumps(json_schema(), indent=2) + "\n"
