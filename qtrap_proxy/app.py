@@ -112,7 +112,7 @@ async def _requests_ended(proxy: Proxy, timeout_s: float) -> int:
     loop = asyncio.get_running_loop()
     until = loop.time() + timeout_s
     while True:
-        running = sum(1 for tr in proxy.energy.tracked.values() if tr.tl.end is None)
+        running = proxy.energy.running()
         if not running or loop.time() >= until:
             return running
         await asyncio.sleep(min(0.01, max(0.0, until - loop.time())))

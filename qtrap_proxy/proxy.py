@@ -21,7 +21,9 @@ from prometheus_client import CollectorRegistry
 from qtrap_common import wire
 from qtrap_proxy.auth import KeyRing, Principal, admin_digest
 from qtrap_proxy.config import ProxyConfig
+from qtrap_proxy.energy import reasons
 from qtrap_proxy.energy.attribution import Tracked
+from qtrap_proxy.energy.collector import EnergyCollector
 from qtrap_proxy.energy.service import EnergyService
 from qtrap_proxy.errors import ConfigError, Forbidden, KeyStoreError
 from qtrap_proxy.keystore import KeyStore
@@ -70,7 +72,7 @@ class Proxy:
                 raise ConfigError(f"auth.keys_path: {e}") from e
         self.ledger = Ledger(config.ledger.path, config.ledger.retention_days, config.ledger.batch_s)
         self.energy = EnergyService(config, self.backends, self._on_final)
-        self.metrics.register_energy(self.energy)
+        self.metrics.registry.register(EnergyCollector(self.energy))
         self.metrics.register_ledger(self.ledger)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.hop_regex = re.compile(config.meter.hop_split_regex)
@@ -93,16 +95,11 @@ class Proxy:
         try:
             self.metrics.child(tl.pool, tl.backend, tl.precision).finished(tl, was_inflight=was_inflight)
             self.metrics.key_finished(tl)
-            tr = self.energy.tracked.get(tl.request_id)
+            tr = self.energy.account(tl.request_id)
             if tr is None:  # rejected before reaching a backend: nothing to measure
-                tr = Tracked(
-                    tl,
-                    devices=0,
-                    energy_known=False,
-                    unknown_reason="request rejected before it reached a backend",
-                )
-                self.energy.tracked[tl.request_id] = tr
-            self.energy.end(tr)
+                self.energy.reject(tl, reasons.REJECTED)
+            else:
+                self.energy.end(tr)
         except Exception:  # accounting must never take a request down
             log.exception("accounting failed for request %s", tl.request_id)
 
@@ -140,7 +137,7 @@ class Proxy:
         rec = self._committing.get(request_id)
         if rec is not None:  # final figure, not yet durable: it turns final once committed
             return {**rec, "final": False}
-        tr = self.energy.tracked.get(request_id)
+        tr = self.energy.account(request_id)
         if tr is not None:
             return build_record(
                 tr,
@@ -156,9 +153,8 @@ class Proxy:
         recs = {r["id"]: r for r in self.ledger.chain(chain_id)}
         for source in (self._committing.values(), self._finals.values()):
             recs.update({r["id"]: r for r in source if r.get("chain_id") == chain_id})
-        for tr in self.energy.tracked.values():
-            if tr.tl.chain_id == chain_id:
-                recs[tr.tl.request_id] = self.record(tr.tl.request_id) or {}
+        for tr in self.energy.open_accounts(chain_id=chain_id):
+            recs[tr.tl.request_id] = self.record(tr.tl.request_id) or {}
         return sorted(recs.values(), key=lambda r: (r.get("hop") or 0, r["start_unix_s"]))
 
     def chain(self, chain_id: str, who: Principal | None = None) -> dict[str, Any] | None:
@@ -206,7 +202,7 @@ class Proxy:
         }
 
     def provisional_j(self, tl: Timeline) -> float | None:
-        tr = self.energy.tracked.get(tl.request_id)
+        tr = self.energy.account(tl.request_id)
         return None if tr is None else self.energy.provisional_j(tr)
 
     @staticmethod
@@ -320,7 +316,7 @@ class Proxy:
             return None
         rows = self.ledger.key_usage(key_id, since_unix_s, until_unix_s)
         by_precision = [{"precision": row.precision, **_usage([row])} for row in rows]
-        pending = sum(1 for tr in self.energy.tracked.values() if tr.tl.key_id == key_id)
+        pending = sum(1 for _ in self.energy.open_accounts(key_id=key_id))
         pending += sum(1 for r in self._committing.values() if r.get("key_id") == key_id)
         return {
             "key_id": key.id,
@@ -355,8 +351,5 @@ def _usage(rows: list[UsageRow]) -> dict[str, Any]:
         "idle_share": idle / total if idle is not None and total > 0 else None,
         "j_per_token": energy / known_tokens if energy is not None and known_tokens else None,
         "energy_unknown_requests": sum(r.energy_unknown_requests for r in rows),
-        "energy_null_reason": None
-        if energy is not None
-        else "no request of this key in the window has a measured energy figure (each record's "
-        "energy_null_reason says why)",
+        "energy_null_reason": None if energy is not None else reasons.KEY_NONE_MEASURED,
     }

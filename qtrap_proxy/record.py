@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qtrap_proxy.energy import reasons
 from qtrap_proxy.energy.attribution import Tracked
 
 
@@ -56,7 +57,7 @@ def chain_summary(chain_id: str, records: list[dict[str, Any]]) -> dict[str, Any
         "requests": len(records),
         "final": all(r.get("final") for r in records),
         "energy_j": sum(e for e in energies if e is not None) if known else None,
-        "energy_null_reason": None if known else "energy of at least one hop is unknown",
+        "energy_null_reason": None if known else reasons.CHAIN_HOP_UNKNOWN,
         "prompt_tokens": sum(r.get("prompt_tokens") or 0 for r in records),
         "completion_tokens": sum(r.get("completion_tokens") or 0 for r in records),
         "hops": [
