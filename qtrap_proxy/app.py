@@ -195,7 +195,7 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
             rid = check_id(request.path_params["request_id"], "request id")
         except QtrapError as e:
             return _qtrap_error(e)
-        rec = proxy.record(rid)
+        rec = proxy.records.record(rid)
         who = principal_of(request.scope)
         if rec is None or (who is not None and not who.may_see(rec.get("key_id"))):
             # another key's record is not found either: a key cannot tell others' ids from unknown ones
@@ -208,7 +208,7 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
             offset, limit = parse_page(request.query_params.get("offset"), request.query_params.get("limit"))
         except QtrapError as e:
             return _qtrap_error(e)
-        rec = proxy.chain_page(cid, offset, limit, principal_of(request.scope))
+        rec = proxy.records.chain_page(cid, offset, limit, principal_of(request.scope))
         if rec is None:
             return _error(404, f"no record of chain {cid!r}", "not_found_error")
         return JSONResponse(rec)
@@ -223,7 +223,7 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
             hops = body.get("hops")
             if hops is not None:
                 hops = check_hops(hops, "hops")
-            res = proxy.score_chain(cid, body["correct"], hops, principal_of(request.scope))
+            res = proxy.records.score_chain(cid, body["correct"], hops, principal_of(request.scope))
         except QtrapError as e:
             return _qtrap_error(e)
         if res is None:
@@ -256,7 +256,7 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
             until = parse_time(q["until"], "until") if "until" in q else time.time() + 1.0
         except QtrapError as e:
             return _qtrap_error(e)
-        usage = proxy.key_usage(raw, since, until)
+        usage = proxy.records.key_usage(raw, since, until)
         if usage is None:
             return _error(404, f"no key {raw}", "not_found_error")
         return JSONResponse(usage)

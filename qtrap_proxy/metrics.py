@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from qtrap_common.wire import RequestRecord
 from qtrap_proxy.timeline import Timeline
 
 if TYPE_CHECKING:
@@ -163,12 +164,12 @@ class Metrics:
         """The ledger's state, read at scrape time."""
         self.registry.register(_LedgerCollector(ledger))
 
-    def energy_final(self, tr: Tracked, rec: dict[str, Any]) -> None:
+    def energy_final(self, tr: Tracked, rec: RequestRecord) -> None:
         tl = tr.tl
         if tl.backend is None:
             return
         bm = self.child(tl.pool, tl.backend, tl.precision)
-        energy = rec.get("energy_j")
+        energy = rec["energy_j"]
         if energy is None:
             bm.energy_unknown.inc()
         else:
@@ -176,11 +177,12 @@ class Metrics:
             if self.key_energy is not None and tl.key_label is not None:
                 self.key_energy.labels(tl.key_label).inc(energy)
             bm.request_energy.observe(energy)
-            for hop in rec.get("hops", ()):
-                if hop.get("energy_j") is not None and hop.get("index") is not None:
-                    idx = int(hop["index"])
-                    label = hop_label(idx)
-                    self.hop_energy.labels(tl.pool or "", tl.precision or "", label).observe(hop["energy_j"])
+            for hop in rec["hops"]:
+                hop_j = hop["energy_j"]
+                if hop_j is not None:
+                    self.hop_energy.labels(
+                        tl.pool or "", tl.precision or "", hop_label(hop["index"])
+                    ).observe(hop_j)
         # inter-token latency: every gap of short streams, an even sample of 32 gaps of long ones
         times = tl.chunk_t
         gaps = len(times) - 1
