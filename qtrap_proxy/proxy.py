@@ -8,16 +8,14 @@ reach the parts through it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from qtrap_common import wire
-from qtrap_proxy.auth import KeyRing, Principal, admin_digest
+from qtrap_proxy.auth import KeyRing, admin_digest
 from qtrap_proxy.config import ProxyConfig
 from qtrap_proxy.energy import reasons
 from qtrap_proxy.energy.collector import EnergyCollector
@@ -26,10 +24,11 @@ from qtrap_proxy.errors import ConfigError, KeyStoreError
 from qtrap_proxy.keystore import KeyStore
 from qtrap_proxy.ledger import Ledger
 from qtrap_proxy.metrics import Metrics
+from qtrap_proxy.probes import BackendProbes
 from qtrap_proxy.records import RecordStore
 from qtrap_proxy.routing import Router, RoutingPolicy
 from qtrap_proxy.timeline import Timeline
-from qtrap_proxy.upstream import Backend, Health
+from qtrap_proxy.upstream import Backend
 
 log = logging.getLogger("qtrap.proxy")
 
@@ -70,8 +69,7 @@ class Proxy:
         self.metrics.registry.register(EnergyCollector(self.energy))
         self.metrics.register_ledger(self.ledger)
         self.hop_regex = re.compile(config.meter.hop_split_regex)
-        self._health_last: tuple[float, list[Health]] | None = None  # (monotonic, the backends' probes)
-        self._health_probe: asyncio.Future[list[Health]] | None = None
+        self.probes = BackendProbes(self.backends, config.server)  # GET /health's, cached
 
     async def start(self) -> None:
         self.records.start()
@@ -108,74 +106,3 @@ class Proxy:
         if tl.precision is not None:
             h.append((H_PRECISION, tl.precision.encode()))
         return h
-
-    # -- health ------------------------------------------------------------
-    async def health(self) -> tuple[int, dict[str, Any]]:
-        """The backends' probes (at most ``server.health_cache_s`` old) and the ledger's state (now)."""
-        results = await self._probes()
-        pools_up: dict[str, bool] = {}
-        out = []
-        for b, h in zip(self.backends, results, strict=True):
-            self.metrics.backend_up.labels(b.name).set(1 if h.ok else 0)
-            pools_up[b.pool] = pools_up.get(b.pool, False) or h.ok
-            out.append(
-                {
-                    "name": b.name,
-                    "pool": b.pool,
-                    "precision": b.precision,
-                    "kind": b.kind,
-                    "url": b.cfg.display_url,
-                    "ok": h.ok,
-                    "http_status": h.status,
-                    "latency_s": h.latency_s,
-                    "error": h.error,
-                }
-            )
-        ledger = self.ledger.state()
-        if all(h.ok for h in results) and ledger["status"] == "ok":
-            status = "ok"
-        elif all(pools_up.values()):
-            status = "degraded"  # a backend down, or records not being persisted: still serving
-        else:
-            status = "down"
-        code = 503 if status == "down" else 200  # only the pools take the proxy out of a load balancer
-        return code, {"status": status, "pools": pools_up, "backends": out, "ledger": ledger}
-
-    def models(self, who: Principal | None = None) -> dict[str, Any]:
-        """The pools and ``pool@precision`` ids, in OpenAI's list format (a client key: its pools only)."""
-        data = []
-        for pool, precisions in self.router.pools.items():
-            if who is not None and not who.may_use(pool):
-                continue
-            data.append({"id": pool, "object": "model", "created": self.started_unix_s, "owned_by": "qtrap"})
-            for precision in precisions:
-                data.append(
-                    {
-                        "id": f"{pool}@{precision}",
-                        "object": "model",
-                        "created": self.started_unix_s,
-                        "owned_by": "qtrap",
-                        "root": pool,
-                    }
-                )
-        return {"object": "list", "data": data}
-
-    # -- bounded reads (issue 13) -----------------------------------------------
-    async def _probes(self) -> list[Health]:
-        """Every backend's probe, at most ``server.health_cache_s`` old; callers that arrive while a
-        probe runs share it, so a flood of /health calls probes each backend once per period."""
-        last = self._health_last
-        if last is not None and time.monotonic() - last[0] < self.config.server.health_cache_s:
-            return last[1]
-        if self._health_probe is None:
-            self._health_probe = asyncio.ensure_future(self._probe_backends())
-        return await asyncio.shield(self._health_probe)
-
-    async def _probe_backends(self) -> list[Health]:
-        try:
-            timeout = self.config.server.health_timeout_s
-            results: list[Health] = await asyncio.gather(*(b.probe(timeout) for b in self.backends))
-            self._health_last = (time.monotonic(), results)
-            return results
-        finally:
-            self._health_probe = None
