@@ -4,12 +4,13 @@ Header names, the admin API's paths and the shapes of the request record and the
 one place: the proxy writes them, loadgen and the simulator read them. Header names are lower-case
 (ASGI and aiohttp give them so); the ``B_*`` forms are the same names as bytes for raw-ASGI code.
 Records are plain JSON objects on the wire; :class:`RequestRecord` and :class:`ChainSummary` type them
-for code on both sides (``total=False`` nowhere: every key is always present, null when unknown).
+for code on both sides (``total=False`` nowhere: every key is always present, null when unknown; the one
+exception is ``ledger_error``, only on a record the ledger had to store with a note).
 """
 
 from __future__ import annotations
 
-from typing import Final, TypedDict
+from typing import Final, NotRequired, TypedDict
 
 # -- request headers a client may send (all optional) -----------------------------------------------
 HEADER_PREFIX: Final = "x-qtrap-"
@@ -105,6 +106,9 @@ class RequestRecord(TypedDict):
     energy_null_reason: str | None
     provisional: bool
     hops: list[HopEnergy]
+    # read back from the ledger only, and only when the record could not be stored as it was (a value
+    # SQLite or the serialiser refused): what was done instead (qtrap_proxy/ledger.py)
+    ledger_error: NotRequired[str]
 
 
 # -- the chain summary (GET /qtrap/v1/chains/{id}) ----------------------------------------------------

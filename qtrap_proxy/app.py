@@ -1,4 +1,5 @@
-"""The ASGI application: routes, admin endpoints and lifecycle."""
+"""The ASGI application: the relay routes' fast path, the admin edge (admin.py), the limits and the
+API-key gate in front of them, and the lifespan (start, and the bounded close at shutdown)."""
 
 from __future__ import annotations
 
@@ -11,34 +12,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from qtrap_common import wire
 from qtrap_common.background import STOP_TIMEOUT_S
-from qtrap_proxy.asgi import read_body
-from qtrap_proxy.auth import AuthGate, principal_of
-from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
+from qtrap_proxy import admin
+from qtrap_proxy.auth import AuthGate
 from qtrap_proxy.guard import Guard
-from qtrap_proxy.keystore import KEY_ID
 from qtrap_proxy.ledger import Ledger
-from qtrap_proxy.limits import (
-    MAX_ADMIN_BODY_BYTES,
-    bounded,
-    check_hops,
-    check_id,
-    parse_json_object,
-    parse_page,
-    parse_time,
-)
 from qtrap_proxy.openai_route import OpenAIRoute
-from qtrap_proxy.openapi import build_openapi
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.tgi_route import TGIRoute
 
@@ -112,7 +96,7 @@ async def _requests_ended(proxy: Proxy, timeout_s: float) -> int:
     loop = asyncio.get_running_loop()
     until = loop.time() + timeout_s
     while True:
-        running = sum(1 for tr in proxy.energy.tracked.values() if tr.tl.end is None)
+        running = proxy.energy.running()
         if not running or loop.time() >= until:
             return running
         await asyncio.sleep(min(0.01, max(0.0, until - loop.time())))
@@ -180,99 +164,6 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
     the lifespan's end)."""
     bound = shutdown if shutdown is not None else Shutdown(proxy.config.server.shutdown_timeout_s)
 
-    async def models(request: Request) -> JSONResponse:
-        return JSONResponse(proxy.models(principal_of(request.scope)))
-
-    async def health(_: Request) -> JSONResponse:
-        code, body = await proxy.health()
-        return JSONResponse(body, status_code=code)
-
-    async def metrics(_: Request) -> Response:
-        return Response(generate_latest(proxy.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def request_record(request: Request) -> Response:
-        try:
-            rid = check_id(request.path_params["request_id"], "request id")
-        except QtrapError as e:
-            return _qtrap_error(e)
-        rec = proxy.record(rid)
-        who = principal_of(request.scope)
-        if rec is None or (who is not None and not who.may_see(rec.get("key_id"))):
-            # another key's record is not found either: a key cannot tell others' ids from unknown ones
-            return _error(404, f"no record of request {rid!r}", "not_found_error")
-        return JSONResponse(rec)
-
-    async def chain_record(request: Request) -> Response:
-        try:
-            cid = check_id(request.path_params["chain_id"], "chain id")
-            offset, limit = parse_page(request.query_params.get("offset"), request.query_params.get("limit"))
-        except QtrapError as e:
-            return _qtrap_error(e)
-        rec = proxy.chain_page(cid, offset, limit, principal_of(request.scope))
-        if rec is None:
-            return _error(404, f"no record of chain {cid!r}", "not_found_error")
-        return JSONResponse(rec)
-
-    async def chain_score(request: Request) -> Response:
-        try:
-            cid = check_id(request.path_params["chain_id"], "chain id")
-            raw = await read_body(request.scope, request.receive, MAX_ADMIN_BODY_BYTES)
-            body = parse_json_object(raw)
-            if not isinstance(body.get("correct"), bool):
-                raise BadRequest("'correct' must be true or false", param="correct")
-            hops = body.get("hops")
-            if hops is not None:
-                hops = check_hops(hops, "hops")
-            res = proxy.score_chain(cid, body["correct"], hops, principal_of(request.scope))
-        except QtrapError as e:
-            return _qtrap_error(e)
-        if res is None:
-            return _error(404, f"no record of chain {cid!r}", "not_found_error")
-        return JSONResponse(res)
-
-    async def energy(_: Request) -> JSONResponse:
-        return JSONResponse(proxy.energy.energy_report())
-
-    async def keys(_: Request) -> Response:
-        if proxy.key_ring is None:
-            return _error(
-                404, "authentication is off (auth.enabled: false): there are no keys", "not_found_error"
-            )
-        now = time.time()
-        return JSONResponse({"keys": [k.public(now) for k in proxy.key_ring.all_keys()]})
-
-    async def key_usage(request: Request) -> Response:
-        raw = request.path_params["key_id"]
-        who = principal_of(request.scope)
-        if proxy.key_ring is None or who is None:
-            return _error(
-                404, "authentication is off (auth.enabled: false): there are no keys", "not_found_error"
-            )
-        if not KEY_ID.fullmatch(raw) or not who.may_see(raw):  # another key's usage is not found either
-            return _error(404, f"no key {bounded(repr(raw), 80)}", "not_found_error")
-        try:
-            q = request.query_params
-            since = parse_time(q["since"], "since") if "since" in q else 0.0
-            until = parse_time(q["until"], "until") if "until" in q else time.time() + 1.0
-        except QtrapError as e:
-            return _qtrap_error(e)
-        usage = proxy.key_usage(raw, since, until)
-        if usage is None:
-            return _error(404, f"no key {raw}", "not_found_error")
-        return JSONResponse(usage)
-
-    spec = orjson.dumps(build_openapi(proxy.config.server))
-
-    async def openapi(_: Request) -> Response:
-        return Response(spec, media_type="application/json")
-
-    async def http_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        response = _error(exc.status_code, str(exc.detail), kind)
-        response.headers.update(exc.headers or {})  # a 405 carries Allow
-        return response
-
     relay: dict[str, ASGIApp] = {
         "/v1/chat/completions": OpenAIRoute(proxy, chat=True),
         "/v1/completions": OpenAIRoute(proxy, chat=False),
@@ -282,16 +173,7 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
     }
     routes = [
         *(Route(path, handler, methods=["POST"]) for path, handler in relay.items()),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route(wire.REQUEST_PATH, request_record, methods=["GET"]),
-        Route(wire.CHAIN_PATH, chain_record, methods=["GET"]),
-        Route(wire.CHAIN_SCORE_PATH, chain_score, methods=["POST"]),
-        Route(wire.ENERGY_PATH, energy, methods=["GET"]),
-        Route(wire.KEYS_PATH, keys, methods=["GET"]),
-        Route(wire.KEY_USAGE_PATH, key_usage, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
+        *admin.routes(proxy),
     ]
 
     @asynccontextmanager
@@ -302,7 +184,7 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
         finally:
             await close_proxy(proxy, bound)
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: admin.http_error})
     refused = proxy.metrics.refused
 
     def on_refuse(reason: str) -> None:
@@ -315,13 +197,3 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
             inner, proxy.config.auth, proxy.key_ring, proxy.admin_sha256, relay, tgi, on_refuse=on_refuse
         )
     return Guard(inner, proxy.config.server, relay, on_refuse)
-
-
-def _qtrap_error(e: QtrapError) -> Response:
-    return Response(e.openai_body(), status_code=e.status, media_type="application/json")
-
-
-def _error(status: int, message: str, kind: str) -> Response:
-    return Response(
-        openai_error_body(message, kind, None, status), status_code=status, media_type="application/json"
-    )

@@ -39,6 +39,7 @@ from typing import Any
 
 import orjson
 
+from qtrap_common.wire import RequestRecord
 from qtrap_proxy.errors import ConfigError
 from qtrap_proxy.keystore import KEY_ID
 
@@ -98,7 +99,7 @@ _VALUE_ERRORS = (
     sqlite3.ProgrammingError,
 )
 
-Record = dict[str, Any]
+Record = RequestRecord  # a record as the proxy wrote it; partial in tests, and in old ledgers (no key_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,7 +401,7 @@ class Ledger:
         rid = _safe_text(rec.get("id")) or "unknown"
         self._error("record", f"record {rid}: {note}")
         log.error("ledger record %s could not be stored as it was (%s)", rid, note)
-        rec2 = {**rec, "ledger_error": note}
+        rec2: Record = {**rec, "ledger_error": note}
         try:
             text = json.dumps(rec2, default=repr)  # ASCII, arbitrary ints, NaN: takes what orjson refuses
         except Exception:

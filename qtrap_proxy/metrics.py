@@ -5,7 +5,9 @@ Labels are bounded: pool, backend and precision come from the configuration
 request or chain id is ever a label. The per-key metrics (``auth.key_metrics``,
 off by default) are labelled by the key's name (else its id): keys are created
 by the operator, so they are few, and names are checked (keystore.NAME).
-Tests pass a fresh ``CollectorRegistry``.
+Tests pass a fresh ``CollectorRegistry``. The per-device energy figures are
+collected where they are kept (``energy/collector.py``); the composition root
+registers that collector in this registry.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from qtrap_common.wire import RequestRecord
 from qtrap_proxy.timeline import Timeline
 
 if TYPE_CHECKING:
     from qtrap_proxy.energy.attribution import Tracked
-    from qtrap_proxy.energy.service import EnergyService
     from qtrap_proxy.ledger import Ledger
 
 STATUSES = (
@@ -158,20 +160,16 @@ class Metrics:
         if self.key_requests is not None and tl.key_label is not None:
             self.key_requests.labels(tl.key_label).inc()
 
-    def register_energy(self, service: EnergyService) -> None:
-        """Per-device figures read from the energy service at scrape time."""
-        self.registry.register(_DeviceCollector(service))
-
     def register_ledger(self, ledger: Ledger) -> None:
         """The ledger's state, read at scrape time."""
         self.registry.register(_LedgerCollector(ledger))
 
-    def energy_final(self, tr: Tracked, rec: dict[str, Any]) -> None:
+    def energy_final(self, tr: Tracked, rec: RequestRecord) -> None:
         tl = tr.tl
         if tl.backend is None:
             return
         bm = self.child(tl.pool, tl.backend, tl.precision)
-        energy = rec.get("energy_j")
+        energy = rec["energy_j"]
         if energy is None:
             bm.energy_unknown.inc()
         else:
@@ -179,11 +177,12 @@ class Metrics:
             if self.key_energy is not None and tl.key_label is not None:
                 self.key_energy.labels(tl.key_label).inc(energy)
             bm.request_energy.observe(energy)
-            for hop in rec.get("hops", ()):
-                if hop.get("energy_j") is not None and hop.get("index") is not None:
-                    idx = int(hop["index"])
-                    label = hop_label(idx)
-                    self.hop_energy.labels(tl.pool or "", tl.precision or "", label).observe(hop["energy_j"])
+            for hop in rec["hops"]:
+                hop_j = hop["energy_j"]
+                if hop_j is not None:
+                    self.hop_energy.labels(
+                        tl.pool or "", tl.precision or "", hop_label(hop["index"])
+                    ).observe(hop_j)
         # inter-token latency: every gap of short streams, an even sample of 32 gaps of long ones
         times = tl.chunk_t
         gaps = len(times) - 1
@@ -248,64 +247,6 @@ class BackendMetrics:
             e2e = tl.e2e_s
             if e2e is not None:
                 self.duration.observe(e2e)
-
-
-class _DeviceCollector(Collector):
-    def __init__(self, service: EnergyService) -> None:
-        self.service = service
-
-    def collect(self) -> Iterable[Any]:
-        full = self.service.energy_report()
-        report = full["devices"]
-        measured = CounterMetricFamily(
-            "qtrap_gpu_energy",
-            "GPU energy measured by the meter (settled intervals)",
-            labels=["device"],
-            unit="joules",
-        )
-        idle = CounterMetricFamily(
-            "qtrap_gpu_idle_energy",
-            "GPU energy in no request's share (idle bucket)",
-            labels=["device"],
-            unit="joules",
-        )
-        foreign = CounterMetricFamily(
-            "qtrap_gpu_foreign_energy",
-            "GPU energy of work for requests this proxy did not serve (other replicas, direct clients), "
-            "from the backends' token counters",
-            labels=["device"],
-            unit="joules",
-        )
-        conservation = GaugeMetricFamily(
-            "qtrap_energy_conservation_error_ratio",
-            "|attributed + idle + foreign - measured| / measured",
-            labels=["device"],
-        )
-        up = GaugeMetricFamily(
-            "qtrap_meter_up", "1 if the device's meter answered its last reading", labels=["device"]
-        )
-        age = GaugeMetricFamily(
-            "qtrap_meter_last_update_age_seconds",
-            "Time since the device's counter last moved",
-            labels=["device"],
-        )
-        counters_up = GaugeMetricFamily(
-            "qtrap_backend_token_counters_up",
-            "1 if the backend's token counters answered the last poll (backends with token_counters: true)",
-            labels=["backend"],
-        )
-        for c in full.get("token_counters", []):
-            counters_up.add_metric([c["backend"]], 1.0 if c["up"] else 0.0)
-        for d in report:
-            key = [d["device"]]
-            measured.add_metric(key, d["measured_j"])
-            idle.add_metric(key, d["idle_j"])
-            foreign.add_metric(key, d["foreign_j"])
-            conservation.add_metric(key, d["conservation_error_ratio"])
-            up.add_metric(key, 1.0 if d["meter_up"] else 0.0)
-            if d["last_update_age_s"] is not None:
-                age.add_metric(key, d["last_update_age_s"])
-        yield from (measured, idle, foreign, conservation, up, age, counters_up)
 
 
 class _LedgerCollector(Collector):

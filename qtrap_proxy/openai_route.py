@@ -19,6 +19,7 @@ from qtrap_common.asgi import Scope
 from qtrap_proxy.edge import EdgeRoute
 from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
 from qtrap_proxy.limits import ClientHeaders, bounded, check_model, dump_json_object, parse_json_object
+from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.relay import Prepared, StreamFilter
 from qtrap_proxy.sse import data_of
 from qtrap_proxy.timeline import Timeline
@@ -238,7 +239,7 @@ def _content_choices(choices: Any) -> int:
 
 
 class OpenAIRoute(EdgeRoute):
-    def __init__(self, proxy: Any, chat: bool) -> None:
+    def __init__(self, proxy: Proxy, chat: bool) -> None:
         super().__init__(proxy)
         self.chat = chat
         self.path = "/v1/chat/completions" if chat else "/v1/completions"

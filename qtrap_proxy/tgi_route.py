@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import orjson
 
@@ -18,6 +17,7 @@ from qtrap_common.asgi import Scope
 from qtrap_proxy.edge import EdgeRoute
 from qtrap_proxy.errors import BadRequest, QtrapError
 from qtrap_proxy.limits import ClientHeaders, check_model, parse_json_object
+from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.relay import Prepared, StreamFilter
 from qtrap_proxy.sse import data_of
 from qtrap_proxy.timeline import Timeline
@@ -58,7 +58,7 @@ class TGIStreamFilter(StreamFilter):
 
 
 class TGIRoute(EdgeRoute):
-    def __init__(self, proxy: Any, path: str) -> None:
+    def __init__(self, proxy: Proxy, path: str) -> None:
         super().__init__(proxy)
         self.path = path
         self.route_name = "tgi_" + (path.strip("/") or "compat")

@@ -1,8 +1,8 @@
 """The token timeline of one request: what energy attribution consumes.
 
 The per-chunk path only appends a float and an int to two lists; everything
-derived (TTFT, durations, the JSON record) is computed once, when the request
-has ended.
+derived (TTFT, durations) is computed once, when the request has ended; the
+request's record is shaped from it by record.build_record.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from qtrap_proxy.limits import MAX_ERROR_CHARS, bounded
 
@@ -77,31 +76,3 @@ class Timeline:
     @property
     def e2e_s(self) -> float | None:
         return None if self.end is None else self.end - self.start
-
-    def record(self) -> dict[str, Any]:
-        """The request's record (DESIGN.md). Energy fields are null until a meter attributes them."""
-        return {
-            "id": self.request_id,
-            "chain_id": self.chain_id,
-            "hop": self.hop,
-            "key_id": self.key_id,
-            "route": self.route,
-            "stream": self.stream,
-            "pool": self.pool,
-            "backend": self.backend,
-            "precision": self.precision,
-            "status": self.status,
-            "http_status": self.http_status,
-            "error": self.error,
-            "start_unix_s": self.start_unix_s,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "ttft_s": self.ttft_s,
-            "e2e_s": self.e2e_s,
-            "chunks": len(self.chunk_t),
-            "tokens_exact": self.tokens_exact,
-            "timeline": {
-                "t_s": [round(t - self.start, 6) for t in self.chunk_t],
-                "tokens": list(self.chunk_tokens),
-            },
-        }

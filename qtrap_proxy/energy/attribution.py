@@ -51,6 +51,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+from qtrap_proxy.energy import reasons
 from qtrap_proxy.energy.counters import ForeignLedger, TokenCounter
 from qtrap_proxy.timeline import Timeline
 
@@ -220,9 +221,7 @@ class DeviceAccount:
                 if tr.tl.end is not None and tr.tl.end <= iv.t1:
                     if self.first_t is None or tr.tl.start < self.first_t:
                         tr.energy_known = False
-                        tr.unknown_reason = (
-                            f"the meter's first reading on {self.key} came after the request started"
-                        )
+                        tr.unknown_reason = reasons.first_reading_late(self.key)
                     tr.pending_devices -= 1
                     if tr.final:
                         done.append(tr)

@@ -12,6 +12,12 @@ Stopping (:meth:`EnergyService.stop`) is bounded: the sampler keeps reading unti
 has ended is settled (its last interval closed by a counter update), for at most
 ``FINAL_READINGS_S``; then the tasks are stopped, requests that ended and are still waiting are
 finalised with energy unknown (the reason says why), and so is any request that ends afterwards.
+
+The accounts of requests in flight or waiting for their final figure are the service's own: the
+record store reads them through :meth:`EnergyService.account` and :meth:`EnergyService.open_accounts`,
+and gets each final one through the ``on_final`` sink. Backends are seen through
+:class:`MeteredBackend` (a name and its configuration), so this module needs nothing of the upstream
+client. Why energy is unknown is always one of ``reasons.py``'s texts.
 """
 
 from __future__ import annotations
@@ -20,17 +26,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 from qtrap_common.background import STOP_TIMEOUT_S, Background
-from qtrap_proxy.config import ProxyConfig
+from qtrap_proxy.config import BackendConfig, ProxyConfig
+from qtrap_proxy.energy import reasons
 from qtrap_proxy.energy.attribution import DeviceAccount, Tracked
 from qtrap_proxy.energy.counters import CounterPoller, TokenCounter
 from qtrap_proxy.energy.meters import DcgmMeter, Meter, MeterError, NullMeter, NvmlMeter, device_key
 from qtrap_proxy.redact import redact_url
 from qtrap_proxy.timeline import Timeline
-from qtrap_proxy.upstream import Backend
 
 log = logging.getLogger("qtrap.energy")
 
@@ -38,14 +44,27 @@ FinalSink = Callable[[Tracked], None]
 
 # at shutdown, the longest the meter is read for requests that ended after its last update
 FINAL_READINGS_S = 2.0
-STOPPED_REASON = "proxy stopped before the final reading"
+
+
+class MeteredBackend(Protocol):
+    """What the service needs of a backend: its name and its configuration (devices, token counters)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def cfg(self) -> BackendConfig: ...
 
 
 class EnergyService(Background):
     task_name = "qtrap-energy-sampler"
 
     def __init__(
-        self, config: ProxyConfig, backends: list[Backend], on_final: FinalSink, meter: Meter | None = None
+        self,
+        config: ProxyConfig,
+        backends: Sequence[MeteredBackend],
+        on_final: FinalSink,
+        meter: Meter | None = None,
     ) -> None:
         mc = config.meter
         self.cfg = mc
@@ -78,7 +97,7 @@ class EnergyService(Background):
         self.last_change_t: dict[str, float] = {}
         self._meter = meter
         self._meter_init_error: str | None = None
-        self.tracked: dict[str, Tracked] = {}  # in flight or waiting for their final figure
+        self._tracked: dict[str, Tracked] = {}  # in flight or waiting for their final figure
         self.stopped = False  # once stopped, requests that end are finalised at once (energy unknown)
         self._sampled = asyncio.Event()  # set after every sample
 
@@ -99,7 +118,7 @@ class EnergyService(Background):
         While the sampler runs it keeps reading (at most ``FINAL_READINGS_S``, half the bound) until
         no request that ended waits for its final figure; then the sampler and the counter poller are
         stopped, every request that ended is finalised (those still waiting with energy unknown and
-        ``STOPPED_REASON``) and the meter is closed. Requests still in flight are finalised when they
+        ``reasons.STOPPED``) and the meter is closed. Requests still in flight are finalised when they
         end (:meth:`end`)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -113,9 +132,9 @@ class EnergyService(Background):
         if self._poller is not None:
             ok = await self._poller.stop(left(STOP_TIMEOUT_S)) and ok
         self.stopped = True
-        n = self.finalise_ended(STOPPED_REASON)
+        n = self.finalise_ended(reasons.STOPPED)
         if n:
-            log.warning("%d requests finalised with energy unknown: %s", n, STOPPED_REASON)
+            log.warning("%d requests finalised with energy unknown: %s", n, reasons.STOPPED)
         if self._meter is not None:
             meter, self._meter = self._meter, None
             try:
@@ -130,7 +149,7 @@ class EnergyService(Background):
         """Requests that have ended and wait for their final figure from a meter that is up."""
         return sum(
             1
-            for tr in self.tracked.values()
+            for tr in self._tracked.values()
             if tr.tl.end is not None and any(self.meter_up.get(k) for k in self.backend_devices_of(tr))
         )
 
@@ -150,7 +169,7 @@ class EnergyService(Background):
         """Finalise every request that has ended and still waits for its final figure, with energy
         unknown for ``reason``; returns how many were."""
         n = 0
-        for tr in list(self.tracked.values()):
+        for tr in list(self._tracked.values()):
             if tr.tl.end is not None:
                 self._finalise_unknown(tr, reason)
                 n += 1
@@ -216,25 +235,52 @@ class EnergyService(Background):
         self.settle(now)
 
     # -- requests -------------------------------------------------------------
-    def begin(self, tl: Timeline, backend: Backend, hop_split: bool) -> Tracked:
+    def begin(self, tl: Timeline, backend: MeteredBackend, hop_split: bool) -> Tracked:
+        """Open the account of a request sent to ``backend``."""
         devices = self.backend_devices.get(backend.name, [])
         tr = Tracked(tl, devices=len(devices), hop_split=hop_split)
         if self.cfg.kind == "null":
-            tr.energy_known, tr.unknown_reason = False, "no energy meter configured (meter.kind: null)"
+            tr.energy_known, tr.unknown_reason = False, reasons.NO_METER
         elif not devices:
-            tr.energy_known, tr.unknown_reason = False, f"backend {backend.name} lists no devices"
+            tr.energy_known, tr.unknown_reason = False, reasons.no_devices(backend.name)
         else:
             for key in devices:
                 self.accounts[key].track(tr)
-        self.tracked[tl.request_id] = tr
+        self._tracked[tl.request_id] = tr
         return tr
 
     def end(self, tr: Tracked) -> None:
         """The request has ended (its timeline has an end): finalise now if nothing is to be measured."""
         if self.stopped:  # no reading will come any more
-            self._finalise_unknown(tr, STOPPED_REASON)
+            self._finalise_unknown(tr, reasons.STOPPED)
         elif tr.devices == 0 or (not tr.energy_known and tr.pending_devices == 0):
             self._finalise(tr)
+
+    def reject(self, tl: Timeline, reason: str = reasons.REJECTED) -> Tracked:
+        """Account a request that ended without reaching a backend: nothing to measure, so it is final at
+        once with energy unknown for ``reason``."""
+        tr = Tracked(tl, devices=0, energy_known=False, unknown_reason=reason)
+        self._tracked[tl.request_id] = tr
+        self.end(tr)
+        return tr
+
+    def account(self, request_id: str) -> Tracked | None:
+        """The account of a request in flight or waiting for its final figure; None once it is final
+        (its record is the record store's then) or if the service never saw it."""
+        return self._tracked.get(request_id)
+
+    def open_accounts(self, *, chain_id: str | None = None, key_id: str | None = None) -> Iterator[Tracked]:
+        """The accounts not yet final (in flight or waiting for their final figure), those of one chain
+        and/or one client key when given."""
+        for tr in list(self._tracked.values()):
+            if (chain_id is None or tr.tl.chain_id == chain_id) and (
+                key_id is None or tr.tl.key_id == key_id
+            ):
+                yield tr
+
+    def running(self) -> int:
+        """Requests that have not ended yet."""
+        return sum(1 for tr in self._tracked.values() if tr.tl.end is None)
 
     def settle(self, now: float) -> None:
         for key, acc in self.accounts.items():
@@ -247,12 +293,12 @@ class EnergyService(Background):
                     acc.tracked.remove(tr)
                     tr.pending_devices -= 1
                     tr.energy_known = False
-                    tr.unknown_reason = f"meter down for {key}: {self.meter_error[key]}"
+                    tr.unknown_reason = reasons.meter_down(key, self.meter_error[key])
                     if tr.final:
                         self._finalise(tr)
 
     def _finalise(self, tr: Tracked) -> None:
-        if self.tracked.pop(tr.tl.request_id, None) is None:
+        if self._tracked.pop(tr.tl.request_id, None) is None:
             return
         try:
             self.on_final(tr)

@@ -167,13 +167,13 @@ def test_health_probes_are_cached(guarded: InProc) -> None:
         return await real(timeout_s)
 
     b.probe = counting  # type: ignore[method-assign]
-    guarded.proxy._health_last = None
+    guarded.proxy.probes.expire()
     try:
         for _ in range(5):
             status, _, body = call(guarded, "GET", "/health")
             assert status == 200 and orjson.loads(body)["backends"][0]["ok"] is True
         assert probes == 1
-        guarded.proxy._health_last = None  # the cache expired
+        guarded.proxy.probes.expire()  # the cache expired
         call(guarded, "GET", "/health")
         assert probes == 2
     finally:

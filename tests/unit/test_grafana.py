@@ -16,6 +16,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from qtrap_proxy.energy.collector import EnergyCollector
 from qtrap_proxy.grafana import DASHBOARDS_DIR, generated_files
 from qtrap_proxy.grafana.dashboards import DS, dashboards
 from qtrap_proxy.grafana.rules import LEVELS, level_bounds, level_label, record_names, recording_rules
@@ -63,7 +64,7 @@ def _exported_metric_names() -> set[str]:
             }
 
     m = Metrics(CollectorRegistry())
-    m.register_energy(Service())  # type: ignore[arg-type]
+    m.registry.register(EnergyCollector(Service()))  # type: ignore[arg-type]
     names = set()
     for fam in m.registry.collect():
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(fam.type, [""])

@@ -1,0 +1,39 @@
+"""Every reason a figure of energy is unknown, in one place.
+
+Energy never reads 0 when it is unknown: the figure is null and a reason says why (a record's
+``energy_null_reason``, a chain summary's and a key's usage ``energy_null_reason``). The texts are part of
+what clients read (tests and loadgen's reports quote them), so they are written here once and only
+referred to elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# -- a request's record (Tracked.unknown_reason -> the record's energy_null_reason) ----------------------
+NO_METER: Final = "no energy meter configured (meter.kind: null)"
+REJECTED: Final = "request rejected before it reached a backend"
+STOPPED: Final = "proxy stopped before the final reading"
+
+
+def no_devices(backend: str) -> str:
+    """The request's backend lists no devices to meter."""
+    return f"backend {backend} lists no devices"
+
+
+def meter_down(device: str, error: str | None) -> str:
+    """The device's meter gave no reading for longer than the request may wait for its final figure."""
+    return f"meter down for {device}: {error}"
+
+
+def first_reading_late(device: str) -> str:
+    """The request started before the device's first reading: its beginning was never measured."""
+    return f"the meter's first reading on {device} came after the request started"
+
+
+# -- aggregates over records ----------------------------------------------------------------------------
+CHAIN_HOP_UNKNOWN: Final = "energy of at least one hop is unknown"
+KEY_NONE_MEASURED: Final = (
+    "no request of this key in the window has a measured energy figure (each record's "
+    "energy_null_reason says why)"
+)

@@ -1,0 +1,215 @@
+"""The record store: every request's record, wherever it is in its life, and what is read from them.
+
+A request's record lives in three places over its life: while in flight or waiting for its final
+energy figure it is built on demand from its account in the energy service (``provisional``); once
+final, the service hands the account to :meth:`RecordStore.commit`, which queues the final record for
+the ledger and reads it as ``committing`` (``final: false``) until the ledger has committed it; then it
+is kept in a small cache of recent finals (``final: true``), and older records are read back from the
+ledger. Records are shaped by record.py only.
+
+Reads over records live here too: a chain's summary and its pages, scoring a chain (counted once per
+chain in ``qtrap_chains_scored_total``) and one client key's usage over the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from typing import Any
+
+from qtrap_common.wire import ChainPage, ChainSummary, RequestRecord
+from qtrap_proxy.auth import KeyRing, Principal
+from qtrap_proxy.energy import reasons
+from qtrap_proxy.energy.attribution import Tracked
+from qtrap_proxy.energy.service import EnergyService
+from qtrap_proxy.errors import Forbidden
+from qtrap_proxy.ledger import Ledger, UsageRow
+from qtrap_proxy.metrics import Metrics, hop_label
+from qtrap_proxy.record import Stage, build_record, chain_page, chain_summary
+
+
+class RecordStore:
+    def __init__(
+        self,
+        energy: EnergyService,
+        ledger: Ledger,
+        metrics: Metrics,
+        key_ring: KeyRing | None = None,
+        keep: int = 2_000,
+    ) -> None:
+        self.energy = energy
+        self.ledger = ledger
+        self.metrics = metrics
+        self.key_ring = key_ring  # the client keys (auth.enabled), for their usage
+        self._finals: OrderedDict[str, RequestRecord] = OrderedDict()  # recent durable finals
+        self._committing: dict[str, Tracked] = {}  # final, queued for the ledger
+        self._keep = keep
+        self._scored: OrderedDict[str, None] = OrderedDict()  # chains already scored
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        """Start the ledger's writer (on the running event loop, where its reports are handled)."""
+        self._loop = asyncio.get_running_loop()
+        self.ledger.start(self._on_durable, self._on_dropped)
+
+    # -- a record's life ---------------------------------------------------------------
+    def commit(self, tr: Tracked) -> None:
+        """The energy service's final sink: count the final figure and queue the record for the ledger."""
+        rec = self._build(tr, "final")
+        self.metrics.energy_final(tr, rec)
+        self._committing[rec["id"]] = tr
+        self.ledger.put(rec)
+
+    def _on_durable(self, records: list[RequestRecord]) -> None:
+        """Called by the ledger's writer thread once records are committed."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._durable, records)
+
+    def _on_dropped(self, records: list[RequestRecord]) -> None:
+        """Called by the ledger's writer thread for records it gave up (counted and logged there)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._dropped, records)
+
+    def _dropped(self, records: list[RequestRecord]) -> None:
+        for rec in records:
+            self._committing.pop(str(rec.get("id")), None)
+
+    def _durable(self, records: list[RequestRecord]) -> None:
+        for rec in records:
+            self._committing.pop(rec["id"], None)
+            self._finals[rec["id"]] = rec
+        while len(self._finals) > self._keep:
+            self._finals.popitem(last=False)
+
+    def _build(self, tr: Tracked, stage: Stage) -> RequestRecord:
+        energy = self.energy
+        provisional = energy.provisional_j(tr) if stage == "provisional" else None
+        return build_record(
+            tr, stage, meter=energy.kind, devices=energy.backend_devices_of(tr), provisional_j=provisional
+        )
+
+    # -- reads -------------------------------------------------------------------------
+    def record(self, request_id: str) -> RequestRecord | None:
+        rec = self._finals.get(request_id)
+        if rec is not None:
+            return rec
+        tr = self._committing.get(request_id)
+        if tr is not None:  # final figure, not yet durable: it turns final once committed
+            return self._build(tr, "committing")
+        tr = self.energy.account(request_id)
+        if tr is not None:
+            return self._build(tr, "provisional")
+        return self.ledger.get(request_id)
+
+    def _chain_records(self, chain_id: str) -> list[RequestRecord]:
+        """Every record of a chain, by hop and start."""
+        recs = {r["id"]: r for r in self.ledger.chain(chain_id)}
+        for tr in self._committing.values():
+            if tr.tl.chain_id == chain_id:
+                recs[tr.tl.request_id] = self._build(tr, "committing")
+        recs.update({r["id"]: r for r in self._finals.values() if r.get("chain_id") == chain_id})
+        for tr in self.energy.open_accounts(chain_id=chain_id):
+            recs[tr.tl.request_id] = self._build(tr, "provisional")
+        return sorted(recs.values(), key=lambda r: (r.get("hop") or 0, r["start_unix_s"]))
+
+    def chain(self, chain_id: str, who: Principal | None = None) -> ChainSummary | None:
+        """A chain's summary; for a client key (``who``) only that key's records of it. None if none."""
+        recs = self._chain_records(chain_id)
+        if who is not None:
+            recs = [r for r in recs if who.may_see(r.get("key_id"))]
+        return chain_summary(chain_id, recs) if recs else None
+
+    def chain_page(
+        self, chain_id: str, offset: int, limit: int, who: Principal | None = None
+    ) -> ChainPage | None:
+        """:meth:`chain` with its ``records`` and ``hops`` cut to ``limit`` from ``offset`` (totals stay
+        the chain's); ``next_offset`` is null on the last page."""
+        summary = self.chain(chain_id, who)
+        return None if summary is None else chain_page(summary, offset, limit)
+
+    def score_chain(
+        self, chain_id: str, correct: bool, hops: int | None, who: Principal | None = None
+    ) -> dict[str, Any] | None:
+        """Count a client's verdict on a chain's final answer (once per chain); None if the chain is unknown
+        (to ``who``). With auth on only the chain's owner, the key of its first record, or the admin may
+        score it: another key that has records in the chain gets Forbidden, one that has none None."""
+        recs = self._chain_records(chain_id)
+        if who is not None and not who.admin:
+            if not any(who.may_see(r.get("key_id")) for r in recs):
+                return None
+            owner = min(recs, key=lambda r: r["start_unix_s"]).get("key_id")
+            if not who.may_see(owner):
+                raise Forbidden(f"chain {chain_id!r} belongs to another API key; only its owner may score it")
+        if not recs:
+            return None
+        last = recs[-1]
+        n = hops if hops is not None else len(recs)
+        first = chain_id not in self._scored
+        if first:
+            self._scored[chain_id] = None
+            if len(self._scored) > 10 * self._keep:
+                self._scored.popitem(last=False)
+            self.metrics.chains_scored.labels(
+                last.get("pool") or "",
+                last.get("precision") or "",
+                hop_label(n),
+                "correct" if correct else "wrong",
+            ).inc()
+        return {
+            "chain_id": chain_id,
+            "counted": first,
+            "correct": correct,
+            "hops": n,
+            "pool": last.get("pool"),
+            "precision": last.get("precision"),
+        }
+
+    # -- per-key usage (issue 13) ------------------------------------------------
+    def key_usage(self, key_id: str, since_unix_s: float, until_unix_s: float) -> dict[str, Any] | None:
+        """What one client key used from the ledger's final records that started in [since, until):
+        requests, tokens, attributed and idle energy, by precision; None for a key the store does not
+        hold. Energy sums cover the requests whose energy is known; the others are counted, never as 0 J."""
+        if self.key_ring is None:
+            return None
+        key = self.key_ring.get(key_id)
+        if key is None:
+            return None
+        rows = self.ledger.key_usage(key_id, since_unix_s, until_unix_s)
+        by_precision = [{"precision": row.precision, **_usage([row])} for row in rows]
+        pending = sum(1 for _ in self.energy.open_accounts(key_id=key_id))
+        pending += sum(1 for tr in self._committing.values() if tr.tl.key_id == key_id)
+        return {
+            "key_id": key.id,
+            "name": key.name,
+            "since_unix_s": since_unix_s,
+            "until_unix_s": until_unix_s,
+            **_usage(rows),
+            "by_precision": by_precision,
+            "not_final_requests": pending,
+            "note": "sums over the final records in the ledger; requests in flight or waiting for their final "
+            "energy figure (not_final_requests, now) count once they are final",
+        }
+
+
+def _usage(rows: list[UsageRow]) -> dict[str, Any]:
+    """The sums of some usage rows, as the usage API shows them (energy None when no request's is known)."""
+    requests = sum(r.requests for r in rows)
+    energies = [r.energy_j for r in rows if r.energy_j is not None]
+    idles = [r.idle_energy_j for r in rows if r.idle_energy_j is not None]
+    none = 0.0 if requests == 0 else None  # nothing used is 0 J; used but never measured is unknown
+    energy = sum(energies) if energies else none
+    idle = sum(idles) if idles else none
+    known_tokens = sum(r.completion_tokens_energy_known for r in rows)
+    total = (energy or 0.0) + (idle or 0.0)
+    return {
+        "requests": requests,
+        "ok_requests": sum(r.ok_requests for r in rows),
+        "prompt_tokens": sum(r.prompt_tokens for r in rows),
+        "completion_tokens": sum(r.completion_tokens for r in rows),
+        "energy_j": energy,
+        "idle_energy_j": idle,
+        "idle_share": idle / total if idle is not None and total > 0 else None,
+        "j_per_token": energy / known_tokens if energy is not None and known_tokens else None,
+        "energy_unknown_requests": sum(r.energy_unknown_requests for r in rows),
+        "energy_null_reason": None if energy is not None else reasons.KEY_NONE_MEASURED,
+    }
