@@ -125,11 +125,18 @@ class ClientGone(QtrapError):
 
 
 class UpstreamError(QtrapError):
-    """A backend could not be used. ``backend`` names it for logs and metrics."""
+    """A backend could not be used. ``backend`` names it for logs and metrics; ``reason`` is the cause as
+    clients and ``/health`` may see it (no credentials, no address unless the backend exposes it) and
+    ``detail`` the cause for the proxy's log (no credentials). Raised by the transports
+    (``qtrap_proxy/transport.py``), which map their HTTP library's failures to these once."""
 
-    def __init__(self, message: str, *, backend: str) -> None:
+    def __init__(
+        self, message: str, *, backend: str, reason: str | None = None, detail: str | None = None
+    ) -> None:
         super().__init__(message)
         self.backend = backend
+        self.reason = message if reason is None else reason
+        self.detail = self.reason if detail is None else detail
 
 
 class UpstreamConnectError(UpstreamError):
