@@ -24,15 +24,23 @@ yields the library's own buffers as they arrive (no copy, no task), and the rela
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
 
 from qtrap_proxy.config import BackendConfig, Timeouts
-from qtrap_proxy.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from qtrap_proxy.errors import (
+    ConfigError,
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from qtrap_proxy.redact import redact_urls_in, scrub_addresses
 
 KEEPALIVE_S = 60.0  # how long an idle pooled connection is kept
@@ -130,9 +138,10 @@ class UpstreamFaults:
     def public(self, reason: str) -> str:
         return redact_urls_in(reason) if self.expose_address else scrub_addresses(reason)
 
-    def before_head(self, e: BaseException) -> UpstreamError:
-        """A failure before the answer's head: the backend is unreachable, or did not answer in time."""
-        desc = describe(e)
+    def before_head(self, e: BaseException, desc: str | None = None) -> UpstreamError:
+        """A failure before the answer's head: the backend is unreachable, or did not answer in time
+        (``desc``: how to describe ``e``, if not by its class and text)."""
+        desc = describe(e) if desc is None else desc
         if isinstance(e, TimeoutError):
             return UpstreamTimeout(
                 f"backend {self.name} did not answer in time",
@@ -148,10 +157,10 @@ class UpstreamFaults:
             detail=redact_urls_in(desc),
         )
 
-    def in_body(self, e: BaseException, *, streaming: bool) -> UpstreamError:
+    def in_body(self, e: BaseException, *, streaming: bool, desc: str | None = None) -> UpstreamError:
         """A failure while reading the body (``streaming``: in chunks, to a client whose stream has
         started; else the whole body, before the proxy answers)."""
-        desc = describe(e)
+        desc = describe(e) if desc is None else desc
         if isinstance(e, TimeoutError):
             return UpstreamTimeout(
                 f"backend {self.name} went silent for longer than its read timeout",
@@ -282,6 +291,150 @@ class _AiohttpChunks:
         return data
 
 
+# -- pyreqwest (optional: pip install pyreqwest) --------------------------------------------------------------
+
+
+class PyreqwestTransport(Transport):
+    """reqwest (Rust, hyper's pool) through pyreqwest: the requests run on pyreqwest's own tokio threads.
+
+    Experimental (``backends[].transport: pyreqwest``): measured in docs/benchmarks.md, "Upstream clients
+    behind the transport seam (issue 14)"."""
+
+    def __init__(self, cfg: BackendConfig) -> None:
+        try:
+            import pyreqwest.exceptions
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ConfigError(
+                f"backends[{cfg.name}].transport: pyreqwest is not installed (pip install pyreqwest)"
+            ) from e
+        self._errors: tuple[type[BaseException], ...] = (pyreqwest.exceptions.PyreqwestError, OSError)
+        self.faults = UpstreamFaults(cfg.name, cfg.expose_address)
+        self._base = cfg.url
+        self._cfg = cfg
+        self._client: Any = None
+
+    def _build(self) -> Any:
+        from pyreqwest.client import ClientBuilder
+
+        t = self._cfg.timeouts
+        return (
+            ClientBuilder()
+            .max_connections(self._cfg.max_connections)
+            .connect_timeout(timedelta(seconds=t.connect_s))
+            .read_timeout(timedelta(seconds=t.read_s))
+            .pool_idle_timeout(timedelta(seconds=KEEPALIVE_S))
+            .http1_only()
+            .build()
+        )
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        *,
+        timeouts: Timeouts | None = None,
+    ) -> UpstreamResponse:
+        if self._client is None:
+            self._client = self._build()
+        builder = self._client.request(method, self._base + path).headers(headers)
+        if body is not None:
+            builder = builder.body_bytes(body)
+        if timeouts is not None:
+            raise NotImplementedError("pyreqwest: per-request timeouts (reqwest has a total deadline only)")
+        req = builder.streamed_read_buffer_limit(0).build_streamed()  # 0: the head alone, no body read ahead
+        try:
+            resp = await req.__aenter__()
+        except self._errors as e:
+            raise self.faults.before_head(e, _reqwest_describe(e)) from e
+        return _ReqwestResponse(req, resp, self.faults, self._errors)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+
+def _reqwest_describe(e: BaseException) -> str:
+    """A pyreqwest error in short: its class, message and innermost cause (its details name the URL)."""
+    details = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], dict) else {}
+    causes = details.get("causes") or []
+    last = causes[-1].get("message") if causes and isinstance(causes[-1], dict) else None
+    text = str(e.args[0]) if e.args else ""
+    return f"{type(e).__name__}: {text}" + (f" ({last})" if last else "")
+
+
+class _ReqwestResponse(UpstreamResponse):
+    __slots__ = ("_errors", "_faults", "_open", "_req", "_resp")
+
+    def __init__(
+        self, req: Any, resp: Any, faults: UpstreamFaults, errors: tuple[type[BaseException], ...]
+    ) -> None:
+        self.status = int(resp.status)
+        items = list(resp.headers.items())
+        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in items]
+        self.headers = dict(items)  # the http crate's names are lower-case
+        self._req = req
+        self._resp = resp
+        self._faults = faults
+        self._errors = errors
+        self._open = True
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        return _ReqwestChunks(self._resp.body_reader, self._faults, self._errors)
+
+    async def read(self) -> bytes:
+        try:
+            data = await self._resp.body_reader.bytes()
+        except self._errors as e:
+            raise self._faults.in_body(e, streaming=False, desc=_reqwest_describe(e)) from e
+        return bytes(data.to_bytes())
+
+    def _finish(self) -> None:
+        if self._open:
+            self._open = False
+            task = asyncio.get_running_loop().create_task(self._req.__aexit__(None, None, None))
+            _PENDING.add(task)
+            task.add_done_callback(_PENDING.discard)
+
+    def close(self) -> None:
+        self._finish()  # an unfinished body is dropped with its connection
+
+    def release(self) -> None:
+        self._finish()
+
+
+_PENDING: set[asyncio.Task[Any]] = set()  # responses being closed (a task holds no reference to itself)
+
+
+class _ReqwestChunks:
+    __slots__ = ("_errors", "_faults", "_reader")
+
+    def __init__(self, reader: Any, faults: UpstreamFaults, errors: tuple[type[BaseException], ...]) -> None:
+        self._reader = reader
+        self._faults = faults
+        self._errors = errors
+
+    def __aiter__(self) -> _ReqwestChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            data = await self._reader.read_chunk()
+        except self._errors as e:
+            raise self._faults.in_body(e, streaming=True, desc=_reqwest_describe(e)) from e
+        if data is None:
+            raise StopAsyncIteration
+        return bytes(data.to_bytes())
+
+
+TRANSPORTS: dict[str, Callable[[BackendConfig], Transport]] = {
+    "aiohttp": AiohttpTransport,
+    "pyreqwest": PyreqwestTransport,
+}
+
+
 def make_transport(cfg: BackendConfig) -> Transport:
-    """The transport a backend's configuration asks for."""
-    return AiohttpTransport(cfg)
+    """The transport a backend's configuration asks for (``backends[].transport``)."""
+    return TRANSPORTS[cfg.transport](cfg)
