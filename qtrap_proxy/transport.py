@@ -214,6 +214,7 @@ class AiohttpTransport(Transport):
                 timeout=self._timeout,
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),
+                cookie_jar=aiohttp.DummyCookieJar(),  # no backend cookie carried from one client to another
             )
         return self._session
 

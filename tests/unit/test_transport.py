@@ -67,13 +67,13 @@ def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def _transport(kind: str, port: int, read_s: float = 2.0, **kw: Any) -> Transport:
+def _transport(kind: str, port: int, read_s: float = 2.0, host: str = "127.0.0.1", **kw: Any) -> Transport:
     cfg = BackendConfig(
         transport=kind,
         name="b",
         pool="p",
         precision="bf16",
-        url=f"http://127.0.0.1:{port}",
+        url=f"http://{host}:{port}",
         model="m",
         timeouts=Timeouts(connect_s=2.0, read_s=read_s),
         **kw,
@@ -239,5 +239,28 @@ def test_a_pooled_connection_the_backend_closed_is_not_reused(kind: str) -> None
             finally:
                 await t.aclose()
             assert s.connections == 3
+
+    asyncio.run(run())
+
+
+def test_no_cookie_carried_from_one_request_to_the_next(kind: str) -> None:
+    """A proxy must not send one client's backend cookies with another client's request."""
+
+    async def handler(srv: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            srv.requests.append(await _request(reader))
+            writer.write(HEAD_OK + b"Set-Cookie: session=client-a; Path=/\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def run() -> None:
+        async with serving(handler) as (s, port):
+            t = _transport(kind, port, host="localhost")  # a host name: cookie jars ignore IP addresses
+            try:
+                for _ in range(2):
+                    async with t.request("POST", "/v1/x", HDRS, b"{}") as resp:
+                        assert await resp.read() == b"ok"
+            finally:
+                await t.aclose()
+            assert len(s.requests) == 2 and b"cookie:" not in s.requests[1].lower()
 
     asyncio.run(run())
