@@ -9,7 +9,7 @@ of it, then measures with an aiohttp client:
   decoding GPU (``--paced-ms`` between a stream's chunks);
 * the proxy's CPU time per request and per chunk, and its peak RSS at 512 streams.
 
-Usage:  .venv/bin/python bench/proxy_overhead.py [--quick] [--json out.json]
+Usage:  .venv/bin/python bench/proxy_overhead.py [--quick] [--transport aiohttp|pyreqwest] [--json out.json]
 Timings vary on a shared machine: compare the ratios printed by one run.
 """
 
@@ -190,6 +190,12 @@ def main() -> None:
         action="store_true",
         help="run the proxy with a DCGM meter (a simulated GPU's counter) and energy attribution on",
     )
+    ap.add_argument(
+        "--transport",
+        default="aiohttp",
+        choices=["aiohttp", "pyreqwest"],
+        help="the proxy's upstream client (backends[].transport; pyreqwest needs `pip install pyreqwest`)",
+    )
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args()
     if args.quick:
@@ -208,6 +214,7 @@ def main() -> None:
                 "kind": "vllm",
                 "url": f"http://127.0.0.1:{bport}",
                 "model": "m",
+                "transport": args.transport,
             }
         ],
     }

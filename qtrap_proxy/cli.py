@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qtrap_proxy import __version__, keystore
 from qtrap_proxy.config import ProxyConfig, load_config
-from qtrap_proxy.errors import ConfigError, KeyStoreError, QtrapError
+from qtrap_proxy.errors import ConfigError, KeyStoreError, QtrapDomainError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,7 +131,7 @@ def _keys(args: argparse.Namespace) -> int:
         when = _when(key.revoked_unix_s)
         print(f"{key.id} revoked at {when}" if changed else f"{key.id} was already revoked at {when}")
         return 0
-    except QtrapError as e:
+    except QtrapDomainError as e:  # a bad key id, name, pools or expiry, the store, the configuration
         print(f"qtrap-proxy: {e}", file=sys.stderr)
         return 2
 

@@ -114,6 +114,11 @@ class BackendConfig(_Strict):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     health_path: str | None = None
     max_connections: int = Field(4096, gt=0)
+    transport: Literal["aiohttp", "pyreqwest"] = Field(
+        "aiohttp",
+        description="the HTTP client of the upstream leg (qtrap_proxy/transport.py); pyreqwest is experimental "
+        "and needs `pip install pyreqwest`",
+    )
     token_counters: bool = Field(
         False,
         description="read the backend's own token counters (vllm or tgi /metrics) so that work other proxy "

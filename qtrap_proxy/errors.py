@@ -1,8 +1,12 @@
-"""The one exception hierarchy of the proxy.
+"""The proxy's exceptions, in two families.
 
 Everything that can go wrong while serving a request is raised as a subclass of
 :class:`QtrapError`; the HTTP edge (``openai_route``/``tgi_route``) turns it into a
 status code and an error body. Nothing below the edge knows about HTTP bodies.
+
+What goes wrong outside a request (the configuration, the key store, the energy meter)
+is a :class:`QtrapDomainError`: it carries no HTTP status, since no client is ever
+answered with it; the CLI prints it, start-up refuses to run, background work logs it.
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ def openai_error_body(message: str, type_: str, param: str | None = None, code: 
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
-class ConfigError(QtrapError):
+class QtrapDomainError(Exception):
+    """Base class of the errors raised outside a request (no HTTP status: never answered to a client)."""
+
+
+class ConfigError(QtrapDomainError):
     """The configuration file or environment is invalid (raised at start-up, never per request)."""
 
 
@@ -77,7 +85,7 @@ class Forbidden(QtrapError):
     code = "permission_denied"
 
 
-class KeyStoreError(QtrapError):
+class KeyStoreError(QtrapDomainError):
     """The key store (``auth.keys_path``) cannot be opened, read or written, or a key's id, name, pools
     or expiry is invalid (the CLI and start-up; never per request)."""
 
@@ -117,11 +125,18 @@ class ClientGone(QtrapError):
 
 
 class UpstreamError(QtrapError):
-    """A backend could not be used. ``backend`` names it for logs and metrics."""
+    """A backend could not be used. ``backend`` names it for logs and metrics; ``reason`` is the cause as
+    clients and ``/health`` may see it (no credentials, no address unless the backend exposes it) and
+    ``detail`` the cause for the proxy's log (no credentials). Raised by the transports
+    (``qtrap_proxy/transport.py``), which map their HTTP library's failures to these once."""
 
-    def __init__(self, message: str, *, backend: str) -> None:
+    def __init__(
+        self, message: str, *, backend: str, reason: str | None = None, detail: str | None = None
+    ) -> None:
         super().__init__(message)
         self.backend = backend
+        self.reason = message if reason is None else reason
+        self.detail = self.reason if detail is None else detail
 
 
 class UpstreamConnectError(UpstreamError):

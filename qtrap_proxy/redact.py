@@ -4,7 +4,7 @@ addresses either.
 A backend URL may carry credentials (``http://user:secret@gpu-node-1:8000``) and its address is internal:
 ``/health``, the energy report, logs and ``qtrap-proxy check-config`` show URLs with the user information
 removed, and the 502/504 answers clients get name the backend, not where it lives, unless the backend's
-``expose_address`` is set (aiohttp's connection errors spell out host and port).
+``expose_address`` is set (HTTP clients' connection errors spell out host and port).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ the token timeline, and turns every fault into the right answer for the client:
 * before the response has started: an error body with the right HTTP status;
 * after it has started (mid-stream): an error event, then the stream ends;
 * a client that disconnects: the upstream request is cancelled at once.
+
+The backend's answer comes through its transport (``qtrap_proxy/transport.py``), which
+raises nothing but the proxy's upstream errors: the relay never sees an HTTP library.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import aiohttp
-
 from qtrap_common import wire
 from qtrap_common.asgi import Receive, Scope, Send, header, relay_headers, run_until_disconnect, send_full
 from qtrap_proxy.asgi import read_body
@@ -28,8 +29,8 @@ from qtrap_proxy.errors import (
     InternalError,
     QtrapError,
     UpstreamBroken,
+    UpstreamConnectError,
     UpstreamError,
-    UpstreamTimeout,
 )
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.sse import SSESplitter
@@ -153,7 +154,7 @@ class RelayRoute(ABC):
                 await send({"type": "http.response.start", "status": 200, "headers": hdrs})
                 started = True
                 splitter = SSESplitter()
-                async for data in resp.content.iter_any():
+                async for data in resp.aiter_bytes():
                     events = splitter.feed(data)
                     if events:
                         out = filt.process(events, time.monotonic())
@@ -169,8 +170,14 @@ class RelayRoute(ABC):
                     tl.finish("upstream_error", 200, filt.upstream_error)
                 else:
                     tl.finish("ok", 200)
-        except (aiohttp.ClientError, TimeoutError, UpstreamError) as e:
-            err = _as_upstream_error(e, prep.backend, started)
+        except UpstreamError as err:
+            if isinstance(err, UpstreamConnectError):
+                log.warning(
+                    "backend %s (%s) is unreachable: %s",
+                    err.backend,
+                    prep.backend.cfg.display_url,
+                    err.detail,
+                )
             if started:
                 assert prep.filter is not None
                 await send(
@@ -189,19 +196,6 @@ def _internal(e: Exception, tl: Timeline) -> InternalError:
     log.error("validating request %s failed", tl.request_id, exc_info=e)
     return InternalError(
         f"internal error while validating the request ({type(e).__name__}); request {tl.request_id}"
-    )
-
-
-def _as_upstream_error(e: BaseException, backend: Backend, started: bool) -> UpstreamError:
-    if isinstance(e, UpstreamError):
-        return e
-    if isinstance(e, TimeoutError):
-        return UpstreamTimeout(
-            f"backend {backend.name} went silent for longer than its read timeout", backend=backend.name
-        )
-    what = "mid-stream" if started else "before answering"
-    return UpstreamBroken(
-        f"backend {backend.name} failed {what}: {type(e).__name__}: {e}", backend=backend.name
     )
 
 

@@ -23,10 +23,10 @@ from typing import Any, Protocol
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from qtrap_proxy.errors import QtrapError
+from qtrap_proxy.errors import QtrapDomainError
 
 
-class MeterError(QtrapError):
+class MeterError(QtrapDomainError):
     """The meter could not be read (NVML failing, an exporter unreachable, ...)."""
 
 
