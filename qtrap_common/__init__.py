@@ -10,4 +10,5 @@ nothing heavier than the standard library, pydantic and orjson:
 * :mod:`qtrap_common.background`: the background-task base and the one bounded way to stop a task.
 * :mod:`qtrap_common.asgi`: raw-ASGI helpers shared by the proxy's and the simulator's routes.
 * :mod:`qtrap_common.localproc`: child servers on loopback (free ports, start, wait, stop).
+* :mod:`qtrap_common.version`: the distribution's version, from pyproject.toml.
 """

@@ -6,7 +6,7 @@ the same constants), the ``x-qtrap-*`` header names and bounds come from
 ``limits.py`` and the response header names from ``proxy.py``/``relay.py``, and the
 server's configured limits (``server.max_body_bytes``, ...) from the running
 config. ``OPERATIONS`` lists every route and method the app registers;
-``tests/unit/test_openapi.py`` keeps the two equal, so a new route cannot go
+``tests/unit/proxy/test_openapi.py`` keeps the two equal, so a new route cannot go
 undocumented. Starlette also answers ``HEAD`` on every ``GET`` route (headers
 only); the document lists the ``GET``.
 """

@@ -1,22 +1,5 @@
 """qtrap_sim: a vLLM/TGI-compatible inference server on a simulated GPU."""
 
-from importlib import metadata
+from qtrap_common.version import version
 
-
-def _version() -> str:
-    """The version in pyproject.toml (its one home): from the installed package's metadata, or read
-    from pyproject.toml itself in a source tree that is on the path but not installed."""
-    try:
-        return metadata.version("qtrap")
-    except metadata.PackageNotFoundError:
-        import tomllib
-        from pathlib import Path
-
-        try:
-            with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
-                return str(tomllib.load(f)["project"]["version"])
-        except (OSError, KeyError, tomllib.TOMLDecodeError):
-            return "0+unknown"
-
-
-__version__ = _version()
+__version__ = version()

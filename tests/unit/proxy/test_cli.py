@@ -115,7 +115,7 @@ def test_version_has_one_source_pyproject(capsys: pytest.CaptureFixture[str]) ->
     import qtrap_proxy
     import qtrap_sim
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     with open(root / "pyproject.toml", "rb") as f:
         want = tomllib.load(f)["project"]["version"]
     assert qtrap_proxy.__version__ == qtrap_sim.__version__ == loadgen.__version__ == want, (
@@ -143,7 +143,7 @@ def test_loadgen_without_its_extra_says_how_to_install_it() -> None:
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     # -S: no site-packages, so neither numpy nor rich; the source tree alone on the path
     r = subprocess.run(
         [sys.executable, "-S", "-m", "loadgen", "--version"],

@@ -24,7 +24,7 @@ from qtrap_proxy.openai_route import OpenAIRoute
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.relay import RelayRoute
 from qtrap_proxy.tgi_route import TGIRoute
-from tests.unit.mock_transport import MockTransport, Script
+from tests.unit.proxy.mock_transport import MockTransport, Script
 
 CHAT = {"model": "p", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
@@ -147,7 +147,7 @@ def _run(
             path = tgi or "/v1/chat/completions"
             reply = await _call(route, body, path=path, disconnect_when=disconnect_when, disconnect_soon=soon)
             rid = mock.sent[0].headers["x-request-id"]
-            record = proxy.record(rid)
+            record = proxy.records.record(rid)
             assert record is not None
             return Outcome(reply, record, mock)
         finally:
