@@ -129,6 +129,12 @@ class BackendConfig(_Strict):
         False,
         description="name the backend's address in the 502/504 answers clients get (default: its name only)",
     )
+    engine_facts: Literal["otlp", "headers", "none"] = Field(
+        "none",
+        description="where the engine's own per-request timing comes from: otlp (vLLM's llm_request spans, "
+        "sent to the proxy's otlp_receiver; start vLLM with --otlp-traces-endpoint), headers (TGI's "
+        "x-queue-time and x-inference-time on non-streaming answers), none (the proxy's own view)",
+    )
 
     @field_validator("url")
     @classmethod
@@ -152,6 +158,8 @@ class BackendConfig(_Strict):
             )
         if self.token_counters and not self.devices:
             raise ValueError("token_counters: the backend lists no devices to attribute on")
+        if self.engine_facts == "headers" and self.kind != "tgi":
+            raise ValueError("engine_facts: headers needs kind tgi (TGI's timing headers)")
         return self
 
     @property
@@ -204,6 +212,29 @@ class MeterConfig(_Strict):
         except re.error as e:
             raise ValueError(f"meter.hop_split_regex: not a regular expression: {e}") from e
         return self
+
+
+class OtlpReceiverConfig(_Strict):
+    """The OTLP/HTTP trace receiver (engine facts from vLLM's ``llm_request`` spans): off by default."""
+
+    enabled: bool = Field(False, description="listen for OTLP/HTTP traces at POST /v1/traces")
+    host: str = Field("127.0.0.1", description="address to listen on (the engines' side, not the clients')")
+    port: int = Field(4318, ge=0, le=65535, description="port (4318 is OTLP/HTTP's; 0 picks a free one)")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        gt=0,
+        le=256 * 1024 * 1024,
+        description="largest export request accepted (413 beyond)",
+    )
+    wait_s: float = Field(
+        6.0,
+        ge=0,
+        le=600,
+        allow_inf_nan=False,
+        description="how long an interval waits for an ended request's span before it is split without it "
+        "(at most meter.settle_s; OpenTelemetry's batch exporter sends every 5 s by default, so set "
+        "OTEL_BSP_SCHEDULE_DELAY lower on the engine for faster final figures)",
+    )
 
 
 class LedgerConfig(_Strict):
@@ -273,6 +304,7 @@ class ProxyConfig(BaseSettings):
     meter: MeterConfig = Field(default_factory=MeterConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    otlp_receiver: OtlpReceiverConfig = Field(default_factory=OtlpReceiverConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -302,6 +334,11 @@ class ProxyConfig(BaseSettings):
                 raise ValueError(
                     f"pools.{pool}.default_precision: {pc.default_precision!r} is not served "
                     f"(pool has {sorted(precisions[pool])})"
+                )
+        for i, b in enumerate(self.backends):
+            if b.engine_facts == "otlp" and not self.otlp_receiver.enabled:
+                raise ValueError(
+                    f"backends[{i}].engine_facts: otlp needs otlp_receiver.enabled: true (the spans' destination)"
                 )
         if Path(self.keys_path).resolve() == Path(self.ledger.path).resolve():
             raise ValueError(
