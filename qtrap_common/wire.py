@@ -20,6 +20,10 @@ HOP_SPLIT: Final = "x-qtrap-hop-split"  # `lines` or `regex`: one stream split i
 PRECISION: Final = "x-qtrap-precision"  # pins a precision (as does `model@precision`)
 MODEL: Final = "x-qtrap-model"  # pool or pool@precision on TGI's routes, which have no `model` field
 REQUEST_ID: Final = "x-request-id"  # forwarded upstream: the simulator's truth is keyed by it
+# W3C trace context: a client's valid traceparent is continued; every upstream request carries one whose
+# parent span id is the request's (the first 16 hex digits of its id), which joins the engine's span to it
+TRACEPARENT: Final = "traceparent"
+TRACESTATE: Final = "tracestate"
 
 # -- response headers every relayed answer carries ----------------------------------------------------
 RESP_REQUEST_ID: Final = "x-qtrap-request-id"  # the key to the request's record
@@ -34,6 +38,8 @@ B_HOP: Final = HOP.encode()
 B_HOP_SPLIT: Final = HOP_SPLIT.encode()
 B_PRECISION: Final = PRECISION.encode()
 B_MODEL: Final = MODEL.encode()
+B_TRACEPARENT: Final = TRACEPARENT.encode()
+B_TRACESTATE: Final = TRACESTATE.encode()
 B_RESP_REQUEST_ID: Final = RESP_REQUEST_ID.encode()
 B_RESP_BACKEND: Final = RESP_BACKEND.encode()
 B_RESP_PRECISION: Final = RESP_PRECISION.encode()
@@ -75,6 +81,20 @@ class HopEnergy(TypedDict):
     energy_j: float | None
 
 
+class EngineTiming(TypedDict):
+    """When the engine says the request's phases ran, in seconds from the request's start at the proxy
+    (engine_facts: otlp or headers), placed on the proxy's clock within ``clock_error_s``."""
+
+    source: str  # otlp | headers
+    queued_s: float | None
+    prefill_start_s: float
+    first_token_s: float | None  # None: the engine does not separate prefill from decode (TGI)
+    last_token_s: float
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    clock_error_s: float
+
+
 class RequestRecord(TypedDict):
     id: str
     chain_id: str | None
@@ -106,6 +126,11 @@ class RequestRecord(TypedDict):
     energy_null_reason: str | None
     provisional: bool
     hops: list[HopEnergy]
+    # whose view placed the request's work: the engine's facts, or the proxy's own (and why, where the
+    # engine's facts were expected); the facts themselves when they came
+    facts: str  # engine | proxy
+    facts_reason: str | None
+    engine_timing: EngineTiming | None
     # read back from the ledger only, and only when the record could not be stored as it was (a value
     # SQLite or the serialiser refused): what was done instead (qtrap_proxy/ledger.py)
     ledger_error: NotRequired[str]

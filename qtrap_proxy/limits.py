@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -198,6 +199,30 @@ def parse_time(value: str, what: str) -> float:
     raise BadRequest(
         f"{what} must be Unix seconds or an ISO 8601 date or time, got {_show(value)}", param=what
     )
+
+
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.ASCII)
+MAX_TRACESTATE_CHARS = 512  # W3C trace context: at most 32 list members, 512 characters
+
+
+def trace_context(traceparent: str | None, tracestate: str | None) -> tuple[str | None, str | None]:
+    """The client's trace id and tracestate when its ``traceparent`` is valid W3C trace context, else
+    (None, None): an invalid one is not an error (the spec says to start a new trace), it is dropped.
+    A tracestate longer than 512 characters or with characters outside printable ASCII is dropped."""
+    if traceparent is None:
+        return None, None
+    m = _TRACEPARENT.fullmatch(traceparent.strip())
+    if m is None:
+        return None, None
+    version, trace_id, parent, _flags, rest = m.groups()
+    if version == "ff" or (version == "00" and rest) or trace_id == "0" * 32 or parent == "0" * 16:
+        return None, None
+    state = None
+    if tracestate is not None:
+        state = tracestate.strip()
+        if not state or len(state) > MAX_TRACESTATE_CHARS or not all(" " <= c <= "~" for c in state):
+            state = None
+    return trace_id, state
 
 
 def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:

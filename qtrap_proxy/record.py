@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from qtrap_common.wire import ChainHop, ChainPage, ChainSummary, HopEnergy, RequestRecord
+from qtrap_common.wire import ChainHop, ChainPage, ChainSummary, EngineTiming, HopEnergy, RequestRecord
 from qtrap_proxy.energy import reasons
 from qtrap_proxy.energy.attribution import Tracked
 
@@ -67,6 +67,26 @@ def build_record(
         "energy_null_reason": None if known else tr.unknown_reason,
         "provisional": not settled,
         "hops": _hops(tr, energy, known and settled),
+        "facts": tr.facts,
+        "facts_reason": tr.facts_reason if tr.facts == "proxy" else None,
+        "engine_timing": _engine_timing(tr),
+    }
+
+
+def _engine_timing(tr: Tracked) -> EngineTiming | None:
+    e = tr.engine
+    if e is None:
+        return None
+    t0 = tr.tl.start
+    return {
+        "source": e.source,
+        "queued_s": None if e.queued is None else round(e.queued - t0, 6),
+        "prefill_start_s": round(e.prefill_start - t0, 6),
+        "first_token_s": None if e.first_token is None else round(e.first_token - t0, 6),
+        "last_token_s": round(e.last_token - t0, 6),
+        "prompt_tokens": e.prompt_tokens,
+        "completion_tokens": e.completion_tokens,
+        "clock_error_s": e.clock_error_s,
     }
 
 

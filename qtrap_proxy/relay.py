@@ -32,6 +32,7 @@ from qtrap_proxy.errors import (
     UpstreamConnectError,
     UpstreamError,
 )
+from qtrap_proxy.limits import trace_context
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.sse import SSESplitter
 from qtrap_proxy.timeline import Timeline, new_request_id
@@ -133,7 +134,9 @@ class RelayRoute(ABC):
         started = False
         own = self.proxy.response_headers(tl)
         try:
-            async with prep.backend.post(prep.path, prep.body, tl.request_id, client_auth) as resp:
+            async with prep.backend.post(
+                prep.path, prep.body, tl.request_id, client_auth, tl.traceparent, tl.tracestate
+            ) as resp:
                 tl.first_byte = time.monotonic()
                 hdrs = relay_headers(resp.raw_headers) + own
                 if resp.status != 200:
@@ -144,6 +147,7 @@ class RelayRoute(ABC):
                 if not prep.stream or prep.filter is None:
                     data = await resp.read()
                     self.account_full_body(tl, data, resp.headers)
+                    self.proxy.energy.on_answer_headers(tl, resp.headers)
                     provisional = self.proxy.provisional_j(tl)
                     if provisional is not None:
                         hdrs.append((H_ENERGY, f"{provisional:.6g}".encode()))
@@ -200,6 +204,9 @@ def _internal(e: Exception, tl: Timeline) -> InternalError:
 
 
 def _read_chain_headers(scope: Scope, tl: Timeline) -> None:
+    tl.trace_id, tl.tracestate = trace_context(
+        header(scope, wire.B_TRACEPARENT), header(scope, wire.B_TRACESTATE)
+    )
     tl.chain_id = header(scope, wire.B_CHAIN_ID)
     hop = header(scope, wire.B_HOP)
     if hop is not None:

@@ -37,6 +37,8 @@ class Timeline:
     hop: int | None = None
     key_id: str | None = None  # the client key's public id (auth.enabled); in the record
     key_label: str | None = None  # its metric label (name, else id); not in the record
+    trace_id: str | None = None  # the client's W3C trace id when it sent a valid traceparent
+    tracestate: str | None = None  # the client's tracestate (with a valid traceparent), passed on
     start: float = field(default_factory=time.monotonic)
     start_unix_s: float = field(default_factory=time.time)
     first_byte: float | None = None
@@ -52,6 +54,17 @@ class Timeline:
     status: str = "in_flight"
     http_status: int | None = None
     error: str | None = None
+
+    @property
+    def span_id(self) -> str:
+        """The request's span id (16 hex digits): the parent of the engine's span for it."""
+        return self.request_id[:16]
+
+    @property
+    def traceparent(self) -> str:
+        """What goes upstream: the client's trace (else one named by the request id), this request's
+        span, sampled (an engine with a parent-based sampler records a span only for a sampled parent)."""
+        return f"00-{self.trace_id or self.request_id}-{self.request_id[:16]}-01"
 
     def add_chunk(self, t: float, tokens: int) -> None:
         self.chunk_t.append(t)

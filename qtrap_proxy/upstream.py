@@ -44,21 +44,39 @@ class Backend:
     async def close(self) -> None:
         await self.transport.aclose()
 
-    def headers(self, request_id: str, client_auth: str | None) -> dict[str, str]:
+    def headers(
+        self,
+        request_id: str,
+        client_auth: str | None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> dict[str, str]:
         h = dict(self._headers)
         h[wire.REQUEST_ID] = request_id
+        if traceparent is not None:
+            h[wire.TRACEPARENT] = traceparent
+            if tracestate is not None:
+                h[wire.TRACESTATE] = tracestate
         if client_auth is not None and "Authorization" not in h:
             h["Authorization"] = client_auth
         return h
 
     def post(
-        self, path: str, body: bytes, request_id: str, client_auth: str | None
+        self,
+        path: str,
+        body: bytes,
+        request_id: str,
+        client_auth: str | None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> AbstractAsyncContextManager[UpstreamResponse]:
         """POST to the backend: the answer, once its head has arrived (see ``Transport.request``).
 
         Raises UpstreamConnectError or UpstreamTimeout before the head, UpstreamTimeout or UpstreamBroken
         while the body is read."""
-        return self.transport.request("POST", path, self.headers(request_id, client_auth), body)
+        return self.transport.request(
+            "POST", path, self.headers(request_id, client_auth, traceparent, tracestate), body
+        )
 
     async def probe(self, timeout_s: float) -> Health:
         t0 = time.monotonic()

@@ -53,6 +53,7 @@ from typing import Literal
 
 from qtrap_proxy.energy import reasons
 from qtrap_proxy.energy.counters import ForeignLedger, TokenCounter
+from qtrap_proxy.energy.facts import EngineTimes
 from qtrap_proxy.timeline import Timeline
 
 Policy = Literal["full", "active"]
@@ -72,20 +73,55 @@ class Tracked:
     pending_devices: int = 0  # devices whose interval containing the end is not settled yet
     energy_known: bool = True
     unknown_reason: str | None = None
+    # the engine's own facts (facts.py): expected from its OTLP spans, placed on the proxy's clock once in
+    engine: EngineTimes | None = None
+    facts_expected: bool = False  # intervals that need them wait for them (at most facts_wait_s past the end)
+    facts_wait_s: float = 0.0
+    facts_missed: int = 0  # intervals split without them where they mattered
+    facts_reason: str | None = None  # why the proxy's own view was used where facts were expected
 
     @property
     def final(self) -> bool:
         return self.tl.end is not None and self.pending_devices == 0
 
-    def facts_in(self, t: float) -> bool:
-        """Whether the timeline already says all this request did up to ``t``."""
+    @property
+    def facts(self) -> str:
+        """``engine`` when the engine's facts placed this request's work in every interval where they
+        mattered, else ``proxy`` (the proxy's own view: arrival to first chunk, or the whole duration)."""
+        return "engine" if self.engine is not None and self.facts_missed == 0 else "proxy"
+
+    def awaiting_facts(self, now: float) -> bool:
+        """Whether the engine's facts are expected and not in yet (giving up ``facts_wait_s`` after the end)."""
+        if not self.facts_expected or self.engine is not None:
+            return False
+        end = self.tl.end
+        if end is not None and now > end + self.facts_wait_s:
+            self.facts_expected = False
+            self.facts_reason = self.facts_reason or reasons.FACTS_NEVER_CAME
+            return False
+        return True
+
+    def needs_facts(self, t0: float) -> bool:
+        """Whether the engine's facts place this request's work in an interval starting at ``t0``: before
+        a stream's first chunk (its queue and its prefill are told apart only by them), anywhere in a
+        non-streaming request (which shows no timing at all)."""
         tl = self.tl
+        return not tl.stream or not tl.chunk_t or t0 < tl.chunk_t[0]
+
+    def facts_in(self, t0: float, t1: float, now: float) -> bool:
+        """Whether what this request did in (t0, t1] is known: its timeline says so (it has ended, or a
+        stream has passed t1 with its prompt size known) and, where they matter, the engine's facts are in."""
+        tl = self.tl
+        if self.facts_expected and self.awaiting_facts(now) and self.needs_facts(t0):
+            return False
         if tl.end is not None:
             return True
-        return tl.stream and tl.prompt_tokens is not None and bool(tl.chunk_t) and tl.chunk_t[-1] > t
+        return tl.stream and tl.prompt_tokens is not None and bool(tl.chunk_t) and tl.chunk_t[-1] > t1
 
     def work(self, t0: float, t1: float, prefill_weight: float) -> float | None:
         """Work units done in (t0, t1], or None where the timeline cannot say."""
+        if self.engine is not None:
+            return self._engine_work(self.engine, t0, t1, prefill_weight)
         tl = self.tl
         start, end = tl.start, tl.end
         lo, hi = max(t0, start), min(t1, end if end is not None else t1)
@@ -109,12 +145,52 @@ class Tracked:
             w += prefill_weight * tl.prompt_tokens * (p_hi - p_lo) / max(first - start, 1e-9)
         return w
 
+    def _engine_work(self, e: EngineTimes, t0: float, t1: float, prefill_weight: float) -> float | None:
+        """Work in (t0, t1] where the engine said when each phase ran: none while queued; the prompt's rows
+        over its prefill; a stream's tokens by its chunks, a non-streaming answer's evenly over its decode.
+        Without a first-token time (TGI) all its rows are spread over its inference."""
+        tl = self.tl
+        lo, hi = max(t0, tl.start), min(t1, tl.end if tl.end is not None else t1)
+        if hi <= lo:
+            return 0.0
+        prompt = e.prompt_tokens if e.prompt_tokens is not None else tl.prompt_tokens
+        generated = e.completion_tokens if e.completion_tokens is not None else tl.completion_tokens
+        if e.first_token is None:
+            if prompt is None or generated is None:
+                return None
+            return _spread(prefill_weight * prompt + generated, e.prefill_start, e.last_token, t0, t1)
+        w = 0.0
+        in_prefill = _spread(1.0, e.prefill_start, e.first_token, t0, t1)  # its share of the prefill
+        if in_prefill > 0:
+            if prompt is None:
+                return None
+            w += prefill_weight * prompt * in_prefill
+        if tl.stream and tl.chunk_t:
+            w += _decode_work(tl.chunk_t, tl.chunk_tokens, t0, t1)
+        elif t1 >= e.first_token:
+            if generated is None:
+                return None
+            # the first token closes the prefill step; the others over the decode
+            w += _spread(min(1, generated), e.first_token, e.first_token, t0, t1)
+            w += _spread(max(0, generated - 1), e.first_token, e.last_token, t0, t1)
+        return w
+
     def chunk_weights(self, t0: float, t1: float) -> list[tuple[int, int]]:
         """(chunk index, tokens) of the chunks that arrived in (t0, t1]."""
         times = self.tl.chunk_t
         i = bisect.bisect_right(times, t0)
         j = bisect.bisect_right(times, t1)
         return [(k, self.tl.chunk_tokens[k]) for k in range(i, j)]
+
+
+def _spread(total: float, a: float, b: float, t0: float, t1: float) -> float:
+    """The part in (t0, t1] of ``total`` spread evenly over [a, b] (all of it at b when b <= a)."""
+    if total == 0:
+        return 0.0
+    if b <= a:
+        return total if t0 < b <= t1 else 0.0
+    lo, hi = max(a, t0), min(b, t1)
+    return total * (hi - lo) / (b - a) if hi > lo else 0.0
 
 
 def _decode_work(times: list[float], tokens: list[int], t0: float, t1: float) -> float:
@@ -207,10 +283,15 @@ class DeviceAccount:
             overlapping = [
                 tr for tr in self.tracked if tr.tl.start < iv.t1 and (tr.tl.end is None or tr.tl.end > iv.t0)
             ]
-            ready = now >= iv.t1 + self.settle_s or (
-                all(tr.facts_in(iv.t1) for tr in overlapping)
-                and all(c.covers(iv.t1) for c in self.counters.values() if c.up)
+            ready = all(tr.facts_in(iv.t0, iv.t1, now) for tr in overlapping) and all(
+                c.covers(iv.t1) for c in self.counters.values() if c.up
             )
+            if not ready and now >= iv.t1 + self.settle_s:  # waited long enough: split with what is known
+                ready = True
+                for tr in overlapping:
+                    if tr.awaiting_facts(now) and tr.needs_facts(iv.t0):
+                        tr.facts_missed += 1
+                        tr.facts_reason = reasons.FACTS_TOO_LATE
             if not ready:
                 break
             self.pending.popleft()

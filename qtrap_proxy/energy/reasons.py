@@ -31,6 +31,17 @@ def first_reading_late(device: str) -> str:
     return f"the meter's first reading on {device} came after the request started"
 
 
+# -- why a record's work was placed by the proxy's own view though the engine's facts were expected ----
+FACTS_NEVER_CAME: Final = "the engine's span for this request did not arrive within otlp_receiver.wait_s"
+FACTS_TOO_LATE: Final = (
+    "an interval of this request was split (meter.settle_s) before the engine's span arrived"
+)
+FACTS_NO_HEADERS: Final = "the backend's answer carries no x-inference-time header"
+FACTS_UNPLACEABLE: Final = (
+    "the engine's span lacks the times needed to place it (start, first token, prefill)"
+)
+
+
 # -- aggregates over records ----------------------------------------------------------------------------
 CHAIN_HOP_UNKNOWN: Final = "energy of at least one hop is unknown"
 KEY_NONE_MEASURED: Final = (

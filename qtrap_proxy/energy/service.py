@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from qtrap_common.background import STOP_TIMEOUT_S, Background
@@ -34,6 +35,7 @@ from qtrap_proxy.config import BackendConfig, ProxyConfig
 from qtrap_proxy.energy import reasons
 from qtrap_proxy.energy.attribution import DeviceAccount, Tracked
 from qtrap_proxy.energy.counters import CounterPoller, TokenCounter
+from qtrap_proxy.energy.facts import ClockOffset, EngineFacts, header_times, otlp_times
 from qtrap_proxy.energy.meters import DcgmMeter, Meter, MeterError, NullMeter, NvmlMeter, device_key
 from qtrap_proxy.redact import redact_url
 from qtrap_proxy.timeline import Timeline
@@ -41,6 +43,22 @@ from qtrap_proxy.timeline import Timeline
 log = logging.getLogger("qtrap.energy")
 
 FinalSink = Callable[[Tracked], None]
+
+# what became of the engine facts that came: joined to a request; for no request this proxy has open
+# (another replica's, one sent to the engine directly, or one already final); a second span for one
+# request; a span or headers lacking what placing them needs
+FACT_OUTCOMES = ("joined", "unmatched", "duplicate", "unplaceable")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def _request_id_in(engine_request_id: str | None) -> str | None:
+    """The proxy's request id inside an engine's request id (vLLM derives its id from X-Request-Id,
+    e.g. ``chatcmpl-<id>``), if there is one."""
+    if engine_request_id is None:
+        return None
+    m = _HEX32.search(engine_request_id)
+    return None if m is None else m.group(0)
+
 
 # at shutdown, the longest the meter is read for requests that ended after its last update
 FINAL_READINGS_S = 2.0
@@ -72,6 +90,15 @@ class EnergyService(Background):
         self.backend_devices: dict[str, list[str]] = {
             b.name: [device_key(d.host, d.index) for d in b.cfg.devices] for b in backends
         }
+        # engine facts (facts.py): which backends send them, the requests waiting for a span (by the span
+        # id sent upstream), each engine's clock offset, and what became of the facts that came
+        self.facts_mode: dict[str, str] = {b.name: b.cfg.engine_facts for b in backends}
+        self.facts_wait_s = min(config.otlp_receiver.wait_s, mc.settle_s)
+        self._by_span: dict[str, Tracked] = {}
+        self.clocks: dict[str, ClockOffset] = {
+            b.name: ClockOffset() for b in backends if b.cfg.engine_facts == "otlp"
+        }
+        self.facts_outcomes: dict[str, int] = dict.fromkeys(FACT_OUTCOMES, 0)
         keys = sorted({k for ks in self.backend_devices.values() for k in ks})
         self.accounts: dict[str, DeviceAccount] = {
             k: DeviceAccount(
@@ -246,8 +273,59 @@ class EnergyService(Background):
         else:
             for key in devices:
                 self.accounts[key].track(tr)
+            if self.facts_mode.get(backend.name) == "otlp":
+                tr.facts_expected, tr.facts_wait_s = True, self.facts_wait_s
+                self._by_span[tl.span_id] = tr
         self._tracked[tl.request_id] = tr
         return tr
+
+    # -- engine facts -----------------------------------------------------------
+    def on_facts(self, batch: Sequence[EngineFacts]) -> None:
+        """Spans from the OTLP receiver: each joins the request whose span id is its parent. A span
+        whose parent this proxy never sent (another replica's request, or one sent to the engine
+        directly) is counted and left out: that work reaches the device's foreign bucket through the
+        backend's token counters, where they are read (docs/design.md)."""
+        for f in batch:
+            tr = self._by_span.get(f.parent_span_id or "")
+            if tr is None:
+                rid = _request_id_in(f.request_id)
+                tr = self._tracked.get(rid) if rid is not None else None
+                if tr is None:
+                    self.facts_outcomes["unmatched"] += 1
+                    continue
+            if tr.engine is not None:
+                self.facts_outcomes["duplicate"] += 1
+                continue
+            tl = tr.tl
+            clock = self.clocks.get(tl.backend or "")
+            if clock is None:  # a span for a request to a backend not set to engine_facts: otlp
+                self.facts_outcomes["unmatched"] += 1
+                continue
+            times = otlp_times(
+                f, tl.start, tl.start_unix_s, tl.end, tl.chunk_t[0] if tl.chunk_t else None, clock
+            )
+            if times is None:
+                self.facts_outcomes["unplaceable"] += 1
+                tr.facts_reason = reasons.FACTS_UNPLACEABLE
+                tr.facts_expected = False
+                continue
+            tr.engine = times
+            self.facts_outcomes["joined"] += 1
+
+    def on_answer_headers(self, tl: Timeline, headers: Mapping[str, str]) -> None:
+        """A non-streaming answer's head: TGI's timing headers, for backends set to engine_facts: headers."""
+        if self.facts_mode.get(tl.backend or "") != "headers":
+            return
+        tr = self._tracked.get(tl.request_id)
+        if tr is None or tr.engine is not None or tl.first_byte is None:
+            return
+        times = header_times(headers, tl.start, tl.first_byte)
+        if times is None:
+            self.facts_outcomes["unplaceable"] += 1
+            tr.facts_reason = reasons.FACTS_NO_HEADERS
+            return
+        tr.engine = times
+        self.facts_outcomes["joined"] += 1
 
     def end(self, tr: Tracked) -> None:
         """The request has ended (its timeline has an end): finalise now if nothing is to be measured."""
@@ -300,6 +378,8 @@ class EnergyService(Background):
     def _finalise(self, tr: Tracked) -> None:
         if self._tracked.pop(tr.tl.request_id, None) is None:
             return
+        if tr.facts_expected or tr.engine is not None:
+            self._by_span.pop(tr.tl.span_id, None)
         try:
             self.on_final(tr)
         except Exception:
@@ -364,9 +444,22 @@ class EnergyService(Background):
             }
             for c in self.counters
         ]
+        clocks = []
+        for name, clock in self.clocks.items():
+            est = clock.estimate()
+            clocks.append(
+                {
+                    "backend": name,
+                    "offset_s": None if est is None else est[0],
+                    "offset_error_s": None if est is None else est[1],
+                    "samples": clock.samples,
+                    "restarts": clock.restarts,
+                }
+            )
         return {
             "meter": self.cfg.kind,
             "policy": self.cfg.policy,
             "devices": devices,
             "token_counters": counters,
+            "engine_facts": {"outcomes": dict(self.facts_outcomes), "clocks": clocks},
         }

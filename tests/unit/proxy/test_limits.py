@@ -93,3 +93,37 @@ def test_a_body_readable_but_too_deep_to_write_back_is_a_bad_request() -> None:
     deep = parse_json_object(b'{"m": ' + b"[" * MAX_REWRITE_DEPTH + b"]" * MAX_REWRITE_DEPTH + b"}")
     with pytest.raises(BadRequest, match=f"deeper than {MAX_REWRITE_DEPTH} levels"):
         dump_json_object(deep)
+
+
+def test_trace_context_continues_a_valid_traceparent_and_drops_anything_else() -> None:
+    from qtrap_proxy.limits import trace_context
+
+    tid = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert trace_context(f"00-{tid}-00f067aa0ba902b7-01", "congo=t61rcWkgMzE") == (tid, "congo=t61rcWkgMzE")
+    assert trace_context(f"01-{tid}-00f067aa0ba902b7-00-future", None) == (
+        tid,
+        None,
+    )  # later versions may grow
+    for bad in (
+        f"00-{tid}-00f067aa0ba902b7-01-extra",  # version 00 has exactly four fields
+        f"ff-{tid}-00f067aa0ba902b7-01",
+        f"00-{'0' * 32}-00f067aa0ba902b7-01",
+        f"00-{tid}-{'0' * 16}-01",
+        f"00-{tid.upper()}-00f067aa0ba902b7-01",
+        "00-xyz",
+        "",
+    ):
+        assert trace_context(bad, "a=b") == (None, None), bad
+    assert trace_context(f"00-{tid}-00f067aa0ba902b7-01", "x" * 513) == (tid, None)
+    assert trace_context(f"00-{tid}-00f067aa0ba902b7-01", "a=\x01") == (tid, None)
+
+
+def test_the_traceparent_sent_upstream_names_the_request_as_the_parent() -> None:
+    from qtrap_proxy.timeline import Timeline, new_request_id
+
+    tl = Timeline(new_request_id(), "chat")
+    assert (
+        tl.traceparent == f"00-{tl.request_id}-{tl.request_id[:16]}-01" and tl.span_id == tl.request_id[:16]
+    )
+    tl.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert tl.traceparent == f"00-4bf92f3577b34da6a3ce929d0e0e4736-{tl.span_id}-01"

@@ -1,0 +1,242 @@
+"""Engine facts: placing an engine's span or headers on the proxy's clock, the clock offset, and
+attribution that uses them (queue without work, the prefill where it ran, a non-streaming answer's
+decode), waiting for them and giving up."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from qtrap_proxy.energy import reasons
+from qtrap_proxy.energy.attribution import DeviceAccount, Tracked
+from qtrap_proxy.energy.facts import ClockOffset, EngineFacts, EngineTimes, header_times, otlp_times
+from qtrap_proxy.timeline import Timeline
+
+
+def _tl(
+    rid: str,
+    start: float,
+    end: float | None,
+    chunks: list[tuple[float, int]],
+    prompt: int | None,
+    stream: bool,
+):
+    tl = Timeline(rid, "chat", stream=stream, start=start, start_unix_s=1_000_000.0 + start)
+    for t, n in chunks:
+        tl.add_chunk(t, n)
+    tl.prompt_tokens = prompt
+    tl.completion_tokens = sum(n for _, n in chunks) if chunks else None
+    tl.end = end
+    return tl
+
+
+# -- the clock offset ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("skew", [0.0, 3.25, -120.0])
+def test_clock_offset_converges_to_the_skew_within_its_bound(skew: float) -> None:
+    """Requests with random overheads between proxy and engine (0.2-8 ms each way): every estimate's
+    bound covers the true skew, and after 200 requests the bound is under a millisecond."""
+    rng = random.Random(7)
+    clock = ClockOffset()
+    for i in range(200):
+        send = 10.0 * i
+        up, down, work = rng.uniform(2e-4, 8e-3), rng.uniform(2e-4, 8e-3), rng.uniform(0.05, 2.0)
+        arrival_engine = send + up + skew
+        end_proxy = send + up + work + down
+        clock.add(arrival_engine + work - end_proxy, arrival_engine - send)
+        est = clock.estimate()
+        assert est is not None
+        offset, half = est
+        assert abs(offset - skew) <= half + 1e-9
+    assert half < 1e-3
+    assert clock.restarts == 0
+
+
+def test_clock_offset_restarts_when_the_engine_clock_steps() -> None:
+    clock = ClockOffset()
+    for i in range(20):
+        clock.add(-0.01 + 1e-4 * (i % 3), 0.01 - 1e-4 * (i % 5))
+    for _ in range(3):
+        clock.add(4.99, 5.01)  # the engine's clock stepped 5 s forward
+    est = clock.estimate()
+    assert est is not None and est[0] == pytest.approx(5.0) and est[1] == pytest.approx(0.01)
+    assert clock.restarts == 1
+
+
+# -- placing a span -------------------------------------------------------------------------------------------
+def _span(arrival: float, **kw: float | int) -> EngineFacts:
+    return EngineFacts(source="otlp", arrival_unix_s=arrival, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("skew", [0.0, 2.5, -7.0])
+def test_a_span_lands_where_the_engine_ran_it_whatever_the_engine_clock_says(skew: float) -> None:
+    """A non-streaming request at proxy monotonic 5.0 (wall 1,000,005.0): 0.3 s queued, 0.2 s prefill,
+    1.0 s decode, answered 2 ms later. Its span, stamped by an engine clock ``skew`` off, lands there
+    within the bound the clock gives."""
+    tl = _tl("a" * 32, 5.0, 6.502 + 0.001, [], 100, stream=False)
+    arrival_engine = 1_000_005.0 + 0.001 + skew
+    facts = _span(
+        arrival_engine,
+        queue_s=0.3,
+        prefill_s=0.2,
+        ttft_s=0.5,
+        decode_s=1.0,
+        e2e_s=1.5,
+        prompt_tokens=100,
+        completion_tokens=50,
+    )
+    clock = ClockOffset()
+    times = otlp_times(facts, tl.start, tl.start_unix_s, tl.end, None, clock)
+    assert times is not None
+    err = times.clock_error_s
+    assert err <= 0.0021  # the request's own bounds: its proxy-side overheads, 3 ms in all
+    assert times.queued == pytest.approx(5.001, abs=err + 1e-9)
+    assert times.prefill_start == pytest.approx(5.301, abs=err + 1e-9)
+    assert times.first_token == pytest.approx(5.501, abs=err + 1e-9)
+    assert times.last_token == pytest.approx(6.501, abs=err + 1e-9)
+    assert (times.prompt_tokens, times.completion_tokens) == (100, 50)
+
+
+def test_a_span_without_its_first_token_time_or_prefill_cannot_be_placed() -> None:
+    clock = ClockOffset()
+    assert otlp_times(_span(1_000_000.0, e2e_s=1.0), 0.0, 1_000_000.0, 1.0, None, clock) is None
+    assert (
+        otlp_times(EngineFacts(source="otlp", ttft_s=0.1, prefill_s=0.1), 0.0, 1e6, 1.0, None, clock) is None
+    )
+
+
+def test_tgi_headers_anchor_at_the_answer() -> None:
+    times = header_times(
+        {
+            "x-queue-time": "250",
+            "x-inference-time": "1500",
+            "x-prompt-tokens": "40",
+            "x-generated-tokens": "30",
+        },
+        start=10.0,
+        answer_at=12.0,
+    )
+    assert times is not None and times.source == "headers" and times.first_token is None
+    assert (times.queued, times.prefill_start, times.last_token) == pytest.approx((10.25, 10.5, 12.0))
+    assert (times.prompt_tokens, times.completion_tokens) == (40, 30)
+    # nonsense is not believed: no inference time, no facts; bad counts are dropped
+    assert header_times({"x-queue-time": "5"}, 0.0, 1.0) is None
+    assert header_times({"x-inference-time": "nan"}, 0.0, 1.0) is None
+    odd = header_times(
+        {"x-inference-time": "100", "x-prompt-tokens": "-3", "x-generated-tokens": "1e99"}, 0.0, 1.0
+    )
+    assert odd is not None and odd.prompt_tokens is None and odd.completion_tokens is None
+
+
+# -- attribution with facts -----------------------------------------------------------------------------------
+def _times(
+    queued: float, prefill: float, first: float | None, last: float, prompt: int, gen: int
+) -> EngineTimes:
+    return EngineTimes("otlp", queued, prefill, first, last, prompt, gen, 0.0)
+
+
+def test_queued_time_gets_no_work_and_the_prefill_lands_where_it_ran() -> None:
+    """b waits 1 s in the queue behind a, then prefills 1,000 tokens in 0.1 s. Without facts its prefill is
+    spread from its arrival to its first chunk, so it takes most of the first second; with them it takes
+    nothing of that second and nearly all of the 0.1 s where its prefill ran."""
+    shares = {}
+    for with_facts in (False, True):
+        acc = DeviceAccount("h:0", settle_s=0.0, prefill_weight=0.1)
+        a = Tracked(_tl("a", 0.0, 3.0, [(0.1 * k, 1) for k in range(1, 31)], 10, stream=True))
+        b = Tracked(_tl("b", 0.0, 3.0, [(1.1 + 0.1 * k, 1) for k in range(0, 19)], 1000, stream=True))
+        if with_facts:
+            b.engine = _times(0.0, 1.0, 1.1, 2.9, 1000, 19)
+        for tr in (a, b):
+            acc.track(tr)
+        acc.on_reading(0.0, 0.0)
+        acc.on_reading(1.0, 100.0)
+        acc.settle(10.0)
+        first = b.energy_j
+        acc.on_reading(1.1, 200.0)
+        acc.settle(10.0)
+        shares[with_facts] = (first, b.energy_j - first)
+        assert a.energy_j + b.energy_j + acc.idle_j == pytest.approx(200.0)
+        assert b.facts == ("engine" if with_facts else "proxy")
+    # without facts: b's 100 prefill units spread over (0, 1.1], 1/1.1 of them in (0, 1], against a's 10 tokens
+    # and its own prefill (0.1 x 10 prompt tokens)
+    wb = 100.0 / 1.1
+    assert shares[False][0] == pytest.approx(100.0 * wb / (wb + 11.0))
+    # with facts: nothing while queued; in (1, 1.1] its 100 prefill units and its first token against a's one
+    assert shares[True][0] == 0.0
+    assert shares[True][1] == pytest.approx(100.0 * 101.0 / 102.0)
+
+
+def test_queue_interval_shares_by_facts() -> None:
+    """The same two requests, the first interval alone: with facts b (queued) gets nothing of it."""
+    acc = DeviceAccount("h:0", settle_s=0.0, prefill_weight=0.1)
+    a = Tracked(_tl("a", 0.0, 1.5, [(0.1 * k, 1) for k in range(1, 16)], 10, stream=True))
+    b = Tracked(_tl("b", 0.0, 1.5, [(1.1, 1), (1.2, 1)], 1000, stream=True))
+    b.engine = _times(0.0, 1.0, 1.1, 1.2, 1000, 2)
+    for tr in (a, b):
+        acc.track(tr)
+    for t, j in [(0.0, 0.0), (1.0, 100.0)]:
+        acc.on_reading(t, j)
+    acc.settle(10.0)
+    assert b.energy_j == 0.0 and a.energy_j == pytest.approx(100.0)
+
+
+def test_non_streaming_tokens_spread_over_the_decode_only() -> None:
+    """A non-streaming request queued 1 s, prefill 0.5 s, decode 0.5 s: without facts its work is spread over
+    its 2 s; with them none falls in the queue, and its 40 tokens fall in the decode."""
+    tl = _tl("n", 0.0, 2.0, [], 100, stream=False)
+    tl.completion_tokens = 41
+    tr = Tracked(tl)
+    assert tr.work(0.0, 1.0, 0.1) == pytest.approx((41 + 10) / 2)
+    tr.engine = _times(0.0, 1.0, 1.5, 2.0, 100, 41)
+    assert tr.work(0.0, 1.0, 0.1) == 0.0
+    assert tr.work(1.0, 1.5, 0.1) == pytest.approx(10.0 + 1.0)  # the prefill, closed by the first token
+    assert tr.work(1.5, 2.0, 0.1) == pytest.approx(40.0)
+    assert tr.work(1.75, 2.0, 0.1) == pytest.approx(20.0)
+    # TGI: no first-token time, all rows over the inference
+    tr.engine = EngineTimes("headers", 0.0, 1.0, None, 2.0, 100, 41, 0.001)
+    assert tr.work(0.0, 1.0, 0.1) == 0.0
+    assert tr.work(1.0, 1.5, 0.1) == pytest.approx((10 + 41) / 2)
+
+
+def test_intervals_wait_for_expected_facts_then_give_up_with_the_reason() -> None:
+    acc = DeviceAccount("h:0", settle_s=30.0, prefill_weight=0.1)
+    tr = Tracked(_tl("n", 0.0, 1.0, [], 100, stream=False), facts_expected=True, facts_wait_s=2.0)
+    tr.tl.completion_tokens = 10
+    acc.track(tr)
+    for t, j in [(0.0, 0.0), (0.5, 50.0), (1.2, 120.0)]:
+        acc.on_reading(t, j)
+    assert acc.settle(now=1.5) == []  # ended, span not in: waits
+    assert len(acc.pending) == 2
+    assert acc.settle(now=3.5) == [tr]  # 2 s past the end: its own view, and says why
+    assert tr.facts == "proxy" and tr.facts_reason == reasons.FACTS_NEVER_CAME
+    assert tr.energy_j == pytest.approx(100.0)
+
+
+def test_a_span_that_comes_in_time_is_used_and_a_stream_waits_only_before_its_first_chunk() -> None:
+    acc = DeviceAccount("h:0", settle_s=30.0, prefill_weight=0.1)
+    tr = Tracked(
+        _tl("s", 0.0, None, [(0.4, 1), (0.6, 1), (0.8, 1)], 100, stream=True),
+        facts_expected=True,
+        facts_wait_s=5.0,
+    )
+    acc.track(tr)
+    for t, j in [(0.0, 0.0), (0.3, 30.0), (0.5, 50.0), (0.7, 70.0)]:
+        acc.on_reading(t, j)
+    acc.settle(now=0.75)
+    assert len(acc.pending) == 3  # (0, 0.3] precedes its first chunk: everything waits behind it
+    tr.engine = _times(0.0, 0.2, 0.4, 0.9, 100, 4)
+    acc.settle(now=0.75)
+    assert len(acc.pending) == 0  # (0.5, 0.7] follows the first chunk: never needed the span
+    assert tr.facts == "engine" and tr.facts_reason is None
+
+
+def test_settling_before_the_span_marks_the_request_as_the_proxys_view() -> None:
+    acc = DeviceAccount("h:0", settle_s=1.0, prefill_weight=0.1)
+    tr = Tracked(_tl("s", 0.0, None, [(0.4, 1)], 100, stream=True), facts_expected=True, facts_wait_s=5.0)
+    acc.track(tr)
+    for t, j in [(0.0, 0.0), (0.3, 30.0)]:
+        acc.on_reading(t, j)
+    acc.settle(now=1.4)  # settle_s after the interval's end: split without the span
+    assert not acc.pending
+    tr.engine = _times(0.0, 0.2, 0.4, 0.9, 100, 4)  # too late for (0, 0.3]
+    assert tr.facts == "proxy" and tr.facts_reason == reasons.FACTS_TOO_LATE
