@@ -131,6 +131,8 @@ class RequestRecord(TypedDict):
     facts: str  # engine | proxy
     facts_reason: str | None
     engine_timing: EngineTiming | None
+    # meter.compare_views: the final energy the proxy's own view would have given (null otherwise)
+    energy_proxy_view_j: float | None
     # read back from the ledger only, and only when the record could not be stored as it was (a value
     # SQLite or the serialiser refused): what was done instead (qtrap_proxy/ledger.py)
     ledger_error: NotRequired[str]

@@ -201,6 +201,11 @@ class MeterConfig(_Strict):
     idle_power_w: float | None = Field(
         None, ge=0, description="active policy: idle power (default: estimated)"
     )
+    compare_views: bool = Field(
+        False,
+        description="also attribute each interval by the proxy's own view alone, so that records of requests "
+        "with engine facts show both figures (energy_proxy_view_j); for evaluating engine facts",
+    )
     hop_split_regex: str = Field(r"\n", description="x-qtrap-hop-split: regex splits hops where this matches")
 
     @model_validator(mode="after")

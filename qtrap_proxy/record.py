@@ -25,7 +25,13 @@ Stage = Literal["provisional", "committing", "final"]
 
 
 def build_record(
-    tr: Tracked, stage: Stage, *, meter: str, devices: list[str], provisional_j: float | None = None
+    tr: Tracked,
+    stage: Stage,
+    *,
+    meter: str,
+    devices: list[str],
+    provisional_j: float | None = None,
+    compare_views: bool = False,
 ) -> RequestRecord:
     """A request's record at ``stage``; ``provisional_j`` is the estimate a provisional record shows."""
     tl = tr.tl
@@ -70,6 +76,7 @@ def build_record(
         "facts": tr.facts,
         "facts_reason": tr.facts_reason if tr.facts == "proxy" else None,
         "engine_timing": _engine_timing(tr),
+        "energy_proxy_view_j": tr.proxy_view_j if known and settled and compare_views else None,
     }
 
 

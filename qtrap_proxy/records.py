@@ -85,7 +85,12 @@ class RecordStore:
         energy = self.energy
         provisional = energy.provisional_j(tr) if stage == "provisional" else None
         return build_record(
-            tr, stage, meter=energy.kind, devices=energy.backend_devices_of(tr), provisional_j=provisional
+            tr,
+            stage,
+            meter=energy.kind,
+            devices=energy.backend_devices_of(tr),
+            provisional_j=provisional,
+            compare_views=energy.cfg.compare_views,
         )
 
     # -- reads -------------------------------------------------------------------------

@@ -79,6 +79,7 @@ class Tracked:
     facts_wait_s: float = 0.0
     facts_missed: int = 0  # intervals split without them where they mattered
     facts_reason: str | None = None  # why the proxy's own view was used where facts were expected
+    proxy_view_j: float = 0.0  # meter.compare_views: the energy the proxy's view alone would have given it
 
     @property
     def final(self) -> bool:
@@ -122,6 +123,10 @@ class Tracked:
         """Work units done in (t0, t1], or None where the timeline cannot say."""
         if self.engine is not None:
             return self._engine_work(self.engine, t0, t1, prefill_weight)
+        return self.proxy_work(t0, t1, prefill_weight)
+
+    def proxy_work(self, t0: float, t1: float, prefill_weight: float) -> float | None:
+        """Work in (t0, t1] as the proxy alone sees it (its token timeline, no engine facts)."""
         tl = self.tl
         start, end = tl.start, tl.end
         lo, hi = max(t0, start), min(t1, end if end is not None else t1)
@@ -234,6 +239,7 @@ class DeviceAccount:
     settle_s: float = 10.0
     prefill_weight: float = 1.0
     idle_power_w: float | None = None  # for the active policy: configured, else estimated from idle intervals
+    compare_views: bool = False  # also split each interval by the proxy's view alone (Tracked.proxy_view_j)
     measured_j: float = 0.0  # over settled intervals (what conservation is checked on)
     metered_j: float = 0.0  # everything the counter moved since the first reading, settled or not
     attributed_j: float = 0.0
@@ -366,6 +372,8 @@ class DeviceAccount:
         total_w += foreign_w
         foreign_share = to_split * foreign_w / total_w
         self.foreign_j += foreign_share
+        if self.compare_views:
+            self._proxy_view(iv, overlapping, overlaps, weights, total_w - foreign_w, foreign_w, to_split)
         for tr, w in zip(overlapping, weights, strict=True):
             share = to_split * w / total_w
             tr.energy_j += share
@@ -374,6 +382,33 @@ class DeviceAccount:
             self.attributed_j += share
             if tr.hop_split:
                 _split_hops(tr, iv, share, w)
+
+    def _proxy_view(
+        self,
+        iv: Interval,
+        overlapping: list[Tracked],
+        overlaps: list[float],
+        weights: list[float],
+        own_w: float,
+        foreign_w: float,
+        to_split: float,
+    ) -> None:
+        """What each request would get of ``to_split`` under the proxy's view alone (same foreign work, same
+        idle part): where no request here has engine facts it is the same split."""
+        if any(tr.engine is not None for tr in overlapping):
+            alt = _fill_unknown(
+                [tr.proxy_work(iv.t0, iv.t1, self.prefill_weight) for tr in overlapping], overlaps
+            )
+            alt_w = sum(alt)
+            if alt_w <= 0 and foreign_w <= 0:
+                alt, alt_w = overlaps, sum(overlaps)
+                if alt_w <= 0:
+                    alt, alt_w = [1.0] * len(overlapping), float(len(overlapping))
+        else:
+            alt, alt_w = weights, own_w
+        total = alt_w + foreign_w
+        for tr, w in zip(overlapping, alt, strict=True):
+            tr.proxy_view_j += to_split * w / total
 
     def _foreign_work(self, iv: Interval, overlapping: list[Tracked], weights: list[float]) -> float:
         """Work the counted backends did in the interval beyond this proxy's requests on them."""

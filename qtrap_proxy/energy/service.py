@@ -107,6 +107,7 @@ class EnergyService(Background):
                 settle_s=mc.settle_s,
                 prefill_weight=mc.prefill_weight,
                 idle_power_w=mc.idle_power_w,
+                compare_views=mc.compare_views,
             )
             for k in keys
         }

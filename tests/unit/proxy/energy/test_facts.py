@@ -240,3 +240,18 @@ def test_settling_before_the_span_marks_the_request_as_the_proxys_view() -> None
     assert not acc.pending
     tr.engine = _times(0.0, 0.2, 0.4, 0.9, 100, 4)  # too late for (0, 0.3]
     assert tr.facts == "proxy" and tr.facts_reason == reasons.FACTS_TOO_LATE
+
+
+def test_compare_views_keeps_both_figures_and_each_conserves() -> None:
+    acc = DeviceAccount("h:0", settle_s=0.0, prefill_weight=0.1, compare_views=True)
+    a = Tracked(_tl("a", 0.0, 1.1, [(0.1 * k, 1) for k in range(1, 12)], 10, stream=True))
+    b = Tracked(_tl("b", 0.0, 1.1, [(1.1, 1)], 1000, stream=True))
+    b.engine = _times(0.0, 1.0, 1.1, 1.1, 1000, 1)
+    for tr in (a, b):
+        acc.track(tr)
+    for t, j in [(0.0, 0.0), (1.0, 100.0), (1.1, 200.0)]:
+        acc.on_reading(t, j)
+    acc.settle(10.0)
+    assert b.energy_j < b.proxy_view_j  # the proxy's view gives b the queue it waited in
+    assert a.energy_j + b.energy_j == pytest.approx(a.proxy_view_j + b.proxy_view_j)
+    assert a.energy_j + b.energy_j + acc.idle_j == pytest.approx(200.0)
