@@ -184,6 +184,19 @@ class HopEnergy(_Open):
     energy_j: float | None
 
 
+class EngineTiming(_Open):
+    """When the engine says the request's phases ran (seconds from its start at the proxy)."""
+
+    source: Literal["otlp", "headers"]
+    queued_s: float | None
+    prefill_start_s: float
+    first_token_s: float | None
+    last_token_s: float
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    clock_error_s: float
+
+
 class RequestRecord(_Open):
     """A request's record (DESIGN.md). `energy_j` is provisional until `final`; energy never reads 0 when
     it is unknown: it is null and `energy_null_reason` says why."""
@@ -207,6 +220,16 @@ class RequestRecord(_Open):
     hops: list[HopEnergy]
     meter: str | None
     final: bool
+    facts: Literal["engine", "proxy"] = Field(
+        description="whose view placed the request's work in time: the engine's facts or the proxy's own"
+    )
+    facts_reason: str | None = Field(
+        description="why the proxy's view was used where engine facts were expected"
+    )
+    engine_timing: EngineTiming | None
+    energy_proxy_view_j: float | None = Field(
+        description="meter.compare_views: the final energy under the proxy's own view (else null)"
+    )
 
 
 class ChainPage(_Open):
