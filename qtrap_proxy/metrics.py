@@ -7,13 +7,14 @@ off by default) are labelled by the key's name (else its id): keys are created
 by the operator, so they are few, and names are checked (keystore.NAME).
 Tests pass a fresh ``CollectorRegistry``. The per-device energy figures are
 collected where they are kept (``energy/collector.py``); the composition root
-registers that collector in this registry.
+registers that collector in this registry. The OTLP trace receiver's counts (``otlp.py``) are read
+at scrape time too, through the :class:`OtlpCounts` protocol (``Metrics.register_otlp``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -42,6 +43,8 @@ STATUSES = (
 
 REFUSALS = ("shed", "headers", "too_large", "timeout")  # qtrap_refused_requests_total's reasons
 AUTH_REFUSALS = ("unauthorized", "forbidden")  # and with auth.enabled, auth.py's gate's
+OTLP_REQUEST_OUTCOMES = ("ok", "bad_request", "too_large", "unsupported")  # qtrap_otlp_requests_total
+OTLP_SPAN_OUTCOMES = ("llm_request", "ignored", "rejected")  # qtrap_otlp_spans_total
 _ENERGY_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 _MAX_HOP_LABEL = 16
@@ -164,6 +167,10 @@ class Metrics:
         """The ledger's state, read at scrape time."""
         self.registry.register(_LedgerCollector(ledger))
 
+    def register_otlp(self, counts: OtlpCounts) -> None:
+        """The OTLP trace receiver's counts (``otlp.OtlpReceiver``), read at scrape time."""
+        self.registry.register(_OtlpCollector(counts))
+
     def energy_final(self, tr: Tracked, rec: RequestRecord) -> None:
         tl = tr.tl
         if tl.backend is None:
@@ -274,3 +281,58 @@ class _LedgerCollector(Collector):
         )
         pending.add_metric([], float(state["pending"]))
         yield from (up, errors, pending)
+
+
+class OtlpCounts(Protocol):
+    """What the OTLP trace receiver counts (``otlp.OtlpReceiver`` has these as plain ints)."""
+
+    @property
+    def accepted(self) -> int: ...
+    @property
+    def bad_requests(self) -> int: ...
+    @property
+    def too_large(self) -> int: ...
+    @property
+    def unsupported(self) -> int: ...
+    @property
+    def llm_spans(self) -> int: ...
+    @property
+    def ignored_spans(self) -> int: ...
+    @property
+    def rejected_spans(self) -> int: ...
+    @property
+    def sink_errors(self) -> int: ...
+
+
+class _OtlpCollector(Collector):
+    def __init__(self, counts: OtlpCounts) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterable[Any]:
+        c = self.counts
+        requests = CounterMetricFamily(
+            "qtrap_otlp_requests",
+            "OTLP/HTTP export requests to the trace receiver, by answer: ok (200), bad_request (400, 408), "
+            "too_large (413), unsupported (415: content type or encoding)",
+            labels=["outcome"],
+        )
+        for outcome, n in zip(
+            OTLP_REQUEST_OUTCOMES, (c.accepted, c.bad_requests, c.too_large, c.unsupported), strict=True
+        ):
+            requests.add_metric([outcome], float(n))
+        spans = CounterMetricFamily(
+            "qtrap_otlp_spans",
+            "Spans in accepted export requests: llm_request (passed on as engine facts), ignored (other "
+            "names), rejected (llm_request spans with no trace id, parent span id or request id)",
+            labels=["outcome"],
+        )
+        for outcome, n in zip(
+            OTLP_SPAN_OUTCOMES, (c.llm_spans, c.ignored_spans, c.rejected_spans), strict=True
+        ):
+            spans.add_metric([outcome], float(n))
+        sink = CounterMetricFamily(
+            "qtrap_otlp_sink_errors",
+            "Export requests whose engine facts the proxy failed to take in (logged; answered 200)",
+        )
+        sink.add_metric([], float(c.sink_errors))
+        yield from (requests, spans, sink)
