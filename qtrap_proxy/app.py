@@ -80,6 +80,8 @@ async def close_proxy(proxy: Proxy, shutdown: Shutdown) -> bool:
         )
     if not await proxy.energy.stop(left() * ENERGY_SHARE):
         log.error("energy service did not stop cleanly within the shutdown bound")
+    if proxy.otlp is not None and not await proxy.otlp.stop(left(STOP_TIMEOUT_S)):
+        log.error("the OTLP receiver did not stop within the shutdown bound")
     try:
         async with asyncio.timeout(left(STOP_TIMEOUT_S)):
             await asyncio.gather(*(b.close() for b in proxy.backends))

@@ -24,6 +24,7 @@ from qtrap_proxy.errors import ConfigError, KeyStoreError
 from qtrap_proxy.keystore import KeyStore
 from qtrap_proxy.ledger import Ledger
 from qtrap_proxy.metrics import Metrics
+from qtrap_proxy.otlp import OtlpReceiver
 from qtrap_proxy.probes import BackendProbes
 from qtrap_proxy.records import RecordStore
 from qtrap_proxy.routing import Router, RoutingPolicy
@@ -70,8 +71,22 @@ class Proxy:
         self.metrics.register_ledger(self.ledger)
         self.hop_regex = re.compile(config.meter.hop_split_regex)
         self.probes = BackendProbes(self.backends, config.server)  # GET /health's, cached
+        # engine facts over OTLP/HTTP (otlp.py): the spans go to the energy service
+        self.otlp: OtlpReceiver | None = None
+        if config.otlp_receiver.enabled:
+            self.otlp = OtlpReceiver(config.otlp_receiver, self.energy.on_facts)
+            self.metrics.register_otlp(self.otlp)
 
     async def start(self) -> None:
+        if self.otlp is not None:
+            try:
+                await self.otlp.start()
+            except OSError as e:
+                rc = self.config.otlp_receiver
+                raise ConfigError(
+                    f"otlp_receiver: cannot listen on {rc.host}:{rc.port}: {e.strerror or e}"
+                ) from e
+            log.info("OTLP/HTTP trace receiver at %s", self.otlp.endpoint)
         self.records.start()
         self.energy.start()
 
