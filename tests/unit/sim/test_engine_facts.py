@@ -60,6 +60,12 @@ def _spans(exporter: InMemorySpanExporter) -> dict[str, ReadableSpan]:
     return out
 
 
+def _num(attrs: Any, key: str) -> float:
+    v = attrs[key]
+    assert isinstance(v, int | float) and not isinstance(v, bool), (key, v)
+    return float(v)
+
+
 def _check_span(span: ReadableSpan, req: SimRequest, clock: EngineClock, usage: dict[str, int]) -> None:
     """One llm_request span against the engine's own timestamps of its request."""
     assert span.name == "llm_request" and span.kind is SpanKind.SERVER
@@ -70,14 +76,14 @@ def _check_span(span: ReadableSpan, req: SimRequest, clock: EngineClock, usage: 
     assert a["gen_ai.usage.prompt_tokens"] == req.prompt_tokens == usage["prompt_tokens"]
     assert a["gen_ai.usage.completion_tokens"] == req.generated == usage["completion_tokens"]
     queue, prefill = (
-        float(a["gen_ai.latency.time_in_queue"]),
-        float(a["gen_ai.latency.time_in_model_prefill"]),
+        _num(a, "gen_ai.latency.time_in_queue"),
+        _num(a, "gen_ai.latency.time_in_model_prefill"),
     )
     decode, inference = (
-        float(a["gen_ai.latency.time_in_model_decode"]),
-        float(a["gen_ai.latency.time_in_model_inference"]),
+        _num(a, "gen_ai.latency.time_in_model_decode"),
+        _num(a, "gen_ai.latency.time_in_model_inference"),
     )
-    ttft, e2e = float(a["gen_ai.latency.time_to_first_token"]), float(a["gen_ai.latency.e2e"])
+    ttft, e2e = _num(a, "gen_ai.latency.time_to_first_token"), _num(a, "gen_ai.latency.e2e")
     assert queue == pytest.approx(req.admitted_at - req.arrival, abs=TOL)
     assert prefill == pytest.approx(req.first_token_at - req.admitted_at, abs=TOL)
     assert decode == pytest.approx(req.last_token_at - req.first_token_at, abs=TOL)
@@ -173,8 +179,8 @@ def test_queue_time_is_the_wait_for_a_free_slot() -> None:
     _check_span(spans["cmpl-second"], backend.truth["second"], backend.clock, second_usage)
     first, second = (spans[k].attributes for k in ("cmpl-first", "cmpl-second"))
     assert first is not None and second is not None
-    waited = float(second["gen_ai.latency.time_in_queue"])
-    assert waited == pytest.approx(float(first["gen_ai.latency.time_in_model_inference"]), abs=0.02)
+    waited = _num(second, "gen_ai.latency.time_in_queue")
+    assert waited == pytest.approx(_num(first, "gen_ai.latency.time_in_model_inference"), abs=0.02)
     assert waited >= 7 * STEP_S
 
 
@@ -342,8 +348,8 @@ def test_tgi_timing_headers_on_non_streaming_answers_only() -> None:
     backend = SimBackend(_cfg(api="tgi"))
     inputs = "What is the capital of France?"
 
-    async def go() -> list[tuple[str, httpx.Headers, dict[str, Any]]]:
-        out = []
+    async def go() -> list[tuple[str, httpx.Headers, Any]]:
+        out: list[tuple[str, httpx.Headers, Any]] = []
         async with _client(backend) as c:
             for path, extra in (("/generate", {}), ("/", {"stream": False})):
                 rid = f"tgi{len(out)}"
