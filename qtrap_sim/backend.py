@@ -12,11 +12,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -36,6 +37,7 @@ from qtrap_sim.perf import (
 )
 from qtrap_sim.prefix_cache import PrefixCache
 from qtrap_sim.textgen import ScriptedText, TextStream
+from qtrap_sim.tracing import EngineClock, RequestTracer, SpanRequest
 
 _KEEP_TRUTH = 100_000
 _LAT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -96,9 +98,35 @@ class SimBackendConfig(BaseModel):
     hop_accuracy: float | None = Field(
         None, ge=0, le=1, description="per-hop accuracy (default: by model, kernel)"
     )
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        description="vLLM's API: export each finished request's llm_request span (as vLLM's "
+        "--otlp-traces-endpoint) over OTLP/HTTP to this full URL, e.g. http://127.0.0.1:4318/v1/traces",
+    )
+    otlp_batch_delay_ms: float = Field(
+        100.0,
+        gt=0,
+        description="the span batch processor's schedule delay (vLLM runs the SDK's default, 5000 ms, "
+        "unless OTEL_BSP_SCHEDULE_DELAY says otherwise)",
+    )
+    clock_skew_s: float = Field(
+        0.0,
+        allow_inf_nan=False,
+        description="the engine's wall clock in its spans is the true time plus this (the ground truth "
+        "reports true time)",
+    )
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP/HTTP, the full path: .../v1/traces)")
+        return v
 
     @model_validator(mode="after")
     def _known_profile(self) -> SimBackendConfig:
+        if self.otlp_traces_endpoint is not None and self.api != "vllm":
+            raise ValueError("otlp_traces_endpoint: vLLM's API only (TGI reports its timing in headers)")
         if self.step_ms is None:
             self.perf_model()  # raises ProfileError (a ValueError) naming what is available
         for path in self.oracle_data:
@@ -130,8 +158,33 @@ class SimBackendConfig(BaseModel):
 
 
 class SimBackend:
-    def __init__(self, cfg: SimBackendConfig) -> None:
+    def __init__(
+        self,
+        cfg: SimBackendConfig,
+        span_exporter: SpanExporter | None = None,
+        clock: EngineClock | None = None,
+    ) -> None:
+        """``span_exporter``: where vLLM's spans go instead of ``cfg.otlp_traces_endpoint`` (tests);
+        ``clock``: the engine's wall clock (default: anchored now, skewed by ``cfg.clock_skew_s``)."""
         self.cfg = cfg
+        self.clock = clock if clock is not None else EngineClock(cfg.clock_skew_s)
+        self.tracer: RequestTracer | None = None
+        if cfg.api == "vllm" and (span_exporter is not None or cfg.otlp_traces_endpoint is not None):
+            if span_exporter is not None:
+                self.tracer = RequestTracer(
+                    span_exporter,
+                    self.clock,
+                    instance=cfg.display_name,
+                    batch_delay_ms=cfg.otlp_batch_delay_ms,
+                )
+            else:
+                assert cfg.otlp_traces_endpoint is not None
+                self.tracer = RequestTracer.otlp_http(
+                    cfg.otlp_traces_endpoint,
+                    self.clock,
+                    instance=cfg.display_name,
+                    batch_delay_ms=cfg.otlp_batch_delay_ms,
+                )
         self.perf = cfg.perf_model()
         try:
             gpu_name = f"{load_profile(cfg.gpu).get('gpu_name', cfg.gpu)} (simulated)"
@@ -306,6 +359,8 @@ class SimBackend:
         finally:
             await self.engine.stop()
             await self.gpu.stop()
+            if self.tracer is not None:
+                await self.tracer.shutdown()  # flushes the spans still queued, bounded
 
     def common_routes(self) -> list[Route]:
         """``/health``, ``/metrics`` (with the GPU's DCGM fields) and the ground-truth routes, for both APIs."""
@@ -356,6 +411,9 @@ class SimBackend:
         ]
 
     def truth_record(self, req: SimRequest) -> dict[str, Any]:
+        """What a request really cost, and the engine's timestamps in true unix seconds (without the
+        configured clock skew, which ``clock_skew_s`` states: the engine's spans are that much ahead)."""
+        c = self.clock
         return {
             "id": req.id,
             "energy_j": req.true_energy_j,
@@ -365,6 +423,12 @@ class SimBackend:
             "finish_reason": req.finish_reason,
             "finished": req.done,
             "oracle": self.oracle_outcome.get(req.id),
+            "arrival_unix_s": c.true_unix_s(req.arrival),
+            "admitted_unix_s": c.true_unix_s(req.admitted_at),
+            "first_token_unix_s": c.true_unix_s(req.first_token_at),
+            "last_token_unix_s": c.true_unix_s(req.last_token_at),
+            "finished_unix_s": c.true_unix_s(req.finished_at),
+            "clock_skew_s": c.skew_s,
         }
 
     @staticmethod
@@ -422,18 +486,41 @@ class SimBackend:
         return req, text
 
     async def generate(
-        self, req: SimRequest, text: TextStream | ScriptedText, stop: Iterable[str]
+        self,
+        req: SimRequest,
+        text: TextStream | ScriptedText,
+        stop: Iterable[str],
+        span: SpanRequest | None = None,
     ) -> AsyncGenerator[tuple[str, int]]:
-        """Yield (text, tokens) as the engine produces tokens; abort the request if the consumer stops."""
+        """Yield (text, tokens) as the engine produces tokens; abort the request if the consumer stops.
+
+        ``span``: with tracing on (vLLM's API), the request's ``llm_request`` span is recorded as soon as
+        this front end sees it finish, as vLLM's output processor does; an aborted request gets none.
+        """
         stops = [s for s in stop if s]
         tail = ""
         sent = 0
+        tracer = self.tracer if span is not None else None
+        first_seen: float | None = None  # the front end's first token (vLLM's first_token_latency)
+        traced = False
+
+        def trace_finished() -> None:
+            nonlocal traced
+            if tracer is None or span is None or traced or req.finish_reason in (None, "abort"):
+                return
+            traced = True
+            tracer.record(req, span, first_seen, time.monotonic())
+
         self.engine.submit(req)
         if self.cfg.api == "tgi":
             self.m_input_len.observe(req.prompt_tokens)
         try:
             while not req.done or sent < req.generated:
                 await req.wait_progress()
+                if first_seen is None and req.generated > 0:
+                    first_seen = time.monotonic()
+                if req.done:
+                    trace_finished()
                 n = req.generated - sent
                 if n <= 0:
                     continue
@@ -445,12 +532,14 @@ class SimBackend:
                     if cut >= 0:
                         delta = window[:cut][len(tail) :] if cut >= len(tail) else ""
                         self.engine.finish(req, "stop")
+                        trace_finished()
                         if delta:
                             yield delta, n
                         break
                     tail = window[-64:]
                 yield delta, n
         finally:
+            trace_finished()  # finished in the engine while its consumer was away: vLLM traced it then
             if not req.done:
                 self.engine.finish(req, "abort")
             if self.cfg.api == "tgi":

@@ -66,6 +66,28 @@ def _parser() -> argparse.ArgumentParser:
         help="answers to known problems start with a <think> block of about this many words, as a "
         "reasoning model's do (default: 0)",
     )
+    p.add_argument(
+        "--otlp-traces-endpoint",
+        metavar="URL",
+        help="vLLM's API: export each finished request's llm_request span as vLLM does, over OTLP/HTTP "
+        "(protobuf) to this full URL, e.g. http://127.0.0.1:4318/v1/traces (default: no spans)",
+    )
+    p.add_argument(
+        "--otlp-batch-delay-ms",
+        type=float,
+        default=100.0,
+        metavar="MS",
+        help="how long spans wait in the batch before export (default: 100; vLLM uses the SDK's 5000 "
+        "unless OTEL_BSP_SCHEDULE_DELAY is set)",
+    )
+    p.add_argument(
+        "--clock-skew-s",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="the engine's wall clock (its spans' timestamps) runs this far ahead of the true time, "
+        "negative for behind (default: 0); GET /sim/v1/requests/{id} reports true time",
+    )
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -95,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                     oracle_data=args.oracle_data,
                     hop_accuracy=args.hop_accuracy,
                     think_tokens=args.think_tokens,
+                    otlp_traces_endpoint=args.otlp_traces_endpoint,
+                    otlp_batch_delay_ms=args.otlp_batch_delay_ms,
+                    clock_skew_s=args.clock_skew_s,
                 )
             ]
     except (SimConfigError, ValidationError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from starlette.routing import Route
 from qtrap_common import wire
 from qtrap_sim.backend import SimBackend
 from qtrap_sim.textgen import count_tokens
+from qtrap_sim.tracing import TGITimings
 
 _FINISH = {"length": "length", "stop": "stop_sequence", "abort": "length"}
 
@@ -33,8 +35,10 @@ class TGIError(Exception):
 
 def create_tgi_app(backend: SimBackend) -> Starlette:
     cfg = backend.cfg
+    compute_type = f"sim-{cfg.gpu}"  # TGI's COMPUTE_TYPE (its default: gpu+optimized)
 
     async def handle(request: Request, mode: str) -> Response:
+        started = time.monotonic()  # TGI's start_time: its timing headers count from here
         try:
             try:
                 body = orjson.loads(await request.body())
@@ -114,7 +118,13 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
                 finally:
                     await gen.aclose()
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            # as TGI's generate_stream: no timing headers (they are not known when the headers go)
+            stream_headers = {
+                "x-compute-type": compute_type,
+                "x-compute-characters": str(len(inputs)),
+                "x-accel-buffering": "no",
+            }
+            return StreamingResponse(events(), media_type="text/event-stream", headers=stream_headers)
 
         answer = await backend.collect(gen, request.receive)
         if answer is None:
@@ -128,10 +138,13 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
                 "top_tokens": None,
                 "best_of_sequences": None,
             }
+        # TGI's router's headers, timed by the engine's own timestamps (qtrap_sim/tracing.py)
         headers = {
+            "x-compute-type": compute_type,
+            "x-compute-characters": str(len(inputs)),
+            **TGITimings.of(req, started, time.monotonic()).headers(),
             "x-prompt-tokens": str(prompt_tokens),
             "x-generated-tokens": str(req.generated),
-            "x-compute-type": f"sim-{cfg.gpu}",
         }
         payload = orjson.dumps([out] if mode == "compat" else out)
         return Response(payload, media_type="application/json", headers=headers)

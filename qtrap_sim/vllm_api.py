@@ -16,6 +16,7 @@ from starlette.routing import Route
 from qtrap_common import wire
 from qtrap_sim.backend import SimBackend
 from qtrap_sim.textgen import count_tokens
+from qtrap_sim.tracing import SpanRequest
 
 
 class VLLMError(Exception):
@@ -100,6 +101,8 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
                 raise VLLMError(400, "stop: a string or an array of strings", param="stop")
             temperature = body.get("temperature")
             temperature = 1.0 if temperature is None else float(temperature)
+            top_p = body.get("top_p")
+            top_p = 1.0 if top_p is None else float(top_p)  # SamplingParams' default: in vLLM's span
             seed = body.get("seed")
             ignore_eos = body.get("ignore_eos", False)
             if not isinstance(ignore_eos, bool):
@@ -113,8 +116,19 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
 
         rid = request.headers.get(wire.REQUEST_ID) or uuid.uuid4().hex
         req, text = backend.new_request(rid, prompt, prompt_tokens, max_tokens, seed, temperature, ignore_eos)
-        gen = backend.generate(req, text, stop)
+        # vLLM's request id (its span's gen_ai.request.id and the answer's id): the X-Request-Id, prefixed
         oid = ("chatcmpl-" if chat else "cmpl-") + rid
+        span = None
+        if backend.tracer is not None:
+            span = SpanRequest(
+                request_id=oid,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                n=1,
+                carrier=SpanRequest.trace_headers(request.headers),
+            )
+        gen = backend.generate(req, text, stop, span)
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
 
