@@ -18,6 +18,9 @@
 #      tree it must stay under 64 MiB; the wheels were installed by command 1):
 #      SHAPES=qwen3-8b bash bench/gpu/vllm_e2e.sh        (the sweep; about 8-10 minutes)
 #   3. later shapes on the same warm machine: nothing to carry.
+# JOB=facts (engine facts, bench/gpu/vllm_facts.py): command 1 also carries .gpu-wheels/otel (the OpenTelemetry
+#   SDK and exporters, below) and both commands run with JOB=facts; SHAPES is one shape (default qwen3-8b),
+#   PRECISIONS default bf16,fp8.
 # Results: $RES/<shape>[-$TAG]/ (e2e-run.json, e2e-summary.md, loadgen/, protocol/, logs/, poll.json.gz,
 # ledger.sqlite.gz), packed into $OUT/vllm-results.tar.gz after every step, console in $OUT/run.log.
 #
@@ -61,6 +64,25 @@ if [ "${#need[@]}" -gt 0 ]; then
   echo "installing ${#need[@]} wheels: ${need[*]##*/}"
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$PKGS" "${need[@]}" 2>&1 | tail -3
 fi
+# JOB=facts: the OpenTelemetry SDK and both OTLP exporters (vLLM imports the gRPC one too before it traces;
+# the proxy's receiver needs opentelemetry-proto), from .gpu-wheels/otel (pip download, as above, of
+# opentelemetry-sdk opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-grpc
+# opentelemetry-proto with their dependencies)
+if [ "${JOB:-sweep}" = facts ] && [ -d .gpu-wheels/otel ] && ! python3 -c \
+  "import opentelemetry.sdk, opentelemetry.proto, opentelemetry.exporter.otlp.proto.http, opentelemetry.exporter.otlp.proto.grpc" 2>/dev/null; then
+  otel=()
+  for f in .gpu-wheels/otel/*.whl; do
+    case "${f##*/}" in  # keep the machine's own protobuf, grpcio, requests and friends where it has them
+      protobuf-*) python3 -c "import google.protobuf as p, sys; sys.exit(int(p.__version__.split('.')[0]) < 5)" 2>/dev/null && continue ;;
+      grpcio-*) python3 -c "import grpc" 2>/dev/null && continue ;;
+      requests-*|urllib3-*|certifi-*|charset_normalizer-*|idna-*|typing_extensions-*)
+        m=${f##*/}; m=${m%%-*}; python3 -c "import $m" 2>/dev/null && continue ;;
+    esac
+    otel+=("$f")
+  done
+  echo "installing ${#otel[@]} OpenTelemetry wheels"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$PKGS" "${otel[@]}" 2>&1 | tail -3
+fi
 
 SHAPE_LIST=${SHAPES:-qwen3-0.6b}
 # model folders (config and tokenizer only: the servers use --load-format dummy)
@@ -83,6 +105,21 @@ fi
 nvidia-smi --query-gpu=name,driver_version,power.limit,power.draw,clocks.max.sm,memory.total,memory.used \
   --format=csv >"$RES/gpu.csv" 2>&1
 cat "$RES/gpu.csv"
+
+if [ "${JOB:-sweep}" = facts ]; then  # engine facts: vLLM's spans joined to the proxy's requests
+  shape=${SHAPES:-qwen3-8b}
+  dir="$RES/facts-$shape${TAG:+-$TAG}"
+  mkdir -p "$dir"
+  l=$(left)
+  echo "== facts $shape: $l s left"
+  # shellcheck disable=SC2086
+  timeout --signal=TERM --kill-after=15 $((l - 5)) python3 bench/gpu/vllm_facts.py --engine "$ENGINE" \
+    --vllm-site "$SITE" --pkgs "$PKGS" --shape "$shape" --out "$dir" --work /tmp/qtrap-vllm \
+    --precisions "${PRECISIONS:-bf16,fp8}" --kv-tokens "${KV_TOKENS:-120000}" ${RUN_ARGS:-}
+  echo "== facts: exit $?"
+  pack
+  exit 0
+fi
 
 for shape in $SHAPE_LIST; do
   now=$(date +%s)
