@@ -64,11 +64,11 @@ if [ "${#need[@]}" -gt 0 ]; then
   echo "installing ${#need[@]} wheels: ${need[*]##*/}"
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$PKGS" "${need[@]}" 2>&1 | tail -3
 fi
-# JOB=facts: the OpenTelemetry SDK and both OTLP exporters (vLLM imports the gRPC one too before it traces;
+# The OpenTelemetry SDK and both OTLP exporters (vLLM imports the gRPC one too before it traces;
 # the proxy's receiver needs opentelemetry-proto), from .gpu-wheels/otel (pip download, as above, of
 # opentelemetry-sdk opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-grpc
 # opentelemetry-proto with their dependencies)
-if [ "${JOB:-sweep}" = facts ] && [ -d .gpu-wheels/otel ] && ! python3 -c \
+if [ -d .gpu-wheels/otel ] && ! python3 -c \
   "import opentelemetry.sdk, opentelemetry.proto, opentelemetry.exporter.otlp.proto.http, opentelemetry.exporter.otlp.proto.grpc" 2>/dev/null; then
   otel=()
   for f in .gpu-wheels/otel/*.whl; do
