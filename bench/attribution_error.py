@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--pool", default="q", help="--proxy: the pool (model) to address")
     ap.add_argument("--precisions", default="bf16,int4", help="precisions to mix")
     ap.add_argument("--extra-body", default="{}", help="JSON merged into every request body")
+    ap.add_argument("--work-model", choices=["rows", "shared"], default="rows", help="meter.work_model")
     args = ap.parse_args()
     if args.proxy:
         external(args)
@@ -96,6 +97,7 @@ def main() -> None:
                     "kind": "dcgm",
                     "urls": [f"http://127.0.0.1:{p}/dcgm/metrics" for p in ports.values()],
                     "compare_views": args.engine_facts,
+                    "work_model": args.work_model,
                 },
                 "otlp_receiver": {"enabled": args.engine_facts, "port": otlp_port},
             }

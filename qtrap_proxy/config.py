@@ -201,6 +201,12 @@ class MeterConfig(_Strict):
     idle_power_w: float | None = Field(
         None, ge=0, description="active policy: idle power (default: estimated)"
     )
+    work_model: Literal["rows", "shared"] = Field(
+        "rows",
+        description="how an interval's energy is shared by the requests in it: rows (by work: decode tokens, "
+        "prompt tokens x prefill_weight) or shared (learnt per device: a part by running time, shared by "
+        "whatever runs, and a part per row through the model; docs/design.md)",
+    )
     compare_views: bool = Field(
         False,
         description="also attribute each interval by the proxy's own view alone, so that records of requests "

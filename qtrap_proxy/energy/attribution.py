@@ -57,6 +57,48 @@ from qtrap_proxy.energy.facts import EngineTimes
 from qtrap_proxy.timeline import Timeline
 
 Policy = Literal["full", "active"]
+WorkModel = Literal["rows", "shared"]
+
+
+class SharedRowsFit:
+    """Online least squares, without intercept, of a device's busy energy per interval against its busy
+    time and the rows its requests put through the model: E ~ p * busy_s + e * rows, older intervals fading
+    (``FORGET`` per interval: a time constant of about 500 intervals, a minute at NVML's pace). ``p`` is the
+    power shared by whatever runs (W), ``e`` the energy per row (J). Both are kept non-negative."""
+
+    FORGET = 0.998
+    MIN_INTERVALS = 20
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._sxx = [0.0, 0.0, 0.0]  # sum x1^2, x1*x2, x2^2
+        self._sxy = [0.0, 0.0]
+
+    def add(self, busy_s: float, rows: float, energy_j: float) -> None:
+        lam = self.FORGET
+        s, c = self._sxx, self._sxy
+        s[0] = lam * s[0] + busy_s * busy_s
+        s[1] = lam * s[1] + busy_s * rows
+        s[2] = lam * s[2] + rows * rows
+        c[0] = lam * c[0] + busy_s * energy_j
+        c[1] = lam * c[1] + rows * energy_j
+        self.n += 1
+
+    def estimate(self) -> tuple[float, float] | None:
+        """(shared power W, energy per row J), or None before ``MIN_INTERVALS`` intervals."""
+        if self.n < self.MIN_INTERVALS or self._sxx[0] <= 0:
+            return None
+        s, c = self._sxx, self._sxy
+        det = s[0] * s[2] - s[1] * s[1]
+        if det > 1e-9 * s[0] * s[2]:
+            p = (c[0] * s[2] - c[1] * s[1]) / det
+            e = (c[1] * s[0] - c[0] * s[1]) / det
+            if p >= 0 and e >= 0:
+                return p, e
+        # a mix would need a negative part: the better of the two parts alone (least squares on one)
+        p_only = max(c[0] / s[0], 0.0)
+        e_only = max(c[1] / s[2], 0.0) if s[2] > 0 else 0.0
+        return (p_only, 0.0) if p_only * c[0] >= e_only * c[1] else (0.0, e_only)
 
 
 @dataclass(slots=True, eq=False)
@@ -180,6 +222,17 @@ class Tracked:
             w += _spread(max(0, generated - 1), e.first_token, e.last_token, t0, t1)
         return w
 
+    def running(self, t0: float, t1: float, engine_view: bool = True) -> float:
+        """Seconds of (t0, t1] this request was running on the engine: from its prefill to its last token
+        where the engine said so, else (the proxy's view) all the time it was in flight."""
+        e = self.engine if engine_view else None
+        tl = self.tl
+        if e is not None:
+            lo, hi = e.prefill_start, e.last_token
+        else:
+            lo, hi = tl.start, tl.end if tl.end is not None else t1
+        return max(0.0, min(t1, hi) - max(t0, lo))
+
     def chunk_weights(self, t0: float, t1: float) -> list[tuple[int, int]]:
         """(chunk index, tokens) of the chunks that arrived in (t0, t1]."""
         times = self.tl.chunk_t
@@ -240,6 +293,8 @@ class DeviceAccount:
     prefill_weight: float = 1.0
     idle_power_w: float | None = None  # for the active policy: configured, else estimated from idle intervals
     compare_views: bool = False  # also split each interval by the proxy's view alone (Tracked.proxy_view_j)
+    work_model: WorkModel = "rows"
+    fit: SharedRowsFit = field(default_factory=lambda: SharedRowsFit())
     measured_j: float = 0.0  # over settled intervals (what conservation is checked on)
     metered_j: float = 0.0  # everything the counter moved since the first reading, settled or not
     attributed_j: float = 0.0
@@ -364,6 +419,9 @@ class DeviceAccount:
                 idle_part = min(e_busy, p_idle * busy_s)
         self.idle_j += e_idle + idle_part
         to_split = e_busy - idle_part
+        hop_weights: list[float] | None = (
+            None  # the shared model's requests split their share over hops by rows
+        )
         total_w = sum(weights)
         if total_w <= 0 and foreign_w <= 0:  # in flight but no work seen (queued, say): time share
             weights, total_w = overlaps, sum(overlaps)
@@ -372,16 +430,22 @@ class DeviceAccount:
         total_w += foreign_w
         foreign_share = to_split * foreign_w / total_w
         self.foreign_j += foreign_share
+        if self.work_model == "shared" and foreign_w <= 0:
+            shared = self._shared_split(iv, overlapping, overlaps, busy_s, e_busy, True, learn=True)
+            if shared is not None:
+                hop_weights, weights, total_w = weights, shared, 1.0
         if self.compare_views:
-            self._proxy_view(iv, overlapping, overlaps, weights, total_w - foreign_w, foreign_w, to_split)
-        for tr, w in zip(overlapping, weights, strict=True):
+            self._proxy_view(
+                iv, overlapping, overlaps, weights, total_w - foreign_w, foreign_w, to_split, busy_s
+            )
+        for i, (tr, w) in enumerate(zip(overlapping, weights, strict=True)):
             share = to_split * w / total_w
             tr.energy_j += share
             tr.idle_energy_j += idle_part * w / total_w
             tr.bound_j += min(share, to_split - share)
             self.attributed_j += share
             if tr.hop_split:
-                _split_hops(tr, iv, share, w)
+                _split_hops(tr, iv, share, w if hop_weights is None else hop_weights[i])
 
     def _proxy_view(
         self,
@@ -392,10 +456,20 @@ class DeviceAccount:
         own_w: float,
         foreign_w: float,
         to_split: float,
+        busy_s: float,
     ) -> None:
         """What each request would get of ``to_split`` under the proxy's view alone (same foreign work, same
         idle part): where no request here has engine facts it is the same split."""
-        if any(tr.engine is not None for tr in overlapping):
+        shared = None
+        if (
+            any(tr.engine is not None for tr in overlapping)
+            and self.work_model == "shared"
+            and foreign_w <= 0
+        ):
+            shared = self._shared_split(iv, overlapping, overlaps, busy_s, 0.0, False, learn=False)
+        if shared is not None:
+            alt, alt_w = shared, 1.0
+        elif any(tr.engine is not None for tr in overlapping):
             alt = _fill_unknown(
                 [tr.proxy_work(iv.t0, iv.t1, self.prefill_weight) for tr in overlapping], overlaps
             )
@@ -409,6 +483,43 @@ class DeviceAccount:
         total = alt_w + foreign_w
         for tr, w in zip(overlapping, alt, strict=True):
             tr.proxy_view_j += to_split * w / total
+
+    def _shared_split(
+        self,
+        iv: Interval,
+        overlapping: list[Tracked],
+        overlaps: list[float],
+        busy_s: float,
+        e_busy: float,
+        engine_view: bool,
+        learn: bool,
+    ) -> list[float] | None:
+        """The ``shared`` work model: each request's fraction of the interval's busy energy. The device's
+        energy while busy is learnt as a part proportional to busy time (weights streamed once per step,
+        fixed overheads: shared by the requests running, by their running time) and a part per row through
+        the model (decode tokens and prompt rows alike: each request's own rows); None until the fit has
+        seen enough intervals to say how large each part is."""
+        t0, t1 = iv.t0, iv.t1
+        rows = _fill_unknown(
+            [tr.work(t0, t1, 1.0) if engine_view else tr.proxy_work(t0, t1, 1.0) for tr in overlapping],
+            overlaps,
+        )
+        run = [tr.running(t0, t1, engine_view) for tr in overlapping]
+        total_rows, total_run = sum(rows), sum(run)
+        if learn and busy_s > 0:
+            self.fit.add(busy_s, total_rows, e_busy)
+        est = self.fit.estimate()
+        if est is None or total_run <= 0:
+            return None
+        p_shared, e_row = est
+        shared_j, rows_j = p_shared * busy_s, e_row * total_rows
+        if shared_j + rows_j <= 0:
+            return None
+        f = shared_j / (shared_j + rows_j)
+        return [
+            f * r / total_run + ((1.0 - f) * n / total_rows if total_rows > 0 else 0.0)
+            for r, n in zip(run, rows, strict=True)
+        ]
 
     def _foreign_work(self, iv: Interval, overlapping: list[Tracked], weights: list[float]) -> float:
         """Work the counted backends did in the interval beyond this proxy's requests on them."""

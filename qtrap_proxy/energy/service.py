@@ -108,6 +108,7 @@ class EnergyService(Background):
                 prefill_weight=mc.prefill_weight,
                 idle_power_w=mc.idle_power_w,
                 compare_views=mc.compare_views,
+                work_model=mc.work_model,
             )
             for k in keys
         }

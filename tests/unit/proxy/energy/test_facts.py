@@ -255,3 +255,50 @@ def test_compare_views_keeps_both_figures_and_each_conserves() -> None:
     assert b.energy_j < b.proxy_view_j  # the proxy's view gives b the queue it waited in
     assert a.energy_j + b.energy_j == pytest.approx(a.proxy_view_j + b.proxy_view_j)
     assert a.energy_j + b.energy_j + acc.idle_j == pytest.approx(200.0)
+
+
+# -- the shared work model -----------------------------------------------------------------------------------
+def test_the_shared_rows_fit_recovers_the_two_parts() -> None:
+    from qtrap_proxy.energy.attribution import SharedRowsFit
+
+    rng = random.Random(3)
+    fit = SharedRowsFit()
+    for _ in range(SharedRowsFit.MIN_INTERVALS - 1):
+        fit.add(0.1, 50.0, 200.0 * 0.1 + 0.05 * 50.0)
+    assert fit.estimate() is None  # too few intervals to say
+    for _ in range(300):
+        busy, rows = rng.uniform(0.05, 0.12), rng.choice([8.0, 16.0, 64.0, 2000.0]) * rng.uniform(0.5, 1.5)
+        fit.add(busy, rows, 200.0 * busy + 0.05 * rows)
+    est = fit.estimate()
+    assert est is not None
+    assert est == pytest.approx((200.0, 0.05), rel=1e-6)
+    # energy that does not grow with rows: all of it is the shared part
+    flat = SharedRowsFit()
+    for _ in range(50):
+        busy = rng.uniform(0.05, 0.12)
+        flat.add(busy, rng.uniform(1.0, 100.0), 300.0 * busy)
+    p, e = flat.estimate() or (0.0, 1.0)
+    assert p == pytest.approx(300.0) and e == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_shared_model_splits_an_interval_by_running_time_and_rows() -> None:
+    """Once the fit knows the device (200 W shared, 0.05 J per row), an interval of 0.1 s where a prefills 990
+    prompt rows (+1 token) while b decodes 10 tokens: 20 J shared by running time (a ran half of it), 50 J by
+    rows; a gets 5 + 50 * 991 / 1001 J."""
+    acc = DeviceAccount("h:0", settle_s=0.0, prefill_weight=0.1, work_model="shared")
+    for _ in range(100):  # what the device has shown so far
+        acc.fit.add(0.1, 100.0, 200.0 * 0.1 + 0.05 * 100.0)
+        acc.fit.add(0.05, 1000.0, 200.0 * 0.05 + 0.05 * 1000.0)
+    a = Tracked(_tl("a", 0.0, 1.2, [(1.1, 1)], 990, stream=True))
+    a.engine = _times(0.0, 1.05, 1.1, 1.1, 990, 1)
+    b = Tracked(_tl("b", 0.0, 1.2, [(1.0 + 0.01 * k, 1) for k in range(1, 12)], 10, stream=True))
+    b.engine = _times(0.0, 0.0, 0.01, 1.11, 10, 11)
+    for tr in (a, b):
+        acc.track(tr)
+    acc.on_reading(1.0, 0.0)
+    acc.on_reading(1.1, 70.0)  # 20 J shared + 0.05 J x 1,000 rows
+    acc.settle(10.0)
+    rows_a, rows_b = 990.0 + 1.0, 10.0
+    f = 20.0 / 70.0
+    assert a.energy_j == pytest.approx(70.0 * (f * 0.5 / 1.5 + (1 - f) * rows_a / (rows_a + rows_b)), rel=0.01)
+    assert a.energy_j + b.energy_j == pytest.approx(70.0)
