@@ -276,6 +276,12 @@ def print_context(rows: list[dict[str, Any]], energy: dict[str, Any]) -> None:
             f"idle {d['idle_j']:.1f} J, foreign {d['foreign_j']:.1f} J, "
             f"conservation error {d['conservation_error_ratio'] * 100:.4f}%"
         )
+        fit = d.get("work_fit")
+        if fit and fit["shared_power_w"] is not None:
+            print(
+                f"  work model fit over {fit['intervals']} intervals: shared {fit['shared_power_w']:.1f} W, "
+                f"{fit['energy_per_row_j'] * 1000:.3f} mJ per row, {fit['energy_per_kv_read_j'] * 1e6:.3f} uJ per KV read"
+            )
 
 
 def external(args: argparse.Namespace) -> None:

@@ -61,44 +61,74 @@ WorkModel = Literal["rows", "shared"]
 
 
 class SharedRowsFit:
-    """Online least squares, without intercept, of a device's busy energy per interval against its busy
-    time and the rows its requests put through the model: E ~ p * busy_s + e * rows, older intervals fading
-    (``FORGET`` per interval: a time constant of about 500 intervals, a minute at NVML's pace). ``p`` is the
-    power shared by whatever runs (W), ``e`` the energy per row (J). Both are kept non-negative."""
+    """Online non-negative least squares, without intercept, of a device's busy energy per interval
+    against three things the requests did in it: E ~ p * busy_s + e * rows + a * kv_reads, older intervals
+    fading (``FORGET`` per interval: a time constant of about 500 intervals, a minute at NVML's pace).
+    ``p`` is the power shared by whatever runs (weights streamed once per step, fixed overheads; W), ``e``
+    the energy of one row through the linear layers (a decoded token or a prompt token; J), ``a`` the
+    energy of one KV-cache token read by attention (J). None of them may be negative: where the
+    unconstrained fit says so, the best fit over the others alone is taken."""
 
     FORGET = 0.998
     MIN_INTERVALS = 20
+    K = 3
 
     def __init__(self) -> None:
         self.n = 0
-        self._sxx = [0.0, 0.0, 0.0]  # sum x1^2, x1*x2, x2^2
-        self._sxy = [0.0, 0.0]
+        self._s = [[0.0] * self.K for _ in range(self.K)]  # sum x x^T
+        self._c = [0.0] * self.K  # sum x y
 
-    def add(self, busy_s: float, rows: float, energy_j: float) -> None:
+    def add(self, busy_s: float, rows: float, energy_j: float, kv_reads: float = 0.0) -> None:
         lam = self.FORGET
-        s, c = self._sxx, self._sxy
-        s[0] = lam * s[0] + busy_s * busy_s
-        s[1] = lam * s[1] + busy_s * rows
-        s[2] = lam * s[2] + rows * rows
-        c[0] = lam * c[0] + busy_s * energy_j
-        c[1] = lam * c[1] + rows * energy_j
+        x = (busy_s, rows, kv_reads)
+        s, c = self._s, self._c
+        for i in range(self.K):
+            c[i] = lam * c[i] + x[i] * energy_j
+            row = s[i]
+            for k in range(self.K):
+                row[k] = lam * row[k] + x[i] * x[k]
         self.n += 1
 
-    def estimate(self) -> tuple[float, float] | None:
-        """(shared power W, energy per row J), or None before ``MIN_INTERVALS`` intervals."""
-        if self.n < self.MIN_INTERVALS or self._sxx[0] <= 0:
+    def estimate(self) -> tuple[float, float, float] | None:
+        """(shared power W, energy per row J, energy per KV token read J), or None before
+        ``MIN_INTERVALS`` intervals."""
+        if self.n < self.MIN_INTERVALS or self._s[0][0] <= 0:
             return None
-        s, c = self._sxx, self._sxy
-        det = s[0] * s[2] - s[1] * s[1]
-        if det > 1e-9 * s[0] * s[2]:
-            p = (c[0] * s[2] - c[1] * s[1]) / det
-            e = (c[1] * s[0] - c[0] * s[1]) / det
-            if p >= 0 and e >= 0:
-                return p, e
-        # a mix would need a negative part: the better of the two parts alone (least squares on one)
-        p_only = max(c[0] / s[0], 0.0)
-        e_only = max(c[1] / s[2], 0.0) if s[2] > 0 else 0.0
-        return (p_only, 0.0) if p_only * c[0] >= e_only * c[1] else (0.0, e_only)
+        best: tuple[float, list[float]] | None = None
+        for subset in ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,)):
+            b = _solve([[self._s[i][k] for k in subset] for i in subset], [self._c[i] for i in subset])
+            if b is None or any(v < 0 for v in b):
+                continue
+            gain = sum(v * self._c[i] for v, i in zip(b, subset, strict=True))  # the residual is Syy - gain
+            if best is None or gain > best[0] * (1 + 1e-12):
+                full = [0.0] * self.K
+                for v, i in zip(b, subset, strict=True):
+                    full[i] = v
+                best = (gain, full)
+        if best is None:
+            return None
+        p, e, a = best[1]
+        return p, e, a
+
+
+def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:
+    """m x = v by Gaussian elimination with partial pivoting; None when m is (nearly) singular."""
+    n = len(v)
+    a = [[*row, rhs] for row, rhs in zip(m, v, strict=True)]
+    scale = max((abs(x) for row in m for x in row), default=0.0)
+    if scale <= 0:
+        return None
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[piv][col]) <= 1e-12 * scale:
+            return None
+        a[col], a[piv] = a[piv], a[col]
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                for k in range(col, n + 1):
+                    a[r][k] -= f * a[col][k]
+    return [a[i][n] / a[i][i] for i in range(n)]
 
 
 @dataclass(slots=True, eq=False)
@@ -221,6 +251,27 @@ class Tracked:
             w += _spread(min(1, generated), e.first_token, e.first_token, t0, t1)
             w += _spread(max(0, generated - 1), e.first_token, e.last_token, t0, t1)
         return w
+
+    def kv_reads(self, t0: float, t1: float, engine_view: bool = True) -> float | None:
+        """KV-cache tokens attention read for this request in (t0, t1]: each prompt row its prompt once
+        (prefill), each decoded token its context (prompt plus the tokens generated before it). None where
+        its work in the interval is unknown."""
+        work = self.work if engine_view else self.proxy_work
+        decode = work(t0, t1, 0.0)
+        rows = work(t0, t1, 1.0)
+        if decode is None or rows is None:
+            return None
+        tl = self.tl
+        e = self.engine if engine_view else None
+        prompt = (e.prompt_tokens if e is not None else None) or tl.prompt_tokens or 0
+        if tl.stream:
+            before = float(sum(tl.chunk_tokens[: bisect.bisect_right(tl.chunk_t, t0)]))
+        else:
+            total = (e.completion_tokens if e is not None else None) or tl.completion_tokens or 0
+            lo = e.first_token if e is not None and e.first_token is not None else tl.start
+            hi = e.last_token if e is not None else (tl.end if tl.end is not None else t1)
+            before = total * min(1.0, max(0.0, (t0 - lo) / (hi - lo))) if hi > lo else 0.0
+        return (rows - decode) * 1.0 + decode * (prompt + before + decode / 2)
 
     def running(self, t0: float, t1: float, engine_view: bool = True) -> float:
         """Seconds of (t0, t1] this request was running on the engine: from its prefill to its last token
@@ -505,20 +556,24 @@ class DeviceAccount:
             overlaps,
         )
         run = [tr.running(t0, t1, engine_view) for tr in overlapping]
-        total_rows, total_run = sum(rows), sum(run)
+        kv = _fill_unknown([tr.kv_reads(t0, t1, engine_view) for tr in overlapping], overlaps)
+        total_rows, total_run, total_kv = sum(rows), sum(run), sum(kv)
         if learn and busy_s > 0:
-            self.fit.add(busy_s, total_rows, e_busy)
+            self.fit.add(busy_s, total_rows, e_busy, total_kv)
         est = self.fit.estimate()
         if est is None or total_run <= 0:
             return None
-        p_shared, e_row = est
-        shared_j, rows_j = p_shared * busy_s, e_row * total_rows
-        if shared_j + rows_j <= 0:
+        p_shared, e_row, e_kv = est
+        parts = (p_shared * busy_s, e_row * total_rows, e_kv * total_kv)
+        whole = sum(parts)
+        if whole <= 0:
             return None
-        f = shared_j / (shared_j + rows_j)
+        f_run, f_rows, f_kv = (x / whole for x in parts)
         return [
-            f * r / total_run + ((1.0 - f) * n / total_rows if total_rows > 0 else 0.0)
-            for r, n in zip(run, rows, strict=True)
+            f_run * r / total_run
+            + (f_rows * n / total_rows if total_rows > 0 else 0.0)
+            + (f_kv * k / total_kv if total_kv > 0 else 0.0)
+            for r, n, k in zip(run, rows, kv, strict=True)
         ]
 
     def _foreign_work(self, iv: Interval, overlapping: list[Tracked], weights: list[float]) -> float:

@@ -51,6 +51,19 @@ FACT_OUTCOMES = ("joined", "unmatched", "duplicate", "unplaceable")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
+def _fit_report(acc: DeviceAccount) -> dict[str, float | int | None] | None:
+    """The shared work model's fit on a device: what it has learnt (null before enough intervals)."""
+    if acc.work_model != "shared":
+        return None
+    est = acc.fit.estimate()
+    return {
+        "intervals": acc.fit.n,
+        "shared_power_w": None if est is None else est[0],
+        "energy_per_row_j": None if est is None else est[1],
+        "energy_per_kv_read_j": None if est is None else est[2],
+    }
+
+
 def _request_id_in(engine_request_id: str | None) -> str | None:
     """The proxy's request id inside an engine's request id (vLLM derives its id from X-Request-Id,
     e.g. ``chatcmpl-<id>``), if there is one."""
@@ -431,6 +444,8 @@ class EnergyService(Background):
                     "conservation_error_ratio": acc.conservation_error_ratio(),
                     "pending_intervals": len(acc.pending),
                     "requests_in_flight": sum(1 for t in acc.tracked if t.tl.end is None),
+                    "work_model": acc.work_model,
+                    "work_fit": _fit_report(acc),
                 }
             )
         counters = [

@@ -268,17 +268,18 @@ def test_the_shared_rows_fit_recovers_the_two_parts() -> None:
     assert fit.estimate() is None  # too few intervals to say
     for _ in range(300):
         busy, rows = rng.uniform(0.05, 0.12), rng.choice([8.0, 16.0, 64.0, 2000.0]) * rng.uniform(0.5, 1.5)
-        fit.add(busy, rows, 200.0 * busy + 0.05 * rows)
+        kv = rows * rng.uniform(10.0, 3000.0)
+        fit.add(busy, rows, 200.0 * busy + 0.05 * rows + 2e-6 * kv, kv)
     est = fit.estimate()
     assert est is not None
-    assert est == pytest.approx((200.0, 0.05), rel=1e-6)
-    # energy that does not grow with rows: all of it is the shared part
+    assert est == pytest.approx((200.0, 0.05, 2e-6), rel=1e-4)
+    # energy that does not grow with rows or reads: all of it is the shared part, none negative
     flat = SharedRowsFit()
     for _ in range(50):
-        busy = rng.uniform(0.05, 0.12)
-        flat.add(busy, rng.uniform(1.0, 100.0), 300.0 * busy)
-    p, e = flat.estimate() or (0.0, 1.0)
-    assert p == pytest.approx(300.0) and e == pytest.approx(0.0, abs=1e-9)
+        busy, rows = rng.uniform(0.05, 0.12), rng.uniform(1.0, 100.0)
+        flat.add(busy, rows, 300.0 * busy - 1e-3 * rows, rows * 100.0)
+    p, e, a = flat.estimate() or (0.0, 1.0, 1.0)
+    assert p > 0 and e == 0.0 and a == 0.0
 
 
 def test_the_shared_model_splits_an_interval_by_running_time_and_rows() -> None:
@@ -286,9 +287,10 @@ def test_the_shared_model_splits_an_interval_by_running_time_and_rows() -> None:
     prompt rows (+1 token) while b decodes 10 tokens: 20 J shared by running time (a ran half of it), 50 J by
     rows; a gets 5 + 50 * 991 / 1001 J."""
     acc = DeviceAccount("h:0", settle_s=0.0, prefill_weight=0.1, work_model="shared")
-    for _ in range(100):  # what the device has shown so far
-        acc.fit.add(0.1, 100.0, 200.0 * 0.1 + 0.05 * 100.0)
-        acc.fit.add(0.05, 1000.0, 200.0 * 0.05 + 0.05 * 1000.0)
+    for _ in range(100):  # what the device has shown so far (no attention cost)
+        acc.fit.add(0.1, 100.0, 200.0 * 0.1 + 0.05 * 100.0, 5000.0)
+        acc.fit.add(0.05, 1000.0, 200.0 * 0.05 + 0.05 * 1000.0, 9000.0)
+        acc.fit.add(0.08, 300.0, 200.0 * 0.08 + 0.05 * 300.0, 100.0)
     a = Tracked(_tl("a", 0.0, 1.2, [(1.1, 1)], 990, stream=True))
     a.engine = _times(0.0, 1.05, 1.1, 1.1, 990, 1)
     b = Tracked(_tl("b", 0.0, 1.2, [(1.0 + 0.01 * k, 1) for k in range(1, 12)], 10, stream=True))
