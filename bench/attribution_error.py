@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--pool", default="q", help="--proxy: the pool (model) to address")
     ap.add_argument("--precisions", default="bf16,int4", help="precisions to mix")
     ap.add_argument("--extra-body", default="{}", help="JSON merged into every request body")
-    ap.add_argument("--work-model", choices=["rows", "shared"], default="rows", help="meter.work_model")
+    ap.add_argument("--work-model", choices=["rows", "shared"], default="shared", help="meter.work_model")
     args = ap.parse_args()
     if args.proxy:
         external(args)

@@ -202,7 +202,7 @@ class MeterConfig(_Strict):
         None, ge=0, description="active policy: idle power (default: estimated)"
     )
     work_model: Literal["rows", "shared"] = Field(
-        "rows",
+        "shared",
         description="how an interval's energy is shared by the requests in it: rows (by work: decode tokens, "
         "prompt tokens x prefill_weight) or shared (learnt per device: a part by running time, shared by "
         "whatever runs, and a part per row through the model; docs/design.md)",

@@ -57,6 +57,7 @@ def main() -> int:
     ap.add_argument("--batch-delay-ms", type=int, default=200)
     ap.add_argument("--start-timeout-s", type=float, default=420.0)
     ap.add_argument("--engine", choices=["vllm", "sim"], default="vllm")
+    ap.add_argument("--work-model", choices=["rows", "shared"], default="shared", help="meter.work_model")
     args = ap.parse_args()
 
     import yaml
@@ -143,7 +144,7 @@ def main() -> int:
                     if sim
                     else {"kind": "nvml"}
                 )
-                | {"compare_views": True, "settle_s": 10.0},
+                | {"compare_views": True, "settle_s": 10.0, "work_model": args.work_model},
                 "otlp_receiver": {"enabled": True, "port": otlp_port, "wait_s": 6.0},
                 "ledger": {"path": str(work / f"facts-ledger-{proxy_port}.sqlite")},
             }
