@@ -196,6 +196,9 @@ def main() -> None:
         choices=["aiohttp", "pyreqwest"],
         help="the proxy's upstream client (backends[].transport; pyreqwest needs `pip install pyreqwest`)",
     )
+    ap.add_argument(
+        "--work-model", default="shared", choices=["rows", "shared"], help="--with-meter: meter.work_model"
+    )
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args()
     if args.quick:
@@ -222,7 +225,11 @@ def main() -> None:
     if args.with_meter:
         mport = free_port()
         cfg["backends"][0]["devices"] = [{"host": "qtrap-sim", "index": 0}]  # type: ignore[index]
-        cfg["meter"] = {"kind": "dcgm", "urls": [f"http://127.0.0.1:{mport}/dcgm/metrics"]}
+        cfg["meter"] = {
+            "kind": "dcgm",
+            "urls": [f"http://127.0.0.1:{mport}/dcgm/metrics"],
+            "work_model": args.work_model,
+        }
         meter_sim = child(
             [py, "-m", "qtrap_sim", "--port", str(mport), "--step-ms", "10"],
             f"http://127.0.0.1:{mport}/health",
