@@ -77,6 +77,7 @@ class SharedRowsFit:
         self.n = 0
         self._s = [[0.0] * self.K for _ in range(self.K)]  # sum x x^T
         self._c = [0.0] * self.K  # sum x y
+        self._cached: tuple[int, tuple[float, float, float] | None] | None = None
 
     def add(self, busy_s: float, rows: float, energy_j: float, kv_reads: float = 0.0) -> None:
         lam = self.FORGET
@@ -94,6 +95,13 @@ class SharedRowsFit:
         ``MIN_INTERVALS`` intervals."""
         if self.n < self.MIN_INTERVALS or self._s[0][0] <= 0:
             return None
+        if self._cached is not None and self._cached[0] == self.n:
+            return self._cached[1]
+        est = self._solve_nonnegative()
+        self._cached = (self.n, est)
+        return est
+
+    def _solve_nonnegative(self) -> tuple[float, float, float] | None:
         best: tuple[float, list[float]] | None = None
         for subset in ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,)):
             b = _solve([[self._s[i][k] for k in subset] for i in subset], [self._c[i] for i in subset])
@@ -252,10 +260,10 @@ class Tracked:
             w += _spread(max(0, generated - 1), e.first_token, e.last_token, t0, t1)
         return w
 
-    def kv_reads(self, t0: float, t1: float, engine_view: bool = True) -> float | None:
-        """KV-cache tokens attention read for this request in (t0, t1]: each prompt row its prompt once
-        (prefill), each decoded token its context (prompt plus the tokens generated before it). None where
-        its work in the interval is unknown."""
+    def rows_and_kv(self, t0: float, t1: float, engine_view: bool = True) -> tuple[float, float] | None:
+        """Rows this request put through the model in (t0, t1] (prompt and decoded tokens alike) and the
+        KV-cache tokens its attention read: each prompt row its prompt once (prefill), each decoded token
+        its context (prompt plus the tokens generated before it). None where its work is unknown."""
         work = self.work if engine_view else self.proxy_work
         decode = work(t0, t1, 0.0)
         rows = work(t0, t1, 1.0)
@@ -271,7 +279,7 @@ class Tracked:
             lo = e.first_token if e is not None and e.first_token is not None else tl.start
             hi = e.last_token if e is not None else (tl.end if tl.end is not None else t1)
             before = total * min(1.0, max(0.0, (t0 - lo) / (hi - lo))) if hi > lo else 0.0
-        return (rows - decode) * 1.0 + decode * (prompt + before + decode / 2)
+        return rows, (rows - decode) + decode * (prompt + before + decode / 2)
 
     def running(self, t0: float, t1: float, engine_view: bool = True) -> float:
         """Seconds of (t0, t1] this request was running on the engine: from its prefill to its last token
@@ -551,12 +559,10 @@ class DeviceAccount:
         the model (decode tokens and prompt rows alike: each request's own rows); None until the fit has
         seen enough intervals to say how large each part is."""
         t0, t1 = iv.t0, iv.t1
-        rows = _fill_unknown(
-            [tr.work(t0, t1, 1.0) if engine_view else tr.proxy_work(t0, t1, 1.0) for tr in overlapping],
-            overlaps,
-        )
+        both = [tr.rows_and_kv(t0, t1, engine_view) for tr in overlapping]
+        rows = _fill_unknown([None if b is None else b[0] for b in both], overlaps)
+        kv = _fill_unknown([None if b is None else b[1] for b in both], overlaps)
         run = [tr.running(t0, t1, engine_view) for tr in overlapping]
-        kv = _fill_unknown([tr.kv_reads(t0, t1, engine_view) for tr in overlapping], overlaps)
         total_rows, total_run, total_kv = sum(rows), sum(run), sum(kv)
         if learn and busy_s > 0:
             self.fit.add(busy_s, total_rows, e_busy, total_kv)
