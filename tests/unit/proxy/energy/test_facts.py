@@ -302,5 +302,77 @@ def test_the_shared_model_splits_an_interval_by_running_time_and_rows() -> None:
     acc.settle(10.0)
     rows_a, rows_b = 990.0 + 1.0, 10.0
     f = 20.0 / 70.0
-    assert a.energy_j == pytest.approx(70.0 * (f * 0.5 / 1.5 + (1 - f) * rows_a / (rows_a + rows_b)), rel=0.01)
+    assert a.energy_j == pytest.approx(
+        70.0 * (f * 0.5 / 1.5 + (1 - f) * rows_a / (rows_a + rows_b)), rel=0.01
+    )
     assert a.energy_j + b.energy_j == pytest.approx(70.0)
+
+
+# -- the service joins spans to requests ------------------------------------------------------------------------
+def _service():  # type: ignore[no-untyped-def]
+    from qtrap_proxy.config import load_config
+    from qtrap_proxy.energy.service import EnergyService
+    from qtrap_proxy.upstream import Backend
+
+    cfg = load_config(
+        data={
+            "backends": [
+                {"name": "v", "pool": "p", "precision": "bf16", "url": "http://127.0.0.1:9", "model": "m",
+                 "devices": [{"host": "h", "index": 0}], "engine_facts": "otlp"},
+                {"name": "plain", "pool": "p", "precision": "fp8", "url": "http://127.0.0.1:9", "model": "m",
+                 "devices": [{"host": "h", "index": 0}]},
+            ],
+            "meter": {"kind": "dcgm", "urls": ["http://127.0.0.1:9/metrics"]},
+            "otlp_receiver": {"enabled": True, "port": 0},
+        }
+    )  # fmt: skip
+    backends = [Backend(b) for b in cfg.backends]
+    return EnergyService(cfg, backends, lambda tr: None), backends
+
+
+def test_a_span_that_arrives_before_the_proxy_sees_the_end_joins_and_bounds_the_clock() -> None:
+    """The engine records its span when the request finishes there, which can be before the proxy has read
+    the last bytes: the span joins the open account, placed by the offset the first chunk bounds."""
+    from qtrap_proxy.timeline import new_request_id
+
+    svc, (vb, plain) = _service()
+    tl = Timeline(new_request_id(), "chat", stream=True, start=100.0, start_unix_s=1_700_000_100.0)
+    tl.backend = vb.name
+    tr = svc.begin(tl, vb, hop_split=False)
+    assert tr.facts_expected and tr.facts_wait_s == 6.0
+    tl.add_chunk(100.31, 1)  # the first chunk; the stream goes on
+    arrival = 1_700_000_100.0 + 0.01 + 5.0  # the engine's clock is 5 s ahead
+    svc.on_facts(
+        [
+            EngineFacts(
+                "otlp", trace_id=tl.request_id, parent_span_id=tl.span_id, arrival_unix_s=arrival, queue_s=0.1,
+                prefill_s=0.2, ttft_s=0.3, decode_s=0.5, e2e_s=0.8, prompt_tokens=7, completion_tokens=20,
+            )
+        ]
+    )  # fmt: skip
+    assert svc.facts_outcomes["joined"] == 1 and tr.engine is not None
+    clock = svc.clocks["v"].estimate()
+    assert clock is not None and clock[0] + clock[1] >= 5.0 - 0.01 and clock[0] - clock[1] <= 5.0
+    assert tr.engine.first_token == pytest.approx(100.31, abs=0.011)
+    # a second span for it, one for a request never sent, and one by request id for a backend without facts
+    svc.on_facts(
+        [EngineFacts("otlp", parent_span_id=tl.span_id, arrival_unix_s=arrival, ttft_s=0.3, prefill_s=0.1)]
+    )
+    svc.on_facts([EngineFacts("otlp", parent_span_id="0123456789abcdef", arrival_unix_s=arrival)])
+    tl2 = Timeline(new_request_id(), "chat", stream=False, start=100.0, start_unix_s=1_700_000_100.0)
+    tl2.backend = plain.name
+    svc.begin(tl2, plain, hop_split=False)
+    svc.on_facts([EngineFacts("otlp", request_id=f"chatcmpl-{tl2.request_id}", arrival_unix_s=arrival)])
+    assert svc.facts_outcomes == {"joined": 1, "unmatched": 2, "duplicate": 1, "unplaceable": 0}
+
+
+def test_a_span_that_cannot_be_placed_stops_the_wait_and_says_why() -> None:
+    from qtrap_proxy.timeline import new_request_id
+
+    svc, (vb, _) = _service()
+    tl = Timeline(new_request_id(), "chat", stream=False, start=100.0, start_unix_s=1_700_000_100.0)
+    tl.backend = vb.name
+    tr = svc.begin(tl, vb, hop_split=False)
+    svc.on_facts([EngineFacts("otlp", parent_span_id=tl.span_id, e2e_s=1.0)])  # no start time
+    assert svc.facts_outcomes["unplaceable"] == 1
+    assert not tr.facts_expected and tr.facts == "proxy" and tr.facts_reason == reasons.FACTS_UNPLACEABLE
