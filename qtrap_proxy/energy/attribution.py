@@ -272,8 +272,10 @@ class Tracked:
         tl = self.tl
         e = self.engine if engine_view else None
         prompt = (e.prompt_tokens if e is not None else None) or tl.prompt_tokens or 0
-        if tl.stream:
-            before = float(sum(tl.chunk_tokens[: bisect.bisect_right(tl.chunk_t, t0)]))
+        if tl.stream:  # chunks before t0 at the request's mean tokens per chunk (no per-chunk sums)
+            n = len(tl.chunk_t)
+            per_chunk = tl.completion_tokens / n if tl.completion_tokens and n else 1.0
+            before = bisect.bisect_right(tl.chunk_t, t0) * per_chunk
         else:
             total = (e.completion_tokens if e is not None else None) or tl.completion_tokens or 0
             lo = e.first_token if e is not None and e.first_token is not None else tl.start
