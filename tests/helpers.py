@@ -6,6 +6,7 @@ import contextlib
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,15 @@ ONE_BACKEND: list[dict[str, Any]] = [
         "devices": [{"host": "h", "index": 0}],
     }
 ]
+
+
+def wait_meter(url: str, timeout_s: float = 15.0, headers: dict[str, str] | None = None) -> None:
+    """Until every device's counter has moved twice (energy before the first reading is unknown)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = requests.get(url + "/qtrap/v1/energy", headers=headers or {}, timeout=5)
+        assert r.status_code == 200, r.text
+        if all(d["meter_up"] and d["updates"] >= 2 for d in r.json()["devices"]):
+            return
+        assert time.monotonic() < deadline, "meter never came up"
+        time.sleep(0.05)

@@ -18,7 +18,7 @@ from text_generation import Client
 from text_generation.errors import UnknownError
 
 from qtrap_proxy.keystore import ApiKey, KeyStore
-from tests.helpers import BIN, backend, free_port, proxy, sim
+from tests.helpers import BIN, backend, free_port, proxy, sim, wait_meter
 from tests.integration import fake_backend
 from tests.integration.inproc import running_proxy
 
@@ -90,20 +90,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         with proxy(tmp, cfg):
             port = cfg["server"]["port"]
             url = f"http://127.0.0.1:{port}"
-            _wait_meter(url)
+            wait_meter(url, headers={"Authorization": f"Bearer {ADMIN}"})
             yield Setup(url, tmp / f"proxy-{port}.yaml", store, alice, bob, carol)
-
-
-def _wait_meter(url: str, timeout_s: float = 15.0) -> None:
-    """Until every device's counter has moved twice (energy before the first reading is unknown)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        r = requests.get(url + "/qtrap/v1/energy", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=5)
-        assert r.status_code == 200, r.text
-        if all(d["meter_up"] and d["updates"] >= 2 for d in r.json()["devices"]):
-            return
-        assert time.monotonic() < deadline, "meter never came up"
-        time.sleep(0.05)
 
 
 def _client(s: Setup, secret: str) -> openai.OpenAI:

@@ -14,7 +14,7 @@ import pytest
 import requests
 import yaml
 
-from tests.helpers import BIN, backend, free_port, proxy, server
+from tests.helpers import BIN, backend, free_port, proxy, server, wait_meter
 
 
 @dataclass
@@ -51,22 +51,11 @@ def energy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnergySetup]:
     with server(_sim_fleet(tmp, ports), f"http://127.0.0.1:{ports['int4']}/health"):
         cfg = _proxy_cfg(ports)
         with proxy(tmp, cfg):
-            _wait_meter(f"http://127.0.0.1:{cfg['server']['port']}")  # type: ignore[index]
+            wait_meter(f"http://127.0.0.1:{cfg['server']['port']}")  # type: ignore[index]
             yield EnergySetup(
                 f"http://127.0.0.1:{cfg['server']['port']}",  # type: ignore[index]
                 {p: f"http://127.0.0.1:{port}" for p, port in ports.items()},
             )
-
-
-def _wait_meter(url: str, timeout_s: float = 10.0) -> None:
-    """Until every device's counter has moved twice (energy before the first reading is unknown)."""
-    deadline = time.monotonic() + timeout_s
-    while not all(
-        d["meter_up"] and d["updates"] >= 2
-        for d in requests.get(url + "/qtrap/v1/energy", timeout=5).json()["devices"]
-    ):
-        assert time.monotonic() < deadline, "meter never came up"
-        time.sleep(0.05)
 
 
 def _chat(
@@ -202,7 +191,7 @@ def test_hop_split_inside_one_stream(tmp_path: Path) -> None:
         }
         with proxy(tmp_path, cfg):
             url = f"http://127.0.0.1:{cfg['server']['port']}"  # type: ignore[index]
-            _wait_meter(url)
+            wait_meter(url)
             r = requests.post(
                 url + "/v1/chat/completions",
                 timeout=60,

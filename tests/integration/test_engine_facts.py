@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from qtrap_proxy.energy import reasons
-from tests.helpers import backend, free_port, proxy, sim
+from tests.helpers import backend, free_port, proxy, sim, wait_meter
 
 SKEW_S = 2.5  # the bf16 engine's clock runs this far ahead of the proxy's
 
@@ -64,18 +64,8 @@ def facts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FactsSetup]:
         }
         with proxy(tmp, cfg):
             url = f"http://127.0.0.1:{cfg['server']['port']}"
-            _wait_meter(url)
+            wait_meter(url)
             yield FactsSetup(url, otlp)
-
-
-def _wait_meter(url: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not all(
-        d["meter_up"] and d["updates"] >= 2
-        for d in requests.get(url + "/qtrap/v1/energy", timeout=5).json()["devices"]
-    ):
-        assert time.monotonic() < deadline, "meter never came up"
-        time.sleep(0.05)
 
 
 def _chat(url: str, precision: str, stream: bool, headers: dict[str, str] | None = None) -> str:
