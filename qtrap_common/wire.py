@@ -31,6 +31,8 @@ RESP_BACKEND: Final = "x-qtrap-backend"
 RESP_PRECISION: Final = "x-qtrap-precision"
 # a non-streaming answer's provisional energy figure; the final one is in the record
 RESP_ENERGY_PROVISIONAL: Final = "x-qtrap-energy-j-provisional"
+# how the backend was chosen: `<policy>; precision=<p>; reason=<reason>` (policy cost or round_robin)
+RESP_ROUTE: Final = "x-qtrap-route"
 
 B_HEADER_PREFIX: Final = HEADER_PREFIX.encode()
 B_CHAIN_ID: Final = CHAIN_ID.encode()
@@ -44,6 +46,11 @@ B_RESP_REQUEST_ID: Final = RESP_REQUEST_ID.encode()
 B_RESP_BACKEND: Final = RESP_BACKEND.encode()
 B_RESP_PRECISION: Final = RESP_PRECISION.encode()
 B_RESP_ENERGY_PROVISIONAL: Final = RESP_ENERGY_PROVISIONAL.encode()
+B_RESP_ROUTE: Final = RESP_ROUTE.encode()
+
+# -- routing decisions (x-qtrap-route's reason, qtrap_route_decisions_total's reason label) -------------
+ROUTE_POLICIES: Final = ("round_robin", "cost")
+ROUTE_REASONS: Final = ("pinned", "cheapest", "explore", "sticky", "fallback", "no_data", "round_robin")
 
 # -- the admin API (paths are starlette route templates; `path()` fills them) -------------------------
 ADMIN_PREFIX: Final = "/qtrap/v1"
@@ -53,6 +60,7 @@ CHAIN_SCORE_PATH: Final = ADMIN_PREFIX + "/chains/{chain_id}/score"
 ENERGY_PATH: Final = ADMIN_PREFIX + "/energy"
 KEYS_PATH: Final = ADMIN_PREFIX + "/keys"
 KEY_USAGE_PATH: Final = ADMIN_PREFIX + "/keys/{key_id}/usage"
+ROUTING_PATH: Final = ADMIN_PREFIX + "/routing"
 
 
 def path(template: str, **params: str) -> str:

@@ -73,6 +73,7 @@ async def close_proxy(proxy: Proxy, shutdown: Shutdown) -> bool:
     def left(cap: float = math.inf) -> float:
         return max(0.0, min(cap, deadline - loop.time()))
 
+    await proxy.stop_probing()
     running = await _requests_ended(proxy, left(REQUESTS_GRACE_S))
     if running:
         log.warning(

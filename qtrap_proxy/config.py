@@ -178,8 +178,99 @@ class BackendConfig(_Strict):
         return self.health_path or _DEFAULT_HEALTH_PATH[self.kind]
 
 
+class CostConfig(_Strict):
+    """``pools.<name>.cost``: the knobs of the cost routing policy (qtrap_proxy/cost.py; README, "Routing by
+    cost")."""
+
+    accuracy: dict[str, float] = Field(
+        default_factory=dict,
+        description="accuracy per precision (0 < a <= 1); a precision not listed takes the live scores of "
+        "POST /qtrap/v1/chains/{id}/score once min_scored chains are scored, else 1.0",
+    )
+    min_accuracy: float | None = Field(
+        None, gt=0, le=1, description="precisions whose accuracy is below this are not candidates"
+    )
+    max_accuracy_loss: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="precisions whose accuracy is more than this below the default precision's are not candidates",
+    )
+    min_scored: int = Field(
+        20, ge=1, description="live accuracy: chains a precision needs scored before their accuracy is used"
+    )
+    ttft_p95_s: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="a backend whose recent p95 time to first token exceeds this is not a candidate",
+    )
+    itl_p95_s: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="a backend whose recent p95 inter-token latency exceeds this is not a candidate",
+    )
+    latency_window_s: float = Field(
+        120.0, gt=0, allow_inf_nan=False, description="the latency budgets look at this many recent seconds"
+    )
+    max_inflight: int | None = Field(
+        None, gt=0, description="a backend with this many requests in flight is not a candidate"
+    )
+    decay_s: float = Field(
+        600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="half-life of an observation's weight in the J/token estimates",
+    )
+    explore: float = Field(
+        0.02, ge=0, le=0.5, description="share of decisions sent to a random candidate other than the best"
+    )
+    hysteresis: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="the current best is kept unless another candidate is cheaper by more than this fraction",
+    )
+    sticky_chains: bool = Field(True, description="a chain's hops stay on the precision its first hop got")
+    sticky_max: int = Field(100_000, gt=0, description="chains remembered for sticky_chains (LRU)")
+    seed_report: str | None = Field(
+        None, description="a loadgen report.json whose per-precision, per-concurrency J/token seed the model"
+    )
+    seed_n: float = Field(
+        5.0, gt=0, allow_inf_nan=False, description="effective observations one seeded level counts as"
+    )
+    probe_s: float = Field(
+        5.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="the backends' health is probed this often while the proxy runs (0: only by GET /health)",
+    )
+    down_s: float = Field(
+        10.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="a backend that could not be reached is not a candidate for this long (or until a probe "
+        "says it is up)",
+    )
+
+    @field_validator("accuracy")
+    @classmethod
+    def _accuracies(cls, v: dict[str, float]) -> dict[str, float]:
+        for precision, a in v.items():
+            if not (isinstance(a, int | float) and 0 < a <= 1):
+                raise ValueError(f"{precision}: must be a number in (0, 1], got {a!r}")
+        return v
+
+
 class PoolConfig(_Strict):
     default_precision: str | None = None
+    routing: Literal["round_robin", "cost"] = Field(
+        "round_robin",
+        description="round_robin: the default precision (or the pinned one), replicas in turn; cost: an unpinned "
+        "request goes to the precision and replica of lowest expected energy per correct answer",
+    )
+    cost: CostConfig = Field(default_factory=CostConfig)
 
 
 class MeterConfig(_Strict):
@@ -346,6 +437,14 @@ class ProxyConfig(BaseSettings):
                     f"pools.{pool}.default_precision: {pc.default_precision!r} is not served "
                     f"(pool has {sorted(precisions[pool])})"
                 )
+            if "cost" in pc.model_fields_set and pc.routing != "cost":
+                raise ValueError(f"pools.{pool}.cost: only used with routing: cost (this pool: {pc.routing})")
+            for precision in pc.cost.accuracy:
+                if precision not in precisions[pool]:
+                    raise ValueError(
+                        f"pools.{pool}.cost.accuracy.{precision}: precision not served by the pool "
+                        f"(pool has {sorted(precisions[pool])})"
+                    )
         for i, b in enumerate(self.backends):
             if b.engine_facts == "otlp" and not self.otlp_receiver.enabled:
                 raise ValueError(

@@ -140,6 +140,14 @@ class Metrics:
             ("pool", "precision", "hops", "result"),
             registry=r,
         )
+        self.route_decisions = Counter(
+            "qtrap_route_decisions",
+            "Backends chosen for requests, by pool, precision and reason "
+            "(pinned|cheapest|explore|sticky|fallback|no_data|round_robin)",
+            ("pool", "precision", "reason"),
+            registry=r,
+        )
+        self._decisions: dict[tuple[str, str, str], Any] = {}
         self._children: dict[tuple[str, str, str], BackendMetrics] = {}
         self.key_requests: Counter | None = None
         self.key_energy: Counter | None = None
@@ -162,6 +170,14 @@ class Metrics:
         """Count a finished request for its key (auth.key_metrics)."""
         if self.key_requests is not None and tl.key_label is not None:
             self.key_requests.labels(tl.key_label).inc()
+
+    def route_decision(self, pool: str, precision: str, reason: str) -> None:
+        """Count a routing decision (pool and precision from the configuration, reason from a fixed set)."""
+        key = (pool, precision, reason)
+        child = self._decisions.get(key)
+        if child is None:
+            child = self._decisions[key] = self.route_decisions.labels(*key)
+        child.inc()
 
     def register_ledger(self, ledger: Ledger) -> None:
         """The ledger's state, read at scrape time."""

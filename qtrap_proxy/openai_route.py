@@ -283,8 +283,9 @@ class OpenAIRoute(EdgeRoute):
                 raise BadRequest(
                     "x-qtrap-hop-split needs a streamed request (`stream: true`)", param="x-qtrap-hop-split"
                 )
-        pool, precision = self.proxy.router.resolve(model, headers.precision)
-        backend = self.proxy.router.choose(pool, precision)
+        decision = self.proxy.router.route(model, headers.precision, chain_id=tl.chain_id)
+        backend = decision.backend
+        tl.routing, tl.route_reason = decision.policy, decision.reason
         req["model"] = backend.cfg.model
         filt: OpenAIStreamFilter | None = None
         if stream:

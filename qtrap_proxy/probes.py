@@ -38,6 +38,10 @@ class BackendProbes:
         try:
             timeout = self.server.health_timeout_s
             results: list[Health] = await asyncio.gather(*(b.probe(timeout) for b in self.backends))
+            for b, h in zip(self.backends, results, strict=True):
+                b.probe_ok = h.ok
+                if h.ok:
+                    b.down_until = 0.0
             self._last = (time.monotonic(), results)
             return results
         finally:

@@ -8,6 +8,8 @@ reach the parts through it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -17,6 +19,8 @@ from prometheus_client import CollectorRegistry
 from qtrap_common import wire
 from qtrap_proxy.auth import KeyRing, admin_digest
 from qtrap_proxy.config import ProxyConfig
+from qtrap_proxy.cost import CostPolicy
+from qtrap_proxy.costseed import Seed, read_seed
 from qtrap_proxy.energy import reasons
 from qtrap_proxy.energy.collector import EnergyCollector
 from qtrap_proxy.energy.service import EnergyService
@@ -37,6 +41,7 @@ log = logging.getLogger("qtrap.proxy")
 H_REQUEST_ID = wire.B_RESP_REQUEST_ID
 H_BACKEND = wire.B_RESP_BACKEND
 H_PRECISION = wire.B_RESP_PRECISION
+H_ROUTE = wire.B_RESP_ROUTE
 
 
 class Proxy:
@@ -49,7 +54,14 @@ class Proxy:
     ) -> None:
         self.config = config
         self.backends = [Backend(b) for b in config.backends]
+        self._by_name = {b.name: b for b in self.backends}
         self.router = Router(config, self.backends, policy)
+        # routing by cost (cost.py): the pools with `routing: cost`, None when there are none
+        self.cost: CostPolicy | None = None
+        if any(pc.routing == "cost" for pc in config.pools.values()):
+            self.cost = CostPolicy(config, self.router.pools, _seeds(config))
+            self.router.pool_policy = self.cost
+        self._probing: asyncio.Task[None] | None = None
         self.metrics = Metrics(registry, auth=config.auth.enabled, key_metrics=config.auth.key_metrics)
         self.started_unix_s = int(time.time())
         for b in self.backends:
@@ -67,6 +79,9 @@ class Proxy:
         # the energy service hands each final account to the record store (constructed next)
         self.energy = EnergyService(config, self.backends, lambda tr: self.records.commit(tr))
         self.records = RecordStore(self.energy, self.ledger, self.metrics, self.key_ring, keep_records)
+        if self.cost is not None:  # the cost model learns from final records and chain scores
+            self.records.final_listeners.append(self.cost.observe)
+            self.records.score_listeners.append(self.cost.scored)
         self.metrics.registry.register(EnergyCollector(self.energy))
         self.metrics.register_ledger(self.ledger)
         self.hop_regex = re.compile(config.meter.hop_split_regex)
@@ -89,16 +104,51 @@ class Proxy:
             log.info("OTLP/HTTP trace receiver at %s", self.otlp.endpoint)
         self.records.start()
         self.energy.start()
+        probe_s = min(
+            (
+                pc.cost.probe_s
+                for pc in self.config.pools.values()
+                if pc.routing == "cost" and pc.cost.probe_s > 0
+            ),
+            default=0.0,
+        )
+        if probe_s > 0:
+            self._probing = asyncio.create_task(self._probe_every(probe_s), name="qtrap-cost-probes")
+
+    async def _probe_every(self, period_s: float) -> None:
+        """Routing by cost: keep the backends' health verdicts fresh (probes.py sets them)."""
+        while True:
+            try:
+                await self.probes.results()
+            except Exception:  # a probe never raises; this loop must not die if one does
+                log.exception("probing the backends failed")
+            await asyncio.sleep(period_s)
+
+    async def stop_probing(self) -> None:
+        task, self._probing = self._probing, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     # -- request lifecycle -------------------------------------------------
     def begin(self, tl: Timeline, backend: Backend, hop_split: bool = False) -> None:
         tl.pool, tl.precision, tl.backend = backend.pool, backend.precision, backend.name
+        backend.inflight += 1
+        tl.load = backend.inflight
         backend.metrics.inflight.inc()
+        if tl.route_reason is not None:
+            self.metrics.route_decision(backend.pool, backend.precision, tl.route_reason)
         self.energy.begin(tl, backend, hop_split)
 
     def end(self, tl: Timeline, *, was_inflight: bool) -> None:
         """A request has finished (any outcome): account it once."""
         try:
+            if was_inflight and tl.backend is not None:
+                backend = self._by_name[tl.backend]
+                backend.inflight -= 1
+                if tl.status == "upstream_unreachable" and self.cost is not None:
+                    self.cost.unreachable(backend)
             self.metrics.child(tl.pool, tl.backend, tl.precision).finished(tl, was_inflight=was_inflight)
             self.metrics.key_finished(tl)
             tr = self.energy.account(tl.request_id)
@@ -120,4 +170,20 @@ class Proxy:
             h.append((H_BACKEND, tl.backend.encode()))
         if tl.precision is not None:
             h.append((H_PRECISION, tl.precision.encode()))
+            if tl.route_reason is not None:
+                h.append(
+                    (H_ROUTE, f"{tl.routing}; precision={tl.precision}; reason={tl.route_reason}".encode())
+                )
         return h
+
+
+def _seeds(config: ProxyConfig) -> dict[str, Seed]:
+    """The seed reports of the cost pools that name one (ConfigError naming the key if one is bad)."""
+    seeds = {}
+    for name, pc in config.pools.items():
+        if pc.routing == "cost" and pc.cost.seed_report is not None:
+            try:
+                seeds[name] = read_seed(pc.cost.seed_report)
+            except ConfigError as e:
+                raise ConfigError(f"pools.{name}.cost.seed_report: {e}") from e
+    return seeds

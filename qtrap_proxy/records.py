@@ -14,7 +14,9 @@ chain in ``qtrap_chains_scored_total``) and one client key's usage over the ledg
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from qtrap_common.wire import ChainPage, ChainSummary, RequestRecord
@@ -26,6 +28,12 @@ from qtrap_proxy.errors import Forbidden
 from qtrap_proxy.ledger import Ledger, UsageRow
 from qtrap_proxy.metrics import Metrics, hop_label
 from qtrap_proxy.record import Stage, build_record, chain_page, chain_summary
+from qtrap_proxy.timeline import Timeline
+
+log = logging.getLogger("qtrap.records")
+
+FinalListener = Callable[[Timeline, RequestRecord], None]
+ScoreListener = Callable[[str | None, str | None, bool], None]  # pool, precision, correct
 
 
 class RecordStore:
@@ -46,6 +54,9 @@ class RecordStore:
         self._keep = keep
         self._scored: OrderedDict[str, None] = OrderedDict()  # chains already scored
         self._loop: asyncio.AbstractEventLoop | None = None
+        # told of each final record as it is committed, and of each chain scored (once): routing by cost
+        self.final_listeners: list[FinalListener] = []
+        self.score_listeners: list[ScoreListener] = []
 
     def start(self) -> None:
         """Start the ledger's writer (on the running event loop, where its reports are handled)."""
@@ -59,6 +70,11 @@ class RecordStore:
         self.metrics.energy_final(tr, rec)
         self._committing[rec["id"]] = tr
         self.ledger.put(rec)
+        for listener in self.final_listeners:
+            try:
+                listener(tr.tl, rec)
+            except Exception:  # a listener must not lose a record
+                log.exception("a final-record listener failed on request %s", rec["id"])
 
     def _on_durable(self, records: list[RequestRecord]) -> None:
         """Called by the ledger's writer thread once records are committed."""
@@ -160,6 +176,11 @@ class RecordStore:
                 hop_label(n),
                 "correct" if correct else "wrong",
             ).inc()
+            for listener in self.score_listeners:
+                try:
+                    listener(last.get("pool"), last.get("precision"), correct)
+                except Exception:
+                    log.exception("a score listener failed on chain %s", chain_id)
         return {
             "chain_id": chain_id,
             "counted": first,

@@ -1,8 +1,10 @@
 """Choosing a backend for a request.
 
 Resolution (model name -> pool and precision) is separate from the policy that
-picks a replica. ``RoutingPolicy`` is the small interface later policies (e.g.
-cheapest precision at the current load) implement.
+picks a replica. ``RoutingPolicy`` is the small interface replica policies implement
+(``RoundRobin`` by default). A pool with ``routing: cost`` hands its unpinned requests
+to a ``PoolPolicy`` (cost.py's ``CostPolicy``), which chooses among every precision's
+backends; :meth:`Router.route` gives the decision either way, with its reason.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from qtrap_proxy.config import ProxyConfig
+from qtrap_proxy.cost import Decision
 from qtrap_proxy.errors import BadRequest, NotFound
 from qtrap_proxy.upstream import Backend
 
@@ -19,6 +22,20 @@ from qtrap_proxy.upstream import Backend
 class RoutingPolicy(Protocol):
     def pick(self, pool: str, precision: str, candidates: list[Backend]) -> Backend:
         """Pick one of ``candidates`` (all serving ``pool`` at ``precision``; never empty)."""
+        ...
+
+
+class PoolPolicy(Protocol):
+    """Chooses a precision and a replica for a pool's unpinned requests (``routing: cost``)."""
+
+    def handles(self, pool: str) -> bool: ...
+
+    def decide(self, pool: str, kinds: frozenset[str] | None = None, chain_id: str | None = None) -> Decision:
+        """A backend of ``pool`` (of ``kinds`` when given), its precision and why."""
+        ...
+
+    def pinned(self, pool: str, precision: str, chain_id: str | None) -> None:
+        """A request of ``pool`` pinned to ``precision`` (so a chain that began pinned can stay)."""
         ...
 
 
@@ -41,9 +58,16 @@ class Router:
     ``x-qtrap-precision`` header pins a precision too.
     """
 
-    def __init__(self, config: ProxyConfig, backends: Iterable[Backend], policy: RoutingPolicy | None = None):
+    def __init__(
+        self,
+        config: ProxyConfig,
+        backends: Iterable[Backend],
+        policy: RoutingPolicy | None = None,
+        pool_policy: PoolPolicy | None = None,
+    ):
         self.config = config
         self.policy: RoutingPolicy = policy if policy is not None else RoundRobin()
+        self.pool_policy = pool_policy  # set once the pools are known (Proxy builds it from them)
         self.backends = list(backends)
         self._by_pool: dict[str, dict[str, list[Backend]]] = {}
         for b in self.backends:
@@ -71,6 +95,32 @@ class Router:
         With ``kinds`` (e.g. TGI's native routes) and no pin, the default is the pool's
         default precision if a backend of those kinds serves it, else the first such precision.
         """
+        pool, precision, _ = self._resolve(model, header_precision, kinds)
+        return pool, precision
+
+    def route(
+        self,
+        model: str,
+        header_precision: str | None,
+        kinds: frozenset[str] | None = None,
+        chain_id: str | None = None,
+    ) -> Decision:
+        """:meth:`resolve` and a backend: a pool with ``routing: cost`` decides an unpinned request
+        among all its precisions (the pool policy); otherwise the resolved precision's replicas take
+        turns (``reason``: pinned or round_robin). Errors as resolve's and choose's."""
+        pool, precision, pinned = self._resolve(model, header_precision, kinds)
+        pp = self.pool_policy
+        if pp is not None and pp.handles(pool):
+            if not pinned:
+                return pp.decide(pool, kinds, chain_id)
+            pp.pinned(pool, precision, chain_id)
+            return Decision(self.choose(pool, precision, kinds), precision, "pinned", "cost")
+        reason = "pinned" if pinned else "round_robin"
+        return Decision(self.choose(pool, precision, kinds), precision, reason, "round_robin")
+
+    def _resolve(
+        self, model: str, header_precision: str | None, kinds: frozenset[str] | None
+    ) -> tuple[str, str, bool]:
         pool, _, pinned = model.partition("@")
         pool = self._aliases.get(pool, pool)
         precisions = self._by_pool.get(pool)
@@ -96,7 +146,7 @@ class Router:
                 param="model",
                 code="precision_not_found",
             )
-        return pool, precision
+        return pool, precision, bool(pinned or header_precision)
 
     def choose(self, pool: str, precision: str, kinds: frozenset[str] | None = None) -> Backend:
         candidates = self._by_pool[pool][precision]

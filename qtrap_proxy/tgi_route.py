@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import orjson
 
 from qtrap_common.asgi import Scope
+from qtrap_proxy.cost import Decision
 from qtrap_proxy.edge import EdgeRoute
 from qtrap_proxy.errors import BadRequest, QtrapError
 from qtrap_proxy.limits import ClientHeaders, check_model, parse_json_object
@@ -66,7 +67,7 @@ class TGIRoute(EdgeRoute):
     def error_body(self, err: QtrapError) -> bytes:
         return err.tgi_body()
 
-    def _pool_and_precision(self, headers: ClientHeaders) -> tuple[str, str]:
+    def _route(self, headers: ClientHeaders, tl: Timeline) -> Decision:
         router = self.proxy.router
         model = headers.model
         if model is None:
@@ -79,8 +80,7 @@ class TGIRoute(EdgeRoute):
                 )
             model = tgi_pools[0]
         model = check_model(model, "x-qtrap-model")
-        pool, precision = router.resolve(model, headers.precision, kinds=_TGI)
-        return pool, precision
+        return router.route(model, headers.precision, kinds=_TGI, chain_id=tl.chain_id)
 
     def prepare_checked(self, scope: Scope, body: bytes, tl: Timeline, headers: ClientHeaders) -> Prepared:
         req = parse_json_object(body)
@@ -89,8 +89,9 @@ class TGIRoute(EdgeRoute):
         params = req.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise BadRequest("`parameters` must be an object", param="parameters")
-        pool, precision = self._pool_and_precision(headers)
-        backend = self.proxy.router.choose(pool, precision, kinds=_TGI)
+        decision = self._route(headers, tl)
+        backend = decision.backend
+        tl.routing, tl.route_reason = decision.policy, decision.reason
         stream = self.path == "/generate_stream" or (self.path == "/" and req.get("stream") is True)
         return Prepared(backend, self.path, body, stream, TGIStreamFilter(tl) if stream else None)
 

@@ -39,6 +39,9 @@ class Timeline:
     key_label: str | None = None  # its metric label (name, else id); not in the record
     trace_id: str | None = None  # the client's W3C trace id when it sent a valid traceparent
     tracestate: str | None = None  # the client's tracestate (with a valid traceparent), passed on
+    routing: str | None = None  # the pool's routing policy (round_robin | cost), once a backend is chosen
+    route_reason: str | None = None  # why this backend (wire.ROUTE_REASONS)
+    load: int = 0  # requests in flight on its backend when it began, itself included
     start: float = field(default_factory=time.monotonic)
     start_unix_s: float = field(default_factory=time.time)
     first_byte: float | None = None

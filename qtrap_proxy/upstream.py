@@ -37,6 +37,10 @@ class Backend:
         self.kind = cfg.kind
         self.transport = make_transport(cfg) if transport is None else transport
         self.metrics: BackendMetrics  # bound by the Proxy that owns this backend
+        # routing state (qtrap_proxy/cost.py), kept as plain values: read on every cost decision
+        self.inflight = 0  # requests in flight (Proxy.begin/end)
+        self.probe_ok = True  # the last health probe's verdict (probes.py)
+        self.down_until = 0.0  # monotonic: unreachable until then (a request failed to connect)
         self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if cfg.api_key is not None:
             self._headers["Authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
