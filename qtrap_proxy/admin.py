@@ -1,7 +1,8 @@
 """The HTTP edge of everything but the relay: the admin API, health, the model list, metrics, the spec.
 
 ``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``GET /openapi.json`` and the ``/qtrap/v1/*``
-routes (a request's record, a chain and its score, the energy report, the keys and a key's usage).
+routes (a request's record, a chain and its score, the energy report, the cost routing table, the keys
+and a key's usage).
 Handlers check what the client sent (``limits.py``), ask the proxy's parts (the record store, the
 energy service, the key ring, the backends' probes) and answer in OpenAI's error shape; a client key
 (auth.py's ``Principal``) sees only what it owns, and another key's records are not found either.
@@ -94,6 +95,9 @@ def routes(proxy: Proxy) -> list[Route]:
     async def energy(_: Request) -> JSONResponse:
         return JSONResponse(proxy.energy.energy_report())
 
+    async def routing(_: Request) -> JSONResponse:
+        return JSONResponse(routing_report(proxy))
+
     async def keys(_: Request) -> Response:
         if proxy.key_ring is None:
             return _error(
@@ -135,6 +139,7 @@ def routes(proxy: Proxy) -> list[Route]:
         Route(wire.CHAIN_PATH, chain_record, methods=["GET"]),
         Route(wire.CHAIN_SCORE_PATH, chain_score, methods=["POST"]),
         Route(wire.ENERGY_PATH, energy, methods=["GET"]),
+        Route(wire.ROUTING_PATH, routing, methods=["GET"]),
         Route(wire.KEYS_PATH, keys, methods=["GET"]),
         Route(wire.KEY_USAGE_PATH, key_usage, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
@@ -180,6 +185,15 @@ async def health_report(proxy: Proxy) -> tuple[int, dict[str, Any]]:
         status = "down"
     code = 503 if status == "down" else 200  # only the pools take the proxy out of a load balancer
     return code, {"status": status, "pools": pools_up, "backends": out, "ledger": ledger}
+
+
+def routing_report(proxy: Proxy) -> dict[str, Any]:
+    """Each pool's routing; for each ``routing: cost`` pool its cost table (cost.py ``CostPolicy.table``)."""
+    cost = proxy.cost
+    return {
+        "pools": [] if cost is None else cost.table(),
+        "round_robin_pools": sorted(p for p in proxy.router.pools if cost is None or not cost.handles(p)),
+    }
 
 
 def model_list(proxy: Proxy, who: Principal | None = None) -> dict[str, Any]:

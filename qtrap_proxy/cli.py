@@ -104,7 +104,71 @@ def _parser() -> argparse.ArgumentParser:
         "(for auth.admin_key_sha256). Nothing is stored.",
     )
 
+    routing = sub.add_parser(
+        "routing", help="routing by cost", description="Routing by cost (pools.<name>.routing: cost)."
+    )
+    rsub = routing.add_subparsers(dest="routing_command", required=True, metavar="ACTION")
+    seed = rsub.add_parser(
+        "seed",
+        help="print the seed table a loadgen report gives a pool",
+        description="Read a loadgen report.json as pools.<name>.cost.seed_report does and print the J/token "
+        "per precision and load bucket the cost model would start from.",
+    )
+    seed.add_argument("report", metavar="REPORT", help="a loadgen report.json")
+    seed.add_argument("--pool", required=True, metavar="NAME", help="the pool to seed")
+    seed.add_argument(
+        "--config", "-c", metavar="FILE", help="the proxy's configuration: keep only the pool's precisions"
+    )
+    seed.add_argument("--json", action="store_true", help="print JSON")
+
     return p
+
+
+def _routing_seed(args: argparse.Namespace) -> int:
+    """``qtrap-proxy routing seed``: one line on stderr and status 2 for bad input."""
+    from qtrap_proxy.cost import seed_table
+    from qtrap_proxy.costseed import bucket_label, read_seed
+
+    try:
+        precisions: list[str] | None = None
+        if args.config is not None:
+            cfg = load_config(args.config)
+            precisions = sorted({b.precision for b in cfg.backends if b.pool == args.pool})
+            if not precisions:
+                pools = sorted({b.pool for b in cfg.backends})
+                raise ConfigError(f"--pool: {args.pool!r} is not served (pools: {', '.join(pools)})")
+        seed = read_seed(args.report)
+        table = seed_table(seed, precisions)
+        if not table:
+            raise ConfigError(
+                f"{args.report}: no level at a precision pool {args.pool} serves ({', '.join(precisions or [])})"
+            )
+    except ConfigError as e:
+        print(f"qtrap-proxy: {e}", file=sys.stderr)
+        return 2
+    rows = [
+        {
+            "precision": p,
+            "load": bucket_label(b),
+            "j_per_token": mean,
+            "stderr": se,
+            "levels": n,
+        }
+        for (p, b), (mean, se, n) in table.items()
+    ]
+    if args.json:
+        print(json.dumps({"pool": args.pool, "report": seed.path, "model": seed.model, "seed": rows}))
+        return 0
+    print(
+        f"pool {args.pool}: seed from {seed.path} (run on model {seed.model or '?'}; "
+        f"{len(seed.levels)} levels, {seed.skipped} without J/token skipped)"
+    )
+    print(f"{'PRECISION':<10} {'LOAD':>7} {'J/TOKEN':>10} {'STDERR':>10} {'LEVELS':>6}")
+    for r in rows:
+        print(
+            f"{r['precision']:<10} {r['load']:>7} {r['j_per_token']:>10.4g} {r['stderr']:>10.3g} {r['levels']:>6}"
+        )
+    return 0
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -208,7 +272,9 @@ def _summary(cfg: ProxyConfig) -> str:
     for b in cfg.backends:
         pools.setdefault(b.pool, []).append(f"{b.precision}:{b.name} ({b.kind} {b.display_url})")
     for pool, items in pools.items():
-        lines.append(f"pool {pool} (default precision {cfg.default_precision(pool)})")
+        pc = cfg.pools.get(pool)
+        routing = "" if pc is None or pc.routing == "round_robin" else f", routing {pc.routing}"
+        lines.append(f"pool {pool} (default precision {cfg.default_precision(pool)}{routing})")
         lines.extend(f"  {it}" for it in items)
     a = cfg.auth
     if a.enabled:
@@ -225,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         return _grafana(args)
     if args.command == "keys":
         return _keys(args)
+    if args.command == "routing":
+        return _routing_seed(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

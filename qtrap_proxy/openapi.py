@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.json_schema import models_json_schema
 
+from qtrap_common import wire
 from qtrap_proxy import __version__
 from qtrap_proxy.config import ServerConfig
 from qtrap_proxy.limits import (
@@ -38,7 +39,7 @@ from qtrap_proxy.limits import (
     MAX_PAGE,
     MAX_REWRITE_DEPTH,
 )
-from qtrap_proxy.proxy import H_BACKEND, H_REQUEST_ID
+from qtrap_proxy.proxy import H_BACKEND, H_REQUEST_ID, H_ROUTE
 from qtrap_proxy.proxy import H_PRECISION as H_RESP_PRECISION
 from qtrap_proxy.relay import H_ENERGY
 
@@ -375,6 +376,11 @@ _HEADERS: dict[str, dict[str, Any]] = {
     },
     "XQtrapBackend": {"description": "the backend that served it", "schema": {"type": "string"}},
     "XQtrapPrecision": {"description": "the precision that served it", "schema": {"type": "string"}},
+    "XQtrapRoute": {
+        "description": "how the backend was chosen: `<policy>; precision=<p>; reason=<r>`, policy `cost` or "
+        "`round_robin`, reason one of " + ", ".join(f"`{r}`" for r in wire.ROUTE_REASONS),
+        "schema": {"type": "string"},
+    },
     "XQtrapEnergyJProvisional": {
         "description": "non-streaming answers: the provisional energy in joules (the final figure is in the record)",
         "schema": {"type": "number"},
@@ -389,6 +395,7 @@ _RESPONSE_HEADER_NAMES = {
     "XQtrapRequestId": H_REQUEST_ID,
     "XQtrapBackend": H_BACKEND,
     "XQtrapPrecision": H_RESP_PRECISION,
+    "XQtrapRoute": H_ROUTE,
     "XQtrapEnergyJProvisional": H_ENERGY,
 }
 
@@ -445,7 +452,13 @@ def _relay_ok(stream_terminator: str, json_schema: dict[str, Any]) -> Callable[[
             + stream_terminator,
             "headers": {
                 _RESPONSE_HEADER_NAMES[h].decode(): _ref("headers", h)
-                for h in ("XQtrapRequestId", "XQtrapBackend", "XQtrapPrecision", "XQtrapEnergyJProvisional")
+                for h in (
+                    "XQtrapRequestId",
+                    "XQtrapBackend",
+                    "XQtrapPrecision",
+                    "XQtrapRoute",
+                    "XQtrapEnergyJProvisional",
+                )
             },
             "content": {
                 JSON: {"schema": json_schema},
@@ -529,6 +542,14 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "/qtrap/v1/energy", "get", "energy per device and the token counters' state", "admin", "plain",
         ok=_json_ok("EnergyReport"),
+    ),
+    Operation(
+        "/qtrap/v1/routing", "get", "each cost-routed pool's cost table, accuracy, budgets and current best",
+        "admin", "plain",
+        ok=lambda: {"description": "`{\"pools\": [{pool, default_precision, current_best, accuracy, budgets, "
+                    "backends: [{name, precision, inflight, up, candidate, ttft_p95_s, itl_p95_s, buckets: "
+                    "[{load, j_per_token, stderr, n_eff}]}]}], \"round_robin_pools\": [...]}`",
+                    "content": {JSON: {"schema": {"type": "object"}}}},
     ),
     Operation(
         "/qtrap/v1/keys", "get", "every client key (auth on, admin key; never secrets)", "admin", "plain",

@@ -641,6 +641,37 @@ def trap_dashboard() -> Json:
             min_=0,
             w=24,
         ),
+        row("Routing by cost (pools with routing: cost)"),
+        timeseries(
+            "Routing decisions by reason",
+            "Requests routed per second by why their backend was chosen "
+            "(`qtrap_route_decisions_total`): cheapest (the pool's current best), explore (Thompson "
+            "sampling or the minimum exploration share), sticky (a chain kept its first hop's precision), "
+            "pinned, no_data, fallback (no candidate within the budgets), round_robin (other pools).",
+            [
+                target(
+                    f"sum by (pool, reason) (rate(qtrap_route_decisions_total{{{SEL}}}[$__rate_interval]))",
+                    "{{pool}} {{reason}}",
+                )
+            ],
+            "reqps",
+            min_=0,
+        ),
+        timeseries(
+            "Share of routed requests by precision",
+            "Each precision's share of the requests routed in its pool (`qtrap_route_decisions_total`, "
+            "all reasons): where routing by cost sends the load as the measured J/token moves.",
+            [
+                target(
+                    f"sum by (pool, precision) (rate(qtrap_route_decisions_total{{{SEL}}}[$__rate_interval]))\n"
+                    "  / ignoring(precision) group_left sum by (pool) "
+                    f"(rate(qtrap_route_decisions_total{{{SEL}}}[$__rate_interval]))",
+                    "{{pool}}@{{precision}}",
+                )
+            ],
+            "percentunit",
+            min_=0,
+        ),
     ]
     return _dashboard(
         "qtrap-trap",
