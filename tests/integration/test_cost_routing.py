@@ -1,0 +1,121 @@
+"""Routing by cost through a real proxy: two simulated H200s (Qwen3-8B at BF16 and INT4 W4A16) metered by
+the proxy's DCGM meter; unpinned requests end up on the precision whose measured J/token is lower."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from tests.helpers import BIN, backend, free_port, proxy, server, wait_meter
+
+ROUTE = re.compile(r"cost; precision=(bf16|int4); reason=(pinned|cheapest|explore|sticky|fallback|no_data)")
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("cost")
+    ports = {"bf16": free_port(), "int4": free_port()}
+    fleet = {"backends": [{"model": "qwen3-8b", "precision": p, "port": port} for p, port in ports.items()]}
+    (tmp / "sim.yaml").write_text(yaml.safe_dump(fleet))
+    cfg: dict[str, Any] = {
+        "backends": [
+            backend(f"sim-{p}", port, p, devices=[{"host": "qtrap-sim", "index": i}])
+            for i, (p, port) in enumerate(ports.items())
+        ],
+        "pools": {"qwen3-8b": {"default_precision": "bf16", "routing": "cost", "cost": {"probe_s": 1.0}}},
+        "meter": {
+            "kind": "dcgm",
+            "urls": [f"http://127.0.0.1:{port}/dcgm/metrics" for port in ports.values()],
+            "settle_s": 0.3,
+        },
+    }
+    sim_cmd = [str(BIN / "qtrap-sim"), "--config", str(tmp / "sim.yaml")]
+    with server(sim_cmd, f"http://127.0.0.1:{ports['int4']}/health"), proxy(tmp, cfg):
+        u = f"http://127.0.0.1:{cfg['server']['port']}"
+        wait_meter(u)
+        yield u
+
+
+def _chat(url: str, model: str = "qwen3-8b", chain: str | None = None) -> tuple[str, str]:
+    body = {
+        "model": model,
+        "max_tokens": 24,
+        "messages": [{"role": "user", "content": "count: " + "one " * 20}],
+    }
+    headers = {"x-qtrap-chain-id": chain} if chain else {}
+    r = requests.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    m = ROUTE.fullmatch(r.headers["x-qtrap-route"])
+    assert m is not None, r.headers["x-qtrap-route"]
+    assert m.group(1) == r.headers["x-qtrap-precision"]
+    return m.group(1), m.group(2)
+
+
+def _measured(url: str) -> dict[str, float]:
+    """Each precision's J/token at one request in flight, as the proxy's cost table has it."""
+    table = requests.get(url + "/qtrap/v1/routing", timeout=5).json()
+    (pool,) = table["pools"]
+    out = {}
+    for b in pool["backends"]:
+        ones = [k for k in b["buckets"] if k["load"] == "1"]
+        if ones:
+            out[b["precision"]] = ones[0]["j_per_token"]
+    return out
+
+
+def test_unpinned_requests_go_to_the_cheaper_precision(url: str) -> None:
+    first = [_chat(url) for _ in range(2)]
+    assert {r for _, r in first} == {"explore"}  # neither has data: each is tried
+    assert {p for p, _ in first} == {"bf16", "int4"}
+    deadline = time.monotonic() + 20
+    while len(_measured(url)) < 2:  # warm-up: until both have final records
+        assert time.monotonic() < deadline, requests.get(url + "/qtrap/v1/routing", timeout=5).text
+        _chat(url)
+    for _ in range(6):
+        _chat(url)
+    decisions = [_chat(url) for _ in range(30)]
+    measured = _measured(url)
+    cheaper = min(measured, key=measured.__getitem__)
+    counts = Counter(p for p, _ in decisions)
+    assert counts[cheaper] >= 0.75 * len(decisions), (measured, decisions)
+    assert measured["int4"] < measured["bf16"]  # the simulated H200: W4A16 about 0.6x BF16 alone
+    assert any(r == "cheapest" for _, r in decisions)
+
+    # a pin wins, and a chain keeps the precision of its first hop
+    assert _chat(url, "qwen3-8b@bf16") == ("bf16", "pinned")
+    assert _chat(url, chain="chain-a")[0] == cheaper
+    assert _chat(url, chain="chain-a") == (cheaper, "sticky")
+    assert _chat(url, "qwen3-8b@bf16", chain="chain-b") == ("bf16", "pinned")
+    assert _chat(url, chain="chain-b") == ("bf16", "sticky")
+
+    table = requests.get(url + "/qtrap/v1/routing", timeout=5).json()
+    (pool,) = table["pools"]
+    assert pool["current_best"]["precision"] == cheaper and table["round_robin_pools"] == []
+    for b in pool["backends"]:
+        assert b["up"] and b["candidate"] and b["records"] > 0
+        for k in b["buckets"]:
+            assert k["j_per_token"] > 0 and k["stderr"] >= 0 and k["n_eff"] > 0
+    metrics = requests.get(url + "/metrics", timeout=5).text
+    cheapest = re.search(
+        rf'qtrap_route_decisions_total{{pool="qwen3-8b",precision="{cheaper}",reason="cheapest"}} (\S+)',
+        metrics,
+    )
+    assert cheapest is not None and float(cheapest.group(1)) >= 1
+    assert 'reason="pinned"' in metrics and 'reason="sticky"' in metrics
+
+
+def test_routing_table_needs_nothing_but_the_route(url: str) -> None:
+    r = requests.get(url + "/qtrap/v1/routing", timeout=5)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert requests.post(url + "/qtrap/v1/routing", timeout=5).status_code == 405
+
+
+def test_pinned_requests_on_a_cost_pool_say_so(url: str) -> None:
+    assert _chat(url, "qwen3-8b@int4") == ("int4", "pinned")
