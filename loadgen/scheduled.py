@@ -37,7 +37,7 @@ class SchedulePlan:
 
 
 @dataclass(slots=True)
-class ScheduleRun:
+class ScheduleResult:
     """One schedule's chains and times (``time.monotonic()``): ``t0`` its start, ``t_sched_end`` the end of
     the schedule (no chain starts after it), ``t_end`` the end of the drain."""
 
@@ -58,13 +58,13 @@ async def run_schedule(
     *,
     stop: asyncio.Event | None = None,
     on_chain: Callable[[Chain], None] | None = None,
-) -> ScheduleRun:
+) -> ScheduleResult:
     """Replay ``problems`` (cycled) under ``plan.schedule``; ``stop`` (Ctrl-C) ends it early, abandoning
     the requests in flight."""
     stop = stop or asyncio.Event()
     peak = plan.schedule.peak()
     run = LevelRun(plan.label, round(peak) if plan.unit == "concurrency" else 0, 0)
-    out = ScheduleRun(plan, run)
+    out = ScheduleResult(plan, run)
     out.t0 = run.t_start = time.monotonic()
     dur = plan.schedule.duration_s
     next_index = 0
