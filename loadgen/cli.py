@@ -14,7 +14,6 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-
 from typing import Any
 
 from loadgen import __version__
@@ -270,7 +269,8 @@ def run_parser(compare_routing: bool = False) -> argparse.ArgumentParser:
             "--schedule",
             type=_schedule,
             metavar="SPEC",
-            help=SCHEDULE_HELP + "; each precision runs it in turn, pinned (compare-routing: several policies)",
+            help=SCHEDULE_HELP
+            + "; each precision runs it in turn, pinned (compare-routing: several policies)",
         )
     _add_schedule_options(p, w)
     w.add_argument(

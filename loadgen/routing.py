@@ -36,9 +36,16 @@ from loadgen.embedded import PRECISIONS, embedded_stack
 from loadgen.proxyapi import ProxyError, energy_snapshot, fetch_records, pool_precisions
 from loadgen.report import _clean, build_scheduled, energy_summary, write_csv, write_json
 from loadgen.runner import Chain, LevelRun
+from loadgen.schedreport import (
+    POLICY_HEAD,
+    _console,
+    _print_table,
+    policy_rows,
+    render_schedules,
+    write_markdown,
+)
 from loadgen.schedule import Schedule
 from loadgen.scheduled import SchedulePlan, run_schedule
-from loadgen.schedreport import POLICY_HEAD, _console, _print_table, policy_rows, render_schedules, write_markdown
 from loadgen.schema import GENERATOR, SCHEMA_VERSION, CompareRouting, Config
 from loadgen.timeline import summarise
 
@@ -214,7 +221,11 @@ def _rejection(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def _embedded(
-    args: argparse.Namespace, precisions: tuple[str, ...], oracle: list[str], work: Path, options: dict[str, Any]
+    args: argparse.Namespace,
+    precisions: tuple[str, ...],
+    oracle: list[str],
+    work: Path,
+    options: dict[str, Any],
 ) -> Iterator[str]:
     cm = embedded_stack(
         args.model or "qwen3-8b",
@@ -259,14 +270,14 @@ def _execute(
     if args.data_file and args.dataset == "synthetic":
         raise Fail("--data-file needs --dataset gsm8k or mathqa")
     problems = _problems(args, 1000)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise Fail(f"cannot create --out {out}: {e.strerror or e}") from e
     precisions = _external_precisions(args, model) if args.proxy else list(args.precisions or PRECISIONS)
     if names is None:
         names = precisions + (["round_robin", *([] if args.proxy else ["cost"])] if compare else [])
     policies = policies_for(names, model, precisions)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Fail(f"cannot create --out {out}: {e.strerror or e}") from e
     stop = asyncio.Event()
     results: dict[str, dict[str, Any]] = {}
     runs: list[LevelRun] = []
@@ -299,7 +310,9 @@ def _execute(
                     work.mkdir(parents=True, exist_ok=True)
                     try:
                         url = es.enter_context(
-                            _embedded(args, tuple(precisions), _oracle(args, problems, work), work, options or {})
+                            _embedded(
+                                args, tuple(precisions), _oracle(args, problems, work), work, options or {}
+                            )
                         )
                     except (ValueError, RuntimeError, OSError) as e:
                         if options:  # the proxy refused routing: cost
@@ -388,5 +401,3 @@ def run_scheduled(args: argparse.Namespace) -> int:
         return 130
     ok = sum(1 for r in runs for e in r.exchanges if e.status == "ok")
     return 0 if ok else 1
-
-

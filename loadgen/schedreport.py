@@ -12,6 +12,7 @@ from rich.table import Table
 from loadgen.report import _CSS, _table, fmt, fmt_ci
 from loadgen.schema import CompareRouting, Report, ScheduleRun
 
+
 def _lat(pct: Any) -> str:
     return " / ".join(fmt(getattr(pct, f"p{q}")) for q in (50, 90, 99))
 
@@ -92,7 +93,12 @@ def write_markdown(doc: CompareRouting, path: Path) -> Path:
     ]
     for p in doc.policies:
         if p.run is not None:
-            parts += ["", f"## {p.policy} by {p.run.window_s:g} s window", "", _md_table(WINDOW_HEAD, window_rows(p.run))]
+            parts += [
+                "",
+                f"## {p.policy} by {p.run.window_s:g} s window",
+                "",
+                _md_table(WINDOW_HEAD, window_rows(p.run)),
+            ]
     path.write_text("\n".join(parts) + "\n")
     return path
 
@@ -116,8 +122,12 @@ def render_schedules(report: Report, out: Path) -> None:
     """A schedule report's terminal tables and report.html (no plots)."""
     console = _console()
     for s in report.schedules:
-        _print_table(console, f"{s.label}: {s.schedule} by {s.window_s:g} s window", WINDOW_HEAD, window_rows(s))
-    _print_table(console, "Whole runs (fleet energy: every device, idle included)", SCHED_HEAD, schedule_rows(report))
+        _print_table(
+            console, f"{s.label}: {s.schedule} by {s.window_s:g} s window", WINDOW_HEAD, window_rows(s)
+        )
+    _print_table(
+        console, "Whole runs (fleet energy: every device, idle included)", SCHED_HEAD, schedule_rows(report)
+    )
     body = "".join(
         f"<h2>{html.escape(s.label)} by {s.window_s:g} s window</h2>{_table(WINDOW_HEAD, window_rows(s))}"
         for s in report.schedules

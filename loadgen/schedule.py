@@ -120,7 +120,9 @@ def parse(spec: str) -> Schedule:
         for part in body.split(","):
             value, at, dur = part.partition("@")
             if not at or not value.strip():
-                raise ScheduleError(f"bad step {part.strip()!r} in {spec!r}: expected VALUE@DURATION, e.g. 8@30s")
+                raise ScheduleError(
+                    f"bad step {part.strip()!r} in {spec!r}: expected VALUE@DURATION, e.g. 8@30s"
+                )
             points.append((_value(value.strip()), parse_duration(dur)))
         if not any(v > 0 for v, _ in points):
             raise ScheduleError(f"schedule {spec!r} never offers any load (every value is 0)")
@@ -128,7 +130,9 @@ def parse(spec: str) -> Schedule:
     rng, at, dur = body.partition("@")
     lo, dots, hi = rng.partition("..")
     if not at or not dots:
-        raise ScheduleError(f"bad {shape} {body!r} in {spec!r}: expected {shape}:A..B@DURATION, e.g. {shape}:1..64@120s")
+        raise ScheduleError(
+            f"bad {shape} {body!r} in {spec!r}: expected {shape}:A..B@DURATION, e.g. {shape}:1..64@120s"
+        )
     a, b = _value(lo.strip()), _value(hi.strip())
     if a == 0 and b == 0:
         raise ScheduleError(f"schedule {spec!r} never offers any load (both ends are 0)")

@@ -8,6 +8,7 @@ it served the schedule, whatever the routing. docs/methodology.md ("Schedules") 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +41,7 @@ def _at(series: list[tuple[float, float]], t: float) -> float | None:
     """The fleet counter at ``t`` by linear interpolation; None outside the readings."""
     if not series or t < series[0][0] - 1e-6 or t > series[-1][0] + 1e-6:
         return None
-    for (t0, e0), (t1, e1) in zip(series, series[1:], strict=False):
+    for (t0, e0), (t1, e1) in itertools.pairwise(series):
         if t0 <= t <= t1:
             return e0 if t1 == t0 else e0 + (e1 - e0) * (t - t0) / (t1 - t0)
     return series[0][1] if t <= series[0][0] else series[-1][1]
@@ -100,7 +101,9 @@ def summarise(
                 continue
             width = e.t_end - e.t_first
             toks = e.completion_tokens or 0
-            tokens += toks * (_overlap(e.t_first, e.t_end, a, b) / width if width > 0 else float(a <= e.t_end < b))
+            tokens += toks * (
+                _overlap(e.t_first, e.t_end, a, b) / width if width > 0 else float(a <= e.t_end < b)
+            )
         ea, eb = _at(series, a), _at(series, b)
         energy = eb - ea if ea is not None and eb is not None else None
         done = [c for c in chains if c.t_end and (a <= c.t_end < b or (k == n - 1 and c.t_end == b))]
