@@ -288,7 +288,7 @@ def _execute(
         groups = [(None, policies)]
     else:
         cost_opts: dict[str, Any] = {"routing": "cost"}
-        if args.cost_config:
+        if getattr(args, "cost_config", None):
             cost_opts["cost"] = args.cost_config
         groups = [
             ({}, [p for p in policies if p.kind != "cost"]),
