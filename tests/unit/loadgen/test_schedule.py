@@ -223,3 +223,34 @@ def test_stop_interrupts_a_schedule() -> None:
     t = time.monotonic()
     out = asyncio.run(go())
     assert out.run.interrupted and time.monotonic() - t < 2
+
+
+def test_timeline_windows_and_fleet_energy() -> None:
+    from loadgen.timeline import summarise
+
+    plan = SchedulePlan("bf16", parse("steps:2@0.4s"))
+    out = asyncio.run(run_schedule(StubClient(0.02), plan, synthetic(100, seed=1), "t"))
+
+    def snap(t: float, joules: float) -> dict[str, Any]:  # two devices, 100 W each from the run's start
+        dev = {"metered_j": joules, "measured_j": joules}
+        return {"t": t, "devices": {"gpu0": dev, "gpu1": dict(dev)}}
+
+    snaps = [snap(out.t0 + t, 100.0 * t) for t in (0.0, 0.2, 0.4)] + [
+        snap(out.t_end, 100.0 * (out.t_end - out.t0))
+    ]
+    doc = summarise(out, snaps, model="m@bf16", window_s=0.2, bootstrap=50)
+    t = doc["totals"]
+    assert t["fleet_energy_j"] == pytest.approx(200.0 * (out.t_end - out.t0))
+    assert t["energy_by_device"]["gpu0"] == pytest.approx(t["fleet_energy_j"] / 2)
+    # the stub's answers are wrong: accuracy 0, and J per correct answer null (never infinite)
+    assert t["accuracy"] == 0.0 and t["correct"] == 0 and t["j_per_correct"] is None
+    assert t["precision_share"] == {"unknown": 1.0}  # the stub names no precision
+    ws = doc["windows"]
+    assert ws[0]["energy_j"] == pytest.approx(40.0) and ws[0]["offered"] == pytest.approx(2.0)
+    assert sum(w["energy_j"] for w in ws) == pytest.approx(t["fleet_energy_j"])
+    assert sum(w["chains_ended"] for w in ws) == t["chains"]
+    assert all(w["offered"] == 0 for w in ws if w["t_start_s"] >= t["schedule_s"])  # the drain
+    # no meter: energy null with a reason, the rest still computed
+    dark = summarise(out, [None, None], model="m", window_s=0.2, bootstrap=50)
+    assert dark["totals"]["fleet_energy_j"] is None and dark["totals"]["fleet_energy_null_reason"]
+    assert all(w["energy_j"] is None and w["energy_null_reason"] for w in dark["windows"])
