@@ -74,6 +74,11 @@ class Display:
         else:
             self.say(f"{desc} ...")
 
+    def schedule_progress(self, elapsed_s: float, extra: str) -> None:
+        """A schedule's bar: seconds of the schedule done, and what it offers now."""
+        if self.progress is not None:
+            self.progress.update(self.task, completed=int(elapsed_s), extra=extra)
+
     def chain_done(self, chain: Chain, correct: int | None, done: int) -> None:
         if self.progress is not None:
             extra = f"correct {correct}/{done}" if correct is not None else f"{done} chains (not scored)"
@@ -265,6 +270,11 @@ def plots_or_none(report: Report, out: Path) -> list[Path]:
 
 def render_outputs(report: Report, out: Path) -> list[Path]:
     """Plots, report.html and the terminal summary of a report (also ``python -m loadgen render``)."""
+    if report.schedules and not report.levels:
+        from loadgen.schedreport import render_schedules
+
+        render_schedules(report, out)
+        return []
     plots = plots_or_none(report, out)
     write_html(report, plots, out / "report.html")
     console = Console()

@@ -14,14 +14,20 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from loadgen import __version__
 from loadgen.datasets import DATASETS
+from loadgen.schedule import ARRIVALS, UNITS, Schedule, ScheduleError
+from loadgen.schedule import parse as parse_schedule
 
 EPILOG = """examples:
   python -m loadgen --concurrency 1,8,64                       # embedded default, simulated H200s
   python -m loadgen --proxy http://127.0.0.1:8080 --model qwen3-8b --dataset gsm8k \\
       --data-file gsm8k/test.jsonl --concurrency 1,4,16,64 --num-chains 200 --repeats 3
+  python -m loadgen --schedule steps:1@30s,8@30s,64@60s --window 10  # time-varying load, each precision
+  python -m loadgen --schedule day:0.5..8@300s --schedule-unit chains/s --arrivals poisson
+  python -m loadgen compare-routing --schedule ramp:1..64@120s      # policies side by side
   python -m loadgen compare small/report.json large/report.json
   python -m loadgen render run/report.json --out run-html        # plots and report.html again
   python -m loadgen schema > docs/report-schema.json             # report.json's JSON Schema
@@ -29,6 +35,34 @@ EPILOG = """examples:
 outputs in --out: report.json (docs/report-schema.md), requests.csv, *.png, report.html.
 exit status: 0 done, 1 the run finished with failed requests only, 2 bad input or unreachable proxy,
 130 interrupted (the partial report is written)."""
+
+
+COMPARE_ROUTING_EPILOG = """examples:
+  python -m loadgen compare-routing --schedule steps:1@30s,8@30s,64@60s      # embedded default: every policy
+  python -m loadgen compare-routing --schedule day:1..32@600s --policies bf16,int4,cost --cost-config '{}'
+  python -m loadgen compare-routing --proxy http://127.0.0.1:8080 --policies bf16,int4,cost \\
+      --schedule ramp:1..64@300s        # cost: the proxy's pool is configured with routing: cost
+
+outputs in --out: compare-routing.json (loadgen/schema.py CompareRouting), compare-routing.md, requests.csv.
+exit status: 0 done, 1 no policy ran, 2 bad input or unreachable proxy, 130 interrupted."""
+
+
+def check_schedule(p: argparse.ArgumentParser, args: argparse.Namespace, required: bool) -> None:
+    """Options that depend on one another: one line and exit 2 (argparse's error)."""
+    if args.schedule is None:
+        if required:
+            p.error("--schedule is required (e.g. --schedule steps:1@30s,8@30s)")
+        for opt in ("schedule_unit", "arrivals"):
+            if getattr(args, opt) is not None:
+                p.error(f"--{opt.replace('_', '-')} needs --schedule")
+        return
+    args.schedule_unit = args.schedule_unit or "concurrency"
+    if args.schedule_unit == "concurrency":
+        if args.arrivals is not None:
+            p.error("--arrivals is for arrival rates (--schedule-unit chains/s or requests/s)")
+        if args.schedule.shape == "steps" and any(v != int(v) for v, _ in args.schedule.points):
+            p.error(f"--schedule {args.schedule.spec}: concurrency steps are whole numbers of chains")
+    args.arrivals = args.arrivals or "poisson"
 
 
 def _int_list(text: str) -> list[int]:
@@ -96,15 +130,77 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
-def run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m loadgen",
-        description="Replay GSM8K/MathQA reasoning chains through a qtrap proxy at controlled concurrency, "
-        "score the answers, and locate B*: the concurrency where a quantized precision's energy per correct "
-        "answer crosses FP16/BF16's. Subcommands: `compare REPORT...`, `render REPORT`, `schema`.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def _schedule(text: str) -> Schedule:
+    try:
+        return parse_schedule(text)
+    except ScheduleError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _json_object(text: str) -> dict[str, object]:
+    import json
+
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e.msg} at character {e.pos}") from None
+    if not isinstance(doc, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return doc
+
+
+def _add_schedule_options(p: argparse.ArgumentParser, w: Any) -> None:
+    w.add_argument(
+        "--schedule-unit",
+        choices=UNITS,
+        metavar="UNIT",
+        help="what the schedule's values are: concurrency (chains in flight, closed loop; the default), "
+        "chains/s or requests/s (arrival rates, open loop)",
     )
+    w.add_argument(
+        "--arrivals",
+        choices=ARRIVALS,
+        help="open loop: poisson (default; seeded by --seed) or uniform (evenly spaced in the integrated rate)",
+    )
+    w.add_argument(
+        "--window",
+        type=_positive(float),
+        default=10.0,
+        metavar="S",
+        help="length of the schedule's report windows in seconds (default: 10)",
+    )
+
+
+SCHEDULE_HELP = (
+    "a load that changes over time instead of fixed levels: steps:1@30s,8@30s,64@60s (concurrency 1 for "
+    "30 s, then 8, then 64), ramp:1..64@120s (linear), day:1..64@300s (a daily cycle compressed into 300 s: "
+    "lowest at 03:00, highest at 15:00); durations in ms, s (default), m or h"
+)
+
+
+def run_parser(compare_routing: bool = False) -> argparse.ArgumentParser:
+    if compare_routing:
+        p = argparse.ArgumentParser(
+            prog="python -m loadgen compare-routing",
+            description="Run ONE schedule under several routing policies, one after another, and report them "
+            "side by side: fleet energy (every device, idle included), energy per correct answer, accuracy, "
+            "latency percentiles and which precision served what share. Policies: a precision (requests "
+            "pinned as model@precision), round_robin (unpinned requests, the proxy's routing as configured) "
+            "and cost (unpinned requests against a pool with `routing: cost`: the embedded default writes that "
+            "key into its proxy's config; a proxy that refuses it is reported as not run).",
+            epilog=COMPARE_ROUTING_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    else:
+        p = argparse.ArgumentParser(
+            prog="python -m loadgen",
+            description="Replay GSM8K/MathQA reasoning chains through a qtrap proxy at controlled concurrency, "
+            "score the answers, and locate B*: the concurrency where a quantized precision's energy per correct "
+            "answer crosses FP16/BF16's. Subcommands: `compare REPORT...`, `render REPORT`, `schema`, "
+            "`compare-routing --schedule ...`.",
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
     p.add_argument("--version", action="version", version=f"qtrap loadgen {__version__}")
     t = p.add_argument_group("target")
     t.add_argument(
@@ -125,7 +221,8 @@ def run_parser() -> argparse.ArgumentParser:
         metavar="P,P",
         help="precisions to sweep, e.g. bf16,int4 (default: every precision the proxy serves for the model)",
     )
-    t.add_argument("--baseline", help="precision the others are compared with (default: fp16, else bf16)")
+    if not compare_routing:
+        t.add_argument("--baseline", help="precision the others are compared with (default: fp16, else bf16)")
     t.add_argument(
         "--sim-gpu",
         choices=["h200", "h100"],
@@ -143,13 +240,39 @@ def run_parser() -> argparse.ArgumentParser:
         "each answer, as reasoning models do (default: 32; 0 for bare answers)",
     )
     w = p.add_argument_group("workload")
-    w.add_argument(
-        "--concurrency",
-        type=_int_list,
-        default=[1, 8, 64],
-        metavar="C,C",
-        help="concurrency levels: chains in flight at once, closed loop (default: 1,8,64)",
-    )
+    if compare_routing:
+        w.add_argument("--schedule", type=_schedule, metavar="SPEC", help=SCHEDULE_HELP + " (required)")
+        t.add_argument(
+            "--policies",
+            type=_name_list,
+            metavar="P,P",
+            help="routing policies to run, in order: precisions (pinned), round_robin, cost (default: every "
+            "precision, round_robin and cost with the embedded default; every precision and round_robin "
+            "against --proxy, whose cost/round_robin mean whatever it is configured with)",
+        )
+        t.add_argument(
+            "--cost-config",
+            type=_json_object,
+            metavar="JSON",
+            help="embedded default: the cost policy's knobs, written as pools.<pool>.cost in its proxy's config",
+        )
+    else:
+        load = w.add_mutually_exclusive_group()
+        load.add_argument(
+            "--concurrency",
+            type=_int_list,
+            default=[1, 8, 64],
+            metavar="C,C",
+            help="concurrency levels: chains in flight at once, closed loop (default: 1,8,64)",
+        )
+        load.add_argument(
+            "--schedule",
+            type=_schedule,
+            metavar="SPEC",
+            help=SCHEDULE_HELP
+            + "; each precision runs it in turn, pinned (compare-routing: several policies)",
+        )
+    _add_schedule_options(p, w)
     w.add_argument(
         "--dataset",
         default="synthetic",
@@ -171,6 +294,48 @@ def run_parser() -> argparse.ArgumentParser:
         "(x-qtrap-chain-id, x-qtrap-hop); stream: one chain-of-thought request per problem split "
         "into hops by the proxy (x-qtrap-hop-split: lines) (default: requests)",
     )
+    if not compare_routing:
+        _add_level_options(w)
+    _add_request_options(w)
+    a = p.add_argument_group("analysis and output")
+    a.add_argument(
+        "--out",
+        default="compare-routing-out" if compare_routing else "loadgen-out",
+        metavar="DIR",
+        help="output directory (default: %(default)s): "
+        + (
+            "compare-routing.json, compare-routing.md, requests.csv"
+            if compare_routing
+            else "report.json, requests.csv, plots, report.html"
+        ),
+    )
+    a.add_argument(
+        "--bootstrap",
+        type=_positive(int),
+        default=1000,
+        metavar="N",
+        help="bootstrap replicates for the confidence intervals (default: 1000)",
+    )
+    if not compare_routing:
+        a.add_argument(
+            "--index-weights",
+            type=_weights,
+            default=(1 / 3, 1 / 3, 1 / 3),
+            metavar="T,S,E",
+            help="weights of the trust, sustainability and economy indices in the composite (default: equal)",
+        )
+    a.add_argument(
+        "--final-timeout",
+        type=_positive(float),
+        default=60.0,
+        metavar="S",
+        help="how long to wait for the proxy's final energy records after a level (default: 60)",
+    )
+    a.add_argument("--quiet", action="store_true", help="no progress display; only errors and the summary")
+    return p
+
+
+def _add_level_options(w: Any) -> None:
     n = w.add_mutually_exclusive_group()
     n.add_argument(
         "--num-chains",
@@ -197,6 +362,9 @@ def run_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="run each level R times; repeats feed the confidence intervals (default: 1)",
     )
+
+
+def _add_request_options(w: Any) -> None:
     w.add_argument(
         "--seed", type=int, default=0, help="problem order, synthetic problems, sampling seed (default: 0)"
     )
@@ -228,36 +396,6 @@ def run_parser() -> argparse.ArgumentParser:
         "accuracy, J per correct answer and the trust, sustainability and composite indices are null with "
         "REASON, B* is located on J/token only, and no verdict is sent to the proxy",
     )
-    a = p.add_argument_group("analysis and output")
-    a.add_argument(
-        "--out",
-        default="loadgen-out",
-        metavar="DIR",
-        help="output directory: report.json, requests.csv, plots, report.html (default: loadgen-out)",
-    )
-    a.add_argument(
-        "--bootstrap",
-        type=_positive(int),
-        default=1000,
-        metavar="N",
-        help="bootstrap replicates for the confidence intervals (default: 1000)",
-    )
-    a.add_argument(
-        "--index-weights",
-        type=_weights,
-        default=(1 / 3, 1 / 3, 1 / 3),
-        metavar="T,S,E",
-        help="weights of the trust, sustainability and economy indices in the composite (default: equal)",
-    )
-    a.add_argument(
-        "--final-timeout",
-        type=_positive(float),
-        default=60.0,
-        metavar="S",
-        help="how long to wait for the proxy's final energy records after a level (default: 60)",
-    )
-    a.add_argument("--quiet", action="store_true", help="no progress display; only errors and the summary")
-    return p
 
 
 def compare_parser() -> argparse.ArgumentParser:
@@ -310,9 +448,22 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(schema_json())
         return 0
+    if argv and argv[0] == "compare-routing":
+        parser = run_parser(compare_routing=True)
+        args = parser.parse_args(argv[1:])
+        check_schedule(parser, args, required=True)
+        from loadgen.routing import compare_routing
+
+        return compare_routing(args)
     if argv and argv[0] == "run":
         argv = argv[1:]
-    args = run_parser().parse_args(argv)
+    parser = run_parser()
+    args = parser.parse_args(argv)
+    check_schedule(parser, args, required=False)
+    if args.schedule is not None:
+        from loadgen.routing import run_scheduled
+
+        return run_scheduled(args)
     from loadgen.app import run
 
     return run(args)

@@ -42,6 +42,7 @@ def configs(
     think_tokens: int = 0,
     token_counters: bool = False,
     gpu: str = GPU,
+    pool_options: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, int], int]:
     ports = {p: free_port() for p in precisions}
     proxy_port = free_port()
@@ -75,7 +76,7 @@ def configs(
             }
             for i, (p, port) in enumerate(ports.items())
         ],
-        "pools": {model: {"default_precision": precisions[0]}},
+        "pools": {model: {"default_precision": precisions[0], **(pool_options or {})}},
         "meter": {
             "kind": "dcgm",
             "urls": [f"http://127.0.0.1:{port}/dcgm/metrics" for port in ports.values()],
@@ -94,18 +95,20 @@ def embedded_stack(
     think_tokens: int = THINK_TOKENS,
     token_counters: bool = False,
     gpu: str = GPU,
+    pool_options: dict[str, Any] | None = None,
 ) -> Iterator[Stack]:
     """Start the simulated fleet and the proxy; stop both when the block ends. ``token_counters``: the proxy
     reads the simulated backends' token counters (as replicas sharing backends do); ``gpu``: the simulator's
     profile (``h200``: calibrated to real vLLM serving; ``h100``: the 2026-11 kernel probe, whose fused INT4
-    what-if crosses BF16 at low load)."""
+    what-if crosses BF16 at low load); ``pool_options``: more keys of the pool's entry in the proxy's config
+    (compare-routing's ``routing: cost``)."""
     if model not in MODELS:
         raise ValueError(
             f"the embedded default simulates {', '.join(MODELS)}, not {model!r}; use --proxy URL"
         )
     work = workdir or Path(tempfile.mkdtemp(prefix="qtrap-loadgen-"))
     sim_cfg, proxy_cfg, ports, proxy_port = configs(
-        model, precisions, work, oracle_data or [], think_tokens, token_counters, gpu
+        model, precisions, work, oracle_data or [], think_tokens, token_counters, gpu, pool_options
     )
     (work / "sim.yaml").write_text(yaml.safe_dump(sim_cfg))
     (work / "proxy.yaml").write_text(yaml.safe_dump(proxy_cfg))

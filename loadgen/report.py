@@ -80,6 +80,37 @@ def build(
     )
 
 
+def build_scheduled(
+    config: Config | Mapping[str, Any],
+    schedules: list[Mapping[str, Any]],
+    *,
+    partial: bool,
+    started_unix_s: float,
+    duration_s: float,
+    energy: Energy | Mapping[str, Any] | None = None,
+) -> Report:
+    """The report of a ``--schedule`` run: no levels, one ``schedules`` entry per precision."""
+    return Report.model_validate(
+        _clean(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "generator": GENERATOR,
+                "partial": partial,
+                "started_unix_s": started_unix_s,
+                "duration_s": duration_s,
+                "config": config,
+                "baseline": None,
+                "accuracy": {},
+                "levels": [],
+                "crossovers": [],
+                "indices": [],
+                "energy": energy if energy is not None else {"devices": [], "null_reason": "not recorded"},
+                "schedules": list(schedules),
+            }
+        )
+    )
+
+
 def _clean(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None

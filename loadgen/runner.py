@@ -16,7 +16,7 @@ import asyncio
 import functools
 import gc
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -60,7 +60,14 @@ class LevelRun:
         return [e for c in self.chains for e in c.exchanges]
 
 
-async def run_chain(client: ChatClient, chain: Chain, hops_mode: str) -> None:
+async def run_chain(
+    client: ChatClient,
+    chain: Chain,
+    hops_mode: str,
+    before_hop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Send the chain's requests one after another. ``before_hop`` (open loop on requests): awaited before
+    each hop after the first, which then goes out at the next arrival."""
     p = chain.problem
     chain.t_start = time.monotonic()
     try:
@@ -77,6 +84,8 @@ async def run_chain(client: ChatClient, chain: Chain, hops_mode: str) -> None:
             return
         steps: list[str] = []
         for hop in range(1, p.hops + 1):
+            if before_hop is not None and hop > 1:
+                await before_hop()
             ex = await client.chat(
                 hop_prompt(p, hop, steps),
                 chain=chain.id,

@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic.json_schema import GenerateJsonSchema
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 GENERATOR = "qtrap loadgen"
 IGNORE_UNKNOWN = "ignore_unknown_fields"  # validation context key: a report of a newer minor version
 SCHEMA_COMMAND = "python -m loadgen schema > docs/report-schema.json"
@@ -105,6 +105,14 @@ class Config(_Model):
     """`--no-score`'s REASON, or null"""
     argv: list[str] | None = None
     """the command line's arguments"""
+    schedule: str | None = None
+    """`--schedule` as given (steps, ramp or day), or null for fixed levels; added in 1.2"""
+    schedule_unit: str | None = None
+    """what the schedule's values are: concurrency, chains/s or requests/s; added in 1.2"""
+    arrivals: str | None = None
+    """the open loop's arrival process (poisson or uniform), null for concurrency; added in 1.2"""
+    window_s: float | None = None
+    """length of the schedule's time windows (`--window`); added in 1.2"""
 
     @model_serializer(mode="wrap")
     def _as_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -327,6 +335,112 @@ class Energy(_Model):
         return self
 
 
+class LatencyCI(_Model):
+    """Percentiles in seconds with their 95% bootstrap intervals (requests resampled); null without a
+    sample (intervals also with fewer than 10 requests)."""
+
+    p50: float | None
+    p90: float | None
+    p99: float | None
+    p50_ci: Interval | None
+    p90_ci: Interval | None
+    p99_ci: Interval | None
+
+
+class ScheduleWindow(_Model):
+    """One time window of a schedule run (the last may be shorter; windows after the schedule's end are
+    the drain)."""
+
+    t_start_s: float
+    """seconds from the run's start"""
+    t_end_s: float
+    offered: float
+    """the schedule's mean value over the window (concurrency, chains/s or requests/s); 0 in the drain"""
+    chains_in_flight: float
+    """mean chains in flight"""
+    requests_in_flight: float
+    """mean requests in flight"""
+    requests_started: int
+    requests_ended: int
+    errors: int
+    """failed requests that ended in the window"""
+    tokens: float
+    """completion tokens streamed in the window (each request's spread over its first to last token)"""
+    tokens_per_s: float
+    energy_j: float | None
+    """the fleet's device counters' increase over the window (every device, idle included)"""
+    energy_null_reason: str | None
+    j_per_token: float | None
+    """energy_j / tokens"""
+    chains_ended: int
+    correct: int | None
+    """chains that ended in the window with a correct answer; null without scoring"""
+    j_per_correct: float | None
+    """energy_j / correct; null without a correct chain ending in the window"""
+
+
+class ScheduleTotals(_Model):
+    """A schedule run as a whole, from its start to the end of its drain."""
+
+    duration_s: float
+    """the run: the schedule and the drain"""
+    schedule_s: float
+    """the schedule alone"""
+    chains: int
+    """chains started"""
+    chains_ok: int
+    """chains that got an answer (every request succeeded)"""
+    correct: int | None
+    """chains answered correctly (strict); null without scoring"""
+    accuracy: float | None
+    """correct / chains_ok; null without scoring"""
+    accuracy_ci: Interval | None
+    """95% bootstrap interval (chains resampled)"""
+    requests: int
+    errors: int
+    tokens: int
+    """completion tokens of the successful requests"""
+    tokens_per_s: float | None
+    fleet_energy_j: float | None
+    """every device's counter increase over the run, idle devices and idle time included"""
+    fleet_energy_null_reason: str | None
+    energy_by_device: dict[str, float]
+    """{device: J} over the run"""
+    attributed_energy_j: float | None
+    """the sum of the requests' final attributed energy (the proxy's records), where known"""
+    energy_unknown_requests: int
+    """successful requests without a final attributed figure"""
+    j_per_token: float | None
+    """fleet_energy_j / tokens"""
+    j_per_correct: float | None
+    """fleet_energy_j / correct"""
+    j_per_correct_ci: Interval | None
+    """95% bootstrap interval (chains resampled; the fleet's energy held fixed)"""
+    ttft_s: LatencyCI
+    e2e_s: LatencyCI
+    precision_requests: dict[str, int]
+    """successful requests by the precision that served them (the record's, else x-qtrap-precision)"""
+    precision_share: dict[str, float]
+    """the same as shares of the successful requests"""
+
+
+class ScheduleRun(_Model):
+    """One run of the schedule, pinned to one precision or under one routing policy."""
+
+    label: str
+    """the precision pinned, or the routing policy (compare-routing)"""
+    model: str
+    """the model field sent (`pool@precision` when pinned)"""
+    schedule: str
+    unit: Literal["concurrency", "chains/s", "requests/s"]
+    arrivals: Literal["poisson", "uniform"] | None
+    """null for concurrency"""
+    window_s: float
+    interrupted: bool
+    windows: list[ScheduleWindow]
+    totals: ScheduleTotals
+
+
 def _not_recorded() -> Energy:
     return Energy(devices=[], null_reason="not recorded")
 
@@ -357,6 +471,34 @@ class Report(_Model):
     indices: list[Index]
     energy: Energy = Field(default_factory=_not_recorded)
     """added in 1.1"""
+    schedules: list[ScheduleRun] = Field(default_factory=list)
+    """`--schedule` runs, one per precision (levels, crossovers and indices are then empty); added in 1.2"""
+
+
+class PolicyResult(_Model):
+    """One routing policy of `python -m loadgen compare-routing`."""
+
+    policy: str
+    """a precision (pinned), round_robin or cost"""
+    kind: Literal["pinned", "round_robin", "cost"]
+    model: str
+    """the model field sent: `pool@precision` when pinned, the pool otherwise"""
+    ran: bool
+    not_run_reason: str | None
+    """why the policy did not run (e.g. the proxy rejected `routing: cost`), one line"""
+    run: ScheduleRun | None
+
+
+class CompareRouting(_Model):
+    """compare-routing.json: one schedule under several routing policies, one after another."""
+
+    schema_version: str = Field(pattern=r"^\d+\.\d+$")
+    generator: str
+    partial: bool
+    started_unix_s: float
+    duration_s: float
+    config: Config
+    policies: list[PolicyResult]
 
 
 class _Generator(GenerateJsonSchema):

@@ -23,7 +23,7 @@ DOC = ROOT / "docs" / "report-schema.md"
 # the sections of docs/report-schema.md with a table of fields: "Top level" is the report itself, the others
 # are paths from it ("[]": the items of an array; a dict's values for `accuracy`)
 SECTIONS = ("Top level", "config", "accuracy", "levels[]", "crossovers[]", "indices[]", "energy",
-            "energy.devices[]")  # fmt: skip
+            "energy.devices[]", "schedules[]", "schedules[].windows[]", "schedules[].totals")  # fmt: skip
 
 
 def test_exported_json_schema_is_the_models() -> None:
@@ -134,7 +134,7 @@ def _doc(**top: Any) -> dict[str, Any]:
 
 def test_load_reads_older_and_newer_minor_versions(tmp_path: Path) -> None:
     old = _doc(schema_version="1.0")  # before 1.1's fields
-    for key in ("accuracy_measured", "accuracy_null_reason", "energy"):
+    for key in ("accuracy_measured", "accuracy_null_reason", "energy", "schedules"):
         del old[key]
     for lv in old["levels"]:
         for key in ("chains_ok", "windows_monotonic_s", "energy_by_hop", "accuracy_null_reason"):
