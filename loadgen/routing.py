@@ -185,21 +185,29 @@ async def _run_policies(
     policies: list[Policy],
     problems: list[Any],
     display: Display,
-    stop: asyncio.Event,
+    stopped: list[bool],
 ) -> tuple[list[tuple[Policy, dict[str, Any], LevelRun]], dict[str, Any]]:
+    """``stopped`` carries Ctrl-C from one event loop to the next (each stack runs in its own loop, and an
+    asyncio.Event belongs to the loop it was first awaited in)."""
+    stop = asyncio.Event()
+    if stopped[0]:
+        stop.set()
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGINT, _on_sigint, stop, display)
     out = []
     run_id = uuid.uuid4().hex[:8]
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        first = await energy_snapshot(session, url)
-        for policy in policies:
-            if stop.is_set():
-                break
-            doc, run = await _run_policy(session, url, policy, args, problems, display, stop, run_id)
-            out.append((policy, doc, run))
-        return out, energy_summary(first, await energy_snapshot(session, url))
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            first = await energy_snapshot(session, url)
+            for policy in policies:
+                if stop.is_set():
+                    break
+                doc, run = await _run_policy(session, url, policy, args, problems, display, stop, run_id)
+                out.append((policy, doc, run))
+            return out, energy_summary(first, await energy_snapshot(session, url))
+    finally:
+        stopped[0] = stopped[0] or stop.is_set()
 
 
 def _oracle(args: argparse.Namespace, problems: list[Any], work: Path) -> list[str]:
@@ -278,7 +286,7 @@ def _execute(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise Fail(f"cannot create --out {out}: {e.strerror or e}") from e
-    stop = asyncio.Event()
+    stopped = [False]  # Ctrl-C seen (in whichever stack's event loop)
     results: dict[str, dict[str, Any]] = {}
     runs: list[LevelRun] = []
     energy: dict[str, Any] = {"devices": [], "null_reason": "not recorded"}
@@ -300,7 +308,7 @@ def _execute(
             f"{', '.join(p.name for p in policies)}, proxy {args.proxy or 'embedded default'}"
         )
         for options, group in groups:
-            if not group or stop.is_set():
+            if not group or stopped[0]:
                 continue
             with contextlib.ExitStack() as es:
                 if args.proxy:
@@ -323,7 +331,7 @@ def _execute(
                             continue
                         raise Fail(f"cannot start the embedded default: {_rejection(e)}") from e
                 with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-                    done, energy = runner.run(_run_policies(args, url, group, problems, display, stop))
+                    done, energy = runner.run(_run_policies(args, url, group, problems, display, stopped))
                 for policy, doc, run in done:
                     results[policy.name] = {"ran": True, "not_run_reason": None, "run": doc}
                     runs.append(run)
@@ -331,7 +339,7 @@ def _execute(
     for p in policies:
         r = results.get(p.name, {"ran": False, "not_run_reason": "interrupted before it ran"})
         docs.append({"policy": p.name, "kind": p.kind, "model": p.model, "run": None, **r})
-    return docs, runs, energy, precisions, stop.is_set()
+    return docs, runs, energy, precisions, stopped[0]
 
 
 def compare_routing(args: argparse.Namespace) -> int:
