@@ -394,9 +394,23 @@ def run(args: argparse.Namespace) -> int:
         duration_s=time.monotonic() - t0,
         energy=energy,
     )
+    return write_outputs(report, runs, out, render_outputs, scored=not args.no_score, partial=partial)
+
+
+def write_outputs(
+    report: Report,
+    runs: list[LevelRun],
+    out: Path,
+    render: Callable[[Report, Path], object],
+    *,
+    scored: bool,
+    partial: bool,
+) -> int:
+    """report.json, requests.csv and what ``render`` draws; the exit code: 130 when interrupted, 1 when no
+    request succeeded, else 0."""
     write_json(report, out / "report.json")
-    write_csv(runs, out / "requests.csv", scored=not args.no_score)
-    render_outputs(report, out)
+    write_csv(runs, out / "requests.csv", scored=scored)
+    render(report, out)
     print(f"report: {out / 'report.json'}, {out / 'report.html'}, {out / 'requests.csv'}", flush=True)
     if partial:
         return 130

@@ -29,12 +29,12 @@ from typing import Any
 
 import aiohttp
 
-from loadgen.app import Display, Fail, _loop_factory, _on_sigint, _problems
+from loadgen.app import Display, Fail, _loop_factory, _on_sigint, _problems, write_outputs
 from loadgen.client import ChatClient
 from loadgen.datasets import write_source
 from loadgen.embedded import PRECISIONS, embedded_stack
 from loadgen.proxyapi import ProxyError, energy_snapshot, fetch_records, pool_precisions
-from loadgen.report import _clean, build_scheduled, energy_summary, write_csv, write_json
+from loadgen.report import _clean, build_scheduled, energy_summary, write_csv
 from loadgen.runner import Chain, LevelRun
 from loadgen.schedreport import (
     POLICY_HEAD,
@@ -401,11 +401,4 @@ def run_scheduled(args: argparse.Namespace) -> int:
         duration_s=time.monotonic() - t0,
         energy=energy,
     )
-    write_json(report, out / "report.json")
-    write_csv(runs, out / "requests.csv", scored=not args.no_score)
-    render_schedules(report, out)
-    print(f"report: {out / 'report.json'}, {out / 'report.html'}, {out / 'requests.csv'}", flush=True)
-    if partial:
-        return 130
-    ok = sum(1 for r in runs for e in r.exchanges if e.status == "ok")
-    return 0 if ok else 1
+    return write_outputs(report, runs, out, render_schedules, scored=not args.no_score, partial=partial)
