@@ -113,23 +113,7 @@ def _target(
 ) -> Iterator[tuple[str, list[str]]]:
     """(proxy URL, precisions to sweep)."""
     if args.proxy:
-        model = args.model or "qwen3-8b"
-
-        async def check() -> list[str]:
-            async with aiohttp.ClientSession() as s:
-                return await pool_precisions(s, args.proxy, model)
-
-        try:
-            served = asyncio.run(check())
-        except ProxyError as e:
-            raise Fail(str(e)) from e
-        precisions = args.precisions or served
-        unknown = [p for p in precisions if p not in served]
-        if unknown:
-            raise Fail(
-                f"the proxy does not serve {model} at {', '.join(unknown)}; it serves: {', '.join(served) or 'none'}"
-            )
-        yield args.proxy.rstrip("/"), precisions
+        yield args.proxy.rstrip("/"), external_precisions(args, args.model or "qwen3-8b")
         return
     precisions = tuple(args.precisions or PRECISIONS)
     oracle: list[str] = []
@@ -395,6 +379,26 @@ def run(args: argparse.Namespace) -> int:
         energy=energy,
     )
     return write_outputs(report, runs, out, render_outputs, scored=not args.no_score, partial=partial)
+
+
+def external_precisions(args: argparse.Namespace, model: str) -> list[str]:
+    """The precisions to sweep on a running proxy: --precisions, each checked against what it serves for
+    ``model`` (one-line Fail otherwise), else all it serves."""
+
+    async def check() -> list[str]:
+        async with aiohttp.ClientSession() as s:
+            return await pool_precisions(s, args.proxy, model)
+
+    try:
+        served = asyncio.run(check())
+    except ProxyError as e:
+        raise Fail(str(e)) from e
+    unknown = [p for p in (args.precisions or []) if p not in served]
+    if unknown:
+        raise Fail(
+            f"the proxy does not serve {model} at {', '.join(unknown)}; it serves: {', '.join(served) or 'none'}"
+        )
+    return list(args.precisions or served)
 
 
 def write_outputs(

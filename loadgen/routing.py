@@ -29,11 +29,19 @@ from typing import Any
 
 import aiohttp
 
-from loadgen.app import Display, Fail, _loop_factory, _on_sigint, _problems, write_outputs
+from loadgen.app import (
+    Display,
+    Fail,
+    _loop_factory,
+    _on_sigint,
+    _problems,
+    external_precisions,
+    write_outputs,
+)
 from loadgen.client import ChatClient
 from loadgen.datasets import write_source
 from loadgen.embedded import PRECISIONS, embedded_stack
-from loadgen.proxyapi import ProxyError, energy_snapshot, fetch_records, pool_precisions
+from loadgen.proxyapi import energy_snapshot, fetch_records
 from loadgen.report import _clean, build_scheduled, energy_summary, write_csv
 from loadgen.runner import Chain, LevelRun
 from loadgen.schedreport import (
@@ -251,23 +259,6 @@ def _embedded(
         cm.__exit__(None, None, None)
 
 
-def _external_precisions(args: argparse.Namespace, model: str) -> list[str]:
-    async def check() -> list[str]:
-        async with aiohttp.ClientSession() as s:
-            return await pool_precisions(s, args.proxy, model)
-
-    try:
-        served = asyncio.run(check())
-    except ProxyError as e:
-        raise Fail(str(e)) from e
-    unknown = [p for p in (args.precisions or []) if p not in served]
-    if unknown:
-        raise Fail(
-            f"the proxy does not serve {model} at {', '.join(unknown)}; it serves: {', '.join(served) or 'none'}"
-        )
-    return list(args.precisions or served)
-
-
 def _execute(
     args: argparse.Namespace, names: list[str] | None, out: Path, compare: bool
 ) -> tuple[list[dict[str, Any]], list[LevelRun], dict[str, Any], list[str], bool]:
@@ -278,7 +269,7 @@ def _execute(
     if args.data_file and args.dataset == "synthetic":
         raise Fail("--data-file needs --dataset gsm8k or mathqa")
     problems = _problems(args, 1000)
-    precisions = _external_precisions(args, model) if args.proxy else list(args.precisions or PRECISIONS)
+    precisions = external_precisions(args, model) if args.proxy else list(args.precisions or PRECISIONS)
     if names is None:
         names = precisions + (["round_robin", *([] if args.proxy else ["cost"])] if compare else [])
     policies = policies_for(names, model, precisions)
