@@ -50,7 +50,16 @@ B_RESP_ROUTE: Final = RESP_ROUTE.encode()
 
 # -- routing decisions (x-qtrap-route's reason, qtrap_route_decisions_total's reason label) -------------
 ROUTE_POLICIES: Final = ("round_robin", "cost")
-ROUTE_REASONS: Final = ("pinned", "cheapest", "explore", "sticky", "fallback", "no_data", "round_robin")
+ROUTE_REASONS: Final = (
+    "pinned",
+    "cheapest",
+    "explore",
+    "sticky",
+    "ramp",
+    "fallback",
+    "no_data",
+    "round_robin",
+)
 
 # -- the admin API (paths are starlette route templates; `path()` fills them) -------------------------
 ADMIN_PREFIX: Final = "/qtrap/v1"

@@ -221,7 +221,7 @@ class CostConfig(_Strict):
         600.0,
         gt=0,
         allow_inf_nan=False,
-        description="half-life of an observation's weight in the J/token estimates",
+        description="half-life of an observation's weight in the cost curves",
     )
     explore: float = Field(
         0.02, ge=0, le=0.5, description="share of decisions sent to a random candidate other than the best"
@@ -234,11 +234,18 @@ class CostConfig(_Strict):
     )
     sticky_chains: bool = Field(True, description="a chain's hops stay on the precision its first hop got")
     sticky_max: int = Field(100_000, gt=0, description="chains remembered for sticky_chains (LRU)")
+    sticky_max_ratio: float | None = Field(
+        2.0,
+        ge=1,
+        allow_inf_nan=False,
+        description="a sticky chain is routed afresh when its precision costs more than this times the "
+        "cheapest candidate (null: chains never move)",
+    )
     seed_report: str | None = Field(
         None, description="a loadgen report.json whose per-precision, per-concurrency J/token seed the model"
     )
     seed_n: float = Field(
-        5.0, gt=0, allow_inf_nan=False, description="effective observations one seeded level counts as"
+        5.0, gt=0, allow_inf_nan=False, description="seconds of measurement one seeded level counts as"
     )
     probe_s: float = Field(
         5.0,

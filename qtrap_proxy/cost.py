@@ -1,14 +1,27 @@
 """Routing by cost (``pools.<name>.routing: cost``): the online cost model and the decision.
 
-The model. Per backend (replica) and load bucket (requests in flight on that backend, costseed.bucket:
-0, 1, 2-3, 4-7, ..., 256+), the measured J per output token of its final records (``observe``, fed by
-the record store: energy_j / completion_tokens of ``ok`` records whose energy is known and that have
-tokens; under ``meter.policy: active`` the request's idle share is added back, so the figure always
-includes idle power as attributed) as a decayed mean and variance: an observation's weight halves every
-``cost.decay_s`` seconds, so the estimate follows drift and its standard error widens while a backend
-gets no traffic. A request is counted at the load it began at (itself included), the load the
-decision looked at plus one. An optional loadgen report seeds each precision's buckets
-(costseed.read_seed; ``seed_n`` observations each, decaying like the rest).
+The objective is the fleet's energy per correct answer. Every replica draws its idle power whether it serves
+or not, so idle power is counted once per replica, not per request: what a routing decision changes is the
+power drawn above idle. A request's cost on a replica is the replica's dynamic energy per token (power above
+idle over output tokens per second) at its load once the request joins it: small on a busy replica, whose
+power is already spread over a large batch; the whole single-stream figure on an idle one.
+
+The model. Per backend (replica) and per device it runs on, a curve of its dynamic power (the device's
+power above its idle power, this backend's share when several share a device) and its output token rate
+against its load (requests in flight), learnt from every settled meter interval (``observe_interval``,
+fed by energy/attribution.py as each interval settles: seconds after the fact, not after the request
+ends). Intervals fall into load buckets (costseed.bucket of the interval's rounded mean load: 1, 2-3,
+4-7, ..., 256+; intervals under half a request are not used); each bucket keeps decayed means of load, power and rate, weighted by the interval's length
+(an observation's weight halves every ``cost.decay_s`` seconds, so the curve follows drift). The origin (no
+load, no dynamic power, no tokens) is known. The cost at load n is power over rate at n + 1, each linearly
+interpolated between the curve's points (past the last point, the last point's), summed over the backend's
+devices. Power over rate at one point is used rather than the slope between two (the strict marginal
+cost): a slope between two noisy points is far noisier than their ratio, and under batching the two rank
+replicas alike. An optional loadgen report seeds a curve per precision (costseed.read_seed; each level a
+point of ``seed_n`` seconds' weight) until measured intervals arrive; a seed's power is the attributed
+power, idle share included, so seeded costs read high at low load.
+
+Final records feed the latency budgets and the counts; chain scores the live accuracy.
 
 The decision (``CostPolicy.decide``), for a request whose precision is not pinned:
 
@@ -17,15 +30,23 @@ The decision (``CostPolicy.decide``), for a request whose precision is not pinne
    passed and that did not fail to connect within ``down_s``, below ``max_inflight``, and whose recent
    p95 TTFT / ITL (``latency_window_s``, from 5 records on) is within ``ttft_p95_s`` / ``itl_p95_s``.
    None: the pool's default precision, round robin (``fallback``).
-2. ``sticky_chains``: a chain whose first hop was routed keeps that precision (the cheapest candidate
-   replica of it; ``sticky``) while one is a candidate.
-3. a candidate without any data (no record, no seed) and nothing in flight is tried (``explore``);
-   if no candidate has data yet, the default precision's candidates in turn (``no_data``).
-4. cost = mean J/token at (load + 1) / accuracy(precision). The pool's current best changes only when
-   another candidate's expected cost is lower than the best's by more than ``hysteresis``.
-5. with probability ``explore`` a uniformly drawn other candidate (``explore``); else Thompson sampling:
-   one draw per candidate from Normal(cost, standard error / accuracy); a candidate whose draw beats the
-   best's draw by more than ``hysteresis`` gets the request (``explore``), otherwise the best does
+2. a candidate without any data (no interval, no seed) and nothing in flight is tried (``explore``).
+   Slow start: a candidate with as many requests in flight as twice the highest load its curve has a
+   point at, plus one, is past its measured range and takes no more while another candidate is within
+   its own; when every candidate with data is past it, the one least far past it (in flight / that cap)
+   takes the request (``ramp``): a burst of arrivals spreads instead of piling onto the backend that was
+   cheapest at the load before the burst, and the curves extend as the load rises. If no candidate has
+   data yet, the default precision's candidates in turn (``no_data``).
+3. cost = the backend's dynamic J/token at its load plus this request / accuracy(precision).
+4. ``sticky_chains``: a chain whose first hop was routed keeps that precision (its cheapest candidate
+   replica; ``sticky``) while one is a candidate and its cost is within ``sticky_max_ratio`` times the
+   cheapest candidate's; beyond that the chain is routed afresh (a load change can make a chain's
+   precision several times dearer than another).
+5. The pool's current best changes only when another candidate's expected cost is lower than the best's by
+   more than ``hysteresis``. With probability ``explore`` a uniformly drawn other candidate
+   (``explore``); else Thompson sampling: the points of each candidate's curve segment drawn from
+   Normal(mean, standard error) and its marginal cost computed from the draws; a candidate whose draw beats
+   the best's draw by more than ``hysteresis`` gets the request (``explore``), otherwise the best does
    (``cheapest``).
 """
 
@@ -51,8 +72,6 @@ _MIN_LATENCY_SAMPLES = 5  # a latency budget acts from this many recent samples 
 _TTFT_SAMPLES = 128
 _ITL_SAMPLES = 256
 _ITL_PER_RECORD = 8
-_NEAREST_WIDEN = 0.25  # a bucket borrowed from d buckets away: standard error + 25% of the mean per bucket
-_ACCURACY_FLOOR = 1e-3
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,18 +119,71 @@ class Stat:
         return math.sqrt(var / max(n, 1e-9))
 
 
+RAMP_FACTOR = 2.0  # slow start: a backend takes at most this many times its highest measured load, plus one
+_ACCURACY_FLOOR = 1e-3
+_TABLE_LOADS = (0, 1, 3, 7, 15, 31, 63, 127)  # GET /qtrap/v1/routing: the marginal cost at these loads
+SEED_DEVICE = "seed"  # the curve a seed report fills, used until a device's own intervals arrive
+
+Point = tuple[float, float, float, float, float]  # load, power W, rate tokens/s, their standard errors
+
+
+class Curve:
+    """A backend's dynamic power and token rate against its load on one device (decayed, by load bucket)."""
+
+    __slots__ = ("load", "power", "rate", "seconds")
+
+    def __init__(self) -> None:
+        self.load = [Stat() for _ in range(N_BUCKETS)]
+        self.power = [Stat() for _ in range(N_BUCKETS)]
+        self.rate = [Stat() for _ in range(N_BUCKETS)]
+        self.seconds = 0.0  # observed (ever)
+
+    def add(self, load: float, power_w: float, rate: float, now: float, half_life_s: float, w: float) -> None:
+        """An interval of ``w`` seconds; one with under half a request in flight on average (mostly idle:
+        its power above idle is within the idle estimate's noise) adds nothing."""
+        if load < 0.5:
+            return
+        b = bucket(int(load + 0.5))
+        self.load[b].add(load, now, half_life_s, w)
+        self.power[b].add(power_w, now, half_life_s, w)
+        self.rate[b].add(rate, now, half_life_s, w)
+        self.seconds += w
+
+    def points(self, now: float, half_life_s: float) -> list[Point]:
+        """The curve's points by load, the origin first (known exactly)."""
+        pts: list[Point] = [(0.0, 0.0, 0.0, 0.0, 0.0)]
+        for b in range(N_BUCKETS):
+            ls = self.load[b]
+            if ls.w <= 0:
+                continue
+            n = ls.n(now, half_life_s)
+            p, r = self.power[b], self.rate[b]
+            pts.append((ls.mean, p.mean, r.mean, p.stderr(n), r.stderr(n)))
+        return pts
+
+
+def bracket(points: list[Point], load: float) -> tuple[int, int, float]:
+    """The two curve points ``load`` lies between and its weight on the second (linear interpolation);
+    past the last point, the last point alone (weight 1 on it)."""
+    for j in range(1, len(points)):
+        if points[j][0] >= load:
+            l0, l1 = points[j - 1][0], points[j][0]
+            return j - 1, j, (load - l0) / (l1 - l0) if l1 > l0 else 1.0
+    last = len(points) - 1
+    return last, last, 1.0
+
+
 class BackendState:
-    """One backend's estimates and recent latencies."""
+    """One backend's cost curves and recent latencies."""
 
     __slots__ = (
         "backend",
+        "curves",
         "itl",
         "itl_p95",
         "latency_t",
         "observed",
         "precision",
-        "seeded",
-        "stats",
         "ttft",
         "ttft_p95",
     )
@@ -119,9 +191,8 @@ class BackendState:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.precision = backend.precision
-        self.stats = [Stat() for _ in range(N_BUCKETS)]
-        self.observed = 0  # records observed (ever)
-        self.seeded = False
+        self.curves: dict[str, Curve] = {}  # device key (or SEED_DEVICE) -> its curve
+        self.observed = 0  # final ok records observed (ever)
         self.ttft: deque[tuple[float, float]] = deque(maxlen=_TTFT_SAMPLES)
         self.itl: deque[tuple[float, float]] = deque(maxlen=_ITL_SAMPLES)
         self.ttft_p95: float | None = None
@@ -129,22 +200,54 @@ class BackendState:
         self.latency_t = -math.inf  # when the last latency sample came
 
     @property
-    def has_data(self) -> bool:
-        return self.observed > 0 or self.seeded
+    def seeded(self) -> bool:
+        return SEED_DEVICE in self.curves
 
-    def estimate(self, load: int, now: float, half_life_s: float) -> tuple[float, float, float]:
-        """(mean J/token, standard error, effective n) at ``load``; the nearest bucket with data stands in
-        for an empty one, its standard error widened. Only for a backend that has data."""
-        b = bucket(load)
-        stats = self.stats
-        for d in range(N_BUCKETS):
-            for i in (b - d, b + d) if d else (b,):
-                if 0 <= i < N_BUCKETS:
-                    s = stats[i]
-                    if s.w > 0:
-                        n = s.n(now, half_life_s)
-                        return s.mean, s.stderr(n) + _NEAREST_WIDEN * d * s.mean, n
-        return 0.0, math.inf, 0.0
+    def measured(self) -> list[Curve]:
+        """The curves of the devices measured so far; the seed's until there is one."""
+        own = [c for k, c in self.curves.items() if k != SEED_DEVICE and c.seconds > 0]
+        if own:
+            return own
+        seed = self.curves.get(SEED_DEVICE)
+        return [seed] if seed is not None else []
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.measured())
+
+    def measured_load(self, now: float, half_life_s: float) -> float:
+        """The highest load its curves have a point at (slow start: see ``CostPolicy.decide``)."""
+        return max((c.points(now, half_life_s)[-1][0] for c in self.measured()), default=0.0)
+
+    def cost(
+        self, load: int, now: float, half_life_s: float, gauss: Callable[[], float] | None = None
+    ) -> float:
+        """Dynamic J/token with one more request than ``load`` in flight: the curve's power over its token
+        rate at load + 1 (interpolated between its points; past the last point, the last point's),
+        summed over the backend's devices. With ``gauss`` (a standard normal draw), from a draw of the
+        points (Thompson sampling). inf for a backend without data."""
+        curves = self.measured()
+        if not curves:
+            return math.inf
+        total = 0.0
+        for c in curves:
+            pts = c.points(now, half_life_s)
+            if len(pts) < 2:
+                return math.inf
+            i, j, f = bracket(pts, load + 1.0)
+            (_, p0, x0, sp0, sx0), (_, p1, x1, sp1, sx1) = pts[i], pts[j]
+            if gauss is not None:
+                p0, x0 = p0 + sp0 * gauss(), x0 + sx0 * gauss()
+                if j != i:
+                    p1, x1 = p1 + sp1 * gauss(), x1 + sx1 * gauss()
+                else:
+                    p1, x1 = p0, x0
+            power = (1 - f) * p0 + f * p1
+            rate = (1 - f) * x0 + f * x1
+            if rate <= 0:
+                return math.inf if gauss is None else 1e12
+            total += max(power, 0.0) / rate
+        return total
 
 
 def _p95(samples: deque[tuple[float, float]], since: float) -> float | None:
@@ -214,7 +317,6 @@ class CostPolicy:
     ) -> None:
         self.rng = rng if rng is not None else random.Random()
         self.clock = clock
-        self._active_idle = config.meter.policy == "active"
         self.pools: dict[str, PoolState] = {}
         for name, by_precision in pools.items():
             pc = config.pools.get(name)
@@ -226,28 +328,36 @@ class CostPolicy:
             seed = (seeds or {}).get(name)
             if seed is not None:
                 self._seed(ps, seed)
+        self._backends = {s.backend.name: (ps, s) for ps in self.pools.values() for s in ps.states}
 
     def _seed(self, ps: PoolState, seed: Seed) -> None:
-        table = seed_table(seed, ps.precisions)
-        if not table:
+        levels = [lv for lv in seed.levels if lv.precision in ps.precisions]
+        if not levels:
             raise ConfigError(
                 f"pools.{ps.name}.cost.seed_report: {seed.path} has no level at a precision the pool "
                 f"serves ({', '.join(ps.precisions)})"
             )
-        now, n = self.clock(), ps.cfg.seed_n
+        now, n, half = self.clock(), ps.cfg.seed_n, ps.cfg.decay_s
         for s in ps.states:
-            for (precision, b), (mean, se, _) in table.items():
-                if precision == s.precision:
-                    st = s.stats[b]
-                    st.w, st.mean, st.m2, st.t = n, mean, se * se * n * n, now
-                    s.seeded = True
+            mine = [lv for lv in levels if lv.precision == s.precision]
+            if not mine:
+                continue
+            curve = s.curves[SEED_DEVICE] = Curve()
+            for lv in mine:
+                # a level's power: its J/token times its token rate (the report's, else one token/s per
+                # request in flight: the slopes between levels keep their proportions)
+                rate = lv.tokens_per_s if lv.tokens_per_s is not None else float(lv.concurrency)
+                curve.add(lv.concurrency, lv.j_per_token * rate, rate, now, half, n)
+                b = bucket(lv.concurrency)
+                p = curve.power[b]
+                p.m2 = max(p.m2, (lv.stderr * rate) ** 2 * n * n)  # the level's interval as the spread
 
     def handles(self, pool: str) -> bool:
         return pool in self.pools
 
     # -- inputs ------------------------------------------------------------------------------------
     def observe(self, tl: Timeline, rec: RequestRecord) -> None:
-        """A final record: its J/token at the load it began at, and its latencies."""
+        """A final record: its latencies (the budgets)."""
         ps = self.pools.get(tl.pool or "")
         if ps is None or tl.backend is None:
             return
@@ -255,13 +365,7 @@ class CostPolicy:
         if s is None or rec["status"] != "ok":
             return
         now = self.clock()
-        half = ps.cfg.decay_s
-        energy, tokens = rec["energy_j"], rec["completion_tokens"]
-        if energy is not None and tokens and energy >= 0:
-            if self._active_idle and rec["idle_energy_j"] is not None:
-                energy += rec["idle_energy_j"]
-            s.stats[bucket(max(tl.load, 1))].add(energy / tokens, now, half)
-            s.observed += 1
+        s.observed += 1
         window_start = now - ps.cfg.latency_window_s
         ttft = rec["ttft_s"]
         if ttft is not None:
@@ -276,6 +380,20 @@ class CostPolicy:
                 s.itl.append((now, times[k + 1] - times[k]))
             s.itl_p95 = _p95(s.itl, window_start)
             s.latency_t = now
+
+    def observe_interval(
+        self, backend: str, device: str, dt: float, load: float, dynamic_j: float, tokens: float
+    ) -> None:
+        """A settled meter interval of ``dt`` seconds on ``device``: the backend's mean requests in flight,
+        its share of the energy above the device's idle power, and the output tokens it made in it."""
+        found = self._backends.get(backend)
+        if found is None or dt <= 0:
+            return
+        ps, s = found
+        curve = s.curves.get(device)
+        if curve is None:
+            curve = s.curves[device] = Curve()
+        curve.add(load, dynamic_j / dt, tokens / dt, self.clock(), ps.cfg.decay_s, dt)
 
     def scored(self, pool: str | None, precision: str | None, correct: bool) -> None:
         """A chain's verdict (counted once per chain): live accuracy where none is configured."""
@@ -329,35 +447,50 @@ class CostPolicy:
         ]
         if not live:
             return self._fallback(ps, kinds, now)
+        half, h = cfg.decay_s, cfg.hysteresis
+        acc = ps.accuracy
+        known: list[BackendState] = []
+        costs: list[float] = []
+        fresh: list[BackendState] = []
+        beyond: list[tuple[float, BackendState]] = []  # slow start: past twice their measured range
+        for s in live:
+            c = s.cost(s.backend.inflight, now, half)
+            if not math.isfinite(c):
+                fresh.append(s)
+                continue
+            cap = RAMP_FACTOR * s.measured_load(now, half) + 1.0
+            if s.backend.inflight >= cap:
+                beyond.append((s.backend.inflight / cap, s))
+                continue
+            known.append(s)
+            costs.append(c / acc[s.precision][0])
         if chain_id is not None and cfg.sticky_chains:
             precision = ps.chains.get(chain_id)
             if precision is not None:
-                same = [s for s in live if s.precision == precision]
+                same = [i for i, s in enumerate(known) if s.precision == precision]
+                ratio = cfg.sticky_max_ratio
                 if same:
-                    ps.chains.move_to_end(chain_id)
-                    return self._done(ps, self._cheapest(ps, same, now), "sticky", None)
-        fresh = [s for s in live if not s.has_data]
+                    j = min(same, key=costs.__getitem__)
+                    if ratio is None or costs[j] <= ratio * min(costs):
+                        ps.chains.move_to_end(chain_id)
+                        return self._done(ps, known[j], "sticky", None)
+                else:
+                    unknown = [s for s in fresh if s.precision == precision]
+                    if unknown:
+                        ps.chains.move_to_end(chain_id)
+                        return self._done(ps, unknown[next(ps.turn) % len(unknown)], "sticky", None)
         if fresh:
             idle = [s for s in fresh if s.backend.inflight == 0]
             if idle:
                 return self._done(ps, idle[next(ps.turn) % len(idle)], "explore", chain_id)
-        known = [s for s in live if s.has_data]
         if not known:
+            if beyond:  # every measured candidate is past its range: the least far past it
+                return self._done(ps, min(beyond, key=lambda fs: fs[0])[1], "ramp", chain_id)
             dflt = [s for s in live if s.precision == ps.default_precision] or live
             return self._done(ps, dflt[next(ps.turn) % len(dflt)], "no_data", chain_id)
-        half, h = cfg.decay_s, cfg.hysteresis
-        acc = ps.accuracy
-        costs: list[tuple[float, float]] = []
-        best_i, cur_i = 0, -1
-        for i, s in enumerate(known):
-            mean, se, _ = s.estimate(s.backend.inflight + 1, now, half)
-            a = acc[s.precision][0]
-            costs.append((mean / a, se / a))
-            if costs[i][0] < costs[best_i][0]:
-                best_i = i
-            if s is ps.best:
-                cur_i = i
-        if cur_i < 0 or costs[best_i][0] < costs[cur_i][0] * (1.0 - h):
+        best_i = min(range(len(costs)), key=costs.__getitem__)
+        cur_i = next((i for i, s in enumerate(known) if s is ps.best), -1)
+        if cur_i < 0 or costs[best_i] < costs[cur_i] * (1.0 - h):
             cur_i = best_i
             ps.best = known[cur_i]
         if len(known) > 1:
@@ -366,18 +499,15 @@ class CostPolicy:
                 j = rng.randrange(len(known) - 1)
                 return self._done(ps, known[j + (j >= cur_i)], "explore", chain_id)
             gauss = rng.gauss
-            draws = [c + se * gauss(0.0, 1.0) for c, se in costs]
+
+            def normal() -> float:
+                return gauss(0.0, 1.0)
+
+            draws = [s.cost(s.backend.inflight, now, half, normal) / acc[s.precision][0] for s in known]
             w = min(range(len(draws)), key=draws.__getitem__)
             if w != cur_i and draws[w] < draws[cur_i] * (1.0 - h):
                 return self._done(ps, known[w], "explore", chain_id)
         return self._done(ps, known[cur_i], "cheapest", chain_id)
-
-    def _cheapest(self, ps: PoolState, states: list[BackendState], now: float) -> BackendState:
-        known = [s for s in states if s.has_data]
-        if not known:
-            return states[next(ps.turn) % len(states)]
-        half = ps.cfg.decay_s
-        return min(known, key=lambda s: s.estimate(s.backend.inflight + 1, now, half)[0])
 
     def _fallback(self, ps: PoolState, kinds: frozenset[str] | None, now: float) -> Decision:
         states = [s for s in ps.states if kinds is None or s.backend.kind in kinds]
@@ -402,18 +532,31 @@ class CostPolicy:
             backends = []
             for s in ps.states:
                 b = s.backend
-                buckets = []
-                for i, st in enumerate(s.stats):
-                    if st.w > 0:
-                        n = st.n(now, cfg.decay_s)
-                        buckets.append(
+                curves = []
+                for device, curve in s.curves.items():
+                    points = []
+                    for i in range(N_BUCKETS):
+                        ls = curve.load[i]
+                        if ls.w <= 0:
+                            continue
+                        n = ls.n(now, cfg.decay_s)
+                        p, r = curve.power[i], curve.rate[i]
+                        points.append(
                             {
                                 "load": bucket_label(i),
-                                "j_per_token": st.mean,
-                                "stderr": st.stderr(n),
-                                "n_eff": n,
+                                "mean_load": ls.mean,
+                                "power_w": p.mean,
+                                "power_stderr_w": p.stderr(n),
+                                "tokens_per_s": r.mean,
+                                "tokens_per_s_stderr": r.stderr(n),
+                                "seconds_eff": n,
                             }
                         )
+                    curves.append({"device": device, "seconds": curve.seconds, "points": points})
+                marginal = {}
+                for load in _TABLE_LOADS:
+                    c = s.cost(load, now, cfg.decay_s)
+                    marginal[str(load)] = c if math.isfinite(c) else None
                 backends.append(
                     {
                         "name": b.name,
@@ -425,7 +568,8 @@ class CostPolicy:
                         "seeded": s.seeded,
                         "ttft_p95_s": s.ttft_p95,
                         "itl_p95_s": s.itl_p95,
-                        "buckets": buckets,
+                        "curves": curves,
+                        "j_per_token_by_load": marginal,
                     }
                 )
             out.append(
@@ -450,6 +594,7 @@ class CostPolicy:
                     "explore": cfg.explore,
                     "hysteresis": cfg.hysteresis,
                     "decay_s": cfg.decay_s,
+                    "sticky_max_ratio": cfg.sticky_max_ratio,
                     "sticky_chains": len(ps.chains) if cfg.sticky_chains else None,
                     "backends": backends,
                 }

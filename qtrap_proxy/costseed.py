@@ -45,6 +45,7 @@ class SeedLevel:
     j_per_token: float
     stderr: float  # from the level's 95% interval, else SEED_REL_STDERR of the mean
     interval: bool  # the standard error came from the report's interval
+    tokens_per_s: float | None = None  # the level's output tokens per second, when the report says
 
     @property
     def bucket(self) -> int:
@@ -114,7 +115,9 @@ def read_seed(path: str | Path) -> Seed:
             and bounds[1] > bounds[0]
         ):
             stderr, interval = (float(bounds[1]) - float(bounds[0])) / (2 * 1.96), True
-        levels.append(SeedLevel(precision, concurrency, float(jpt), stderr, interval))
+        rate = level.get("tokens_per_s")
+        tokens_per_s = float(rate) if rate is not None and _positive(rate) else None
+        levels.append(SeedLevel(precision, concurrency, float(jpt), stderr, interval, tokens_per_s))
     if not levels:
         raise ConfigError(f"seed report {where}: no level has a J/token (was the run metered?)")
     return Seed(where, model if isinstance(model, str) else None, levels, skipped)

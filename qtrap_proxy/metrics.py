@@ -143,7 +143,7 @@ class Metrics:
         self.route_decisions = Counter(
             "qtrap_route_decisions",
             "Backends chosen for requests, by pool, precision and reason "
-            "(pinned|cheapest|explore|sticky|fallback|no_data|round_robin)",
+            "(pinned|cheapest|explore|sticky|ramp|fallback|no_data|round_robin)",
             ("pool", "precision", "reason"),
             registry=r,
         )

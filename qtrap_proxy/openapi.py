@@ -547,8 +547,10 @@ OPERATIONS: tuple[Operation, ...] = (
         "/qtrap/v1/routing", "get", "each cost-routed pool's cost table, accuracy, budgets and current best",
         "admin", "plain",
         ok=lambda: {"description": "`{\"pools\": [{pool, default_precision, current_best, accuracy, budgets, "
-                    "backends: [{name, precision, inflight, up, candidate, ttft_p95_s, itl_p95_s, buckets: "
-                    "[{load, j_per_token, stderr, n_eff}]}]}], \"round_robin_pools\": [...]}`",
+                    "backends: [{name, precision, inflight, up, candidate, ttft_p95_s, itl_p95_s, curves: "
+                    "[{device, seconds, points: [{load, mean_load, power_w, power_stderr_w, tokens_per_s, "
+                    "tokens_per_s_stderr, seconds_eff}]}], j_per_token_by_load: {load: J/token or null}}]}], "
+                    "\"round_robin_pools\": [...]}`",
                     "content": {JSON: {"schema": {"type": "object"}}}},
     ),
     Operation(

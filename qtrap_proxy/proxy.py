@@ -79,7 +79,8 @@ class Proxy:
         # the energy service hands each final account to the record store (constructed next)
         self.energy = EnergyService(config, self.backends, lambda tr: self.records.commit(tr))
         self.records = RecordStore(self.energy, self.ledger, self.metrics, self.key_ring, keep_records)
-        if self.cost is not None:  # the cost model learns from final records and chain scores
+        if self.cost is not None:  # the cost model learns from meter intervals, records and chain scores
+            self.energy.observe_intervals(self.cost.observe_interval)
             self.records.final_listeners.append(self.cost.observe)
             self.records.score_listeners.append(self.cost.scored)
         self.metrics.registry.register(EnergyCollector(self.energy))

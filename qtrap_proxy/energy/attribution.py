@@ -41,6 +41,10 @@ A request is final once the interval containing its end is settled. Its error
 bound is the energy another work model could move: in each interval it shared,
 min(its share, the others' share). Conservation holds by construction:
 attributed + idle + foreign = measured over settled intervals, up to float rounding.
+
+5. With an ``observer`` (routing by cost), each settled busy interval without foreign work, once the
+   device's idle power is known, tells it per backend: the mean requests in flight, the backend's share
+   (by the split's weights) of the energy above idle power, and the output tokens it made.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -344,6 +349,10 @@ class Interval:
     energy_j: float
 
 
+# (backend, device key, seconds, mean requests in flight, energy above idle J, output tokens)
+IntervalObserver = Callable[[str, str, float, float, float, float], None]
+
+
 @dataclass(slots=True)
 class DeviceAccount:
     """One device's intervals, the requests in flight on it, and its totals."""
@@ -375,6 +384,8 @@ class DeviceAccount:
     counter_gaps: int = 0  # intervals settled while a counted backend's counters did not cover them
     _foreign: dict[str, ForeignLedger] = field(default_factory=dict)
     _idle_est_w: float | None = None
+    # routing by cost (cost.py): told each settled busy interval's per-backend load, power and tokens
+    observer: IntervalObserver | None = None
 
     # -- requests ------------------------------------------------------------
     def track(self, tr: Tracked) -> None:
@@ -499,6 +510,8 @@ class DeviceAccount:
             self._proxy_view(
                 iv, overlapping, overlaps, weights, total_w - foreign_w, foreign_w, to_split, busy_s
             )
+        if self.observer is not None and foreign_w <= 0 and p_idle_known is not None:
+            self._observe(iv, e - p_idle_known * dt, overlapping, overlaps, weights, total_w)
         for i, (tr, w) in enumerate(zip(overlapping, weights, strict=True)):
             share = to_split * w / total_w
             tr.energy_j += share
@@ -507,6 +520,37 @@ class DeviceAccount:
             self.attributed_j += share
             if tr.hop_split:
                 _split_hops(tr, iv, share, w if hop_weights is None else hop_weights[i])
+
+    def _observe(
+        self,
+        iv: Interval,
+        dynamic_j: float,
+        overlapping: list[Tracked],
+        overlaps: list[float],
+        weights: list[float],
+        total_w: float,
+    ) -> None:
+        """Tell the observer each backend's mean requests in flight over the interval, its share of the
+        energy above idle power (by the split's weights) and the output tokens it made in it."""
+        observer = self.observer
+        assert observer is not None
+        dt = iv.t1 - iv.t0
+        by: dict[str, list[float]] = {}
+        for tr, ov, w in zip(overlapping, overlaps, weights, strict=True):
+            name = tr.tl.backend
+            if name is None:
+                continue
+            acc = by.setdefault(name, [0.0, 0.0, 0.0])
+            tokens = tr.work(iv.t0, iv.t1, 0.0)
+            if tokens is None or acc[2] < 0:
+                acc[2] = -1.0  # a request's tokens in the interval are not known: the backend's are not
+            else:
+                acc[2] += tokens
+            acc[0] += ov
+            acc[1] += w
+        for name, (ov, w, tokens) in by.items():
+            if tokens >= 0:
+                observer(name, self.key, dt, ov / dt, dynamic_j * w / total_w, tokens)
 
     def _proxy_view(
         self,

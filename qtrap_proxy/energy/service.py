@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from qtrap_common.background import STOP_TIMEOUT_S, Background
 from qtrap_proxy.config import BackendConfig, ProxyConfig
 from qtrap_proxy.energy import reasons
-from qtrap_proxy.energy.attribution import DeviceAccount, Tracked
+from qtrap_proxy.energy.attribution import DeviceAccount, IntervalObserver, Tracked
 from qtrap_proxy.energy.counters import CounterPoller, TokenCounter
 from qtrap_proxy.energy.facts import ClockOffset, EngineFacts, header_times, otlp_times
 from qtrap_proxy.energy.meters import DcgmMeter, Meter, MeterError, NullMeter, NvmlMeter, device_key
@@ -206,6 +206,11 @@ class EnergyService(Background):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self._sampled.wait()
+
+    def observe_intervals(self, observer: IntervalObserver) -> None:
+        """Tell ``observer`` every device's settled busy intervals (attribution.DeviceAccount._observe)."""
+        for acc in self.accounts.values():
+            acc.observer = observer
 
     def finalise_ended(self, reason: str) -> int:
         """Finalise every request that has ended and still waits for its final figure, with energy

@@ -647,7 +647,8 @@ def trap_dashboard() -> Json:
             "Requests routed per second by why their backend was chosen "
             "(`qtrap_route_decisions_total`): cheapest (the pool's current best), explore (Thompson "
             "sampling or the minimum exploration share), sticky (a chain kept its first hop's precision), "
-            "pinned, no_data, fallback (no candidate within the budgets), round_robin (other pools).",
+            "ramp (every replica past its measured load range: slow start), pinned, no_data, fallback (no "
+            "candidate within the budgets), round_robin (other pools).",
             [
                 target(
                     f"sum by (pool, reason) (rate(qtrap_route_decisions_total{{{SEL}}}[$__rate_interval]))",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -74,16 +75,22 @@ class Setup:
         status: str = "ok",
         energy: bool = True,
     ) -> None:
+        """``n`` one-second meter intervals of ``name`` at ``load`` in flight, 100 tokens/s per request at
+        ``jpt`` J/token above idle (unless not ``energy``), and ``n`` final records with these latencies."""
         b = self.by_name[name]
         rng = random.Random(hash((name, load, jpt)))
         for _ in range(n):
+            if energy and status == "ok":
+                rate = 100.0 * load
+                self.policy.observe_interval(
+                    name, "dev0", 1.0, float(load), jpt * rate * (1 + 0.002 * rng.uniform(-1, 1)), rate
+                )
             tl = Timeline("r", route="chat", pool=b.pool, precision=b.precision, backend=b.name, load=load)
-            tokens = 100
             rec: Any = {
                 "status": status,
-                "energy_j": jpt * tokens * (1 + 0.002 * rng.uniform(-1, 1)) if energy else None,
+                "energy_j": None,
                 "idle_energy_j": 0.0,
-                "completion_tokens": tokens,
+                "completion_tokens": 100,
                 "ttft_s": ttft,
                 "timeline": {"t_s": [ttft + k * itl for k in range(10)], "tokens": [1] * 10},
             }
@@ -123,21 +130,40 @@ def test_stat_decays_and_widens() -> None:
     assert s.mean == pytest.approx((2.0 * 1.5 + 10.0) / 2.5)
 
 
-def test_observe_skips_errors_unknown_energy_and_zero_tokens() -> None:
+def test_cost_is_dynamic_power_over_rate_at_the_load_with_the_request() -> None:
     st = Setup(_cfg(_quiet()))
-    st.feed("bf16-0", 1, 1.0, n=3, status="upstream_error")
-    st.feed("bf16-0", 1, 1.0, n=3, energy=False)
-    tl = Timeline("r", route="chat", pool="q8", precision="bf16", backend="bf16-0", load=1)
-    rec: Any = {
-        "status": "ok",
-        "energy_j": 3.0,
-        "idle_energy_j": 0.0,
-        "completion_tokens": 0,
-        "ttft_s": None,
-        "timeline": {"t_s": [], "tokens": []},
-    }
-    st.policy.observe(tl, rec)
-    assert st.policy.pools["q8"].by_name["bf16-0"].observed == 0
+    # 1 request: 200 W above idle for 100 tokens/s; 8 requests: 400 W for 800 tokens/s
+    for _ in range(20):
+        st.policy.observe_interval("bf16-0", "dev0", 0.5, 1.0, 100.0, 50.0)
+        st.policy.observe_interval("bf16-0", "dev0", 0.5, 8.0, 200.0, 400.0)
+    s = st.policy.pools["q8"].by_name["bf16-0"]
+    now = st.clock()
+    assert s.cost(0, now, 600) == pytest.approx(2.0)  # alone: the whole 200 W for 100 tokens/s
+    # with 3 in flight the request makes 4: 3/7 of the way from 1 to 8 in power and in rate
+    assert s.cost(3, now, 600) == pytest.approx((200 + 200 * 3 / 7) / (100 + 700 * 3 / 7))
+    assert s.cost(40, now, 600) == pytest.approx(0.5)  # past the last point: its figure
+    assert s.measured_load(now, 600) == pytest.approx(8.0)
+    # a second device of the same backend adds its own power for the same tokens
+    for _ in range(20):
+        st.policy.observe_interval("bf16-0", "dev1", 0.5, 1.0, 100.0, 50.0)
+    assert s.cost(0, now, 600) == pytest.approx(4.0)
+    # intervals below half a request in flight add no point of their own
+    for _ in range(20):
+        st.policy.observe_interval("int4-0", "dev0", 0.5, 0.1, 5.0, 5.0)
+    i4 = st.policy.pools["q8"].by_name["int4-0"]
+    assert not i4.has_data and i4.cost(0, now, 600) == math.inf
+    # records teach latencies only: errors and records without energy add no curve
+    st.feed("int4-0", 1, 1.0, n=3, status="upstream_error")
+    assert i4.observed == 0
+    st.feed("int4-0", 1, 1.0, n=3, energy=False)
+    assert i4.observed == 3 and i4.cost(0, now, 600) == math.inf
+
+
+def test_observe_interval_ignores_other_backends_and_empty_intervals() -> None:
+    st = Setup(_cfg(_quiet()))
+    st.policy.observe_interval("elsewhere", "dev0", 1.0, 1.0, 100.0, 50.0)
+    st.policy.observe_interval("bf16-0", "dev0", 0.0, 1.0, 100.0, 50.0)
+    assert not any(s.has_data for s in st.policy.pools["q8"].states)
 
 
 # -- decisions --------------------------------------------------------------------------------------
@@ -150,11 +176,17 @@ def test_cheapest_wins_at_each_load() -> None:
     st.feed("int4-0", 10, 0.9)
     st.set_load(0)
     assert st.decide() == ("int4-0", "cheapest")
-    st.set_load(10)  # the request would be the 11th in flight: bucket 8-15
+    st.set_load(10)  # the request would be the 11th in flight: past the last point, its figure
     assert st.decide() == ("bf16-0", "cheapest")
-    # a load bucket without data borrows the nearest one that has some
-    st.set_load(40)
+    st.set_load(4)  # between the points: 0.5 of the way from load 1 to 10 in power and in rate
     assert st.decide() == ("bf16-0", "cheapest")
+    # slow start: past twice the highest measured load (+1) a backend takes no more while another can
+    st.by_name["bf16-0"].inflight = 21
+    assert st.decide() == ("int4-0", "cheapest")
+    st.set_load(40)  # both past it: the least far past it (the same here: the first)
+    assert st.decide() == ("bf16-0", "ramp")
+    st.by_name["int4-0"].inflight = 30
+    assert st.decide() == ("int4-0", "ramp")
 
 
 def test_accuracy_is_in_the_objective() -> None:
@@ -229,16 +261,27 @@ def test_chains_stay_on_their_first_precision() -> None:
     st.feed("bf16-0", 1, 2.0)
     st.feed("int4-0", 1, 1.0)
     assert st.decide("c1") == ("int4-0", "cheapest")
-    st.feed("bf16-0", 1, 0.2, n=400)  # bf16 is now far cheaper
+    st.feed("bf16-0", 1, 0.6, n=400)  # bf16 is now cheaper (about 0.73), within sticky_max_ratio (2)
     assert st.decide("c1") == ("int4-0", "sticky")
     assert st.decide("c2") == ("bf16-0", "cheapest")
     assert st.decide("c2") == ("bf16-0", "sticky")
     # a chain that began pinned keeps its precision too
     assert st.router.route("q8@int4", None, chain_id="c3").reason == "pinned"
     assert st.decide("c3") == ("int4-0", "sticky")
+    # its precision has become more than twice the cheapest's cost: the chain is routed afresh
+    st.feed("bf16-0", 1, 0.1, n=4000)
+    assert st.decide("c3") == ("bf16-0", "cheapest")
+    assert st.decide("c3") == ("bf16-0", "sticky")
     # the sticky precision is down: the chain is decided afresh
     st.by_name["int4-0"].probe_ok = False
     assert st.decide("c1") == ("bf16-0", "cheapest")
+    # sticky_max_ratio: null keeps a chain whatever the costs
+    st2 = Setup(_cfg(_quiet(sticky_max_ratio=None)))
+    st2.feed("bf16-0", 1, 2.0)
+    st2.feed("int4-0", 1, 1.0)
+    assert st2.decide("c1") == ("int4-0", "cheapest")
+    st2.feed("bf16-0", 1, 0.01, n=4000)
+    assert st2.decide("c1") == ("int4-0", "sticky")
 
 
 def test_sticky_chains_are_bounded_and_optional() -> None:
@@ -352,7 +395,7 @@ def test_hysteresis_prevents_flapping() -> None:
     st.feed("int4-0", 1, 1.03, n=400)
     assert st.decide() == ("bf16-0", "cheapest")
     st.feed("int4-0", 1, 0.95, n=2000)  # about 2% cheaper now: within the margin
-    assert st.policy.pools["q8"].by_name["int4-0"].stats[1].mean < 1.0
+    assert st.policy.pools["q8"].by_name["int4-0"].cost(0, st.clock(), 600) < 1.0
     assert {st.decide() for _ in range(500)} == {("bf16-0", "cheapest")}
     st.feed("int4-0", 1, 0.5, n=2000)  # far cheaper: the best changes
     assert {st.decide() for _ in range(100)} == {("int4-0", "cheapest")}
@@ -375,9 +418,15 @@ def test_table_shape() -> None:
     assert pool["accuracy"]["int4"]["source"] == "default"
     assert pool["budgets"]["ttft_p95_s"] == 1.0
     (b,) = [b for b in pool["backends"] if b["name"] == "bf16-0"]
-    (bk,) = b["buckets"]
-    assert bk["load"] == "2-3" and bk["j_per_token"] == pytest.approx(2.0, rel=0.01)
-    assert bk["n_eff"] == pytest.approx(40) and bk["stderr"] < 0.01
+    (curve,) = b["curves"]
+    assert curve["device"] == "dev0" and curve["seconds"] == pytest.approx(40)
+    (pt,) = curve["points"]
+    assert pt["load"] == "2-3" and pt["mean_load"] == pytest.approx(3)
+    assert pt["power_w"] == pytest.approx(600, rel=0.01) and pt["tokens_per_s"] == pytest.approx(300)
+    assert pt["seconds_eff"] == pytest.approx(40) and pt["power_stderr_w"] < 1
+    assert b["j_per_token_by_load"]["0"] == pytest.approx(2.0, rel=0.01)
+    assert b["j_per_token_by_load"]["7"] == pytest.approx(2.0, rel=0.01)  # past its one point: that point's
+    assert pool["sticky_max_ratio"] == 2.0
 
 
 # -- the proxy: in-flight counts, the header, the metric, the report ---------------------------------------

@@ -177,3 +177,35 @@ def test_metered_energy_follows_the_counter_before_intervals_settle() -> None:
         30.0 + 20.0 + 0.0 + 20.0
     )  # a counter that went backwards adds nothing
     assert acc.resets == 1
+
+
+def test_observer_gets_each_backends_load_power_above_idle_and_tokens() -> None:
+    """Routing by cost learns from settled intervals: per backend its mean requests in flight, its share (by the
+    split) of the energy above idle power, and the output tokens it made in the interval."""
+    seen: list[tuple[str, str, float, float, float, float]] = []
+    acc = DeviceAccount("h:0", settle_s=0.0, prefill_weight=0.0, idle_power_w=20.0)
+    acc.observer = lambda *args: seen.append(args)
+    a = _tl("a", 0.0, 2.0, [(0.5, 1), (1.25, 1), (1.5, 1), (1.75, 1), (2.0, 1)])
+    b = _tl("b", 1.0, 2.0, [(1.5, 2), (2.0, 2)])
+    c = _tl("c", 1.5, 2.0, [(2.0, 3)], stream=False)  # non-streaming: its tokens spread over its time
+    a.backend, b.backend, c.backend = "bf16", "bf16", "int4"
+    for tl in (a, b, c):
+        acc.track(Tracked(tl))
+    _feed(acc, [(1.0, 0.0), (2.0, 120.0)], now=10.0)
+    by = {name: rest for name, *rest in seen}
+    assert set(by) == {"bf16", "int4"}
+    # (1, 2]: bf16 has a all along and b all along (load 2), int4 has c half of it (load 0.5); 100 J above idle
+    # split by decode work: a 3 1/3 tokens (its chunk at 1.25 spread over (0.5, 1.25]), b 4, c 3
+    dev, dt, load, dyn, tokens = by["bf16"]
+    assert (dev, dt, load, tokens) == ("h:0", 1.0, pytest.approx(2.0), pytest.approx(22 / 3))
+    assert dyn == pytest.approx(100.0 * 22 / 31)
+    assert by["int4"][2:] == [pytest.approx(0.5), pytest.approx(100.0 * 9 / 31), pytest.approx(3.0)]
+    # an interval with nothing in flight tells nothing; without an idle power known, nothing either
+    seen.clear()
+    _feed(acc, [(3.0, 140.0)], now=10.0)
+    assert seen == []
+    acc2 = DeviceAccount("h:1", settle_s=0.0, prefill_weight=0.0)
+    acc2.observer = lambda *args: seen.append(args)
+    acc2.track(Tracked(_tl("d", 0.0, 1.0, [(0.5, 1), (1.0, 1)])))
+    _feed(acc2, [(0.0, 0.0), (1.0, 50.0)], now=10.0)
+    assert seen == []
