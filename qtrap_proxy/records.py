@@ -192,20 +192,21 @@ class RecordStore:
         }
 
     # -- the records query and usage sums (issue 17) ------------------------------------
-    def _open_records(self, filt: RecordFilter) -> list[RequestRecord]:
-        """The records not yet final (in flight, waiting for their final figure, or committing) that
-        ``filt`` selects."""
-        out = []
+    def _open(self, filt: RecordFilter) -> list[tuple[dict[str, Any], Tracked, Stage]]:
+        """The requests not yet final (in flight, waiting for their final figure, or committing) that
+        ``filt`` selects, each with the fields a filter reads, decided on the timeline without building
+        its record (a provisional record's energy estimate is not free)."""
+        out: list[tuple[dict[str, Any], Tracked, Stage]] = []
         for tr in self._committing.values():
-            rec = self._build(tr, "committing")
-            if filt.matches(rec):
-                out.append(rec)
+            fields = _fields(tr.tl)
+            if filt.matches(fields):
+                out.append((fields, tr, "committing"))
         for tr in self.energy.open_accounts(chain_id=filt.chain_id, key_id=filt.key_id):
             if tr.tl.request_id in self._committing:
                 continue
-            rec = self._build(tr, "provisional")
-            if filt.matches(rec):
-                out.append(rec)
+            fields = _fields(tr.tl)
+            if filt.matches(fields):
+                out.append((fields, tr, "provisional"))
         return out
 
     def list_records(self, query: RecordQuery) -> RecordPage:
@@ -216,9 +217,16 @@ class RecordStore:
         before the first of a descending one)."""
         recs = {r["id"]: r for r in self.ledger.records(query)}
         if query.final is not True:
-            for rec in self._open_records(query.filter):
-                if rec["id"] not in recs and query.past_cursor(rec):
-                    recs[rec["id"]] = rec  # a record both committing and committed: the ledger's, final
+            desc = query.order == "desc"
+            candidates = [
+                (fields, tr, stage)
+                for fields, tr, stage in self._open(query.filter)
+                if fields["id"] not in recs and query.past_cursor(fields)
+            ]  # a record both committing and committed: the ledger's, final
+            candidates.sort(key=lambda c: query.sort_key(c[0]), reverse=desc)
+            for _, tr, stage in candidates[: query.limit + 1]:
+                rec = self._build(tr, stage)
+                recs[rec["id"]] = rec
         page = sorted(recs.values(), key=query.sort_key, reverse=query.order == "desc")
         more = len(page) > query.limit
         page = page[: query.limit]
@@ -247,7 +255,7 @@ class RecordStore:
             "groups": groups[:MAX_USAGE_GROUPS],
             "truncated": truncated,
             "total": _usage([r for r in total if r.requests]),
-            "not_final_requests": len(self._open_records(filt)),
+            "not_final_requests": len(self._open(filt)),
             "note": "sums over the final records in the ledger; requests in flight or waiting for their final "
             "energy figure (not_final_requests, now) count once they are final",
         }
@@ -277,6 +285,21 @@ class RecordStore:
             "note": "sums over the final records in the ledger; requests in flight or waiting for their final "
             "energy figure (not_final_requests, now) count once they are final",
         }
+
+
+def _fields(tl: Timeline) -> dict[str, Any]:
+    """What a records filter reads of a request not yet final, from its timeline (as its record has it)."""
+    return {
+        "id": tl.request_id,
+        "start_unix_s": tl.start_unix_s,
+        "pool": tl.pool,
+        "precision": tl.precision,
+        "backend": tl.backend,
+        "chain_id": tl.chain_id,
+        "key_id": tl.key_id,
+        "status": tl.status,
+        "client_request_id": tl.client_request_id,
+    }
 
 
 def _usage(rows: list[UsageRow]) -> dict[str, Any]:

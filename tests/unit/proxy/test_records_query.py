@@ -273,3 +273,77 @@ def test_a_client_request_id_that_is_not_a_valid_one_is_not_indexed(led: Ledger)
     rows = dict(conn.execute("SELECT id, client_request_id FROM requests").fetchall())
     conn.close()
     assert rows == {"x": None, "y": "ok"}
+
+
+def test_a_request_not_yet_final_is_filtered_on_its_timeline_as_on_its_record() -> None:
+    from qtrap_proxy.energy.attribution import Tracked
+    from qtrap_proxy.record import build_record
+    from qtrap_proxy.records import _fields
+    from qtrap_proxy.timeline import Timeline
+
+    tl = Timeline("ab" * 16, route="chat", pool="p", precision="int4", backend="b", chain_id="c", hop=2)
+    tl.key_id, tl.client_request_id = KEY_A, "mine"
+    rec = build_record(Tracked(tl), "provisional", meter="null", devices=[])
+    fields = _fields(tl)
+    assert fields == {k: rec[k] for k in fields}
+
+
+class _OpenAccounts(_NoOpenAccounts):
+    """An energy service with requests in flight (their accounts)."""
+
+    cfg = type("Cfg", (), {"compare_views": False})()
+
+    def __init__(self, tracked: list[Any]) -> None:
+        self.tracked = tracked
+
+    def open_accounts(self, **_: Any) -> Iterator[Any]:
+        return iter(self.tracked)
+
+    def provisional_j(self, tr: Any) -> float:
+        return 0.5
+
+    def backend_devices_of(self, tr: Any) -> list[str]:
+        return ["h:0"]
+
+
+def test_pages_merge_requests_in_flight_with_the_ledgers_final_records(led: Ledger) -> None:
+    from qtrap_proxy.energy.attribution import Tracked
+    from qtrap_proxy.timeline import Timeline
+
+    durable = _Durable()
+    led.start(durable)
+    _write(led, durable, [_rec(f"f{i}", 100.0 + 2 * i) for i in range(5)])  # 100, 102, ..., 108
+    flying = []
+    for i in range(4):  # 101, 103, 105, 107
+        tl = Timeline(f"o{i}", route="chat", pool="p", precision="bf16", backend="b")
+        tl.start_unix_s = 101.0 + 2 * i
+        flying.append(Tracked(tl))
+    store = RecordStore(cast(Any, _OpenAccounts(flying)), led, cast(Any, None))
+
+    def listed(*params: tuple[str, str]) -> list[tuple[str, bool]]:
+        seen: list[tuple[str, bool]] = []
+        cursor: list[tuple[str, str]] = []
+        while True:
+            page = store.list_records(parse_record_query([*params, ("limit", "3"), *cursor]))
+            seen += [(r["id"], r["final"]) for r in page["data"]]
+            if page["next_cursor"] is None:
+                return seen
+            cursor = [("cursor", page["next_cursor"])]
+
+    assert listed(("order", "asc")) == [
+        ("f0", True), ("o0", False), ("f1", True), ("o1", False), ("f2", True), ("o2", False), ("f3", True),
+        ("o3", False), ("f4", True),
+    ]  # fmt: skip
+    assert [i for i, _ in listed()] == ["f4", "o3", "f3", "o2", "f2", "o1", "f1", "o0", "f0"]
+    assert listed(("final", "false")) == [("o3", False), ("o2", False), ("o1", False), ("o0", False)]
+    assert [i for i, _ in listed(("final", "true"))] == ["f4", "f3", "f2", "f1", "f0"]
+    assert listed(("status", "in_flight"), ("since", "103"), ("until", "107")) == [
+        ("o2", False),
+        ("o1", False),
+    ]
+    rec = store.list_records(parse_record_query([("final", "false"), ("limit", "1")]))["data"][0]
+    assert (
+        rec["provisional"] is True and rec["energy_j"] == 0.5
+    )  # built as GET /qtrap/v1/requests/{id} shows it
+    usage = store.usage(RecordFilter(), ())
+    assert usage["total"]["requests"] == 5 and usage["not_final_requests"] == 4
