@@ -136,8 +136,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Write the ledger's final records that started in [--since, --until), oldest first, "
         "one per line: JSON Lines (each the record as GET /qtrap/v1/requests/{id} shows it) or CSV (one "
         "column per scalar field, empty for null; the timeline, hops, devices and engine timing are in "
-        "the JSON Lines only). The ledger is opened read-only and read row by row, so a running proxy may "
-        "keep writing it. Exit status 2 with one line on stderr for bad input.",
+        "the JSON Lines only; cells are written as they are, without spreadsheet-formula escaping). The "
+        "ledger is opened read-only and read row by row, so a running proxy may keep writing it. Exit "
+        "status 2 with one line on stderr for bad input.",
     )
     export.add_argument("--ledger", required=True, metavar="PATH", help="the SQLite ledger (ledger.path)")
     export.add_argument(
@@ -148,8 +149,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--until", metavar="WHEN", help="exclusive, as --since (default: no bound)")
     export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="default: jsonl")
     export.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
-    for name in ("pool", "precision", "backend", "status", "key"):
-        export.add_argument(f"--{name}", metavar="VALUE", help=f"only records whose {name} is VALUE")
+    for name in ("pool", "precision", "backend", "status", "key", "chain_id", "client_request_id"):
+        what = "the client key VALUE (key_...)" if name == "key" else f"{name} VALUE"
+        export.add_argument(
+            f"--{name.replace('_', '-')}", metavar="VALUE", help=f"only the records of {what}"
+        )
 
     return p
 
@@ -165,7 +169,8 @@ def _records_export(args: argparse.Namespace) -> int:
         try:
             filt = parse_filter(given)
         except QtrapError as e:
-            raise ConfigError(f"--{e.param or 'filter'}: {e.message}") from e
+            flag = (e.param or "filter").replace("_", "-")
+            raise ConfigError(f"--{flag}: {e.message}") from e
         rows = export(args.ledger, filt)
         out = sys.stdout if args.out is None else open(args.out, "w", encoding="utf-8", newline="")  # noqa: SIM115
         n = write_records(rows, out, args.format)

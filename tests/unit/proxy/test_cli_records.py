@@ -96,6 +96,8 @@ def test_jsonl_to_stdout_parses_back_to_the_records_of_the_window_oldest_first(
     assert [json.loads(line)["id"] for line in out.splitlines()] == ["r2"]
     code, out, _ = _run(capsys, "--ledger", ledger_path, "--key", KEY)
     assert [json.loads(line)["id"] for line in out.splitlines()] == ["r1"]
+    code, out, _ = _run(capsys, "--ledger", ledger_path, "--client-request-id", "client-1")
+    assert [json.loads(line)["id"] for line in out.splitlines()] == ["r1"]
 
 
 def test_csv_to_a_file_parses_back_with_nulls_empty(
@@ -141,6 +143,8 @@ def test_csv_to_a_file_parses_back_with_nulls_empty(
         (["--key", "alice"], "--key"),
         (["--status", "fine"], "--status"),
         (["--pool", "a\x00b"], "--pool"),
+        (["--client-request-id", "x" * 129], "--client-request-id"),
+        (["--chain-id", ""], "--chain-id"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(
