@@ -347,3 +347,36 @@ def test_pages_merge_requests_in_flight_with_the_ledgers_final_records(led: Ledg
     )  # built as GET /qtrap/v1/requests/{id} shows it
     usage = store.usage(RecordFilter(), ())
     assert usage["total"]["requests"] == 5 and usage["not_final_requests"] == 4
+
+
+def test_pages_read_while_a_writer_thread_keeps_writing_neither_repeat_nor_skip(led: Ledger) -> None:
+    durable = _Durable()
+    led.start(durable)
+    initial = [_rec(f"i{i:03d}", 1_000 + (i % 50) * 1.0) for i in range(300)]
+    _write(led, durable, initial)
+    store = _store(led)
+    stop = threading.Event()
+    written: list[str] = []
+
+    def writer() -> None:  # new requests, and late finals of requests that started inside the window
+        n = 0
+        while not stop.is_set():
+            rid = f"w{n:05d}"
+            led.put(_rec(rid, (2_000.0 + n) if n % 2 else (1_000.0 + n % 50 + 0.5)))
+            written.append(rid)
+            n += 1
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for order in ("desc", "asc"):
+            seen = _pages(
+                store, [("limit", "13"), ("order", order), ("until", "1999")], lambda n: time.sleep(0.002)
+            )
+            assert len(seen) == len(set(seen)), order
+            assert {r["id"] for r in initial} <= set(seen), order
+    finally:
+        stop.set()
+        thread.join()
+    assert len(written) > 10  # the writer did write while the pages were read
