@@ -197,13 +197,14 @@ def parse_page(offset: str | None, limit: str | None) -> tuple[int, int]:
 
 
 def parse_time(value: str, what: str) -> float:
-    """A query parameter naming a time: Unix seconds, or an ISO 8601 date or time (UTC unless it says)."""
+    """A query parameter naming a time: Unix seconds, or an ISO 8601 date or time (UTC unless it says),
+    RFC 3339's included (its ``t`` and ``z`` may be lower case)."""
     if len(value) <= MAX_HEADER_CHARS and value.isascii():
         try:
             t = float(value)
         except ValueError:
             try:
-                when = dt.datetime.fromisoformat(value)
+                when = dt.datetime.fromisoformat(value.upper())  # RFC 3339 allows `t` and `z`
             except ValueError:
                 pass
             else:

@@ -63,6 +63,7 @@ def test_every_filter_is_parsed() -> None:
     since = parse_record_query([("since", "2026-12-01T01:00:00+01:00")]).filter.since_unix_s
     assert since == f.since_unix_s
     assert parse_record_query([("since", "2026-12-01")]).filter.since_unix_s == since
+    assert parse_record_query([("since", "2026-12-01t00:00:00z")]).filter.since_unix_s == since  # RFC 3339
 
 
 @pytest.mark.parametrize(
