@@ -19,7 +19,10 @@ HOP: Final = "x-qtrap-hop"  # 1-based hop number within the chain
 HOP_SPLIT: Final = "x-qtrap-hop-split"  # `lines` or `regex`: one stream split into hops by the proxy
 PRECISION: Final = "x-qtrap-precision"  # pins a precision (as does `model@precision`)
 MODEL: Final = "x-qtrap-model"  # pool or pool@precision on TGI's routes, which have no `model` field
-REQUEST_ID: Final = "x-request-id"  # forwarded upstream: the simulator's truth is keyed by it
+# the proxy sends its own request id upstream under this name (the simulator's truth is keyed by it); a
+# client's own X-Request-Id is kept in its record (`client_request_id`) and echoed back, never sent upstream
+REQUEST_ID: Final = "x-request-id"
+B_REQUEST_ID: Final = REQUEST_ID.encode()
 # W3C trace context: a client's valid traceparent is continued; every upstream request carries one whose
 # parent span id is the request's (the first 16 hex digits of its id), which joins the engine's span to it
 TRACEPARENT: Final = "traceparent"
@@ -27,6 +30,8 @@ TRACESTATE: Final = "tracestate"
 
 # -- response headers every relayed answer carries ----------------------------------------------------
 RESP_REQUEST_ID: Final = "x-qtrap-request-id"  # the key to the request's record
+# x-request-id (REQUEST_ID) on every relayed answer: the client's own X-Request-Id when it sent a valid one,
+# else the proxy's request id (what the openai SDK shows as `_request_id`); a backend's is not relayed
 RESP_BACKEND: Final = "x-qtrap-backend"
 RESP_PRECISION: Final = "x-qtrap-precision"
 # a non-streaming answer's provisional energy figure; the final one is in the record
@@ -69,6 +74,8 @@ CHAIN_SCORE_PATH: Final = ADMIN_PREFIX + "/chains/{chain_id}/score"
 ENERGY_PATH: Final = ADMIN_PREFIX + "/energy"
 KEYS_PATH: Final = ADMIN_PREFIX + "/keys"
 KEY_USAGE_PATH: Final = ADMIN_PREFIX + "/keys/{key_id}/usage"
+REQUESTS_PATH: Final = ADMIN_PREFIX + "/requests"  # the records query (paged)
+USAGE_PATH: Final = ADMIN_PREFIX + "/usage"  # usage sums, grouped
 ROUTING_PATH: Final = ADMIN_PREFIX + "/routing"
 
 
@@ -117,6 +124,7 @@ class RequestRecord(TypedDict):
     chain_id: str | None
     hop: int | None
     key_id: str | None
+    client_request_id: str | None  # the client's X-Request-Id, when it sent a valid one
     route: str
     stream: bool
     pool: str | None
@@ -183,3 +191,13 @@ class ChainPage(ChainSummary):
     offset: int
     limit: int
     next_offset: int | None
+
+
+# -- a page of the records query (GET /qtrap/v1/requests) ---------------------------------------------
+class RecordPage(TypedDict):
+    object: str  # "list"
+    data: list[RequestRecord]
+    order: str  # desc (newest first) | asc
+    limit: int
+    has_more: bool
+    next_cursor: str | None  # give it as `cursor=` for the next page; null on the last

@@ -1,16 +1,18 @@
 """The HTTP edge of everything but the relay: the admin API, health, the model list, metrics, the spec.
 
 ``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``GET /openapi.json`` and the ``/qtrap/v1/*``
-routes (a request's record, a chain and its score, the energy report, the cost routing table, the keys
-and a key's usage).
+routes (the records query and a request's record, usage sums, a chain and its score, the energy report,
+the cost routing table, the keys and a key's usage).
 Handlers check what the client sent (``limits.py``), ask the proxy's parts (the record store, the
 energy service, the key ring, the backends' probes) and answer in OpenAI's error shape; a client key
-(auth.py's ``Principal``) sees only what it owns, and another key's records are not found either.
+(auth.py's ``Principal``) sees only what it owns, and another key's records are not found either; the
+records query and usage sums are limited to its own records, and naming another key there is a 403.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -23,7 +25,7 @@ from starlette.routing import Route
 from qtrap_common import wire
 from qtrap_proxy.asgi import read_body
 from qtrap_proxy.auth import Principal, principal_of
-from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
+from qtrap_proxy.errors import BadRequest, Forbidden, QtrapError, openai_error_body
 from qtrap_proxy.keystore import KEY_ID
 from qtrap_proxy.limits import (
     MAX_ADMIN_BODY_BYTES,
@@ -36,6 +38,7 @@ from qtrap_proxy.limits import (
 )
 from qtrap_proxy.openapi import build_openapi
 from qtrap_proxy.proxy import Proxy
+from qtrap_proxy.query import RecordFilter, parse_record_query, parse_usage_query
 
 
 def routes(proxy: Proxy) -> list[Route]:
@@ -126,6 +129,22 @@ def routes(proxy: Proxy) -> list[Route]:
             return _error(404, f"no key {raw}", "not_found_error")
         return JSONResponse(usage)
 
+    async def list_requests(request: Request) -> Response:
+        try:
+            query = parse_record_query(request.query_params.multi_items())
+            query = replace(query, filter=_owned(query.filter, principal_of(request.scope)))
+        except QtrapError as e:
+            return _qtrap_error(e)
+        return JSONResponse(records.list_records(query))
+
+    async def usage(request: Request) -> Response:
+        try:
+            filt, group_by = parse_usage_query(request.query_params.multi_items())
+            filt = _owned(filt, principal_of(request.scope))
+        except QtrapError as e:
+            return _qtrap_error(e)
+        return JSONResponse(records.usage(filt, group_by))
+
     spec = orjson.dumps(build_openapi(proxy.config.server))
 
     async def openapi(_: Request) -> Response:
@@ -135,7 +154,9 @@ def routes(proxy: Proxy) -> list[Route]:
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route(wire.REQUESTS_PATH, list_requests, methods=["GET"]),
         Route(wire.REQUEST_PATH, request_record, methods=["GET"]),
+        Route(wire.USAGE_PATH, usage, methods=["GET"]),
         Route(wire.CHAIN_PATH, chain_record, methods=["GET"]),
         Route(wire.CHAIN_SCORE_PATH, chain_score, methods=["POST"]),
         Route(wire.ENERGY_PATH, energy, methods=["GET"]),
@@ -215,6 +236,19 @@ def model_list(proxy: Proxy, who: Principal | None = None) -> dict[str, Any]:
                 }
             )
     return {"object": "list", "data": data}
+
+
+def _owned(filt: RecordFilter, who: Principal | None) -> RecordFilter:
+    """A client key's query limited to its own records; ``key=`` naming another key is refused (403: a
+    client key may not read, nor learn anything of, another key's records). Auth off, or the admin
+    key: as asked."""
+    if who is None or who.key is None:
+        return filt
+    if filt.key_id is not None and filt.key_id != who.key.id:
+        raise Forbidden(
+            "a client key sees only its own records: key must be its own id or left out", param="key"
+        )
+    return filt.restricted_to(who.key.id)
 
 
 def _qtrap_error(e: QtrapError) -> Response:

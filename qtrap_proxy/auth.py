@@ -7,9 +7,11 @@ first) and maps each request's path to the role it needs (:func:`role_of`):
 * client: the relay routes (``POST /v1/chat/completions``, ``/v1/completions``, TGI's ``/generate``,
   ``/generate_stream``, ``/``) take a client key only; the admin key is refused there (403), so that
   the one secret that reads everything is not spread into client applications;
-* owned: ``/qtrap/v1/requests/{id}``, ``/qtrap/v1/chains/{id}``, ``/qtrap/v1/chains/{id}/score`` and
-  ``/qtrap/v1/keys/{id}/usage`` take the admin key or a client key, which the handler limits to what
-  the key owns (404 for another key's records, so ids cannot be probed);
+* owned: ``/qtrap/v1/requests/{id}``, ``/qtrap/v1/chains/{id}``, ``/qtrap/v1/chains/{id}/score``,
+  ``/qtrap/v1/keys/{id}/usage``, the records query ``/qtrap/v1/requests`` and the usage sums
+  ``/qtrap/v1/usage`` take the admin key or a client key, which the handler limits to what the key owns
+  (404 for another key's records, so ids cannot be probed; the query and the sums are limited to the
+  key's own records, and their ``key=`` filter naming another key is a 403);
 * admin: everything else under ``/qtrap/`` (the energy report, the key list), and ``/metrics`` when
   protected;
 * any key: every other path (``GET /v1/models``, shown with the key's pools only; unknown paths).
@@ -53,7 +55,7 @@ MAX_TOKEN_CHARS = 512  # longer bearer tokens are no key of ours: refused withou
 
 _AUTHORIZATION = b"authorization"
 _JSON = (b"content-type", b"application/json")
-_OWNED = re.compile(r"/qtrap/v1/(?:requests/[^/]+|chains/[^/]+(?:/score)?|keys/[^/]+/usage)")
+_OWNED = re.compile(r"/qtrap/v1/(?:requests(?:/[^/]+)?|usage|chains/[^/]+(?:/score)?|keys/[^/]+/usage)")
 
 
 class Role(enum.Enum):

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any, TextIO
 
 from qtrap_proxy import __version__, keystore
 from qtrap_proxy.config import ProxyConfig, load_config
-from qtrap_proxy.errors import ConfigError, KeyStoreError, QtrapDomainError
+from qtrap_proxy.errors import ConfigError, KeyStoreError, QtrapDomainError, QtrapError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,7 +124,106 @@ def _parser() -> argparse.ArgumentParser:
     )
     seed.add_argument("--json", action="store_true", help="print JSON")
 
+    records = sub.add_parser(
+        "records",
+        help="the ledger's records",
+        description="Read the records of a ledger (ledger.path) directly, without a running proxy.",
+    )
+    resub = records.add_subparsers(dest="records_command", required=True, metavar="ACTION")
+    export = resub.add_parser(
+        "export",
+        help="write the final records of a time window as JSON Lines or CSV",
+        description="Write the ledger's final records that started in [--since, --until), oldest first, "
+        "one per line: JSON Lines (each the record as GET /qtrap/v1/requests/{id} shows it) or CSV (one "
+        "column per scalar field, empty for null; the timeline, hops, devices and engine timing are in "
+        "the JSON Lines only; cells are written as they are, without spreadsheet-formula escaping). The "
+        "ledger is opened read-only and read row by row, so a running proxy may keep writing it. Exit "
+        "status 2 with one line on stderr for bad input.",
+    )
+    export.add_argument("--ledger", required=True, metavar="PATH", help="the SQLite ledger (ledger.path)")
+    export.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="Unix seconds or ISO 8601 / RFC 3339 (UTC unless it says; default: all)",
+    )
+    export.add_argument("--until", metavar="WHEN", help="exclusive, as --since (default: no bound)")
+    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="default: jsonl")
+    export.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
+    for name in ("pool", "precision", "backend", "status", "key", "chain_id", "client_request_id"):
+        what = "the client key VALUE (key_...)" if name == "key" else f"{name} VALUE"
+        export.add_argument(
+            f"--{name.replace('_', '-')}", metavar="VALUE", help=f"only the records of {what}"
+        )
+
     return p
+
+
+def _records_export(args: argparse.Namespace) -> int:
+    """``qtrap-proxy records export``: one line on stderr and status 2 for bad input."""
+    from qtrap_proxy.ledger import export
+    from qtrap_proxy.query import FILTER_PARAMS, parse_filter
+
+    given = {name: getattr(args, name) for name in FILTER_PARAMS if getattr(args, name, None) is not None}
+    out = None
+    try:
+        try:
+            filt = parse_filter(given)
+        except QtrapError as e:
+            flag = (e.param or "filter").replace("_", "-")
+            raise ConfigError(f"--{flag}: {e.message}") from e
+        rows = export(args.ledger, filt)
+        out = sys.stdout if args.out is None else open(args.out, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        n = write_records(rows, out, args.format)
+    except ConfigError as e:
+        print(f"qtrap-proxy: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):  # `| head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"qtrap-proxy: --out: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if out is not None and out is not sys.stdout:
+            out.close()
+    if args.out is not None:
+        print(f"{n} records written to {args.out}", file=sys.stderr)
+    return 0
+
+
+# the CSV columns: the record's scalar fields (start_utc: start_unix_s in RFC 3339)
+CSV_COLUMNS = (
+    "id", "client_request_id", "chain_id", "hop", "key_id", "route", "stream", "pool", "backend", "precision",
+    "status", "http_status", "error", "start_unix_s", "start_utc", "prompt_tokens", "completion_tokens",
+    "ttft_s", "e2e_s", "chunks", "tokens_exact", "meter", "final", "energy_j", "idle_energy_j", "j_per_token",
+    "error_bound_j", "energy_null_reason", "facts", "facts_reason", "energy_proxy_view_j",
+)  # fmt: skip
+
+
+def write_records(rows: Iterable[Mapping[str, Any]], out: TextIO, fmt: str) -> int:
+    """Write records as JSON Lines or CSV; the number written."""
+    n = 0
+    if fmt == "jsonl":
+        for rec in rows:
+            out.write(json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n")
+            n += 1
+        return n
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for rec in rows:
+        start = rec.get("start_unix_s")
+        cells = {**rec, "start_utc": _rfc3339(start) if isinstance(start, int | float) else None}
+        writer.writerow(["" if cells.get(c) is None else _cell(cells[c]) for c in CSV_COLUMNS])
+        n += 1
+    return n
+
+
+def _cell(v: Any) -> Any:
+    return ("true" if v else "false") if isinstance(v, bool) else v
+
+
+def _rfc3339(unix_s: float) -> str:
+    return dt.datetime.fromtimestamp(unix_s, dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _routing_seed(args: argparse.Namespace) -> int:
@@ -293,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         return _keys(args)
     if args.command == "routing":
         return _routing_seed(args)
+    if args.command == "records":
+        return _records_export(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

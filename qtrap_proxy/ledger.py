@@ -32,7 +32,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,8 @@ import orjson
 from qtrap_common.wire import RequestRecord
 from qtrap_proxy.errors import ConfigError
 from qtrap_proxy.keystore import KEY_ID
+from qtrap_proxy.limits import check_client_request_id
+from qtrap_proxy.query import RecordFilter, RecordQuery
 
 log = logging.getLogger("qtrap.ledger")
 
@@ -52,29 +54,63 @@ CREATE TABLE IF NOT EXISTS requests (
   hop INTEGER,
   start_unix_s REAL NOT NULL,
   record TEXT NOT NULL,
-  key_id TEXT
+  key_id TEXT,
+  client_request_id TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_chain ON requests (chain_id) WHERE chain_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_start ON requests (start_unix_s);
 """
-# ledgers written before the key_id column (issue 13) gain it; then its index
-_MIGRATIONS = (("key_id", "ALTER TABLE requests ADD COLUMN key_id TEXT"),)
+# ledgers written before a column gain it (key_id: issue 13; client_request_id: issue 17); then the indexes
+_MIGRATIONS = (
+    ("key_id", "ALTER TABLE requests ADD COLUMN key_id TEXT"),
+    ("client_request_id", "ALTER TABLE requests ADD COLUMN client_request_id TEXT"),
+)
+# requests_start_id: the records query's keyset pages on (start_unix_s, id), either order
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS requests_key ON requests (key_id, start_unix_s) WHERE key_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_start_id ON requests (start_unix_s, id);
+CREATE INDEX IF NOT EXISTS requests_client_request_id ON requests (client_request_id, start_unix_s)
+  WHERE client_request_id IS NOT NULL;
 """
-_INSERT = "INSERT OR REPLACE INTO requests (id, chain_id, hop, start_unix_s, record, key_id) VALUES (?, ?, ?, ?, ?, ?)"
-# one key's final records between two start times, by precision (GET /qtrap/v1/keys/{id}/usage)
-_KEY_USAGE = """
-SELECT precision, count(*), coalesce(sum(status = 'ok'), 0), coalesce(sum(prompt), 0), coalesce(sum(completion), 0),
+_INSERT = (
+    "INSERT OR REPLACE INTO requests (id, chain_id, hop, start_unix_s, record, key_id, client_request_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+# Usage sums over the final records a filter selects, grouped by some of _GROUPS (GET /qtrap/v1/usage and,
+# grouped by precision for one key, GET /qtrap/v1/keys/{id}/usage): requests, ok requests, prompt and
+# completion tokens, attributed and idle energy of the requests whose energy is known (NULL when none is),
+# the requests whose energy is unknown, and the completion tokens of those whose energy is known.
+_USAGE = """
+SELECT {groups}count(*), coalesce(sum(status = 'ok'), 0), coalesce(sum(prompt), 0), coalesce(sum(completion), 0),
        sum(energy), sum(idle), sum(energy IS NULL), coalesce(sum(CASE WHEN energy IS NOT NULL THEN completion END), 0)
 FROM (
-  SELECT json_extract(record, '$.precision') AS precision, json_extract(record, '$.status') AS status,
+  SELECT {inner}json_extract(record, '$.status') AS status,
          json_extract(record, '$.prompt_tokens') AS prompt, json_extract(record, '$.completion_tokens') AS completion,
          json_extract(record, '$.energy_j') AS energy, json_extract(record, '$.idle_energy_j') AS idle
-  FROM requests WHERE key_id = ? AND start_unix_s >= ? AND start_unix_s < ?
+  FROM requests WHERE {where}
 )
-GROUP BY precision ORDER BY precision
+{group_by}
 """
+# what usage may be grouped by (query.GROUP_BY), as SQL over a row
+_GROUPS = {
+    "pool": "json_extract(record, '$.pool')",
+    "precision": "json_extract(record, '$.precision')",
+    "backend": "json_extract(record, '$.backend')",
+    "key": "key_id",
+    "status": "json_extract(record, '$.status')",
+}
+# the filters (query.EQUALITY_FIELDS) as SQL; the indexed columns where the ledger has them
+_FILTER_SQL = {
+    "pool": "json_extract(record, '$.pool')",
+    "precision": "json_extract(record, '$.precision')",
+    "backend": "json_extract(record, '$.backend')",
+    "chain_id": "chain_id",
+    "key_id": "key_id",
+    "status": "json_extract(record, '$.status')",
+    "client_request_id": "client_request_id",
+}
+
+_COLUMNS = frozenset(("chain_id", "key_id", "client_request_id"))  # filters with a column of their own
 
 _COMMIT_ROWS = 1_000  # records per transaction
 _MAX_BACKLOG = 100_000  # records held while SQLite refuses them; beyond, the oldest are dropped (counted)
@@ -104,9 +140,9 @@ Record = RequestRecord  # a record as the proxy wrote it; partial in tests, and 
 
 @dataclass(frozen=True, slots=True)
 class UsageRow:
-    """One precision's sums over a key's records (Ledger.key_usage); energies None when none is known."""
+    """One group's sums (Ledger.usage; Ledger.key_usage: by precision); energies None when none is known."""
 
-    precision: str | None
+    group: tuple[str | None, ...]  # the values of the group_by fields, in their order
     requests: int
     ok_requests: int
     prompt_tokens: int
@@ -117,7 +153,7 @@ class UsageRow:
     completion_tokens_energy_known: int  # completion tokens of the requests whose energy is known
 
 
-Row = tuple[str, str | None, int | None, float, str, str | None]
+Row = tuple[str, str | None, int | None, float, str, str | None, str | None]
 Durable = Callable[[list[Record]], None]
 
 
@@ -261,8 +297,43 @@ class Ledger:
 
     def key_usage(self, key_id: str, since_unix_s: float, until_unix_s: float) -> list[UsageRow]:
         """One key's final records that started in [since, until), summed by precision."""
-        rows = self._reader.execute(_KEY_USAGE, (key_id, since_unix_s, until_unix_s)).fetchall()
-        return [UsageRow(*row) for row in rows]
+        return self.usage(RecordFilter(since_unix_s, until_unix_s, key_id=key_id), ("precision",))
+
+    def usage(
+        self, filt: RecordFilter, group_by: tuple[str, ...], limit: int | None = None
+    ) -> list[UsageRow]:
+        """The final records ``filt`` selects, summed per group of ``group_by`` (query.GROUP_BY; none: one
+        row for all, its energy NULL when there are none), ordered by the groups; at most ``limit`` rows."""
+        where, params = _where(filt, _COLUMNS)
+        sql = _USAGE.format(
+            groups="".join(f"g{i}, " for i in range(len(group_by))),
+            inner="".join(f"{_GROUPS[g]} AS g{i}, " for i, g in enumerate(group_by)),
+            where=where,
+            group_by=(
+                "GROUP BY {g} ORDER BY {g}".format(g=", ".join(f"g{i}" for i in range(len(group_by))))
+                if group_by
+                else ""
+            ),
+        )
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        n = len(group_by)
+        return [UsageRow(tuple(row[:n]), *row[n:]) for row in self._reader.execute(sql, params)]
+
+    def records(self, query: RecordQuery) -> list[Record]:
+        """One page of the final records ``query`` selects, in its order after its cursor: at most
+        ``query.limit + 1`` (one more tells that there is a next page)."""
+        if query.final is False:  # the ledger holds final records only
+            return []
+        where, params = _where(query.filter, _COLUMNS)
+        desc = query.order == "desc"
+        if query.after is not None:
+            where += f" AND (start_unix_s, id) {'<' if desc else '>'} (?, ?)"
+            params.extend(query.after)
+        way = "DESC" if desc else "ASC"
+        sql = f"SELECT record FROM requests WHERE {where} ORDER BY start_unix_s {way}, id {way} LIMIT ?"
+        rows = self._reader.execute(sql, (*params, query.limit + 1)).fetchall()
+        return [_load(r[0]) for r in rows]
 
     def count(self) -> int:
         return int(self._reader.execute("SELECT count(*) FROM requests").fetchone()[0])
@@ -415,6 +486,7 @@ class Ledger:
             _start(rec),
             text,
             _key_id(rec),
+            _client_request_id(rec),
         )
         return row, rec2
 
@@ -459,6 +531,7 @@ def _row(rec: Record) -> Row:
         _start(rec),
         orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS).decode(),
         _key_id(rec),
+        _client_request_id(rec),
     )
 
 
@@ -489,6 +562,63 @@ def _key_id(rec: Record) -> str | None:
     """The record's key id for its index column (anything but a well-formed key id is not one)."""
     v = rec.get("key_id")
     return v if isinstance(v, str) and KEY_ID.fullmatch(v) else None
+
+
+def _client_request_id(rec: Record) -> str | None:
+    """The record's client request id for its index column (as the relay checks it, else none)."""
+    v = rec.get("client_request_id")
+    return v if isinstance(v, str) and check_client_request_id(v) == v else None
+
+
+def _where(filt: RecordFilter, columns: frozenset[str]) -> tuple[str, list[Any]]:
+    """SQL (and its parameters) selecting the rows ``filt`` selects; ``columns``: the index columns the
+    table has (a ledger opened read-only may predate some: their values are read from the record)."""
+    clauses = ["start_unix_s >= ?"]
+    params: list[Any] = [filt.since_unix_s]
+    if filt.until_unix_s is not None:
+        clauses.append("start_unix_s < ?")
+        params.append(filt.until_unix_s)
+    for name, value in filt.equalities():
+        sql = (
+            _FILTER_SQL[name]
+            if name in columns or name not in _COLUMNS
+            else f"json_extract(record, '$.{name}')"
+        )
+        clauses.append(f"{sql} = ?")
+        params.append(value)
+    return " AND ".join(clauses), params
+
+
+def export(path: str, filt: RecordFilter) -> Iterator[Record]:
+    """The final records of the ledger at ``path`` that ``filt`` selects, oldest first, read one by one
+    from a read-only connection (the file is not changed, nor migrated). ConfigError when the file is
+    not a ledger SQLite can open."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--ledger: {path!r} is not a file")
+    try:
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            columns = frozenset(row[1] for row in conn.execute("PRAGMA table_info(requests)"))
+            if "record" not in columns:
+                raise ConfigError(f"--ledger: {path!r} is not a qtrap ledger (no requests table)")
+            where, params = _where(filt, columns)
+            cur = conn.execute(f"SELECT record FROM requests WHERE {where} ORDER BY start_unix_s, id", params)
+        except BaseException:
+            conn.close()
+            raise
+    except sqlite3.Error as e:
+        raise ConfigError(f"--ledger: cannot read {path!r}: {e}") from e
+    return _rows(conn, cur, path)
+
+
+def _rows(conn: sqlite3.Connection, cur: sqlite3.Cursor, path: str) -> Iterator[Record]:
+    try:
+        for (text,) in cur:
+            yield _load(text)
+    except sqlite3.Error as e:
+        raise ConfigError(f"--ledger: reading {path!r} failed: {e}") from e
+    finally:
+        conn.close()
 
 
 def _start(rec: Record) -> float:

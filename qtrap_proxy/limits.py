@@ -18,7 +18,12 @@ header or field and the limit; a bad value is never echoed raw or unbounded.
 * an error message kept in a record: cut at ``MAX_ERROR_CHARS``;
 * ``GET /qtrap/v1/chains/{id}?offset=N&limit=M``: ``offset`` from 0, ``limit`` from 1 to
   ``MAX_PAGE`` (default ``DEFAULT_PAGE``) records a page;
-* ``?since=`` and ``?until=`` (``GET /qtrap/v1/keys/{id}/usage``): Unix seconds or an ISO 8601 date or
+* a client's ``X-Request-Id``: kept (``client_request_id``) when it is 1 to
+  ``MAX_CLIENT_REQUEST_ID_CHARS`` characters of printable ASCII once surrounding spaces are
+  stripped; any other value is ignored (not recorded, not echoed), never a 400: gateways and SDKs
+  add the header on their own, and a request must not fail over a tracing aid;
+* the records query and usage parameters: ``query.py``;
+* ``?since=`` and ``?until=`` (``GET /qtrap/v1/keys/{id}/usage``, the records query and usage): Unix seconds or an ISO 8601 date or
   time (UTC unless it says otherwise), at most ``MAX_HEADER_CHARS`` characters.
 """
 
@@ -42,6 +47,7 @@ MAX_HEADER_CHARS = 256
 MAX_MODEL_CHARS = 256
 MAX_ADMIN_BODY_BYTES = 1_048_576
 MAX_ERROR_CHARS = 1_000
+MAX_CLIENT_REQUEST_ID_CHARS = 128
 DEFAULT_PAGE = 1_000
 MAX_PAGE = 1_000
 JSON_MAX_DEPTH = 1_024  # orjson refuses deeper documents; stated here so the README can say it
@@ -128,6 +134,15 @@ def check_id(value: str, what: str) -> str:
     )
 
 
+def check_client_request_id(value: str) -> str | None:
+    """A client's ``X-Request-Id`` (spaces around it stripped) if it is 1..MAX_CLIENT_REQUEST_ID_CHARS
+    characters of printable ASCII, else None."""
+    value = value.strip(" \t")
+    if 0 < len(value) <= MAX_CLIENT_REQUEST_ID_CHARS and value.isascii() and value.isprintable():
+        return value
+    return None
+
+
 def check_model(value: Any, what: str) -> str:
     """A model or pool name: a string of 1..MAX_MODEL_CHARS printable characters."""
     if not isinstance(value, str) or not value:
@@ -182,13 +197,14 @@ def parse_page(offset: str | None, limit: str | None) -> tuple[int, int]:
 
 
 def parse_time(value: str, what: str) -> float:
-    """A query parameter naming a time: Unix seconds, or an ISO 8601 date or time (UTC unless it says)."""
+    """A query parameter naming a time: Unix seconds, or an ISO 8601 date or time (UTC unless it says),
+    RFC 3339's included (its ``t`` and ``z`` may be lower case)."""
     if len(value) <= MAX_HEADER_CHARS and value.isascii():
         try:
             t = float(value)
         except ValueError:
             try:
-                when = dt.datetime.fromisoformat(value)
+                when = dt.datetime.fromisoformat(value.upper())  # RFC 3339 allows `t` and `z`
             except ValueError:
                 pass
             else:

@@ -32,6 +32,7 @@ from qtrap_proxy.limits import (
     H_PRECISION,
     JSON_MAX_DEPTH,
     MAX_ADMIN_BODY_BYTES,
+    MAX_CLIENT_REQUEST_ID_CHARS,
     MAX_HEADER_CHARS,
     MAX_HOP,
     MAX_ID_CHARS,
@@ -39,8 +40,16 @@ from qtrap_proxy.limits import (
     MAX_PAGE,
     MAX_REWRITE_DEPTH,
 )
-from qtrap_proxy.proxy import H_BACKEND, H_REQUEST_ID, H_ROUTE
+from qtrap_proxy.proxy import H_BACKEND, H_CLIENT_REQUEST_ID, H_REQUEST_ID, H_ROUTE
 from qtrap_proxy.proxy import H_PRECISION as H_RESP_PRECISION
+from qtrap_proxy.query import (
+    DEFAULT_LIST,
+    GROUP_BY,
+    MAX_CURSOR_CHARS,
+    MAX_LIST,
+    MAX_USAGE_GROUPS,
+    ORDERS,
+)
 from qtrap_proxy.relay import H_ENERGY
 
 OPENAPI_VERSION = "3.1.0"
@@ -203,6 +212,11 @@ class RequestRecord(_Open):
     it is unknown: it is null and `energy_null_reason` says why."""
 
     id: str
+    client_request_id: str | None = Field(
+        None,
+        description="the client's X-Request-Id when it sent a valid one (1 to "
+        f"{MAX_CLIENT_REQUEST_ID_CHARS} printable ASCII characters), else null",
+    )
     chain_id: str | None
     hop: int | None = Field(ge=1, le=MAX_HOP)
     pool: str | None
@@ -248,6 +262,50 @@ class ChainPage(_Open):
     next_offset: int | None
 
 
+class RecordList(_Open):
+    """A page of the records query, in `order` on (start_unix_s, id); `next_cursor` (null on the last
+    page) fetches the next one with the same filters."""
+
+    object: Literal["list"]
+    data: list[RequestRecord]
+    order: Literal["desc", "asc"]
+    limit: int = Field(ge=1, le=MAX_LIST)
+    has_more: bool
+    next_cursor: str | None = Field(max_length=MAX_CURSOR_CHARS)
+
+
+class UsageSums(_Open):
+    """Sums over final records. Energy sums cover the requests whose energy is known; the others are
+    counted in `energy_unknown_requests`, never as 0 J (`energy_j` null, with a reason, when none is known)."""
+
+    requests: int
+    ok_requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    energy_j: float | None
+    idle_energy_j: float | None
+    idle_share: float | None
+    j_per_token: float | None
+    energy_unknown_requests: int
+    energy_null_reason: str | None
+
+
+class UsageGroup(UsageSums):
+    """One group's sums; it also carries the value of each `group_by` field (`pool`, `precision`,
+    `backend`, `key`, `status`), null for records without one."""
+
+
+class UsageReport(_Open):
+    since_unix_s: float
+    until_unix_s: float | None
+    group_by: list[Literal["pool", "precision", "backend", "key", "status"]]
+    groups: list[UsageGroup] = Field(max_length=MAX_USAGE_GROUPS)
+    truncated: bool = Field(description=f"more than {MAX_USAGE_GROUPS} groups: the first are shown")
+    total: UsageSums
+    not_final_requests: int = Field(description="selected requests not final yet (not in the sums)")
+    note: str
+
+
 class ScoreResult(_Open):
     chain_id: str
     counted: bool = Field(description="false when the chain was scored before (counted once)")
@@ -276,6 +334,8 @@ _MODELS: tuple[type[BaseModel], ...] = (
     ModelList,
     HealthReport,
     RequestRecord,
+    RecordList,
+    UsageReport,
     ChainPage,
     ScoreResult,
     EnergyReport,
@@ -345,14 +405,106 @@ _PARAMETERS: dict[str, dict[str, Any]] = {
         "name": "since",
         "in": "query",
         "required": False,
-        "description": "start of the window: Unix seconds or ISO 8601 (default: all)",
-        "schema": {"type": "string"},
+        "description": "start of the window (records that started then or later): Unix seconds or ISO 8601 / "
+        "RFC 3339 (UTC unless it says otherwise; default: all)",
+        "schema": {"type": "string", "maxLength": MAX_HEADER_CHARS},
     },
     "Until": {
         "name": "until",
         "in": "query",
         "required": False,
-        "description": "end of the window (exclusive): Unix seconds or ISO 8601 (default: now)",
+        "description": "end of the window (exclusive): Unix seconds or ISO 8601 / RFC 3339 (default: now for "
+        "a key's usage, no bound for the records query and usage sums); before `since`: 400",
+        "schema": {"type": "string", "maxLength": MAX_HEADER_CHARS},
+    },
+    **{
+        name: {
+            "name": field,
+            "in": "query",
+            "required": False,
+            "description": f"only records whose `{field}` is this",
+            "schema": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_MODEL_CHARS,
+                "not": CONTROLS,
+            },
+        }
+        for name, field in (("Pool", "pool"), ("Precision", "precision"), ("Backend", "backend"))
+    },
+    "ChainIdFilter": {
+        "name": "chain_id",
+        "in": "query",
+        "required": False,
+        "description": "only the records of this chain (`x-qtrap-chain-id`)",
+        "schema": _ascii(MAX_ID_CHARS, min_length=1),
+    },
+    "KeyFilter": {
+        "name": "key",
+        "in": "query",
+        "required": False,
+        "description": "only the records of this client key (auth on). A client key sees only its own records "
+        "whatever it asks; naming another key is a 403",
+        "schema": {"type": "string", "pattern": "^key_[0-9a-f]{12}$"},
+    },
+    "StatusFilter": {
+        "name": "status",
+        "in": "query",
+        "required": False,
+        "description": "only records of this status",
+        "schema": {"type": "string", "enum": list(wire.STATUSES)},
+    },
+    "ClientRequestIdFilter": {
+        "name": "client_request_id",
+        "in": "query",
+        "required": False,
+        "description": "only the records whose client sent this X-Request-Id",
+        "schema": _ascii(MAX_CLIENT_REQUEST_ID_CHARS, min_length=1, visible=True),
+    },
+    "Final": {
+        "name": "final",
+        "in": "query",
+        "required": False,
+        "description": "true: only final records (durable in the ledger); false: only records not final yet "
+        "(in flight, waiting for their final energy figure, or being committed); default both",
+        "schema": {"type": "string", "enum": ["true", "false"]},
+    },
+    "ListLimit": {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST, "default": DEFAULT_LIST},
+    },
+    "Order": {
+        "name": "order",
+        "in": "query",
+        "required": False,
+        "description": "desc: newest first (the default); asc: oldest first; by (start_unix_s, id)",
+        "schema": {"type": "string", "enum": list(ORDERS), "default": "desc"},
+    },
+    "Cursor": {
+        "name": "cursor",
+        "in": "query",
+        "required": False,
+        "description": "the previous page's `next_cursor`, as given, with the same filters and order",
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_CURSOR_CHARS},
+    },
+    "GroupBy": {
+        "name": "group_by",
+        "in": "query",
+        "required": False,
+        "description": "comma-separated, each at most once: " + ", ".join(GROUP_BY) + " (default: no groups, "
+        "the totals only)",
+        "schema": {"type": "string", "maxLength": 64},
+    },
+    "XRequestId": {
+        "name": "x-request-id",
+        "in": "header",
+        "required": False,
+        "description": f"the client's own request id: kept in the record (`client_request_id`) and echoed in "
+        f"the answer's `x-request-id` when it is 1 to {MAX_CLIENT_REQUEST_ID_CHARS} characters of printable "
+        "ASCII (spaces around it stripped); any other value is ignored (not an error). The proxy sends its "
+        "own request id upstream as X-Request-Id, as before",
         "schema": {"type": "string"},
     },
     "Offset": {
@@ -374,6 +526,11 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "description": f"the request's id (its record: `/qtrap/v1/requests/{{id}}`); sent upstream as X-Request-Id ({H_REQUEST_ID.decode()})",
         "schema": {"type": "string"},
     },
+    "XRequestId": {
+        "description": "the client's X-Request-Id when it sent a valid one, else the request's id (as "
+        "x-qtrap-request-id); a backend's own x-request-id is not relayed",
+        "schema": {"type": "string"},
+    },
     "XQtrapBackend": {"description": "the backend that served it", "schema": {"type": "string"}},
     "XQtrapPrecision": {"description": "the precision that served it", "schema": {"type": "string"}},
     "XQtrapRoute": {
@@ -393,6 +550,7 @@ _HEADERS: dict[str, dict[str, Any]] = {
 }
 _RESPONSE_HEADER_NAMES = {
     "XQtrapRequestId": H_REQUEST_ID,
+    "XRequestId": H_CLIENT_REQUEST_ID,
     "XQtrapBackend": H_BACKEND,
     "XQtrapPrecision": H_RESP_PRECISION,
     "XQtrapRoute": H_ROUTE,
@@ -454,6 +612,7 @@ def _relay_ok(stream_terminator: str, json_schema: dict[str, Any]) -> Callable[[
                 _RESPONSE_HEADER_NAMES[h].decode(): _ref("headers", h)
                 for h in (
                     "XQtrapRequestId",
+                    "XRequestId",
                     "XQtrapBackend",
                     "XQtrapPrecision",
                     "XQtrapRoute",
@@ -479,7 +638,18 @@ _TGI_OK = _relay_ok(
     " (`error_type: incomplete_generation`); the last event of a complete one carries `generated_text`",
     {"description": "TGI's response (`POST /`: an array of one)"},
 )
-_QTRAP_HEADERS = ("XQtrapPrecision", "XQtrapChainId", "XQtrapHop", "XQtrapHopSplit")
+_QTRAP_HEADERS = ("XQtrapPrecision", "XQtrapChainId", "XQtrapHop", "XQtrapHopSplit", "XRequestId")
+_FILTERS = (
+    "Since",
+    "Until",
+    "Pool",
+    "Precision",
+    "Backend",
+    "ChainIdFilter",
+    "KeyFilter",
+    "StatusFilter",
+    "ClientRequestIdFilter",
+)
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
@@ -525,6 +695,14 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "/openapi.json", "get", "this document", "operations", "plain",
         ok=lambda: {"description": "OpenAPI 3.1", "content": {JSON: {"schema": {"type": "object"}}}},
+    ),
+    Operation(
+        "/qtrap/v1/requests", "get", "the records, filtered, newest (or oldest) first, a page at a time",
+        "admin", "admin", params=(*_FILTERS, "Final", "ListLimit", "Order", "Cursor"), ok=_json_ok("RecordList"),
+    ),
+    Operation(
+        "/qtrap/v1/usage", "get", "requests, tokens and energy of the final records, summed per group",
+        "admin", "admin", params=(*_FILTERS, "GroupBy"), ok=_json_ok("UsageReport"),
     ),
     Operation(
         "/qtrap/v1/requests/{request_id}", "get", "a request's record", "admin", "admin",
@@ -600,8 +778,12 @@ def _responses(op: Operation, server: ServerConfig) -> dict[str, Any]:
             )
         if relayed:
             what.append("an `x-qtrap-*` header outside its bounds")
-        if any(p in ("RequestId", "ChainId", "Offset", "Limit") for p in op.params):
+        if any(p in ("RequestId", "ChainId", "Offset", "Limit", *_FILTERS) for p in op.params):
             what.append("a path or query value outside its bounds")
+        if "Since" in op.params and op.family == "admin":
+            what.append("an unknown or repeated query parameter, `since` after `until`")
+        if "Cursor" in op.params:
+            what.append("a cursor not given by this query (other filters or order)")
         out["400"] = _error("; ".join(what) + "; `param` names it", shape, ids)
     if op.path not in ("/health", "/metrics", "/openapi.json"):
         out["401"] = _error(

@@ -39,6 +39,7 @@ log = logging.getLogger("qtrap.proxy")
 
 # Response headers every relayed answer carries.
 H_REQUEST_ID = wire.B_RESP_REQUEST_ID
+H_CLIENT_REQUEST_ID = wire.B_REQUEST_ID  # the client's X-Request-Id echoed, else the proxy's id
 H_BACKEND = wire.B_RESP_BACKEND
 H_PRECISION = wire.B_RESP_PRECISION
 H_ROUTE = wire.B_RESP_ROUTE
@@ -166,7 +167,10 @@ class Proxy:
 
     @staticmethod
     def response_headers(tl: Timeline) -> list[tuple[bytes, bytes]]:
-        h = [(H_REQUEST_ID, tl.request_id.encode())]
+        h = [
+            (H_REQUEST_ID, tl.request_id.encode()),
+            (H_CLIENT_REQUEST_ID, (tl.client_request_id or tl.request_id).encode()),
+        ]
         if tl.backend is not None:
             h.append((H_BACKEND, tl.backend.encode()))
         if tl.precision is not None:

@@ -44,6 +44,7 @@ def build_record(
         "chain_id": tl.chain_id,
         "hop": tl.hop,
         "key_id": tl.key_id,
+        "client_request_id": tl.client_request_id,
         "route": tl.route,
         "stream": tl.stream,
         "pool": tl.pool,

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from qtrap_common.wire import ChainPage, ChainSummary, RequestRecord
+from qtrap_common.wire import ChainPage, ChainSummary, RecordPage, RequestRecord
 from qtrap_proxy.auth import KeyRing, Principal
 from qtrap_proxy.energy import reasons
 from qtrap_proxy.energy.attribution import Tracked
@@ -27,6 +27,7 @@ from qtrap_proxy.energy.service import EnergyService
 from qtrap_proxy.errors import Forbidden
 from qtrap_proxy.ledger import Ledger, UsageRow
 from qtrap_proxy.metrics import Metrics, hop_label
+from qtrap_proxy.query import MAX_USAGE_GROUPS, RecordFilter, RecordQuery
 from qtrap_proxy.record import Stage, build_record, chain_page, chain_summary
 from qtrap_proxy.timeline import Timeline
 
@@ -190,6 +191,75 @@ class RecordStore:
             "precision": last.get("precision"),
         }
 
+    # -- the records query and usage sums (issue 17) ------------------------------------
+    def _open(self, filt: RecordFilter) -> list[tuple[dict[str, Any], Tracked, Stage]]:
+        """The requests not yet final (in flight, waiting for their final figure, or committing) that
+        ``filt`` selects, each with the fields a filter reads, decided on the timeline without building
+        its record (a provisional record's energy estimate is not free)."""
+        out: list[tuple[dict[str, Any], Tracked, Stage]] = []
+        for tr in self._committing.values():
+            fields = _fields(tr.tl)
+            if filt.matches(fields):
+                out.append((fields, tr, "committing"))
+        for tr in self.energy.open_accounts(chain_id=filt.chain_id, key_id=filt.key_id):
+            if tr.tl.request_id in self._committing:
+                continue
+            fields = _fields(tr.tl)
+            if filt.matches(fields):
+                out.append((fields, tr, "provisional"))
+        return out
+
+    def list_records(self, query: RecordQuery) -> RecordPage:
+        """One page of the records ``query`` selects, final ones (the ledger) and, unless ``final`` is
+        true, those not final yet, merged in the query's order on (start_unix_s, id). A record is in one
+        place at a time and its key never changes, so pages neither repeat nor skip a record that existed
+        when the first was read (one that starts later is on a later page of an ascending query, or
+        before the first of a descending one)."""
+        recs = {r["id"]: r for r in self.ledger.records(query)}
+        if query.final is not True:
+            desc = query.order == "desc"
+            candidates = [
+                (fields, tr, stage)
+                for fields, tr, stage in self._open(query.filter)
+                if fields["id"] not in recs and query.past_cursor(fields)
+            ]  # a record both committing and committed: the ledger's, final
+            candidates.sort(key=lambda c: query.sort_key(c[0]), reverse=desc)
+            for _, tr, stage in candidates[: query.limit + 1]:
+                rec = self._build(tr, stage)
+                recs[rec["id"]] = rec
+        page = sorted(recs.values(), key=query.sort_key, reverse=query.order == "desc")
+        more = len(page) > query.limit
+        page = page[: query.limit]
+        return {
+            "object": "list",
+            "data": page,
+            "order": query.order,
+            "limit": query.limit,
+            "has_more": more,
+            "next_cursor": query.cursor(page[-1]) if more else None,
+        }
+
+    def usage(self, filt: RecordFilter, group_by: tuple[str, ...]) -> dict[str, Any]:
+        """The final records ``filt`` selects, summed per group of ``group_by`` (each group's fields, then
+        the sums as per-key usage shows them: energy null with the unknown requests counted, never 0 J;
+        no groups without ``group_by``), the totals, and how many selected requests are not final yet
+        (not in the sums)."""
+        rows = self.ledger.usage(filt, group_by, limit=MAX_USAGE_GROUPS + 1) if group_by else []
+        truncated = len(rows) > MAX_USAGE_GROUPS
+        groups = [{**dict(zip(group_by, row.group, strict=True)), **_usage([row])} for row in rows]
+        total = self.ledger.usage(filt, ())
+        return {
+            "since_unix_s": filt.since_unix_s,
+            "until_unix_s": filt.until_unix_s,
+            "group_by": list(group_by),
+            "groups": groups[:MAX_USAGE_GROUPS],
+            "truncated": truncated,
+            "total": _usage([r for r in total if r.requests]),
+            "not_final_requests": len(self._open(filt)),
+            "note": "sums over the final records in the ledger; requests in flight or waiting for their final "
+            "energy figure (not_final_requests, now) count once they are final",
+        }
+
     # -- per-key usage (issue 13) ------------------------------------------------
     def key_usage(self, key_id: str, since_unix_s: float, until_unix_s: float) -> dict[str, Any] | None:
         """What one client key used from the ledger's final records that started in [since, until):
@@ -201,7 +271,7 @@ class RecordStore:
         if key is None:
             return None
         rows = self.ledger.key_usage(key_id, since_unix_s, until_unix_s)
-        by_precision = [{"precision": row.precision, **_usage([row])} for row in rows]
+        by_precision = [{"precision": row.group[0], **_usage([row])} for row in rows]
         pending = sum(1 for _ in self.energy.open_accounts(key_id=key_id))
         pending += sum(1 for tr in self._committing.values() if tr.tl.key_id == key_id)
         return {
@@ -215,6 +285,21 @@ class RecordStore:
             "note": "sums over the final records in the ledger; requests in flight or waiting for their final "
             "energy figure (not_final_requests, now) count once they are final",
         }
+
+
+def _fields(tl: Timeline) -> dict[str, Any]:
+    """What a records filter reads of a request not yet final, from its timeline (as its record has it)."""
+    return {
+        "id": tl.request_id,
+        "start_unix_s": tl.start_unix_s,
+        "pool": tl.pool,
+        "precision": tl.precision,
+        "backend": tl.backend,
+        "chain_id": tl.chain_id,
+        "key_id": tl.key_id,
+        "status": tl.status,
+        "client_request_id": tl.client_request_id,
+    }
 
 
 def _usage(rows: list[UsageRow]) -> dict[str, Any]:

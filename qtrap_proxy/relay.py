@@ -32,7 +32,7 @@ from qtrap_proxy.errors import (
     UpstreamConnectError,
     UpstreamError,
 )
-from qtrap_proxy.limits import trace_context
+from qtrap_proxy.limits import check_client_request_id, trace_context
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.sse import SSESplitter
 from qtrap_proxy.timeline import Timeline, new_request_id
@@ -94,6 +94,9 @@ class RelayRoute(ABC):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         proxy = self.proxy
         tl = Timeline(new_request_id(), route=self.route_name)
+        client_rid = header(scope, wire.B_REQUEST_ID)
+        if client_rid is not None:  # an invalid one is ignored, not refused (limits.check_client_request_id)
+            tl.client_request_id = check_client_request_id(client_rid)
         who = principal_of(scope)
         if who is not None and who.key is not None:
             tl.key_id, tl.key_label = who.key.id, who.key.label
@@ -138,7 +141,8 @@ class RelayRoute(ABC):
                 prep.path, prep.body, tl.request_id, client_auth, tl.traceparent, tl.tracestate
             ) as resp:
                 tl.first_byte = time.monotonic()
-                hdrs = relay_headers(resp.raw_headers) + own
+                # the backend's x-request-id (the proxy's own id, echoed) gives way to the proxy's header
+                hdrs = [h for h in relay_headers(resp.raw_headers) if h[0] != wire.B_REQUEST_ID] + own
                 if resp.status != 200:
                     data = await resp.read()
                     await send_full(send, resp.status, data, hdrs, None)

@@ -37,6 +37,7 @@ class Timeline:
     hop: int | None = None
     key_id: str | None = None  # the client key's public id (auth.enabled); in the record
     key_label: str | None = None  # its metric label (name, else id); not in the record
+    client_request_id: str | None = None  # the client's valid X-Request-Id (limits.check_client_request_id)
     trace_id: str | None = None  # the client's W3C trace id when it sent a valid traceparent
     tracestate: str | None = None  # the client's tracestate (with a valid traceparent), passed on
     routing: str | None = None  # the pool's routing policy (round_robin | cost), once a backend is chosen

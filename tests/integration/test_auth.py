@@ -384,3 +384,35 @@ def test_protected_metrics_take_the_admin_key(tmp_path: Path) -> None:
         r = requests.get(p.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=5)
         assert r.status_code == 200 and "qtrap_refused_requests_total" in r.text
         assert requests.get(p.url + "/health", timeout=5).status_code in (200, 503)  # open either way
+
+
+def test_the_records_query_and_usage_show_a_client_key_its_own_records_only(setup: Setup) -> None:
+    alice_key, alice = setup.alice
+    bob_key, bob = setup.bob
+    tag = f"shared-{time.monotonic_ns()}"
+    ra = _chat(setup, alice, **{"x-qtrap-chain-id": tag, "X-Request-Id": "same-id"})
+    rb = _chat(setup, bob, **{"x-qtrap-chain-id": tag, "X-Request-Id": "same-id"})
+    _final(setup, ra, alice)
+    _final(setup, rb, bob)
+
+    def ids(secret: str, **params: str) -> list[str]:
+        r = setup.get("/qtrap/v1/requests", secret, params=params)
+        assert r.status_code == 200, r.text
+        return [rec["id"] for rec in r.json()["data"]]
+
+    assert ids(alice, chain_id=tag) == [ra] and ids(bob, chain_id=tag) == [rb]
+    assert ids(alice, client_request_id="same-id") == [ra]  # bob's record with the same id is not shown
+    assert ids(alice, chain_id=tag, key=alice_key.id) == [ra]
+    assert ids(ADMIN, chain_id=tag) == [rb, ra]  # newest first
+    assert ids(ADMIN, chain_id=tag, key=bob_key.id) == [rb]
+    assert ids(ADMIN, client_request_id="same-id", order="asc") == [ra, rb]
+    for path in ("/qtrap/v1/requests", "/qtrap/v1/usage"):
+        r = setup.get(path, alice, params={"key": bob_key.id})  # another key's records: refused
+        assert r.status_code == 403, path
+        assert r.json()["error"]["code"] == "permission_denied" and r.json()["error"]["param"] == "key"
+        assert setup.get(path).status_code == 401
+    usage = setup.get("/qtrap/v1/usage", alice, params={"group_by": "key,precision", "chain_id": tag}).json()
+    assert [(g["key"], g["precision"], g["requests"]) for g in usage["groups"]] == [(alice_key.id, "bf16", 1)]
+    every = setup.get("/qtrap/v1/usage", ADMIN, params={"group_by": "key", "chain_id": tag}).json()
+    assert sorted(g["key"] for g in every["groups"]) == sorted([alice_key.id, bob_key.id])
+    assert every["total"]["requests"] == 2 and every["total"]["energy_j"] > 0

@@ -383,6 +383,35 @@ ids = mostly(
 )
 
 
+# usual values of the records query's and usage's parameters (in bounds and out)
+QUERY_VALUES = {
+    "since": ["0", "1700000000", "2026-12-01T00:00:00Z", "2026-12-01", "-1", "soon"],
+    "until": ["4102444800", "2100-01-01T00:00:00+01:00", "1", "nan"],
+    "pool": ["qwen3-8b", "tgi-pool", "none"],
+    "precision": ["bf16", "int8", ""],
+    "backend": ["sim-vllm", "sim-tgi"],
+    "chain_id": [CHAIN, "unknown", "a" * 257],
+    "key": ["key_0123456789ab", "key_x"],
+    "status": ["ok", "in_flight", "bad_request", "OK"],
+    "client_request_id": ["req-1", "r" * 129],
+    "final": ["true", "false", "1"],
+    "limit": ["1", "2", "1000", "1001", "0", "-5"],
+    "order": ["asc", "desc", "up"],
+    "cursor": ["", "eyJ0IjogMX0", "WzEsImRlc2MiLDEuMCwiYSIsIngiXQ"],
+    "group_by": ["pool", "precision,status", "pool,precision,backend,key,status", "chain", "pool,pool", ""],
+}
+
+
+def _resolve(spec: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    ref = node.get("$ref")
+    if ref is None:
+        return node
+    out: Any = spec
+    for part in ref.removeprefix("#/").split("/"):
+        out = out[part]
+    return dict(out)
+
+
 def fill_path(path: str, value: str) -> str:
     quoted = urllib.parse.quote(value, safe="")
     return path.replace("{request_id}", quoted).replace("{chain_id}", quoted)
@@ -399,6 +428,13 @@ def requests_for(draw: st.DrawFn, t: Target, path: str, method: str) -> Req:
             for k in draw(st.lists(st.sampled_from(["offset", "limit"]), max_size=2, unique=True))
         }
         target += "?" + urllib.parse.urlencode(query)
+    if path in ("/qtrap/v1/requests", "/qtrap/v1/usage") and draw(st.integers(0, 3)) > 0:
+        documented = [
+            _resolve(t.spec, p)["name"] for p in t.spec["paths"][path][method].get("parameters", [])
+        ]
+        names = draw(st.lists(st.sampled_from([*documented, "bogus"]), max_size=5))  # repeats too
+        pairs = [(k, draw(mostly(st.sampled_from(QUERY_VALUES.get(k, ["x"])), odd_text))) for k in names]
+        target += "?" + urllib.parse.urlencode(pairs)
     wrong = draw(st.integers(0, 9)) == 5
     verb = (
         draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]))
@@ -524,7 +560,9 @@ OPERATIONS = [
     ("/health", "get"),
     ("/metrics", "get"),
     ("/openapi.json", "get"),
+    ("/qtrap/v1/requests", "get"),
     ("/qtrap/v1/requests/{request_id}", "get"),
+    ("/qtrap/v1/usage", "get"),
     ("/qtrap/v1/chains/{chain_id}", "get"),
     ("/qtrap/v1/chains/{chain_id}/score", "post"),
     ("/qtrap/v1/energy", "get"),
@@ -566,7 +604,8 @@ def test_fuzz_operation(target: Target, path: str, method: str) -> None:
 def test_unknown_paths_get_openai_404(target: Target) -> None:
     for path in (
         "/v2/chat/completions",
-        "/qtrap/v1/requests",
+        "/qtrap/v1/request",
+        "/qtrap/v1/usage/x",
         "/qtrap/v1/chains/a/b/c",
         "/%ff",
         "/generate/x",

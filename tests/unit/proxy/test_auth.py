@@ -30,6 +30,9 @@ ADMIN_KEY = "qa-" + "z" * 40
         ("GET", "/v1/models", False, Role.ANY),
         ("GET", "/nowhere", False, Role.ANY),
         ("GET", "/qtrap/v1/requests/abc", False, Role.ANY),
+        ("GET", "/qtrap/v1/requests", False, Role.ANY),  # the records query: limited to the key's own
+        ("GET", "/qtrap/v1/usage", False, Role.ANY),
+        ("GET", "/qtrap/v1/usage/x", False, Role.ADMIN),
         ("GET", "/qtrap/v1/chains/c-1", False, Role.ANY),
         ("POST", "/qtrap/v1/chains/c-1/score", False, Role.ANY),
         ("GET", "/qtrap/v1/keys/key_0123456789ab/usage", False, Role.ANY),

@@ -308,13 +308,13 @@ def test_key_usage_sums_a_keys_records_by_precision_in_a_time_window(led: Ledger
         led.put(r)
     _wait(lambda: len(durable.ids) == len(recs), "records not written")
     bf16, int4 = led.key_usage(k, 0, 1.5e9)
-    assert (bf16.precision, bf16.requests, bf16.ok_requests, bf16.prompt_tokens, bf16.completion_tokens) == (
-        "bf16", 2, 2, 30, 12
+    assert (bf16.group, bf16.requests, bf16.ok_requests, bf16.prompt_tokens, bf16.completion_tokens) == (
+        ("bf16",), 2, 2, 30, 12
     )  # fmt: skip
     assert (bf16.energy_j, bf16.idle_energy_j, bf16.energy_unknown_requests) == (2.0, 0.5, 1)
     assert bf16.completion_tokens_energy_known == 5
-    assert (int4.precision, int4.requests, int4.ok_requests, int4.energy_j, int4.energy_unknown_requests) == (
-        "int4", 1, 0, 0.25, 0
+    assert (int4.group, int4.requests, int4.ok_requests, int4.energy_j, int4.energy_unknown_requests) == (
+        ("int4",), 1, 0, 0.25, 0
     )  # fmt: skip
     assert led.key_usage(k, 1.5e9, 3e9)[0].requests == 1
     assert led.key_usage("not a key id' OR 1=1", 0, 3e9) == []

@@ -29,6 +29,7 @@ from qtrap_proxy.limits import (
 )
 from qtrap_proxy.openapi import OPERATIONS, build_openapi
 from qtrap_proxy.proxy import Proxy
+from qtrap_proxy.query import MAX_LIST, parse_record_query, parse_usage_query
 from tests.helpers import ONE_BACKEND
 
 SPEC = build_openapi()
@@ -68,7 +69,13 @@ def test_every_registered_route_and_method_is_documented_and_nothing_else(tmp_pa
 def test_relay_routes_document_headers_streams_and_error_shapes() -> None:
     chat = SPEC["paths"]["/v1/chat/completions"]["post"]
     names = {_resolve(p)["name"] for p in chat["parameters"]}
-    assert names == {"x-qtrap-precision", "x-qtrap-chain-id", "x-qtrap-hop", "x-qtrap-hop-split"}
+    assert names == {
+        "x-qtrap-precision",
+        "x-qtrap-chain-id",
+        "x-qtrap-hop",
+        "x-qtrap-hop-split",
+        "x-request-id",
+    }
     ok = chat["responses"]["200"]
     assert set(ok["content"]) == {"application/json", "text/event-stream"}
     assert "[DONE]" in ok["content"]["text/event-stream"]["schema"]["description"]
@@ -77,6 +84,7 @@ def test_relay_routes_document_headers_streams_and_error_shapes() -> None:
         "x-qtrap-backend",
         "x-qtrap-precision",
         "x-qtrap-energy-j-provisional",
+        "x-request-id",
     } <= set(ok["headers"])
     for code in ("400", "404", "413", "431", "502", "503", "504"):
         assert chat["responses"][code]["content"]["application/json"]["schema"] == {
@@ -178,3 +186,58 @@ def test_model_names_the_document_refuses_the_proxy_refuses(value: str) -> None:
 @pytest.mark.parametrize("name", ["ChatCompletionRequest", "CompletionRequest", "TGIRequest", "ScoreRequest"])
 def test_unknown_fields_are_allowed_in_bodies(name: str) -> None:
     assert SPEC["components"]["schemas"][name].get("additionalProperties") is True
+
+
+def _query_ok(name: str, value: str) -> bool:
+    return _accepts(parse_record_query, [(name, value)])
+
+
+@FAST
+@given(
+    st.one_of(near, st.text(st.characters(min_codepoint=0, max_codepoint=0xFF), max_size=40)),
+    st.sampled_from(
+        [
+            ("ChainIdFilter", "chain_id"),
+            ("ClientRequestIdFilter", "client_request_id"),
+            ("KeyFilter", "key"),
+            ("StatusFilter", "status"),
+            ("Final", "final"),
+            ("Order", "order"),
+        ]
+    ),
+)
+def test_records_query_filters_agree_with_parse_record_query(value: str, which: tuple[str, str]) -> None:
+    component, name = which
+    ok = _query_ok(name, value)
+    if name == "client_request_id" and value != value.strip(" \t"):
+        return  # the proxy strips spaces around it (as it does for the header); the document does not say
+    assert _param_schema(component).is_valid(value) == ok, (name, value)
+
+
+@FAST
+@given(st.one_of(st.integers(-2, 2), st.integers(MAX_LIST - 2, MAX_LIST + 2), st.integers()))
+def test_list_limit_agrees_with_parse_record_query(n: int) -> None:
+    if len(str(n)) > 12:
+        return
+    assert _param_schema("ListLimit").is_valid(n) == _query_ok("limit", str(n))
+
+
+@pytest.mark.parametrize("component", ["Pool", "Precision", "Backend"])
+@FAST
+@given(value=st.text(max_size=MAX_HEADER_CHARS + 4))
+def test_name_filters_agree_with_parse_record_query(component: str, value: str) -> None:
+    name = component.lower()
+    if value.isascii():
+        assert _param_schema(component).is_valid(value) == _query_ok(name, value), value
+    elif not _param_schema(component).is_valid(value):
+        assert not _query_ok(name, value)
+
+
+def test_every_query_parameter_of_the_records_query_and_usage_is_documented() -> None:
+    from qtrap_proxy.query import LIST_PARAMS, USAGE_PARAMS
+
+    for path, params in (("/qtrap/v1/requests", LIST_PARAMS), ("/qtrap/v1/usage", USAGE_PARAMS)):
+        op = SPEC["paths"][path]["get"]
+        names = {_resolve(p)["name"] for p in op["parameters"]}
+        assert names == set(params), path
+    assert _accepts(parse_usage_query, [("group_by", "pool,precision,backend,key,status")])
