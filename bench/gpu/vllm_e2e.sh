@@ -21,6 +21,9 @@
 # JOB=facts (engine facts, bench/gpu/vllm_facts.py): command 1 also carries .gpu-wheels/otel (the OpenTelemetry
 #   SDK and exporters, below) and both commands run with JOB=facts; SHAPES is one shape (default qwen3-8b),
 #   PRECISIONS default bf16,fp8.
+# JOB=routing (routing by cost, bench/gpu/vllm_routing.py): one schedule under each pinned precision and under
+#   routing: cost; SHAPES is one shape (default qwen3-8b), PRECISIONS default bf16,fp8,w4a16; on a machine
+#   left warm by an earlier command nothing needs carrying.
 # Results: $RES/<shape>[-$TAG]/ (e2e-run.json, e2e-summary.md, loadgen/, protocol/, logs/, poll.json.gz,
 # ledger.sqlite.gz), packed into $OUT/vllm-results.tar.gz after every step, console in $OUT/run.log.
 #
@@ -117,6 +120,22 @@ if [ "${JOB:-sweep}" = facts ]; then  # engine facts: vLLM's spans joined to the
     --vllm-site "$SITE" --pkgs "$PKGS" --shape "$shape" --out "$dir" --work /tmp/qtrap-vllm \
     --precisions "${PRECISIONS:-bf16,fp8}" --kv-tokens "${KV_TOKENS:-120000}" ${RUN_ARGS:-}
   echo "== facts: exit $?"
+  pack
+  exit 0
+fi
+
+if [ "${JOB:-sweep}" = routing ]; then  # routing by cost against each pinned precision, one schedule
+  shape=${SHAPES:-qwen3-8b}
+  dir="$RES/routing-$shape${TAG:+-$TAG}"
+  mkdir -p "$dir"
+  l=$(left)
+  echo "== routing $shape: $l s left"
+  # shellcheck disable=SC2086
+  timeout --signal=TERM --kill-after=15 $((l - 5)) python3 bench/gpu/vllm_routing.py --engine "$ENGINE" \
+    --vllm-site "$SITE" --shape "$shape" --out "$dir" --work /tmp/qtrap-vllm \
+    --precisions "${PRECISIONS:-bf16,fp8,w4a16}" --kv-tokens "${KV_TOKENS:-60000}" \
+    --deadline-s $((l - 40)) ${RUN_ARGS:-}
+  echo "== routing: exit $?"
   pack
   exit 0
 fi

@@ -1,0 +1,233 @@
+"""Routing by cost on real vLLM: one load schedule under each pinned precision and under ``routing: cost``.
+
+Runs on the GPU machine (``JOB=routing bash bench/gpu/vllm_e2e.sh`` sets it up: vLLM 0.26.0 unpacked, the
+proxy's packages installed, the model folders written):
+
+1. one vLLM server per precision of one random-weight shape (``--precisions``, default BF16, FP8 and
+   W4A16 of the 8B shape), side by side on the one GPU (``--load-format dummy``);
+2. qtrap-proxy in front of them: NVML meter, the pool with ``routing: cost`` (``--cost-config`` adds
+   knobs), every server a replica of the pool;
+3. ``python -m loadgen compare-routing --proxy ...``: the schedule (``--schedule``) once per pinned
+   precision and once unpinned (the cost policy), synthetic chains, ``ignore_eos`` so every answer runs to
+   ``--max-tokens``, not scored (random weights answer nothing right: compare fleet energy per output
+   token, not per correct answer);
+4. results in ``--out``: ``loadgen/`` (compare-routing.json/.md), ``routing-tables.json`` (the proxy's
+   ``GET /qtrap/v1/routing`` every few seconds during the cost policy's run and after it), ``energy.json``,
+   ``metrics.txt``, ``logs/``.
+
+All replicas share one GPU, so "fleet energy" is that GPU's: its idle power is paid once whatever the
+policy, and a replica's curve is its attributed share of the GPU's power above idle against its own load.
+
+``--engine sim`` runs the same flow on a CPU with qtrap-sim in place of vLLM: a check of this script, not a
+measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[2]
+for p in (str(ROOT), str(HERE.parent)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import vllm_e2e  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="qwen3-8b")
+    ap.add_argument("--precisions", default="bf16,fp8,w4a16")
+    ap.add_argument("--schedule", default="steps:1@25s,32@8s,1@25s,32@8s")
+    ap.add_argument("--window", type=float, default=8.0)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--cost-config", default="{}", help="JSON: more keys of pools.<shape>.cost")
+    ap.add_argument("--vllm-site", default="/tmp/vsite")
+    ap.add_argument("--work", default="/tmp/qtrap-vllm")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--kv-tokens", type=int, default=60_000)
+    ap.add_argument("--start-timeout-s", type=float, default=420.0)
+    ap.add_argument(
+        "--deadline-s", type=float, default=540.0, help="stop loadgen (SIGINT) this long after start"
+    )
+    ap.add_argument("--engine", choices=["vllm", "sim"], default="vllm")
+    args = ap.parse_args()
+
+    import yaml
+
+    from qtrap_common.localproc import child, free_port, stop, wait_http
+
+    started = time.monotonic()
+    out = Path(args.out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    result: dict[str, Any] = {"bench": "vllm_routing", "args": vars(args), "started_unix_s": time.time()}
+
+    def save() -> None:
+        (out / "routing-run.json").write_text(json.dumps(result, indent=1))
+
+    sim = args.engine == "sim"
+    engine = vllm_e2e.SimEngine(args.vllm_site) if sim else vllm_e2e.VllmEngine(args.vllm_site)
+    ns = argparse.Namespace(
+        shape=args.shape,
+        precisions=args.precisions,
+        kv_tokens=args.kv_tokens,
+        max_model_len=4096,
+        max_num_seqs=256,
+        serve_args="",
+    )
+    engine.build(ns, work, logs, {}, result)
+    ports = {p: free_port() for p in precisions}
+    cmds = engine.commands(ns, work, ports)
+    env = {**os.environ, **engine.env(ns, work), "HF_HOME": str(work / "hf-home")}
+    result["serve_cmds"] = cmds
+    save()
+    rc = 0
+    tables: list[dict[str, Any]] = []
+    try:
+        with ExitStack() as stack:
+            t0 = time.monotonic()
+            procs = {}
+            for p in precisions:
+                with (logs / f"serve-{p}.log").open("wb") as f:
+                    procs[p] = subprocess.Popen(
+                        cmds[p], stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env
+                    )
+                stack.callback(stop, procs[p], signal.SIGTERM, 20.0)
+            for p in precisions:
+                wait_http(f"http://127.0.0.1:{ports[p]}/health", procs[p], args.start_timeout_s,
+                          logs / f"serve-{p}.log")  # fmt: skip
+            result["servers_up_s"] = round(time.monotonic() - t0, 1)
+            print(f"servers up in {result['servers_up_s']} s", flush=True)
+            save()
+            proxy_port = free_port()
+            cost = {"probe_s": 2.0, **json.loads(args.cost_config)}
+            cfg = {
+                "server": {"host": "127.0.0.1", "port": proxy_port},
+                "backends": [
+                    {
+                        "name": f"vllm-{p}",
+                        "kind": "vllm",
+                        "url": f"http://127.0.0.1:{ports[p]}",
+                        "model": args.shape,
+                        "pool": args.shape,
+                        "precision": p,
+                        "devices": [{"host": "qtrap-sim" if sim else "localhost", "index": 0}],
+                        "timeouts": {"read_s": 300},
+                    }
+                    for p in precisions
+                ],
+                "pools": {args.shape: {"default_precision": precisions[0], "routing": "cost", "cost": cost}},
+                "meter": (
+                    {"kind": "dcgm", "urls": [f"http://127.0.0.1:{ports[precisions[0]]}/dcgm/metrics"]}
+                    if sim
+                    else {"kind": "nvml"}
+                )
+                | {"settle_s": 10.0},
+                "ledger": {"path": str(work / f"routing-ledger-{proxy_port}.sqlite")},
+            }
+            (out / "proxy.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            proxy_env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+            stack.enter_context(
+                child(
+                    [sys.executable, "-m", "qtrap_proxy", "serve", "--config", str(out / "proxy.yaml"),
+                     "--log-level", "warning"],
+                    f"http://127.0.0.1:{proxy_port}/v1/models", logs / "proxy.log", timeout_s=60, env=proxy_env,
+                    cwd=ROOT,
+                )
+            )  # fmt: skip
+            proxy = f"http://127.0.0.1:{proxy_port}"
+            extra = engine.extra_body()
+            vllm_e2e.e2e.warm_up(
+                {p: f"http://127.0.0.1:{ports[p]}" for p in precisions}, args.shape, [4, 16], 16, extra
+            )
+            done = threading.Event()
+
+            def poll() -> None:  # the cost table while loadgen runs (the cost policy runs last)
+                t_poll = time.monotonic()
+                while not done.wait(4.0):
+                    try:
+                        tables.append(
+                            {
+                                "t_s": round(time.monotonic() - t_poll, 1),
+                                "routing": vllm_e2e.e2e._get_json(proxy + "/qtrap/v1/routing"),
+                            }
+                        )
+                    except Exception as e:  # the run goes on without this table
+                        tables.append({"t_s": round(time.monotonic() - t_poll, 1), "error": str(e)[:200]})
+
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
+            cmd = [
+                sys.executable, "-m", "loadgen", "compare-routing", "--proxy", proxy, "--model", args.shape,
+                "--precisions", ",".join(precisions), "--policies", ",".join([*precisions, "cost"]),
+                "--schedule", args.schedule, "--window", str(args.window), "--hops", "requests",
+                "--max-tokens", str(args.max_tokens), "--no-score", "random-weight models answer nothing",
+                "--timeout", "300", "--final-timeout", "60", "--out", str(out / "loadgen"), "--quiet",
+            ]  # fmt: skip
+            if extra:
+                cmd += ["--extra-body", json.dumps(extra)]
+            result["loadgen_cmd"] = cmd
+            save()
+            t0 = time.monotonic()
+            budget = args.deadline_s - (t0 - started)
+            with (logs / "loadgen.log").open("wb") as f:
+                lgp = subprocess.Popen(
+                    cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **proxy_env}
+                )
+                try:
+                    lgp.wait(timeout=max(5.0, budget))
+                except subprocess.TimeoutExpired:
+                    result["loadgen_interrupted"] = f"SIGINT after {budget:.0f} s (deadline)"
+                    lgp.send_signal(signal.SIGINT)
+                    try:
+                        lgp.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        lgp.kill()
+                        lgp.wait()
+            done.set()
+            poller.join(timeout=10)
+            result["loadgen_exit"] = lgp.returncode
+            result["loadgen_s"] = round(time.monotonic() - t0, 1)
+            print((logs / "loadgen.log").read_text(errors="replace")[-6000:], flush=True)
+            tables.append({"t_s": "end", "routing": vllm_e2e.e2e._get_json(proxy + "/qtrap/v1/routing")})
+            (out / "energy.json").write_text(
+                json.dumps(vllm_e2e.e2e._get_json(proxy + "/qtrap/v1/energy"), indent=1)
+            )
+            (out / "metrics.txt").write_text(
+                "".join(
+                    line + "\n"
+                    for line in vllm_e2e.e2e._get_text(proxy + "/metrics").splitlines()
+                    if line.startswith(("qtrap_route", "qtrap_gpu", "qtrap_meter"))
+                )
+            )
+    except (Exception, SystemExit) as e:
+        result["error"] = f"{type(e).__name__}: {e}"[:3000]
+        print("vllm_routing failed:", result["error"], file=sys.stderr, flush=True)
+        rc = 1
+    (out / "routing-tables.json").write_text(json.dumps(tables))
+    for log in logs.glob("serve-*.log"):  # keep the logs small: the start and the end
+        text = log.read_text(errors="replace")
+        if len(text) > 200_000:
+            log.write_text(text[:100_000] + "\n...\n" + text[-100_000:])
+    result["finished_unix_s"] = time.time()
+    save()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
