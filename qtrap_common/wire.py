@@ -61,6 +61,7 @@ ENERGY_PATH: Final = ADMIN_PREFIX + "/energy"
 KEYS_PATH: Final = ADMIN_PREFIX + "/keys"
 KEY_USAGE_PATH: Final = ADMIN_PREFIX + "/keys/{key_id}/usage"
 ROUTING_PATH: Final = ADMIN_PREFIX + "/routing"
+BACKENDS_PATH: Final = ADMIN_PREFIX + "/backends"
 
 
 def path(template: str, **params: str) -> str:
