@@ -283,7 +283,7 @@ def render_outputs(report: Report, out: Path) -> list[Path]:
     write_html(report, plots, out / "report.html")
     console = Console()
     if not console.is_terminal:
-        console = Console(width=max(console.width, 160))  # a log or a pipe: do not squeeze the tables
+        console = Console(width=max(console.width, 200))  # a log or a pipe: do not squeeze the tables
     print_summary(report, console)
     return plots
 

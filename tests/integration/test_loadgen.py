@@ -148,6 +148,33 @@ def test_short_run_carries_its_warnings_context_and_tails(embedded: Run) -> None
     assert "Throughput and latency tails" in html and "qtrap-sim (simulated)" in html
 
 
+def test_repeats_report_their_spread(tmp_path: Path) -> None:
+    """--repeats 2: each level gives its repeats' figures and spread beside the interval, which covers at
+    least the repeats' own 95% interval of their mean."""
+    out = tmp_path / "out"
+    proc = loadgen(
+        "--concurrency", "2", "--num-chains", "4", "--warmup", "1", "--precisions", "bf16,int4", "--repeats",
+        "2", "--bootstrap", "100", "--sim-think-tokens", "4", "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    for lv in rep["levels"]:
+        sp = lv["repeat_spread"]
+        assert lv["repeats"] == 2 and sp["repeats"] == [0, 1] and len(lv["windows_monotonic_s"]) == 2
+        tok = sp["j_per_token"]
+        assert len(tok["values"]) == 2 and tok["min"] <= lv["j_per_token"] * 1.5 and tok["sd"] >= 0
+        assert tok["range"] == pytest.approx(tok["max"] - tok["min"])
+        lo, hi = lv["ci"]["j_per_token"]
+        assert (
+            lo <= lv["j_per_token"] - tok["half_width"] + 1e-12
+            and hi >= lv["j_per_token"] + tok["half_width"] - 1e-12
+        )
+        assert ("j_per_token" in lv["ci"]["widened"]) == (lv["ci"]["bootstrap"] is not None and
+                                                         lv["ci"]["bootstrap"]["j_per_token"] != [lo, hi])  # fmt: skip
+    assert "J/token repeats sd (range)" in proc.stdout
+    assert "J/token repeats sd (range)" in (out / "report.html").read_text()
+
+
 def test_strict_exits_3_on_a_warning(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = loadgen(
