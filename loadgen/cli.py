@@ -357,7 +357,7 @@ def _add_check_options(a: Any) -> None:
         "--strict",
         action="store_true",
         help="exit with status 3 when a validity check raises a warning (report.json's warnings[] of level "
-        "warning); the reports are written first",
+        "warning); the reports are written first. Fixed levels only: a --schedule run is not checked",
     )
 
 
