@@ -29,6 +29,8 @@ from loadgen.runner import LevelRun
 from qtrap_common.precision import BASELINES, BITS
 
 METRICS = ("j_per_correct", "j_per_token")
+MIN_BSTAR_COVERAGE = 0.9  # B* is a number only when at least this share of replicates agrees on it
+EDGE_TOLERANCE = 0.01  # an interval end within 1% of the lowest or highest swept concurrency touches the edge
 MIN_MEASURED_WINDOW_S = 2.0  # shortest window (summed over repeats) for the measured J/token cross-check
 
 
@@ -59,6 +61,7 @@ class LevelObs:
     tokens: int = 0
     window_s: float = 0.0
     window_requests: int = 0
+    window_ended: int = 0  # successful requests that ended inside the window (requests/s)
     window_tokens_prorata: float = 0.0
     energy_unknown: int = 0
     energy_unknown_reason: str | None = None
@@ -101,6 +104,8 @@ def observe(runs: Sequence[LevelRun], snapshots: dict[int, tuple[Any, Any]] | No
                     obs.error_kinds[kind] = obs.error_kinds.get(kind, 0) + 1
                     continue
                 tokens = ex.completion_tokens or 0
+                if w0 <= ex.t_end <= w1:
+                    obs.window_ended += 1
                 if not chain.warmup:
                     obs.tokens += tokens
                     if ex.ttft_s is not None:
@@ -176,6 +181,41 @@ def _pct(values: Sequence[float], qs: Sequence[float]) -> dict[str, float | None
         return {f"p{q:g}": None for q in qs}
     arr = np.asarray(values)
     return {f"p{q:g}": float(np.percentile(arr, q)) for q in qs}
+
+
+def _tail(values: Sequence[float]) -> dict[str, float | None]:
+    """p50, p90, p99 and the mean, as `vllm bench serve` and guidellm report latencies."""
+    return {**_pct(values, (50, 90, 99)), "mean": float(np.mean(values)) if values else None}
+
+
+Z975 = 1.959964  # the normal 97.5% quantile
+
+
+def repeat_spread(values: Sequence[float | None]) -> dict[str, Any] | None:
+    """A figure's per-repeat values, their sd (n - 1), range and the half-width of the normal 95% interval
+    of their mean, Z975 x sd / sqrt(n); None with fewer than two known values."""
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    if len(known) < 2:
+        return None
+    sd = float(np.std(known, ddof=1))
+    return {
+        "values": [v if v is not None and math.isfinite(v) else None for v in values],
+        "sd": sd,
+        "min": min(known),
+        "max": max(known),
+        "range": max(known) - min(known),
+        "half_width": Z975 * sd / math.sqrt(len(known)),
+    }
+
+
+def widen(ci: list[float] | None, point: float | None, spread: dict[str, Any] | None) -> list[float] | None:
+    """The rule of docs/methodology.md ("Repeats"): the bootstrap interval, stretched to cover
+    point +- 1.96 x sd / sqrt(R) of the per-repeat values when the repeats disagree more than the
+    bootstrap says (that interval reaches beyond the bootstrap's); unchanged otherwise."""
+    if ci is None or point is None or spread is None:
+        return ci
+    h = spread["half_width"]
+    return [min(ci[0], point - h), max(ci[1], point + h)]
 
 
 class Bootstrap:
@@ -304,6 +344,19 @@ def analyse(
             },
             "null_reason": None,
         }
+    # per precision and repeat: the accuracy of that repeat's chains (J per correct answer per repeat)
+    acc_by_repeat: dict[str, dict[int, float | None]] = {}
+    for p in precisions:
+        tally: dict[int, list[int]] = {}
+        for o in observations:
+            if o.precision != p:
+                continue
+            for c in o.chains:
+                if c.scored:
+                    t = tally.setdefault(c.repeat, [0, 0])
+                    t[0] += 1
+                    t[1] += int(c.correct)
+        acc_by_repeat[p] = {r: (v[1] / v[0] if scored_run and v[0] else None) for r, v in tally.items()}
     levels: list[dict[str, Any]] = []
     replicates: dict[tuple[str, int, str], np.ndarray] = {}
     for o in observations:
@@ -332,6 +385,22 @@ def analyse(
             level_hops[c.hops][0] += 1
             level_hops[c.hops][1] += int(c.correct)
         j_per_chain = _safe_div(energy, frac) if known else None
+        j_per_correct = (j_per_chain / acc_p) if j_per_chain is not None and acc_p else None
+        spread = _repeat_figures(o, acc_by_repeat[o.precision]) if o.repeats > 1 else None
+        boot_ci = {
+            "j_per_token": _ci(jpt) if known else None,
+            "j_per_chain": _ci(jpc) if known else None,
+            "j_per_correct": _ci(jpcorr) if known else None,
+        }
+        ci = dict(boot_ci)
+        widened = []
+        if spread is not None:
+            points = {"j_per_token": _safe_div(energy, tokens) if known else None, "j_per_chain": j_per_chain,
+                      "j_per_correct": j_per_correct}  # fmt: skip
+            for metric, point in points.items():
+                ci[metric] = widen(boot_ci[metric], point, spread.get(metric))
+                if ci[metric] != boot_ci[metric]:
+                    widened.append(metric)
         level: dict[str, Any] = {
             "precision": o.precision,
             "concurrency": o.concurrency,
@@ -354,7 +423,7 @@ def analyse(
             "j_per_token": _safe_div(energy, tokens) if known else None,
             "j_per_request": energy / o.window_requests if known else None,
             "j_per_chain": j_per_chain,
-            "j_per_correct": (j_per_chain / acc_p) if j_per_chain is not None and acc_p else None,
+            "j_per_correct": j_per_correct,
             # counters move about every 100 ms: over a window of a few periods the cross-check is noise
             "measured_j_per_token": _safe_div(o.measured_window_j, o.window_tokens_prorata)
             if o.measured_window_j is not None and o.window_s >= MIN_MEASURED_WINDOW_S
@@ -378,15 +447,12 @@ def analyse(
             else {},
             "accuracy_null_reason": accuracy_null_reason,
             "tokens_per_s": o.window_tokens_prorata / o.window_s if o.window_s > 0 else None,
-            "ttft_s": _pct(o.ttft, (50, 90, 99)),
-            "itl_s": _pct(o.itl, (50, 90, 99)),
-            "e2e_s": _pct(o.e2e, (50, 90, 99)),
-            "ci": {
-                "level": 0.95,
-                "j_per_token": _ci(jpt) if known else None,
-                "j_per_chain": _ci(jpc) if known else None,
-                "j_per_correct": _ci(jpcorr) if known else None,
-            },
+            "requests_per_s": o.window_ended / o.window_s if o.window_s > 0 else None,
+            "ttft_s": _tail(o.ttft),
+            "itl_s": _tail(o.itl),
+            "e2e_s": _tail(o.e2e),
+            "ci": {"level": 0.95, **ci, "bootstrap": boot_ci if widened else None, "widened": widened},
+            "repeat_spread": spread,
             "interrupted": o.interrupted,
         }
         levels.append(level)
@@ -394,6 +460,32 @@ def analyse(
     crossovers = [] if baseline is None else _crossovers(levels, replicates, baseline, metrics)
     indices = [] if baseline is None else _indices(levels, accuracy, baseline, index_weights)
     return Analysis(levels, crossovers, indices, baseline, accuracy, replicates, accuracy_null_reason)
+
+
+def _repeat_figures(o: LevelObs, acc_by_repeat: dict[int, float | None]) -> dict[str, Any]:
+    """Each repeat's J/token, J/chain and J per correct answer (its chains' accuracy at this precision
+    over every level of the repeat), and their spread (``repeat_spread``)."""
+    sums: dict[int, list[float]] = {}
+    for c in o.window_chains:
+        v = sums.setdefault(c.repeat, [0.0, 0.0, 0.0])
+        v[0] += c.energy_j
+        v[1] += c.tokens
+        v[2] += c.chain_frac
+    repeats = sorted({c.repeat for c in o.chains} | set(sums))
+    jpt, jpc, jpcorr = [], [], []
+    for r in repeats:
+        e, t, f = sums.get(r, [0.0, 0.0, 0.0])
+        jpt.append(_safe_div(e, t) if t else None)
+        chain = _safe_div(e, f) if f else None
+        jpc.append(chain)
+        acc = acc_by_repeat.get(r)
+        jpcorr.append(chain / acc if chain is not None and acc else None)
+    return {
+        "repeats": repeats,
+        "j_per_token": repeat_spread(jpt),
+        "j_per_chain": repeat_spread(jpc),
+        "j_per_correct": repeat_spread(jpcorr),
+    }
 
 
 # -- B* --------------------------------------------------------------------------------------------------
@@ -455,6 +547,9 @@ def _crossovers(
                     note="fewer than two concurrency levels with a ratio: no B*",
                     ci_coverage=None,
                     ci=None,
+                    status="too_few_levels",
+                    b_star_point=None,
+                    undetermined_reason=None,
                 )  # the order of every crossover (schema.Crossover)
                 out.append(entry)
                 continue
@@ -486,8 +581,40 @@ def _crossovers(
             entry["ci_coverage"] = len(hits) / len(reps) if len(reps) else None
             entry["ci"] = _ci(np.asarray(hits)) if hits and found else None
             entry["ratio_ci"] = [_ci(reps[:, i]) for i in range(len(conc))]
+            entry["b_star_point"] = entry["b_star"]
+            why = undetermined(entry["b_star"], entry["ci_coverage"], entry["ci"], conc)
+            entry["undetermined_reason"] = why
+            if why is None:
+                entry["status"] = "determined" if found else "none_in_range"
+            else:
+                entry["status"] = "not_determined"
+                entry["b_star"] = None
+                entry["note"] += f"; B* not determined: {why}"
             out.append(entry)
     return out
+
+
+def undetermined(
+    b_star: float | None, coverage: float | None, ci: list[float] | None, conc: Sequence[int]
+) -> str | None:
+    """Why B* (or its absence) is not settled by the bootstrap, or None when it is: a crossing whose
+    replicates cross less than ``MIN_BSTAR_COVERAGE`` of the time, whose interval is unknown or touches the
+    lowest or highest swept concurrency (the crossing may lie outside the range); no crossing while more
+    than ``1 - MIN_BSTAR_COVERAGE`` of the replicates cross."""
+    if coverage is None:
+        return None
+    if b_star is None:
+        if coverage > 1 - MIN_BSTAR_COVERAGE:
+            return f"no crossover in the point estimate, but {coverage:.0%} of bootstrap replicates cross"
+        return None
+    if coverage < MIN_BSTAR_COVERAGE:
+        return f"only {coverage:.0%} of bootstrap replicates cross (at least {MIN_BSTAR_COVERAGE:.0%} needed)"
+    if ci is None:
+        return "no interval"
+    lo, hi = min(conc), max(conc)
+    if ci[0] <= lo * (1 + EDGE_TOLERANCE) or ci[1] >= hi * (1 - EDGE_TOLERANCE):
+        return f"its interval [{ci[0]:.3g}, {ci[1]:.3g}] touches the edge of the swept range {lo}-{hi}"
+    return None
 
 
 def _composite(weights: Sequence[float], parts: Sequence[float | None]) -> float | None:

@@ -21,12 +21,26 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from loadgen import datasets
 from loadgen.analysis import analyse, observe
 from loadgen.client import ChatClient
+from loadgen.context import build_context, fetch_backends
 from loadgen.embedded import PRECISIONS, embedded_stack
 from loadgen.proxyapi import ProxyError, energy_snapshot, fetch_records, pool_precisions
 from loadgen.report import build, energy_summary, print_summary, write_csv, write_html, write_json
 from loadgen.runner import Chain, LevelPlan, LevelRun, run_level
 from loadgen.schema import Config, Report
+from loadgen.validity import Thresholds, checks, has_warnings, validate
 from qtrap_common.precision import BASELINES
+
+DEFAULT_MIN_CHAINS = 30  # measured chains per level by default: the validity checks' minimum (--min-chains)
+DEFAULT_WAVES = 3  # ... and at least this many times the concurrency: a window of about two chain lengths
+
+
+def default_num_chains(concurrency: int) -> int:
+    """Measured chains of a level without --num-chains or --duration: max(30, 3 x concurrency), so that the
+    embedded default raises no few_chains or short_window warning (its windows last seconds)."""
+    return max(DEFAULT_MIN_CHAINS, DEFAULT_WAVES * concurrency)
+
+
+EXIT_WARNINGS = 3  # --strict: the run finished with a warning of level warning
 
 
 class Fail(Exception):
@@ -147,9 +161,11 @@ async def _sweep(
     problems: list[datasets.Problem],
     display: Display,
     stop: asyncio.Event,
+    facts: dict[str, Any],
 ) -> tuple[list[LevelRun], dict[int, tuple[Any, Any]], dict[str, Any]]:
     """Every level; the runs, each run's energy snapshots at its window's ends, and the proxy's energy
-    accounts when the sweep started and ended (``energy_summary``)."""
+    accounts when the sweep started and ended (``energy_summary``). ``facts`` gets the context's raw
+    material: the last energy snapshot (``energy``) and the proxy's backends (``backends``)."""
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGINT, _on_sigint, stop, display)
@@ -164,7 +180,11 @@ async def _sweep(
         first = await energy_snapshot(session, url)
 
         async def accounts() -> dict[str, Any]:
-            return energy_summary(first, await energy_snapshot(session, url))
+            last, facts["backends"] = await asyncio.gather(
+                energy_snapshot(session, url), fetch_backends(session, url)
+            )
+            facts["energy"] = last
+            return energy_summary(first, last)
 
         for repeat in range(args.repeats):
             for c in args.concurrency:
@@ -172,7 +192,7 @@ async def _sweep(
                     if stop.is_set():
                         return runs, snapshots, await accounts()
                     warmup = c if args.warmup is None else max(0, args.warmup)
-                    num = None if args.duration else (args.num_chains or max(16, c))
+                    num = None if args.duration else (args.num_chains or default_num_chains(c))
                     plan = LevelPlan(
                         p, c, repeat, warmup, num, args.duration, args.hops, report_scores=scored
                     )
@@ -263,7 +283,7 @@ def render_outputs(report: Report, out: Path) -> list[Path]:
     write_html(report, plots, out / "report.html")
     console = Console()
     if not console.is_terminal:
-        console = Console(width=max(console.width, 160))  # a log or a pipe: do not squeeze the tables
+        console = Console(width=max(console.width, 200))  # a log or a pipe: do not squeeze the tables
     print_summary(report, console)
     return plots
 
@@ -298,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dataset not in datasets.DATASETS:
             raise Fail(f"unknown dataset {args.dataset!r}: choose one of {', '.join(datasets.DATASETS)}")
         per_level = (
-            max(16, max(args.concurrency)) + max(args.concurrency)
+            default_num_chains(max(args.concurrency)) + max(args.concurrency)
             if not args.num_chains
             else args.num_chains + max(args.concurrency)
         )
@@ -320,8 +340,11 @@ def run(args: argparse.Namespace) -> int:
                 f"concurrency {','.join(map(str, args.concurrency))}, hops as {args.hops}, proxy {url}"
             )
             stop = asyncio.Event()
+            facts: dict[str, Any] = {}
             with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-                runs, snapshots, energy = runner.run(_sweep(args, url, precisions, problems, display, stop))
+                runs, snapshots, energy = runner.run(
+                    _sweep(args, url, precisions, problems, display, stop, facts)
+                )
             partial = stop.is_set()
     except Fail as e:
         print(f"error: {e}", file=sys.stderr)
@@ -370,6 +393,21 @@ def run(args: argparse.Namespace) -> int:
         no_score=args.no_score,
         argv=sys.argv[1:],
     )
+    backends, backends_reason = facts.get("backends") or ([], "not asked (the run stopped first)")
+    context = build_context(
+        started_unix_s=started,
+        argv=sys.argv[1:],
+        proxy_url=url,
+        embedded=not args.proxy,
+        model=args.model or "qwen3-8b",
+        dataset=args.dataset,
+        data_file=args.data_file,
+        hops=args.hops,
+        precisions=precisions,
+        backends=backends,
+        backends_null_reason=backends_reason,
+        energy=facts.get("energy"),
+    )
     report = build(
         config,
         analysis,
@@ -377,8 +415,14 @@ def run(args: argparse.Namespace) -> int:
         started_unix_s=started,
         duration_s=time.monotonic() - t0,
         energy=energy,
+        context=context,
     )
-    return write_outputs(report, runs, out, render_outputs, scored=not args.no_score, partial=partial)
+    report.checks = checks(report, Thresholds(min_window_s=args.min_window_s, min_chains=args.min_chains))
+    report.warnings = validate(report, report.checks)
+    code = write_outputs(report, runs, out, render_outputs, scored=not args.no_score, partial=partial)
+    if code == 0 and args.strict and has_warnings(report):
+        return EXIT_WARNINGS
+    return code
 
 
 def external_precisions(args: argparse.Namespace, model: str) -> list[str]:

@@ -34,7 +34,8 @@ EPILOG = """examples:
 
 outputs in --out: report.json (docs/report-schema.md), requests.csv, *.png, report.html.
 exit status: 0 done, 1 the run finished with failed requests only, 2 bad input or unreachable proxy,
-130 interrupted (the partial report is written)."""
+3 --strict and a validity check raised a warning (reports written), 130 interrupted (the partial report
+is written)."""
 
 
 COMPARE_ROUTING_EPILOG = """examples:
@@ -324,6 +325,8 @@ def run_parser(compare_routing: bool = False) -> argparse.ArgumentParser:
             metavar="T,S,E",
             help="weights of the trust, sustainability and economy indices in the composite (default: equal)",
         )
+    if not compare_routing:
+        _add_check_options(a)
     a.add_argument(
         "--final-timeout",
         type=_positive(float),
@@ -335,13 +338,36 @@ def run_parser(compare_routing: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+def _add_check_options(a: Any) -> None:
+    a.add_argument(
+        "--min-window-s",
+        type=_positive(float),
+        metavar="S",
+        help="validity check: shortest steady-state window per level and repeat (default: 10 updates of the "
+        "meter's energy counter, as the proxy measured them; 1 s when unknown)",
+    )
+    a.add_argument(
+        "--min-chains",
+        type=_positive(int),
+        default=30,
+        metavar="N",
+        help="validity check: fewest measured chains per level, repeats summed (default: 30)",
+    )
+    a.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with status 3 when a validity check raises a warning (report.json's warnings[] of level "
+        "warning); the reports are written first. Fixed levels only: a --schedule run is not checked",
+    )
+
+
 def _add_level_options(w: Any) -> None:
     n = w.add_mutually_exclusive_group()
     n.add_argument(
         "--num-chains",
         type=_positive(int),
         metavar="N",
-        help="measured chains per level, after warm-up (default: max(16, concurrency))",
+        help="measured chains per level, after warm-up (default: max(30, 3 x concurrency))",
     )
     n.add_argument(
         "--duration",

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from loadgen.report import ReportError, fmt, fmt_ci, load
+from loadgen.report import ReportError, b_star_text, fmt, fmt_ci, load
 from loadgen.schema import Report
 
 
@@ -53,7 +53,7 @@ def compare(paths: list[Path], metric: str = "j_per_correct") -> int:
             ratios = "  ".join(f"c={c}:{fmt(r)}" for c, r in zip(cx.concurrency, cx.ratio, strict=True))
             t.add_row(
                 str(path), str(cfg.model), str(cfg.dataset), cx.precision, cx.baseline,
-                fmt(cx.b_star), fmt_ci(cx.ci), cx.direction or "-", ratios,
+                b_star_text(cx), fmt_ci(cx.ci), cx.direction or "-", ratios,
             )  # fmt: skip
     Console().print(t)
     return 0

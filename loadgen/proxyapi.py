@@ -50,7 +50,11 @@ async def energy_snapshot(session: aiohttp.ClientSession, base: str) -> dict[str
         return None
     if status != 200 or not isinstance(doc, dict):
         return None
-    return {"t": (t + time.monotonic()) / 2, "devices": {d["device"]: d for d in doc.get("devices", [])}}
+    return {
+        "t": (t + time.monotonic()) / 2,
+        "devices": {d["device"]: d for d in doc.get("devices", [])},
+        **{k: doc.get(k) for k in ("meter", "policy", "interval_s")},
+    }
 
 
 async def fetch_records(

@@ -57,9 +57,10 @@ def build(
     started_unix_s: float,
     duration_s: float,
     energy: Energy | Mapping[str, Any] | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> Report:
     """The report of a run, validated: a figure of the analysis without a field in ``Report`` (or of
-    another type) raises ``pydantic.ValidationError``."""
+    another type) raises ``pydantic.ValidationError``. ``context``: the header (loadgen/context.py)."""
     return Report.model_validate(
         {
             "schema_version": SCHEMA_VERSION,
@@ -76,6 +77,7 @@ def build(
             "crossovers": analysis.crossovers,
             "indices": analysis.indices,
             "energy": energy if energy is not None else {"devices": [], "null_reason": "not recorded"},
+            "context": context,
         }
     )
 
@@ -229,6 +231,13 @@ def fmt_ci(ci: list[float] | None, digits: int = 3) -> str:
     return "-" if not ci else f"[{ci[0]:.{digits}g}, {ci[1]:.{digits}g}]"
 
 
+def b_star_text(cx: Any) -> str:
+    """B* as the report states it: a number, "not determined" (the bootstrap does not settle it) or -."""
+    if cx.status == "not_determined":
+        return "not determined" + ("" if cx.b_star_point is None else f" (point {cx.b_star_point:.3g})")
+    return fmt(cx.b_star)
+
+
 def crossover_rows(report: Report) -> list[list[str]]:
     rows = []
     for cx in report.crossovers:
@@ -236,7 +245,7 @@ def crossover_rows(report: Report) -> list[list[str]]:
             [
                 f"{cx.precision} vs {cx.baseline}",
                 cx.metric,
-                fmt(cx.b_star),
+                b_star_text(cx),
                 fmt_ci(cx.ci),
                 "-" if cx.ci_coverage is None else f"{cx.ci_coverage:.0%}",
                 cx.direction or "-",
@@ -270,27 +279,126 @@ LEVEL_HEAD = [
 ]
 
 
-def level_rows(report: Report) -> list[list[str]]:
-    rows = []
+REPEAT_HEAD = ["J/token repeats sd (range)", "J/correct repeats sd (range)"]
+
+
+def has_repeats(report: Report) -> bool:
+    return any(lv.repeat_spread is not None for lv in report.levels)
+
+
+def level_head(report: Report) -> list[str]:
+    """LEVEL_HEAD, with the between-repeat spread beside the intervals when levels ran several times."""
+    if not has_repeats(report):
+        return LEVEL_HEAD
+    i = LEVEL_HEAD.index("tok/s")
+    return [*LEVEL_HEAD[:i], *REPEAT_HEAD, *LEVEL_HEAD[i:]]
+
+
+def _spread_text(sp: Any) -> str:
+    return "-" if sp is None else f"{sp.sd:.3g} ({sp.range:.3g})"
+
+
+def _sorted_levels(report: Report) -> list[Any]:
     order = list(dict.fromkeys(lv.precision for lv in report.levels))
-    for lv in sorted(report.levels, key=lambda lv: (lv.concurrency, order.index(lv.precision))):
+    return sorted(report.levels, key=lambda lv: (lv.concurrency, order.index(lv.precision)))
+
+
+def level_rows(report: Report) -> list[list[str]]:
+    """One row per level; an interval widened by the repeats' disagreement is marked with *."""
+    rows = []
+    repeats = has_repeats(report)
+    for lv in _sorted_levels(report):
         ttft = lv.ttft_s.p50
-        rows.append(
-            [
-                lv.precision,
-                str(lv.concurrency),
-                str(lv.chains),
-                fmt(lv.accuracy),
-                fmt(lv.j_per_token),
-                fmt_ci(lv.ci.j_per_token),
-                fmt(lv.j_per_correct),
-                fmt_ci(lv.ci.j_per_correct),
-                fmt(lv.tokens_per_s, 4),
-                "-" if ttft is None else f"{ttft * 1e3:.1f}",
-                f"{lv.errors}/{lv.requests}",
+        mark = {m: "*" if m in lv.ci.widened else "" for m in ("j_per_token", "j_per_correct")}
+        row = [
+            lv.precision,
+            str(lv.concurrency),
+            str(lv.chains),
+            fmt(lv.accuracy),
+            fmt(lv.j_per_token),
+            fmt_ci(lv.ci.j_per_token) + mark["j_per_token"],
+            fmt(lv.j_per_correct),
+            fmt_ci(lv.ci.j_per_correct) + mark["j_per_correct"],
+        ]
+        if repeats:
+            sp = lv.repeat_spread
+            row += [
+                _spread_text(sp.j_per_token if sp else None),
+                _spread_text(sp.j_per_correct if sp else None),
             ]
-        )
+        row += [
+            fmt(lv.tokens_per_s, 4),
+            "-" if ttft is None else f"{ttft * 1e3:.1f}",
+            f"{lv.errors}/{lv.requests}",
+        ]
+        rows.append(row)
     return rows
+
+
+TAIL_HEAD = [
+    "precision",
+    "conc",
+    "req/s",
+    "out tok/s",
+    "TTFT p50/p90/p99 ms",
+    "ITL (TPOT) p50/p90/p99 ms",
+    "E2E p50/p90/p99 s",
+]
+
+
+def _pcts(p: Any, scale: float, digits: int) -> str:
+    vals = (p.p50, p.p90, p.p99)
+    return " / ".join("-" if v is None else f"{v * scale:.{digits}f}" for v in vals)
+
+
+def tail_rows(report: Report) -> list[list[str]]:
+    """Throughput and latency tails per level, as `vllm bench serve` and guidellm report them."""
+    return [
+        [
+            lv.precision,
+            str(lv.concurrency),
+            fmt(lv.requests_per_s, 4),
+            fmt(lv.tokens_per_s, 4),
+            _pcts(lv.ttft_s, 1e3, 1),
+            _pcts(lv.itl_s, 1e3, 2),
+            _pcts(lv.e2e_s, 1.0, 3),
+        ]
+        for lv in _sorted_levels(report)
+    ]
+
+
+def context_lines(report: Report) -> list[str]:
+    """The header in lines: date, version, command, proxy, backends and engines, GPUs, meter, workload."""
+    ctx = report.context
+    if ctx is None:
+        return []
+    m = ctx.meter
+    period = "" if m.update_period_s is None else f", counter updates every {m.update_period_s * 1e3:.0f} ms"
+    gpus = ", ".join(ctx.gpu_names) or "names unknown"
+    lines = [
+        f"date {ctx.date_utc}, qtrap {ctx.qtrap_version}",
+        f"command: {ctx.command_line}",
+        f"proxy {ctx.proxy_url}" + (" (embedded default)" if ctx.embedded else ""),
+        f"model {ctx.model}, dataset {ctx.dataset}"
+        + (f" ({ctx.data_file})" if ctx.data_file else "")
+        + f", hops as {ctx.hops}",
+        f"GPUs: {ctx.gpu_count} ({gpus}); meter {m.kind}, policy {m.policy}{period}",
+    ]
+    if not ctx.backends:
+        lines.append(f"backends: unknown ({ctx.backends_null_reason})")
+    for b in ctx.backends:
+        version = b.engine_version or f"version unknown ({b.engine_error or 'not given'})"
+        model = b.served_model or b.model
+        more = "" if b.max_model_len is None else f", max_model_len {b.max_model_len}"
+        lines.append(
+            f"backend {b.name}: {b.precision}, {b.engine} {version}, model {model}{more}, "
+            f"devices {', '.join(b.devices) or '-'}"
+        )
+    return lines
+
+
+def warning_lines(report: Report) -> list[str]:
+    return [f"{w.level.upper()} [{w.code}] {w.message}" for w in report.warnings]
 
 
 def accuracy_note(report: Report) -> str | None:
@@ -381,12 +489,26 @@ def hop_rows(report: Report) -> list[list[str]]:
 
 
 def print_summary(report: Report, console: Console) -> None:
-    t = Table(title="Levels (energy over each level's steady-state window; accuracy of its measured chains)")
-    for h in LEVEL_HEAD:
+    for line in context_lines(report):
+        console.print(line, highlight=False, markup=False)
+    title = "Levels (energy over each level's steady-state window; accuracy of its measured chains)"
+    if has_repeats(report):
+        title += "; * interval widened: the repeats disagree more than the bootstrap says"
+    t = Table(title=title)
+    for h in level_head(report):
         t.add_column(h, justify="right" if h not in ("precision",) else "left")
     for row in level_rows(report):
         t.add_row(*row)
     console.print(t)
+    if report.levels:
+        t = Table(
+            title="Throughput and latency tails (measured requests; ITL: each request's mean time per token)"
+        )
+        for h in TAIL_HEAD:
+            t.add_column(h, justify="left" if h == "precision" else "right")
+        for row in tail_rows(report):
+            t.add_row(*row)
+        console.print(t)
     t = Table(title=f"B*: where a quantized precision's energy crosses {report.baseline or 'the baseline'}'s")
     for h in CROSS_HEAD:
         t.add_column(h)
@@ -421,6 +543,13 @@ def print_summary(report: Report, console: Console) -> None:
             )
     if report.partial:
         console.print("[bold]partial report[/bold]: the run was interrupted")
+    if report.warnings:
+        n = sum(w.level == "warning" for w in report.warnings)
+        console.print(f"[bold]Validity checks: {n} warning(s)[/bold]" if n else "Validity checks: no warning")
+        for line in warning_lines(report):
+            console.print(line, highlight=False, markup=False)
+    elif report.checks is not None:
+        console.print("Validity checks: no warning")
 
 
 # -- HTML -----------------------------------------------------------------------------------------------
@@ -436,7 +565,8 @@ _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;colo
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee;margin:0.5em 0}
 .note{color:#555;font-size:0.9em}code{background:#f6f6f6;padding:1px 4px}
-.warn{background:#fff6d6;border:1px solid #e6c200;padding:6px 10px}"""
+.warn{background:#fff6d6;border:1px solid #e6c200;padding:6px 10px}
+.ctx{color:#444;font-size:0.9em}li.info{color:#555}"""
 
 
 def write_html(report: Report, plots: list[Path], path: Path) -> Path:
@@ -461,6 +591,20 @@ def write_html(report: Report, plots: list[Path], path: Path) -> Path:
         if report.energy.devices
         else f'<p class="note">{html.escape(report.energy.null_reason or "not recorded")}</p>'
     )
+    header_html = "".join(f"<li>{html.escape(line)}</li>" for line in context_lines(report))
+    header_html = f'<ul class="ctx">{header_html}</ul>' if header_html else ""
+    warn_html = "".join(
+        f'<li class="{w.level}"><code>{html.escape(w.code)}</code> {html.escape(w.message)}</li>'
+        for w in report.warnings
+    )
+    n_warn = sum(w.level == "warning" for w in report.warnings)
+    if report.warnings:
+        warn_html = (
+            f'<div class="{"warn" if n_warn else "note"}" id="warnings"><strong>Validity checks: {n_warn} '
+            f"warning(s)</strong><ul>{warn_html}</ul></div>"
+        )
+    elif report.checks is not None:
+        warn_html = '<p class="note" id="warnings">Validity checks: no warning.</p>'
     no_plots = (
         ""
         if plots
@@ -471,6 +615,8 @@ def write_html(report: Report, plots: list[Path], path: Path) -> Path:
 <html lang="en"><head><meta charset="utf-8"><title>qtrap loadgen report</title><style>{_CSS}</style></head>
 <body>
 <h1>qtrap loadgen report{" (partial)" if report.partial else ""}</h1>
+{warn_html}
+{header_html}
 <p class="note">model <code>{html.escape(str(cfg.model))}</code>, dataset <code>{html.escape(str(cfg.dataset))}</code>,
 hops as <code>{html.escape(str(cfg.hops))}</code>, concurrency {html.escape(str(cfg.concurrency))},
 repeats {html.escape(str(cfg.repeats))}, proxy <code>{html.escape(str(cfg.proxy))}</code>; schema {report.schema_version}.</p>
@@ -482,7 +628,12 @@ the interval is the bootstrap percentile interval of B* over the replicates that
 ("replicates crossing").</p>
 {imgs}{no_plots}
 <h2>Levels</h2>
-{_table(LEVEL_HEAD, level_rows(report))}
+{_table(level_head(report), level_rows(report))}
+{'<p class="note">* interval widened: the repeats disagree more than the bootstrap says (docs/methodology.md, "Repeats").</p>' if has_repeats(report) else ""}
+<h2>Throughput and latency tails</h2>
+{_table(TAIL_HEAD, tail_rows(report))}
+<p class="note">Measured requests (warm-up left out); req/s and out tok/s over the steady-state window; ITL is each
+request's mean time per output token after the first (vLLM's TPOT).</p>
 <h2>Accuracy (all measured chains of a precision)</h2>
 {accuracy_html}
 <h2>Indices</h2>

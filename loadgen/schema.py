@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic.json_schema import GenerateJsonSchema
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 GENERATOR = "qtrap loadgen"
 IGNORE_UNKNOWN = "ignore_unknown_fields"  # validation context key: a report of a newer minor version
 SCHEMA_COMMAND = "python -m loadgen schema > docs/report-schema.json"
@@ -153,6 +153,33 @@ class Percentiles(_Model):
     p50: float | None
     p90: float | None
     p99: float | None
+    mean: float | None = None
+    """the mean; added in 1.3"""
+
+
+class Spread(_Model):
+    """One figure across a level's repeats."""
+
+    values: list[float | None]
+    """per repeat, in the order of `RepeatSpread.repeats`; null where unknown"""
+    sd: float
+    """standard deviation (n - 1) of the known values"""
+    min: float
+    max: float
+    range: float
+    """max - min"""
+    half_width: float
+    """1.96 x sd / sqrt(n): the half-width of the repeats' 95% interval of their mean"""
+
+
+class RepeatSpread(_Model):
+    """How a level's repeats agree (`--repeats` > 1); a figure is null with fewer than two known values."""
+
+    repeats: list[int]
+    """the repeat indices (0-based)"""
+    j_per_token: Spread | None
+    j_per_chain: Spread | None
+    j_per_correct: Spread | None
 
 
 class LevelCI(_Model):
@@ -164,6 +191,11 @@ class LevelCI(_Model):
     j_per_chain: Interval | None
     j_per_correct: Interval | None
     """null without scoring"""
+    bootstrap: dict[str, Interval | None] | None = None
+    """the bootstrap intervals before widening, when a figure was widened; added in 1.3"""
+    widened: list[str] = Field(default_factory=list)
+    """figures whose interval was widened because the repeats disagree more than the bootstrap says
+    (docs/methodology.md, "Repeats"); added in 1.3"""
 
 
 class HopEnergy(_Model):
@@ -225,10 +257,17 @@ class Level(_Model):
     """`--no-score`'s REASON, or null; added in 1.1"""
     tokens_per_s: float | None
     """steady-state output tokens per second"""
+    requests_per_s: float | None = None
+    """successful requests that ended inside the window per second of window; added in 1.3"""
     ttft_s: Percentiles
+    """time to first token"""
     itl_s: Percentiles
+    """inter-token latency: each request's mean time per output token after the first (vLLM's TPOT)"""
     e2e_s: Percentiles
+    """request latency, send to last token"""
     ci: LevelCI
+    repeat_spread: RepeatSpread | None = None
+    """the repeats' figures and spread; null with one repeat; added in 1.3"""
     interrupted: bool
     """the level was cut short by Ctrl-C"""
 
@@ -271,6 +310,14 @@ class Crossover(_Model):
     """95% bootstrap interval of B* over the replicates that cross in the same direction"""
     ratio_ci: list[Interval | None] | None = Field(default=None, exclude_if=lambda v: v is None)
     """bootstrap interval of each ratio; absent with fewer than two ratios"""
+    status: Literal["determined", "not_determined", "none_in_range", "too_few_levels"] | None = None
+    """determined: b_star is settled; not_determined: b_star is null because the bootstrap does not
+    settle it (undetermined_reason); none_in_range: no crossover, and the replicates agree;
+    too_few_levels: fewer than two ratios; added in 1.3"""
+    b_star_point: Number | None = None
+    """the point estimate of B*, kept when status is not_determined; added in 1.3"""
+    undetermined_reason: str | None = None
+    """why B* (or its absence) is not determined; added in 1.3"""
 
 
 class IndexWeights(_Model):
@@ -441,6 +488,125 @@ class ScheduleRun(_Model):
     totals: ScheduleTotals
 
 
+class ReportWarning(_Model):
+    """A validity check that failed (docs/methodology.md, "Validity checks")."""
+
+    code: Literal[
+        "short_window",
+        "few_chains",
+        "bstar_undetermined",
+        "ratio_spans_one",
+        "attribution_mismatch",
+        "errors",
+        "simulated",
+    ]
+    level: Literal["warning", "info"]
+    """warning: a figure may not mean what it says (`--strict` exits 3); info: context"""
+    message: str
+    precision: str | None = None
+    """the level or crossover concerned, where there is one"""
+    concurrency: int | None = None
+    metric: Metric | None = None
+
+
+class Checks(_Model):
+    """The thresholds the validity checks used."""
+
+    min_window_s: float
+    """shortest steady-state window of a repeat (`--min-window-s`; default min_window_updates meter
+    updates)"""
+    min_window_s_source: str
+    """how min_window_s was chosen"""
+    min_window_updates: int
+    min_chains: int
+    """fewest measured chains per level (`--min-chains`)"""
+    min_bstar_coverage: float
+    """the share of bootstrap replicates that must agree on B*"""
+    max_attribution_gap: float
+    """largest relative difference of attributed and measured J/token"""
+    max_error_rate: float
+    """largest share of failed requests per level"""
+
+
+class GPU(_Model):
+    """One metered device."""
+
+    device: str
+    """the device's key in the proxy (host:index)"""
+    name: str | None
+    """the GPU's name as its meter reports it (NVML, dcgm-exporter's modelName), or null"""
+    update_period_s: float | None
+    """mean seconds between its energy counter's updates, as the proxy saw them"""
+
+
+class BackendInfo(_Model):
+    """One backend behind the proxy and the engine it runs (GET /qtrap/v1/backends)."""
+
+    name: str
+    pool: str
+    precision: str
+    kind: str
+    """vllm, tgi or openai (the proxy's config)"""
+    model: str
+    """the model id the proxy asks the backend for"""
+    url: str | None
+    devices: list[str]
+    engine: str
+    """vLLM, TGI, OpenAI-compatible, or qtrap-sim (simulated)"""
+    engine_version: str | None
+    """from vLLM's GET /version or TGI's GET /info; null when the backend does not say"""
+    simulated: bool
+    served_model: str | None
+    """the model the engine says it serves (vLLM's /v1/models root, TGI's model_id)"""
+    max_model_len: int | None
+    dtype: str | None
+    """TGI's model_dtype"""
+    engine_error: str | None
+    """why the engine's version is unknown"""
+
+
+class Meter(_Model):
+    """The proxy's meter (GET /qtrap/v1/energy)."""
+
+    kind: str | None
+    """nvml, dcgm or null"""
+    policy: str | None
+    """full (requests carry idle power while in flight) or active"""
+    interval_s: float | None
+    """the proxy's sampling cadence"""
+    update_period_s: float | None
+    """the median over devices of the counters' update period"""
+
+
+class Context(_Model):
+    """What ran, where and when: the report's header."""
+
+    date_utc: str
+    """when the run started, ISO 8601 in UTC"""
+    qtrap_version: str
+    command_line: str
+    proxy_url: str
+    """the proxy loadgen drove (the embedded default's own proxy included)"""
+    embedded: bool
+    """the embedded default (simulated backends) ran"""
+    model: str
+    """the pool asked for"""
+    dataset: str
+    data_file: str | None
+    hops: str
+    """requests (one request per hop) or stream (one split stream per problem)"""
+    backends: list[BackendInfo]
+    """the backends of the pool that served this run"""
+    backends_null_reason: str | None
+    """why backends is empty (a proxy without GET /qtrap/v1/backends), else null"""
+    gpus: list[GPU]
+    """the devices of those backends, as metered"""
+    gpu_count: int
+    gpu_names: list[str]
+    """the distinct GPU names"""
+    meter: Meter
+
+
 def _not_recorded() -> Energy:
     return Energy(devices=[], null_reason="not recorded")
 
@@ -473,6 +639,12 @@ class Report(_Model):
     """added in 1.1"""
     schedules: list[ScheduleRun] = Field(default_factory=list)
     """`--schedule` runs, one per precision (levels, crossovers and indices are then empty); added in 1.2"""
+    context: Context | None = None
+    """the run's header: date, versions, command line, backends, GPUs, meter; added in 1.3"""
+    checks: Checks | None = None
+    """the thresholds of the validity checks; added in 1.3"""
+    warnings: list[ReportWarning] = Field(default_factory=list)
+    """validity checks that failed; added in 1.3"""
 
 
 class PolicyResult(_Model):

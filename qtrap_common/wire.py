@@ -77,6 +77,7 @@ KEY_USAGE_PATH: Final = ADMIN_PREFIX + "/keys/{key_id}/usage"
 REQUESTS_PATH: Final = ADMIN_PREFIX + "/requests"  # the records query (paged)
 USAGE_PATH: Final = ADMIN_PREFIX + "/usage"  # usage sums, grouped
 ROUTING_PATH: Final = ADMIN_PREFIX + "/routing"
+BACKENDS_PATH: Final = ADMIN_PREFIX + "/backends"
 
 
 def path(template: str, **params: str) -> str:

@@ -2,7 +2,7 @@
 
 ``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``GET /openapi.json`` and the ``/qtrap/v1/*``
 routes (the records query and a request's record, usage sums, a chain and its score, the energy report,
-the cost routing table, the keys and a key's usage).
+the backends and their engines, the cost routing table, the keys and a key's usage).
 Handlers check what the client sent (``limits.py``), ask the proxy's parts (the record store, the
 energy service, the key ring, the backends' probes) and answer in OpenAI's error shape; a client key
 (auth.py's ``Principal``) sees only what it owns, and another key's records are not found either; the
@@ -11,6 +11,7 @@ records query and usage sums are limited to its own records, and naming another 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from typing import Any
@@ -37,6 +38,7 @@ from qtrap_proxy.limits import (
     parse_time,
 )
 from qtrap_proxy.openapi import build_openapi
+from qtrap_proxy.probes import engine_info
 from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.query import RecordFilter, parse_record_query, parse_usage_query
 
@@ -101,6 +103,9 @@ def routes(proxy: Proxy) -> list[Route]:
     async def routing(_: Request) -> JSONResponse:
         return JSONResponse(routing_report(proxy))
 
+    async def backends(_: Request) -> JSONResponse:
+        return JSONResponse(await backends_report(proxy))
+
     async def keys(_: Request) -> Response:
         if proxy.key_ring is None:
             return _error(
@@ -161,6 +166,7 @@ def routes(proxy: Proxy) -> list[Route]:
         Route(wire.CHAIN_SCORE_PATH, chain_score, methods=["POST"]),
         Route(wire.ENERGY_PATH, energy, methods=["GET"]),
         Route(wire.ROUTING_PATH, routing, methods=["GET"]),
+        Route(wire.BACKENDS_PATH, backends, methods=["GET"]),
         Route(wire.KEYS_PATH, keys, methods=["GET"]),
         Route(wire.KEY_USAGE_PATH, key_usage, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
@@ -206,6 +212,29 @@ async def health_report(proxy: Proxy) -> tuple[int, dict[str, Any]]:
         status = "down"
     code = 503 if status == "down" else 200  # only the pools take the proxy out of a load balancer
     return code, {"status": status, "pools": pools_up, "backends": out, "ledger": ledger}
+
+
+async def backends_report(proxy: Proxy) -> dict[str, Any]:
+    """Each backend as configured (pool, precision, kind, URL without credentials, model, devices) and what
+    its engine says it is (``probes.engine_info``: name, version, served model, context length), asked
+    now, within ``server.health_timeout_s``."""
+    timeout = proxy.config.server.health_timeout_s
+    infos = await asyncio.gather(*(engine_info(b, timeout) for b in proxy.backends))
+    return {
+        "backends": [
+            {
+                "name": b.name,
+                "pool": b.pool,
+                "precision": b.precision,
+                "kind": b.kind,
+                "url": b.cfg.display_url,
+                "model": b.cfg.model,
+                "devices": [f"{d.host}:{d.index}" for d in b.cfg.devices],
+                **info,
+            }
+            for b, info in zip(proxy.backends, infos, strict=True)
+        ]
+    }
 
 
 def routing_report(proxy: Proxy) -> dict[str, Any]:

@@ -722,6 +722,13 @@ OPERATIONS: tuple[Operation, ...] = (
         ok=_json_ok("EnergyReport"),
     ),
     Operation(
+        "/qtrap/v1/backends", "get", "each backend as configured and its engine's name and version", "admin",
+        "plain",
+        ok=lambda: {"description": "`{\"backends\": [{name, pool, precision, kind, url, model, devices, engine, "
+                    "engine_version, simulated, served_model, max_model_len, dtype, engine_error}]}`",
+                    "content": {JSON: {"schema": {"type": "object"}}}},
+    ),
+    Operation(
         "/qtrap/v1/routing", "get", "each cost-routed pool's cost table, accuracy, budgets and current best",
         "admin", "plain",
         ok=lambda: {"description": "`{\"pools\": [{pool, default_precision, current_best, accuracy, budgets, "

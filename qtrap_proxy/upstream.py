@@ -7,9 +7,11 @@ builds its requests' headers, sends them, and probes its health.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Any
 
 from qtrap_common import wire
 from qtrap_proxy.config import BackendConfig
@@ -81,6 +83,21 @@ class Backend:
         return self.transport.request(
             "POST", path, self.headers(request_id, client_auth, traceparent, tracestate), body
         )
+
+    async def get_json(self, path: str, timeout_s: float) -> tuple[int | None, Any, str | None]:
+        """``GET path`` on the backend: (HTTP status, the JSON body or None, an error in words or None)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self.transport.request("GET", path, self.headers("info", None)) as resp:
+                    raw = await resp.read()
+        except (TimeoutError, UpstreamTimeout):
+            return None, None, f"no answer within {timeout_s:g} s"
+        except UpstreamError as e:
+            return None, None, e.reason
+        try:
+            return resp.status, json.loads(raw), None
+        except (ValueError, UnicodeDecodeError):
+            return resp.status, None, f"HTTP {resp.status}: not JSON"
 
     async def probe(self, timeout_s: float) -> Health:
         t0 = time.monotonic()

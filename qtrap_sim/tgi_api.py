@@ -13,6 +13,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from qtrap_common import wire
+from qtrap_common.version import version
 from qtrap_sim.backend import SimBackend
 from qtrap_sim.textgen import count_tokens
 from qtrap_sim.tracing import TGITimings
@@ -167,7 +168,9 @@ def create_tgi_app(backend: SimBackend) -> Starlette:
                     "max_input_tokens": cfg.max_model_len - 1,
                     "max_total_tokens": cfg.max_model_len,
                     "router": "qtrap_sim",
-                    "version": "sim",
+                    "version": version(),
+                    "simulated": True,
+                    "gpu": backend.gpu.name,
                 }
             ),
             media_type="application/json",

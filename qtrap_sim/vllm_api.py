@@ -14,6 +14,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from qtrap_common import wire
+from qtrap_common.version import version
 from qtrap_sim.backend import SimBackend
 from qtrap_sim.textgen import count_tokens
 from qtrap_sim.tracing import SpanRequest
@@ -221,8 +222,24 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
             }
         )
 
+    async def version_route(_: Request) -> Response:
+        # vLLM answers {"version": "0.26.0"}; the simulator says what it is, so that reports built on it
+        # (loadgen's context header, the proxy's /qtrap/v1/backends) never pass it off as a real engine
+        return _json(
+            {
+                "version": version(),
+                "engine": "qtrap-sim",
+                "simulated": True,
+                "api": "vllm",
+                "gpu": backend.gpu.name,
+                "model": cfg.model,
+                "precision": cfg.precision,
+            }
+        )
+
     return Starlette(
         routes=[
+            Route("/version", version_route, methods=["GET"]),
             Route("/v1/chat/completions", chat_route, methods=["POST"]),
             Route("/v1/completions", completions_route, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),

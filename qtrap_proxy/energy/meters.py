@@ -36,6 +36,7 @@ def device_key(host: str, index: int) -> str:
 
 class Meter(Protocol):
     kind: str
+    names: dict[str, str]  # device key -> the GPU's name (NVML's, dcgm-exporter's modelName), where known
 
     async def read(self) -> dict[str, float]:
         """Cumulative joules per device key, now. Raises MeterError."""
@@ -46,6 +47,9 @@ class Meter(Protocol):
 
 class NullMeter:
     kind = "null"
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
 
     async def read(self) -> dict[str, float]:
         return {}
@@ -66,6 +70,7 @@ class NvmlMeter:
         except Exception as e:  # ImportError, NVMLError_LibraryNotFound, ...
             raise MeterError(f"NVML unavailable: {e or type(e).__name__}") from e
         self.nvml = nvml
+        self.names: dict[str, str] = {}
         self._handles: dict[str, Any] = {}
         self._integrated: dict[str, tuple[float, float]] = {}  # key -> (joules, last time) for pre-Volta GPUs
         for key, index in devices.items():
@@ -73,6 +78,11 @@ class NvmlMeter:
                 self._handles[key] = nvml.nvmlDeviceGetHandleByIndex(index)
             except Exception as e:
                 raise MeterError(f"NVML has no GPU {index} ({key}): {e}") from e
+            try:
+                name = nvml.nvmlDeviceGetName(self._handles[key])
+                self.names[key] = name.decode() if isinstance(name, bytes) else str(name)
+            except Exception:  # a name is context, never a reason to stop metering
+                pass
 
     async def read(self) -> dict[str, float]:
         # nvmlDeviceGetTotalEnergyConsumption takes milliseconds (about 3 ms on an H100 test machine, more
@@ -121,6 +131,7 @@ class DcgmMeter:
         if not urls:
             raise MeterError("meter.urls: the dcgm meter needs at least one exporter URL")
         self.urls = urls
+        self.names: dict[str, str] = {}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
@@ -151,7 +162,10 @@ class DcgmMeter:
                 continue
             for s in fam.samples:
                 host = s.labels.get("Hostname", "localhost")
-                out[device_key(host, int(s.labels.get("gpu", "0")))] = float(s.value) / 1000.0
+                key = device_key(host, int(s.labels.get("gpu", "0")))
+                out[key] = float(s.value) / 1000.0
+                if s.labels.get("modelName"):
+                    self.names[key] = s.labels["modelName"]
         return out
 
     async def close(self) -> None:

@@ -436,7 +436,9 @@ class EnergyService(Background):
                     "meter_up": self.meter_up[key],
                     "meter_error": self.meter_error[key],
                     "last_update_age_s": None if last is None else now - last,
+                    "name": getattr(self._meter, "names", {}).get(key),
                     "updates": acc.updates,
+                    "update_period_s": _update_period_s(acc),
                     "counter_resets": acc.resets,
                     "measured_j": acc.measured_j,
                     "metered_j": acc.metered_j,
@@ -481,7 +483,16 @@ class EnergyService(Background):
         return {
             "meter": self.cfg.kind,
             "policy": self.cfg.policy,
+            "interval_s": self.cfg.interval_s,
             "devices": devices,
             "token_counters": counters,
             "engine_facts": {"outcomes": dict(self.facts_outcomes), "clocks": clocks},
         }
+
+
+def _update_period_s(acc: DeviceAccount) -> float | None:
+    """Mean seconds between the counter's changes as the sampler saw them (an H100's NVML counter: about
+    0.1 s; never shorter than ``meter.interval_s``), or None before two changes."""
+    if acc.updates < 2 or acc.first_t is None or acc.last_update_t is None:
+        return None
+    return (acc.last_update_t - acc.first_t) / (acc.updates - 1)

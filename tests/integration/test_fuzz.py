@@ -566,6 +566,7 @@ OPERATIONS = [
     ("/qtrap/v1/chains/{chain_id}", "get"),
     ("/qtrap/v1/chains/{chain_id}/score", "post"),
     ("/qtrap/v1/energy", "get"),
+    ("/qtrap/v1/backends", "get"),
     ("/qtrap/v1/routing", "get"),
     ("/qtrap/v1/keys", "get"),
     ("/qtrap/v1/keys/{key_id}/usage", "get"),

@@ -51,7 +51,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 def test_embedded_default_report(embedded: Run) -> None:
     rep = embedded.report
-    assert rep["schema_version"] == "1.2" and rep["partial"] is False
+    assert rep["schema_version"] == "1.3" and rep["partial"] is False
     assert rep["accuracy_measured"] is True and rep["accuracy_null_reason"] is None
     assert rep["config"]["precisions"] == ["bf16", "fp8", "int8", "int4"] and rep["baseline"] == "bf16"
     assert {(lv["precision"], lv["concurrency"]) for lv in rep["levels"]} == {
@@ -99,6 +99,109 @@ def test_embedded_default_report(embedded: Run) -> None:
     # the terminal summary
     assert "B*" in embedded.proc.stdout and "int4 vs bf16" in embedded.proc.stdout
     assert "conservation error" in embedded.proc.stdout
+
+
+def test_short_run_carries_its_warnings_context_and_tails(embedded: Run) -> None:
+    """A deliberately short run (4 chains a level) says so: few_chains at every level, and the simulated
+    backends as an info; the header names the simulator, its GPUs and the meter; the tails are there."""
+    rep = embedded.report
+    levels = {(lv["precision"], lv["concurrency"]) for lv in rep["levels"]}
+    few = [w for w in rep["warnings"] if w["code"] == "few_chains"]
+    assert {(w["precision"], w["concurrency"]) for w in few} == levels
+    assert all(w["level"] == "warning" and "4 measured chains, fewer than 30" in w["message"] for w in few)
+    [sim] = [w for w in rep["warnings"] if w["code"] == "simulated"]
+    assert sim["level"] == "info" and "sim-bf16" in sim["message"]
+    codes = {w["code"] for w in rep["warnings"]}
+    assert codes <= {"few_chains", "simulated", "short_window", "ratio_spans_one", "bstar_undetermined",
+                     "attribution_mismatch"}, codes  # fmt: skip
+    assert "errors" not in codes  # no request failed
+    for w in rep["warnings"]:
+        if w["code"] == "short_window":
+            lv = next(
+                x
+                for x in rep["levels"]
+                if (x["precision"], x["concurrency"]) == (w["precision"], w["concurrency"])
+            )
+            assert lv["window_s"] < rep["checks"]["min_window_s"]
+    assert rep["checks"]["min_chains"] == 30 and 0.5 < rep["checks"]["min_window_s"] < 2.0
+    ctx = rep["context"]
+    assert ctx["embedded"] is True and ctx["command_line"].startswith("python -m loadgen --concurrency 1,4")
+    assert ctx["proxy_url"].startswith("http://127.0.0.1:") and ctx["hops"] == "requests"
+    assert [b["precision"] for b in ctx["backends"]] == ["bf16", "fp8", "int8", "int4"]
+    for b in ctx["backends"]:
+        assert b["engine"] == "qtrap-sim (simulated)" and b["simulated"] is True
+        assert b["engine_version"] == ctx["qtrap_version"] and b["served_model"] == "qwen3-8b"
+    assert ctx["gpu_count"] == 4 and ctx["gpu_names"] == ["NVIDIA H200 (simulated)"]
+    assert ctx["meter"]["kind"] == "dcgm" and ctx["meter"]["policy"] == "full"
+    assert 0.08 < ctx["meter"]["update_period_s"] < 0.13  # the simulated counter steps every 85-115 ms
+    for lv in rep["levels"]:
+        for key in ("ttft_s", "itl_s", "e2e_s"):
+            t = lv[key]
+            assert 0 < t["p50"] <= t["p90"] <= t["p99"] and t["mean"] > 0, (key, t)
+        assert lv["requests_per_s"] > 0 and lv["tokens_per_s"] > 0
+    out = embedded.proc.stdout
+    assert "WARNING [few_chains]" in out and "INFO [simulated]" in out
+    assert "qtrap-sim (simulated)" in out and "GPUs: 4 (NVIDIA H200 (simulated)); meter dcgm" in out
+    assert "TTFT p50/p90/p99 ms" in out and "E2E p50/p90/p99 s" in out
+    html = (embedded.out / "report.html").read_text()
+    assert html.index('id="warnings"') < html.index("<h2>B*</h2>") and "<code>few_chains</code>" in html
+    assert "Throughput and latency tails" in html and "qtrap-sim (simulated)" in html
+
+
+def test_repeats_report_their_spread(tmp_path: Path) -> None:
+    """--repeats 2: each level gives its repeats' figures and spread beside the interval, which covers at
+    least the repeats' own 95% interval of their mean."""
+    out = tmp_path / "out"
+    proc = loadgen(
+        "--concurrency", "2", "--num-chains", "4", "--warmup", "1", "--precisions", "bf16,int4", "--repeats",
+        "2", "--bootstrap", "100", "--sim-think-tokens", "4", "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    for lv in rep["levels"]:
+        sp = lv["repeat_spread"]
+        assert lv["repeats"] == 2 and sp["repeats"] == [0, 1] and len(lv["windows_monotonic_s"]) == 2
+        tok = sp["j_per_token"]
+        assert len(tok["values"]) == 2 and tok["min"] <= lv["j_per_token"] * 1.5 and tok["sd"] >= 0
+        assert tok["range"] == pytest.approx(tok["max"] - tok["min"])
+        lo, hi = lv["ci"]["j_per_token"]
+        assert (
+            lo <= lv["j_per_token"] - tok["half_width"] + 1e-12
+            and hi >= lv["j_per_token"] + tok["half_width"] - 1e-12
+        )
+        assert ("j_per_token" in lv["ci"]["widened"]) == (lv["ci"]["bootstrap"] is not None and
+                                                         lv["ci"]["bootstrap"]["j_per_token"] != [lo, hi])  # fmt: skip
+    assert "J/token repeats sd (range)" in proc.stdout
+    assert "J/token repeats sd (range)" in (out / "report.html").read_text()
+
+
+def test_strict_exits_3_on_a_warning(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = loadgen(
+        "--concurrency", "1", "--num-chains", "2", "--warmup", "0", "--precisions", "bf16", "--bootstrap", "50",
+        "--sim-think-tokens", "4", "--strict", "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())  # the reports are written first
+    assert "few_chains" in {w["code"] for w in rep["warnings"] if w["level"] == "warning"}
+    assert "WARNING [few_chains]" in proc.stdout
+
+
+def test_proxy_lists_its_backends_and_engines(fleet: Fleet) -> None:
+    """GET /qtrap/v1/backends: each backend as configured and what its engine says (the simulator, on
+    vLLM's /version and TGI's /info, says it is simulated)."""
+    r = requests.get(fleet.proxy_url + "/qtrap/v1/backends", timeout=10)
+    assert r.status_code == 200
+    rows = {b["name"]: b for b in r.json()["backends"]}
+    assert set(rows) == {"sim-bf16", "sim-int4", "sim-tgi-int8"}
+    for b in rows.values():
+        assert b["engine"] == "qtrap-sim (simulated)" and b["simulated"] is True and b["engine_error"] is None
+        assert b["engine_version"] and b["pool"] == "qwen3-8b" and b["model"] == "qwen3-8b"
+    assert rows["sim-tgi-int8"]["kind"] == "tgi" and rows["sim-tgi-int8"]["dtype"] == "int8"
+    assert rows["sim-bf16"]["url"] == f"http://127.0.0.1:{fleet.bf16_port}"
+    assert rows["sim-bf16"]["max_model_len"] and rows["sim-bf16"]["served_model"] == "qwen3-8b"
+    v = requests.get(f"http://127.0.0.1:{fleet.bf16_port}/version", timeout=5).json()
+    assert v["simulated"] is True and v["engine"] == "qtrap-sim" and "(simulated)" in v["gpu"]
 
 
 def test_requests_csv_and_files(embedded: Run) -> None:
@@ -206,6 +309,18 @@ def test_running_proxy_with_failing_backend_and_no_meter(fleet: Fleet, tmp_path:
             assert lv["errors"] == 0 and lv["chains_scored"] == lv["chains"] > 0
     assert all(cx["b_star"] is None for cx in rep["crossovers"])
     assert "energy unknown for bf16" in proc.stdout
+    # the header: a simulated backend and a dead one whose engine is unknown, with why
+    backends = {b["name"]: b for b in rep["context"]["backends"]}
+    assert backends["ok-bf16"]["engine"] == "qtrap-sim (simulated)"
+    dead = backends["dead-int4"]
+    assert dead["engine"] == "vLLM" and dead["engine_version"] is None and dead["engine_error"]
+    assert rep["context"]["meter"]["kind"] == "null" and rep["context"]["gpu_count"] == 0
+    # the warnings: every int4 request failed; 3 chains a level; no meter: the window unit is assumed
+    errors = [w for w in rep["warnings"] if w["code"] == "errors"]
+    assert {(w["precision"], w["concurrency"]) for w in errors} == {("int4", 1), ("int4", 3)}
+    assert {w["code"] for w in rep["warnings"]} >= {"errors", "few_chains", "simulated"}
+    assert "not known" in rep["checks"]["min_window_s_source"]
+    assert "WARNING [errors] int4 at concurrency 1" in proc.stdout
 
 
 def test_ctrl_c_writes_a_partial_report(tmp_path: Path) -> None:

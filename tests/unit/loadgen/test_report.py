@@ -66,7 +66,7 @@ def test_no_score_report_html_and_summary(tmp_path: Path) -> None:
 
     rep = _report(scored=False)
     assert rep.accuracy_measured is False and rep.accuracy_null_reason == REASON
-    assert rep.schema_version == "1.2" and rep.energy.devices[0].run_measured_j == 1000.0
+    assert rep.schema_version == "1.3" and rep.energy.devices[0].run_measured_j == 1000.0
     plots = all_plots(rep, tmp_path)
     assert [p.name for p in plots] == ["energy.png", "accuracy_by_hops.png", "throughput_latency.png"]
     html = write_html(rep, plots, tmp_path / "report.html").read_text()

@@ -23,7 +23,8 @@ DOC = ROOT / "docs" / "report-schema.md"
 # the sections of docs/report-schema.md with a table of fields: "Top level" is the report itself, the others
 # are paths from it ("[]": the items of an array; a dict's values for `accuracy`)
 SECTIONS = ("Top level", "config", "accuracy", "levels[]", "crossovers[]", "indices[]", "energy",
-            "energy.devices[]", "schedules[]", "schedules[].windows[]", "schedules[].totals")  # fmt: skip
+            "energy.devices[]", "schedules[]", "schedules[].windows[]", "schedules[].totals", "context",
+            "context.backends[]", "context.gpus[]", "context.meter", "checks", "warnings[]")  # fmt: skip
 
 
 def test_exported_json_schema_is_the_models() -> None:
@@ -149,6 +150,23 @@ def test_load_reads_older_and_newer_minor_versions(tmp_path: Path) -> None:
         and rep.energy.null_reason == "not recorded"
     )
     assert rep.levels[0].chains_ok is None and rep.levels[0].energy_by_hop == {}
+    v12 = _doc(schema_version="1.2")  # before 1.3's context, checks, warnings, tails and spread
+    for key in ("context", "checks", "warnings"):
+        del v12[key]
+    for lv in v12["levels"]:
+        for key in ("requests_per_s", "repeat_spread"):
+            del lv[key]
+        for key in ("bootstrap", "widened"):
+            del lv["ci"][key]
+        for p in ("ttft_s", "itl_s", "e2e_s"):
+            del lv[p]["mean"]
+    for cx in v12["crossovers"]:
+        for key in ("status", "b_star_point", "undetermined_reason"):
+            del cx[key]
+    (tmp_path / "v12.json").write_text(json.dumps(v12))
+    rep = load(tmp_path / "v12.json")
+    assert rep.context is None and rep.warnings == [] and rep.levels[0].ci.widened == []
+    assert rep.levels[0].ttft_s.mean is None and rep.crossovers[0].status is None
     newer = _doc(schema_version=f"{SCHEMA_VERSION.split('.')[0]}.99", added_later={"x": 1})
     newer["levels"][0]["j_per_watt"] = 2.0
     (tmp_path / "newer.json").write_text(json.dumps(newer))

@@ -1,0 +1,121 @@
+"""The report's header: what ran, where and when.
+
+Date, qtrap's version and the command line come from loadgen itself; the backends and the engines they
+run from the proxy's ``GET /qtrap/v1/backends`` (vLLM's ``/version``, TGI's ``/info``, or "qtrap-sim
+(simulated)"); the GPUs, their names and the meter's kind, policy and update period from its
+``GET /qtrap/v1/energy``. A proxy too old to have ``/qtrap/v1/backends`` leaves ``backends`` empty with
+the reason.
+"""
+
+from __future__ import annotations
+
+import shlex
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+from loadgen import __version__
+from qtrap_common import wire
+
+COMMAND = "python -m loadgen"
+
+
+async def fetch_backends(
+    session: aiohttp.ClientSession, base: str
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The proxy's backends with their engines, or ([], why)."""
+    url = base.rstrip("/") + wire.BACKENDS_PATH
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=15)) as r:
+            if r.status != 200:
+                return [], f"GET {wire.BACKENDS_PATH}: HTTP {r.status} (a proxy without the route?)"
+            doc = await r.json(content_type=None)
+    except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+        return [], f"GET {wire.BACKENDS_PATH}: {e or type(e).__name__}"
+    rows = doc.get("backends") if isinstance(doc, dict) else None
+    if not isinstance(rows, list):
+        return [], f"GET {wire.BACKENDS_PATH}: not a list of backends"
+    return [b for b in rows if isinstance(b, dict)], None
+
+
+def build_context(
+    *,
+    started_unix_s: float,
+    argv: Sequence[str],
+    proxy_url: str,
+    embedded: bool,
+    model: str,
+    dataset: str,
+    data_file: str | None,
+    hops: str,
+    precisions: Sequence[str],
+    backends: list[dict[str, Any]],
+    backends_null_reason: str | None,
+    energy: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``Context``'s fields. ``backends``: the proxy's (every pool's); those of ``model`` at the swept
+    precisions are kept. ``energy``: the last ``energy_snapshot`` (with the meter's kind and policy)."""
+    mine = [b for b in backends if b.get("pool") == model and b.get("precision") in precisions]
+    rows: list[dict[str, Any]] = [
+        {
+            "name": str(b.get("name")),
+            "pool": str(b.get("pool")),
+            "precision": str(b.get("precision")),
+            "kind": str(b.get("kind")),
+            "model": str(b.get("model")),
+            "url": b.get("url"),
+            "devices": [str(d) for d in b.get("devices") or []],
+            "engine": str(b.get("engine") or b.get("kind")),
+            "engine_version": b.get("engine_version"),
+            "simulated": bool(b.get("simulated")),
+            "served_model": b.get("served_model"),
+            "max_model_len": b.get("max_model_len"),
+            "dtype": b.get("dtype"),
+            "engine_error": b.get("engine_error"),
+        }
+        for b in mine
+    ]
+    devices = (energy or {}).get("devices") or {}
+    wanted = [d for b in rows for d in b["devices"]] or list(devices)
+    gpus: list[dict[str, Any]] = [
+        {
+            "device": d,
+            "name": (devices.get(d) or {}).get("name"),
+            "update_period_s": (devices.get(d) or {}).get("update_period_s"),
+        }
+        for d in dict.fromkeys(wanted)
+    ]
+    periods = [float(g["update_period_s"]) for g in gpus if g["update_period_s"]]
+    return {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_unix_s)),
+        "qtrap_version": __version__,
+        "command_line": shlex.join([*COMMAND.split(), *argv]),
+        "proxy_url": proxy_url,
+        "embedded": embedded,
+        "model": model,
+        "dataset": dataset,
+        "data_file": data_file,
+        "hops": hops,
+        "backends": rows,
+        "backends_null_reason": None
+        if rows
+        else backends_null_reason or f"the proxy lists no backend of {model} at {', '.join(precisions)}",
+        "gpus": gpus,
+        "gpu_count": len(gpus),
+        "gpu_names": sorted({g["name"] for g in gpus if g["name"]}),
+        "meter": {
+            "kind": (energy or {}).get("meter"),
+            "policy": (energy or {}).get("policy"),
+            "interval_s": (energy or {}).get("interval_s"),
+            "update_period_s": statistics.median(periods) if periods else None,
+        },
+    }
+
+
+def engine_line(b: Any) -> str:
+    """``vLLM 0.26.0`` / ``qtrap-sim (simulated) 0.1.0`` / ``TGI (version unknown)`` of a BackendInfo."""
+    version = b.engine_version or "(version unknown)"
+    return f"{b.engine} {version}"
