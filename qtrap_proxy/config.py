@@ -235,7 +235,7 @@ class CostConfig(_Strict):
     sticky_chains: bool = Field(True, description="a chain's hops stay on the precision its first hop got")
     sticky_max: int = Field(100_000, gt=0, description="chains remembered for sticky_chains (LRU)")
     sticky_max_ratio: float | None = Field(
-        2.0,
+        1.5,
         ge=1,
         allow_inf_nan=False,
         description="a sticky chain is routed afresh when its precision costs more than this times the "

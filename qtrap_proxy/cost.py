@@ -34,7 +34,7 @@ The decision (``CostPolicy.decide``), for a request whose precision is not pinne
    Slow start: a candidate with as many requests in flight as twice the highest load its curve has a
    point at, plus one, is past its measured range and takes no more while another candidate is within
    its own; when every candidate with data is past it, the one least far past it (in flight / that cap)
-   takes the request (``ramp``): a burst of arrivals spreads instead of piling onto the backend that was
+   takes the request (``ramp``; the cheapest of those at most twice as far past as the least): a burst of arrivals spreads instead of piling onto the backend that was
    cheapest at the load before the burst, and the curves extend as the load rises. If no candidate has
    data yet, the default precision's candidates in turn (``no_data``).
 3. cost = the backend's dynamic J/token at its load plus this request / accuracy(precision).
@@ -43,8 +43,9 @@ The decision (``CostPolicy.decide``), for a request whose precision is not pinne
    cheapest candidate's; beyond that the chain is routed afresh (a load change can make a chain's
    precision several times dearer than another).
 5. The pool's current best changes only when another candidate's expected cost is lower than the best's by
-   more than ``hysteresis``. With probability ``explore`` a uniformly drawn other candidate
-   (``explore``); else Thompson sampling: the points of each candidate's curve segment drawn from
+   more than ``hysteresis``. With probability ``explore`` a uniformly drawn other candidate, kept with
+   probability best cost / its cost (``explore``: exploration's extra energy stays about ``explore`` of
+   the pool's); else Thompson sampling: the points of each candidate's curve segment drawn from
    Normal(mean, standard error) and its marginal cost computed from the draws; a candidate whose draw beats
    the best's draw by more than ``hysteresis`` gets the request (``explore``), otherwise the best does
    (``cheapest``).
@@ -484,8 +485,11 @@ class CostPolicy:
             if idle:
                 return self._done(ps, idle[next(ps.turn) % len(idle)], "explore", chain_id)
         if not known:
-            if beyond:  # every measured candidate is past its range: the least far past it
-                return self._done(ps, min(beyond, key=lambda fs: fs[0])[1], "ramp", chain_id)
+            if beyond:  # every measured candidate is past its range: the cheapest of the least far past
+                least = min(f for f, _ in beyond)
+                near = [s for f, s in beyond if f <= RAMP_FACTOR * least]
+                pick = min(near, key=lambda s: s.cost(s.backend.inflight, now, half) / acc[s.precision][0])
+                return self._done(ps, pick, "ramp", chain_id)
             dflt = [s for s in live if s.precision == ps.default_precision] or live
             return self._done(ps, dflt[next(ps.turn) % len(dflt)], "no_data", chain_id)
         best_i = min(range(len(costs)), key=costs.__getitem__)
@@ -496,8 +500,13 @@ class CostPolicy:
         if len(known) > 1:
             rng = self.rng
             if cfg.explore > 0 and rng.random() < cfg.explore:
+                # a uniformly drawn other candidate, taken with probability best cost / its cost: the
+                # energy exploration adds stays about ``explore`` of the pool's (an idle replica that
+                # costs 20x the busy best is tried 20x less often)
                 j = rng.randrange(len(known) - 1)
-                return self._done(ps, known[j + (j >= cur_i)], "explore", chain_id)
+                j += j >= cur_i
+                if rng.random() * costs[j] <= costs[cur_i]:
+                    return self._done(ps, known[j], "explore", chain_id)
             gauss = rng.gauss
 
             def normal() -> float:
