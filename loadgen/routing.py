@@ -48,6 +48,7 @@ from loadgen.schedreport import (
     POLICY_HEAD,
     _console,
     _print_table,
+    comparison,
     policy_rows,
     render_schedules,
     write_markdown,
@@ -363,6 +364,8 @@ def compare_routing(args: argparse.Namespace) -> int:
     write_csv(runs, out / "requests.csv", scored=not args.no_score)
     console = _console()
     _print_table(console, f"Routing policies under {args.schedule.spec}", POLICY_HEAD, policy_rows(doc))
+    for line in comparison(doc):
+        console.print(line)
     for p in doc.policies:
         if not p.ran:
             console.print(f"{p.policy}: not run: {p.not_run_reason}", highlight=False, markup=False)

@@ -5,6 +5,7 @@ meter): compare-routing with pinned precisions, round_robin and cost (run if the
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,16 @@ def test_compare_routing_on_the_embedded_default(tmp_path: Path) -> None:
     assert set(pols["round_robin"]["run"]["totals"]["precision_share"]) <= {"bf16", "int4"}
     md = (out / "compare-routing.md").read_text()
     assert "| round_robin |" in md and "fleet J" in md
+    # the comparison: the best pinned policy, the per-window oracle (never worse than it), each unpinned one
+    jpc = {p["policy"]: p["run"]["totals"]["j_per_correct"] for p in ran}
+    best = min(("bf16", "int4"), key=jpc.__getitem__)
+    fleet = {p["policy"]: p["run"]["totals"]["fleet_energy_j"] for p in ran}
+    correct = {p["policy"]: p["run"]["totals"]["correct"] for p in ran}
+    assert f"* Best pinned policy: {best}, {fleet[best] / correct[best]:.4g} J/correct" in md
+    oracle = re.search(r"\* Per-window oracle over the pinned runs' \d+ windows: (\S+) J/correct", md)
+    assert oracle is not None and float(oracle.group(1)) <= fleet[best] / correct[best] * (1 + 1e-3)
+    assert re.search(r"\* cost: \S+ J/correct, [+-]\d+\.\d% against the best pinned policy", md)
+    assert "Best pinned policy" in proc.stdout
     assert (out / "requests.csv").read_text().count("\n") > 10
 
 
