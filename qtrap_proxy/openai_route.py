@@ -3,6 +3,12 @@
 Streams always get ``stream_options.include_usage`` upstream (plus vLLM's
 ``continuous_usage_stats``), so prompt and completion tokens are always known;
 what the client did not ask for is taken out again before it reaches it.
+
+Energy where clients look: the ``usage`` object of a non-streaming answer and of a stream's
+usage-only chunk (sent when the client asks ``stream_options.include_usage``; a stream that did
+not ask gets no usage chunk, its figure is in the record) gains ``energy_j`` (the provisional
+figure, null when unknown, never 0) and ``qtrap`` (:func:`usage_members`). Everything else in the
+answer is relayed byte for byte; only the usage object is rewritten.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from qtrap_common.asgi import Scope
 from qtrap_proxy.edge import EdgeRoute
 from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
 from qtrap_proxy.limits import ClientHeaders, bounded, check_model, dump_json_object, parse_json_object
-from qtrap_proxy.proxy import Proxy
+from qtrap_proxy.proxy import AnswerEnergy, Proxy
 from qtrap_proxy.relay import Prepared, StreamFilter
 from qtrap_proxy.sse import data_of
 from qtrap_proxy.timeline import Timeline
@@ -54,6 +60,46 @@ def usage_span(payload: bytes) -> tuple[int, int, int, int] | None:
     return u, end, start, end
 
 
+def usage_members(tl: Timeline, energy: AnswerEnergy) -> dict[str, Any]:
+    """What the proxy adds to an answer's ``usage`` object.
+
+    ``energy_j``: joules attributed to the request so far plus an estimate for the time the meter has
+    not read yet; null when unknown (never 0). ``qtrap.provisional``: true while the final figure, which
+    settles in the ledger once the meter has read past the request's end, may still differ; false when
+    it is already known to be null. ``qtrap.record_url``: the record's path on the proxy (relative to
+    its base URL), where the final figure appears (``final: true``).
+    """
+    q: dict[str, Any] = {
+        "provisional": energy.provisional,
+        "request_id": tl.request_id,
+        "record_url": wire.path(wire.REQUEST_PATH, request_id=tl.request_id),
+        "backend": tl.backend,
+        "precision": tl.precision,
+    }
+    if energy.joules is None:
+        q["energy_unknown_reason"] = energy.reason
+    return {"energy_j": energy.joules, "qtrap": q}
+
+
+def add_to_usage(payload: bytes, members: Mapping[str, Any]) -> bytes | None:
+    """``payload`` (a JSON answer or chunk) with ``members`` set in its ``usage`` object; None when it
+    has no usage object. Only the usage object is rewritten; the rest stays byte for byte."""
+    span = usage_span(payload)
+    try:
+        if span is not None:  # compact JSON (vLLM, qtrap-sim): rewrite the usage object in place
+            usage = orjson.loads(payload[span[2] : span[3]])
+            if isinstance(usage, dict):
+                usage.update(members)
+                return payload[: span[2]] + orjson.dumps(usage) + payload[span[3] :]
+        obj = orjson.loads(payload)  # any other layout: the whole document
+    except (orjson.JSONDecodeError, TypeError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
+        return None
+    obj["usage"].update(members)
+    return orjson.dumps(obj)
+
+
 class OpenAIStreamFilter(StreamFilter):
     """Counts tokens per chunk and strips the usage the client did not ask for."""
 
@@ -65,9 +111,9 @@ class OpenAIStreamFilter(StreamFilter):
         "hop_pattern",
         "keep_usage_chunk",
         "last_completion",
-        "qtrap_info",
         "strip_usage",
         "tl",
+        "usage_extra",
     )
 
     def __init__(
@@ -78,7 +124,7 @@ class OpenAIStreamFilter(StreamFilter):
         keep_usage_chunk: bool,
         strip_usage: bool,
         hop_pattern: re.Pattern[str] | None = None,
-        qtrap_info: Callable[[], dict[str, Any]] | None = None,
+        usage_extra: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.tl = tl
         self.continuous = continuous  # usage on every chunk: token counts are exact
@@ -94,7 +140,7 @@ class OpenAIStreamFilter(StreamFilter):
         self.hop_has_text = False
         if hop_pattern is not None:
             tl.chunk_hop = []
-        self.qtrap_info = qtrap_info  # adds a `qtrap` object (provisional energy) to the usage chunk
+        self.usage_extra = usage_extra  # members added to the usage chunk's usage (energy)
 
     def process(self, events: list[bytes], now: float) -> bytes:
         out: list[bytes] = []
@@ -118,7 +164,7 @@ class OpenAIStreamFilter(StreamFilter):
                             tl.add_chunk(now, tokens)  # no hop split on the fast path
                         if _NO_CHOICES in payload:  # the usage-only chunk
                             if self.keep_usage_chunk:
-                                out.append(self._with_qtrap(ev, payload))
+                                out.append(self._with_energy(ev, payload))
                         elif self.strip_usage:
                             out.append(b"data: " + payload[: span[0]] + payload[span[1] :])
                         else:
@@ -145,7 +191,7 @@ class OpenAIStreamFilter(StreamFilter):
                     if tokens > 0:
                         self._add(now, tokens, None)
                     if self.keep_usage_chunk:
-                        out.append(self._with_qtrap(ev, payload))
+                        out.append(self._with_energy(ev, payload))
                     continue
                 if self.strip_usage:
                     del obj["usage"]
@@ -176,15 +222,11 @@ class OpenAIStreamFilter(StreamFilter):
                         self.hop += 1
                         self.hop_has_text = False
 
-    def _with_qtrap(self, ev: bytes, payload: bytes) -> bytes:
-        if self.qtrap_info is None:
+    def _with_energy(self, ev: bytes, payload: bytes) -> bytes:
+        if self.usage_extra is None:
             return ev
-        try:
-            obj = orjson.loads(payload)
-            obj["qtrap"] = self.qtrap_info()
-            return b"data: " + orjson.dumps(obj)
-        except (orjson.JSONDecodeError, TypeError):
-            return ev
+        out = add_to_usage(payload, self.usage_extra())
+        return ev if out is None else b"data: " + out
 
     def _usage(self, usage: dict[str, Any]) -> int:
         """Record a usage object; returns the new completion tokens it reports (continuous usage only)."""
@@ -305,15 +347,15 @@ class OpenAIRoute(EdgeRoute):
                 keep_usage_chunk=client_usage,
                 strip_usage=(not client_continuous) if continuous else not client_usage,
                 hop_pattern=hop_pattern,
-                qtrap_info=lambda: {
-                    "request_id": tl.request_id,
-                    "energy_j_provisional": proxy.provisional_j(tl),
-                    "record": wire.path(wire.REQUEST_PATH, request_id=tl.request_id),
-                },
+                usage_extra=lambda: usage_members(tl, proxy.answer_energy(tl)),
             )
         return Prepared(
             backend, self.path, dump_json_object(req), stream, filt, hop_split=hop_pattern is not None
         )
+
+    def answer_body(self, tl: Timeline, body: bytes, energy: AnswerEnergy) -> bytes:
+        out = add_to_usage(body, usage_members(tl, energy))
+        return body if out is None else out
 
     def account_full_body(self, tl: Timeline, body: bytes, headers: Mapping[str, str]) -> None:
         try:

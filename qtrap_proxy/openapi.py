@@ -66,7 +66,11 @@ class StreamOptions(_Open):
     """OpenAI's ``stream_options``. The proxy always asks the backend for usage and removes again
     what the client did not ask for."""
 
-    include_usage: bool | None = Field(None, description="a last chunk with `usage` (and a `qtrap` object)")
+    include_usage: bool | None = Field(
+        None,
+        description="a last chunk with `usage`, which carries the energy (`energy_j`, `qtrap`; see "
+        "EnergyUsage); a stream that does not ask gets no usage chunk",
+    )
     continuous_usage_stats: bool | None = Field(None, description="vLLM: `usage` on every chunk")
 
 
@@ -257,6 +261,36 @@ class ScoreResult(_Open):
     precision: str | None
 
 
+class UsageQtrap(BaseModel):
+    """Where the figure stands as the answer is sent (docs/clients.md)."""
+
+    provisional: bool = Field(
+        description="true: the final figure settles later in the ledger (read `record_url`) and may differ; "
+        "false: already known to stay null"
+    )
+    request_id: str
+    record_url: str = Field(description="the record's path on the proxy (relative to its base URL)")
+    backend: str | None
+    precision: str | None
+    energy_unknown_reason: str | None = Field(None, description="only when `energy_j` is null: why")
+
+
+class EnergyUsage(_Open):
+    """What the proxy adds to the `usage` object of a non-streaming OpenAI answer and of a stream's usage
+    chunk (the other usage fields are the backend's, unchanged)."""
+
+    energy_j: float | None = Field(
+        description="provisional GPU energy attributed to the request, in joules; null when unknown, never 0"
+    )
+    qtrap: UsageQtrap
+
+
+class OpenAIAnswer(_Open):
+    """OpenAI's response object, relayed byte for byte but for `usage`, which gains the energy."""
+
+    usage: EnergyUsage | None = None
+
+
 class EnergyReport(_Open):
     """Per device: meter state, measured, metered, attributed, idle and foreign joules, conservation error;
     per counted backend: its token counters' state."""
@@ -279,6 +313,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     ChainPage,
     ScoreResult,
     EnergyReport,
+    OpenAIAnswer,
 )
 
 
@@ -448,7 +483,7 @@ def _relay_ok(stream_terminator: str, json_schema: dict[str, Any]) -> Callable[[
     def build() -> dict[str, Any]:
         return {
             "description": "the backend's answer, relayed byte for byte (usage the client did not ask for "
-            "removed from streams); a stream the backend breaks off ends with an error event"
+            "removed from streams; on the OpenAI routes the energy added to `usage`); a stream the backend breaks off ends with an error event"
             + stream_terminator,
             "headers": {
                 _RESPONSE_HEADER_NAMES[h].decode(): _ref("headers", h)
@@ -474,7 +509,7 @@ def _relay_ok(stream_terminator: str, json_schema: dict[str, Any]) -> Callable[[
     return build
 
 
-_OPENAI_OK = _relay_ok(", then `data: [DONE]`", {"type": "object", "description": "OpenAI's response object"})
+_OPENAI_OK = _relay_ok(", then `data: [DONE]`", _ref("schemas", "OpenAIAnswer"))
 _TGI_OK = _relay_ok(
     " (`error_type: incomplete_generation`); the last event of a complete one carries `generated_text`",
     {"description": "TGI's response (`POST /`: an array of one)"},

@@ -33,7 +33,7 @@ from qtrap_proxy.errors import (
     UpstreamError,
 )
 from qtrap_proxy.limits import trace_context
-from qtrap_proxy.proxy import Proxy
+from qtrap_proxy.proxy import AnswerEnergy, Proxy
 from qtrap_proxy.sse import SSESplitter
 from qtrap_proxy.timeline import Timeline, new_request_id
 from qtrap_proxy.upstream import Backend
@@ -90,6 +90,10 @@ class RelayRoute(ABC):
     @abstractmethod
     def account_full_body(self, tl: Timeline, body: bytes, headers: Mapping[str, str]) -> None:
         """Fill token counts from a non-streaming response."""
+
+    def answer_body(self, tl: Timeline, body: bytes, energy: AnswerEnergy) -> bytes:
+        """The non-streaming answer as sent to the client (the OpenAI routes add the energy to ``usage``)."""
+        return body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         proxy = self.proxy
@@ -148,9 +152,10 @@ class RelayRoute(ABC):
                     data = await resp.read()
                     self.account_full_body(tl, data, resp.headers)
                     self.proxy.energy.on_answer_headers(tl, resp.headers)
-                    provisional = self.proxy.provisional_j(tl)
-                    if provisional is not None:
-                        hdrs.append((H_ENERGY, f"{provisional:.6g}".encode()))
+                    energy = self.proxy.answer_energy(tl)
+                    if energy.joules is not None:
+                        hdrs.append((H_ENERGY, f"{energy.joules:.6g}".encode()))
+                    data = self.answer_body(tl, data, energy)
                     await send_full(send, 200, data, hdrs, None)
                     tl.finish("ok", 200)
                     return

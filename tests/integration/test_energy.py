@@ -127,8 +127,8 @@ def test_openai_sdk_sees_provisional_energy(energy: EnergySetup) -> None:
     )
     last = chunks[-1]
     assert last.usage is not None and last.usage.completion_tokens == 20
-    extra = last.model_extra or {}
-    assert extra["qtrap"]["request_id"] and extra["qtrap"]["energy_j_provisional"] > 0
+    extra = last.usage.model_extra or {}
+    assert extra["qtrap"]["request_id"] and extra["qtrap"]["provisional"] and extra["energy_j"] > 0
     final = _wait_final(energy.url, [extra["qtrap"]["request_id"]])[0]
     assert final["energy_j"] > 0 and final["final"] is True
 
