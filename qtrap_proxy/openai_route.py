@@ -371,3 +371,47 @@ class OpenAIRoute(EdgeRoute):
                 tl.completion_tokens = ct
                 tl.tokens_exact = True
                 tl.add_chunk(time.monotonic(), ct)
+
+
+_VLLM_OR_OPENAI = frozenset({"vllm", "openai"})
+
+
+class EmbeddingsRoute(EdgeRoute):
+    """``POST /v1/embeddings``, relayed to a vLLM or OpenAI-compatible backend of the pool and accounted
+    as any request: a record with its prompt tokens (no completion tokens) and its energy, which is also
+    added to the answer's ``usage`` as on the other OpenAI routes. Never streamed."""
+
+    path = "/v1/embeddings"
+    route_name = "embeddings"
+
+    def error_body(self, err: QtrapError) -> bytes:
+        return err.openai_body()
+
+    def prepare_checked(self, scope: Scope, body: bytes, tl: Timeline, headers: ClientHeaders) -> Prepared:
+        req = parse_json_object(body)
+        model = check_model(req.get("model"), "model")
+        value = req.get("input")
+        if not isinstance(value, str | list) or not value:
+            raise BadRequest(
+                "`input` is required (a string, an array of strings or of token arrays)", param="input"
+            )
+        decision = self.proxy.router.route(model, headers.precision, _VLLM_OR_OPENAI, chain_id=tl.chain_id)
+        backend = decision.backend
+        tl.routing, tl.route_reason = decision.policy, decision.reason
+        req["model"] = backend.cfg.model
+        return Prepared(backend, self.path, dump_json_object(req), False, None)
+
+    def answer_body(self, tl: Timeline, body: bytes, energy: AnswerEnergy) -> bytes:
+        out = add_to_usage(body, usage_members(tl, energy))
+        return body if out is None else out
+
+    def account_full_body(self, tl: Timeline, body: bytes, headers: Mapping[str, str]) -> None:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            tl.prompt_tokens = usage["prompt_tokens"]
+            tl.completion_tokens = 0
+            tl.tokens_exact = True

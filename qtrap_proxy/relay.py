@@ -79,6 +79,8 @@ class RelayRoute(ABC):
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
+        # the client headers forwarded upstream (server.forward_headers, checked by the config)
+        self.forward = frozenset(name.encode() for name in proxy.config.server.forward_headers)
 
     @abstractmethod
     def prepare(self, scope: Scope, body: bytes, tl: Timeline) -> Prepared:
@@ -117,7 +119,13 @@ class RelayRoute(ABC):
             disconnected = await run_until_disconnect(
                 # with auth on the client's Authorization is a qtrap key: never sent upstream (the gate
                 # has taken it out of the scope as well)
-                self._relay(prep, tl, None if who is not None else header(scope, b"authorization"), send),
+                self._relay(
+                    prep,
+                    tl,
+                    None if who is not None else header(scope, b"authorization"),
+                    send,
+                    self.forwarded(scope),
+                ),
                 receive,
             )
             if disconnected and tl.end is None:
@@ -134,12 +142,25 @@ class RelayRoute(ABC):
                 tl.finish("client_disconnected", 499, "cancelled")
             proxy.end(tl, was_inflight=True)
 
-    async def _relay(self, prep: Prepared, tl: Timeline, client_auth: str | None, send: Send) -> None:
+    def forwarded(self, scope: Scope) -> list[tuple[str, str]] | None:
+        """The client's headers named in ``server.forward_headers`` (None when it names none)."""
+        if not self.forward:
+            return None
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k in self.forward]
+
+    async def _relay(
+        self,
+        prep: Prepared,
+        tl: Timeline,
+        client_auth: str | None,
+        send: Send,
+        forwarded: list[tuple[str, str]] | None = None,
+    ) -> None:
         started = False
         own = self.proxy.response_headers(tl)
         try:
             async with prep.backend.post(
-                prep.path, prep.body, tl.request_id, client_auth, tl.traceparent, tl.tracestate
+                prep.path, prep.body, tl.request_id, client_auth, tl.traceparent, tl.tracestate, forwarded
             ) as resp:
                 tl.first_byte = time.monotonic()
                 hdrs = relay_headers(resp.raw_headers) + own

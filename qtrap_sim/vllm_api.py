@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from qtrap_common import wire
 from qtrap_sim.backend import SimBackend
-from qtrap_sim.textgen import count_tokens
+from qtrap_sim.textgen import count_tokens, detokenize, embedding, token_ids
 from qtrap_sim.tracing import SpanRequest
 
 
@@ -221,10 +221,97 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
             }
         )
 
+    async def _body(request: Request) -> dict[str, Any]:
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as e:
+            raise VLLMError(400, f"invalid JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise VLLMError(400, "request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != cfg.served_name:
+            raise VLLMError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        return body
+
+    async def embeddings(request: Request) -> Response:
+        """vLLM's pooling API, minimal: each input is prefilled on the engine (one step of GPU work, so
+        it draws energy) and answered with a deterministic unit vector (`dimensions`, default 16)."""
+        try:
+            body = await _body(request)
+            if body.get("model") is None:
+                raise VLLMError(400, "model: Field required", param="model")
+            raw = body.get("input")
+            if isinstance(raw, str) or (
+                isinstance(raw, list) and raw and all(isinstance(t, int) for t in raw)
+            ):
+                raw = [raw]
+            if not isinstance(raw, list) or not raw or not all(isinstance(x, str | list) for x in raw):
+                raise VLLMError(400, "input: a string, an array of strings or of token arrays", param="input")
+            texts = [x if isinstance(x, str) else " ".join(map(str, x)) for x in raw]
+            dims = body.get("dimensions") or 16
+            if not isinstance(dims, int) or not 1 <= dims <= 4096:
+                raise VLLMError(400, "dimensions must be an integer from 1 to 4096", param="dimensions")
+            counts = [len(x) if isinstance(x, list) else count_tokens(x) for x in raw]
+            if max(counts) >= cfg.max_model_len:
+                raise VLLMError(
+                    400, f"This model's maximum context length is {cfg.max_model_len} tokens.", param="input"
+                )
+        except VLLMError as e:
+            return e.response()
+        rid = request.headers.get(wire.REQUEST_ID) or uuid.uuid4().hex
+        req, text = backend.new_request(rid, "\n".join(texts), sum(counts), 1, 0, 0.0)
+        if await backend.collect(backend.generate(req, text, []), request.receive) is None:
+            return Response(b"", status_code=499)
+        n = sum(counts)
+        return _json(
+            {
+                "id": "embd-" + rid,
+                "object": "list",
+                "created": int(time.time()),
+                "model": cfg.served_name,
+                "data": [
+                    {"index": i, "object": "embedding", "embedding": embedding(t, dims)}
+                    for i, t in enumerate(texts)
+                ],
+                "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0},
+            }
+        )
+
+    async def tokenize(request: Request) -> Response:
+        try:
+            body = await _body(request)
+            if "messages" in body:
+                text, _ = _prompt_of(body, True)
+            elif isinstance(body.get("prompt"), str):
+                text = body["prompt"]
+            else:
+                raise VLLMError(400, "prompt (a string) or messages is required", param="prompt")
+        except VLLMError as e:
+            return e.response()
+        ids = token_ids(text)
+        return _json(
+            {"count": len(ids), "max_model_len": cfg.max_model_len, "tokens": ids, "token_strs": None}
+        )
+
+    async def detokenize_route(request: Request) -> Response:
+        try:
+            body = await _body(request)
+            ids = body.get("tokens")
+            if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in ids
+            ):
+                raise VLLMError(400, "tokens: an array of integers", param="tokens")
+        except VLLMError as e:
+            return e.response()
+        return _json({"prompt": detokenize(ids)})
+
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_route, methods=["POST"]),
             Route("/v1/completions", completions_route, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/tokenize", tokenize, methods=["POST"]),
+            Route("/detokenize", detokenize_route, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             *backend.common_routes(),
         ],

@@ -385,7 +385,7 @@ ids = mostly(
 
 def fill_path(path: str, value: str) -> str:
     quoted = urllib.parse.quote(value, safe="")
-    return path.replace("{request_id}", quoted).replace("{chain_id}", quoted)
+    return path.replace("{request_id}", quoted).replace("{chain_id}", quoted).replace("{model_id}", quoted)
 
 
 @st.composite
@@ -517,11 +517,17 @@ def operations(spec: dict[str, Any]) -> list[tuple[str, str]]:
 OPERATIONS = [
     ("/v1/chat/completions", "post"),
     ("/v1/completions", "post"),
+    ("/v1/embeddings", "post"),
+    ("/tokenize", "post"),
+    ("/detokenize", "post"),
     ("/v1/models", "get"),
+    ("/v1/models/{model_id}", "get"),
     ("/generate", "post"),
     ("/generate_stream", "post"),
     ("/", "post"),
     ("/health", "get"),
+    ("/health/live", "get"),
+    ("/health/ready", "get"),
     ("/metrics", "get"),
     ("/openapi.json", "get"),
     ("/qtrap/v1/requests/{request_id}", "get"),
