@@ -25,6 +25,7 @@ from qtrap_proxy.ledger import Ledger
 from qtrap_proxy.openai_route import EmbeddingsRoute, OpenAIRoute
 from qtrap_proxy.passthrough import PassthroughRoute
 from qtrap_proxy.proxy import Proxy
+from qtrap_proxy.responses_route import ResponsesRoute
 from qtrap_proxy.tgi_route import TGIRoute
 
 log = logging.getLogger("qtrap.shutdown")
@@ -172,6 +173,7 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
         "/v1/chat/completions": OpenAIRoute(proxy, chat=True),
         "/v1/completions": OpenAIRoute(proxy, chat=False),
         "/v1/embeddings": EmbeddingsRoute(proxy),
+        "/v1/responses": ResponsesRoute(proxy),
         "/tokenize": PassthroughRoute(proxy, "/tokenize"),
         "/detokenize": PassthroughRoute(proxy, "/detokenize"),
         "/generate": TGIRoute(proxy, "/generate"),

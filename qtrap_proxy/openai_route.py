@@ -20,7 +20,6 @@ from typing import Any
 
 import orjson
 
-from qtrap_common import wire
 from qtrap_common.asgi import Scope
 from qtrap_proxy.edge import EdgeRoute
 from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
@@ -29,75 +28,11 @@ from qtrap_proxy.proxy import AnswerEnergy, Proxy
 from qtrap_proxy.relay import Prepared, StreamFilter
 from qtrap_proxy.sse import data_of
 from qtrap_proxy.timeline import Timeline
+from qtrap_proxy.usage import add_to_usage, usage_members, usage_span
 
 _DONE = b"[DONE]"
 _LINES = re.compile(r"\n")
-_USAGE = b'"usage":{'
 _NO_CHOICES = b'"choices":[]'
-
-
-def usage_span(payload: bytes) -> tuple[int, int, int, int] | None:
-    """Where the ``"usage":{...}`` member sits in a compact JSON chunk (as vLLM writes them).
-
-    Returns (cut_start, cut_end, obj_start, obj_end): ``payload[obj_start:obj_end]`` is the
-    usage object and removing ``payload[cut_start:cut_end]`` leaves valid JSON without it.
-    A key inside a string value cannot match: its quotes would be escaped.
-    """
-    u = payload.find(_USAGE)
-    if u < 0:
-        return None
-    start = u + 8
-    end = payload.find(b"}", start)
-    while end >= 0 and payload.count(b"{", start, end + 1) > payload.count(b"}", start, end + 1):
-        end = payload.find(b"}", end + 1)
-    if end < 0:
-        return None
-    end += 1
-    if payload[u - 1 : u] == b",":
-        return u - 1, end, start, end
-    if payload[end : end + 1] == b",":
-        return u, end + 1, start, end
-    return u, end, start, end
-
-
-def usage_members(tl: Timeline, energy: AnswerEnergy) -> dict[str, Any]:
-    """What the proxy adds to an answer's ``usage`` object.
-
-    ``energy_j``: joules attributed to the request so far plus an estimate for the time the meter has
-    not read yet; null when unknown (never 0). ``qtrap.provisional``: true while the final figure, which
-    settles in the ledger once the meter has read past the request's end, may still differ; false when
-    it is already known to be null. ``qtrap.record_url``: the record's path on the proxy (relative to
-    its base URL), where the final figure appears (``final: true``).
-    """
-    q: dict[str, Any] = {
-        "provisional": energy.provisional,
-        "request_id": tl.request_id,
-        "record_url": wire.path(wire.REQUEST_PATH, request_id=tl.request_id),
-        "backend": tl.backend,
-        "precision": tl.precision,
-    }
-    if energy.joules is None:
-        q["energy_unknown_reason"] = energy.reason
-    return {"energy_j": energy.joules, "qtrap": q}
-
-
-def add_to_usage(payload: bytes, members: Mapping[str, Any]) -> bytes | None:
-    """``payload`` (a JSON answer or chunk) with ``members`` set in its ``usage`` object; None when it
-    has no usage object. Only the usage object is rewritten; the rest stays byte for byte."""
-    span = usage_span(payload)
-    try:
-        if span is not None:  # compact JSON (vLLM, qtrap-sim): rewrite the usage object in place
-            usage = orjson.loads(payload[span[2] : span[3]])
-            if isinstance(usage, dict):
-                usage.update(members)
-                return payload[: span[2]] + orjson.dumps(usage) + payload[span[3] :]
-        obj = orjson.loads(payload)  # any other layout: the whole document
-    except (orjson.JSONDecodeError, TypeError):
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
-        return None
-    obj["usage"].update(members)
-    return orjson.dumps(obj)
 
 
 class OpenAIStreamFilter(StreamFilter):

@@ -110,6 +110,18 @@ class EmbeddingRequest(_Open):
     )
 
 
+class ResponsesRequest(_Open):
+    """OpenAI's Responses API request; fields not listed pass through to the backend unchanged."""
+
+    model: str = _MODEL
+    input: str | list[Any] = Field(
+        description="a string or a non-empty array of input items (relayed as sent)"
+    )
+    stream: bool | None = Field(
+        False, description="answer as server-sent events (`event: response.*`), the last `response.completed`"
+    )
+
+
 class TokenizeRequest(_Open):
     """vLLM's `/tokenize` (`prompt` or `messages`) and `/detokenize` (`tokens`) request, passed through."""
 
@@ -338,6 +350,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ResponsesRequest,
     TokenizeRequest,
     ReadyReport,
     TGIRequest,
@@ -594,6 +607,17 @@ OPERATIONS: tuple[Operation, ...] = (
         "/v1/embeddings", "post", "OpenAI embeddings (relayed; a record with prompt tokens and energy)",
         "openai", "openai", body="EmbeddingRequest", params=("XQtrapPrecision", "XQtrapChainId", "XQtrapHop"),
         ok=_json_relay_ok("OpenAI's embeddings answer; `usage` gains the energy (EnergyUsage)", "OpenAIAnswer"),
+        not_found="unknown model or precision, or no vLLM/OpenAI backend at it",
+    ),
+    Operation(
+        "/v1/responses", "post", "OpenAI Responses API (relayed; a record, the energy in `usage`)", "openai",
+        "openai", body="ResponsesRequest", params=("XQtrapPrecision", "XQtrapChainId", "XQtrapHop"),
+        ok=_relay_ok(
+            ": `event: error` with `{\"type\": \"error\"}`; a complete one ends with `response.completed`, "
+            "whose `response.usage` gains the energy (no `[DONE]`)",
+            _ref("schemas", "OpenAIAnswer"),
+        ),
+        streams=True,
         not_found="unknown model or precision, or no vLLM/OpenAI backend at it",
     ),
     Operation(

@@ -277,6 +277,107 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
             }
         )
 
+    async def responses(request: Request) -> Response:
+        """OpenAI's Responses API as vLLM serves it, minimal: `input` (a string or messages),
+        `instructions`, `max_output_tokens`, `stream`; text output only. A stream is vLLM's event
+        sequence (`response.created`, `response.output_text.delta` per token, `response.completed` with
+        the usage), with no `[DONE]`."""
+        try:
+            body = await _body(request)
+            if body.get("model") is None:
+                raise VLLMError(400, "model: Field required", param="model")
+            raw = body.get("input")
+            if isinstance(raw, str):
+                msgs: list[Any] = [{"role": "user", "content": raw}]
+            elif isinstance(raw, list) and raw:
+                msgs = raw
+            else:
+                raise VLLMError(400, "input: a string or a non-empty array of messages", param="input")
+            if isinstance(body.get("instructions"), str):
+                msgs = [{"role": "system", "content": body["instructions"]}, *msgs]
+            prompt, prompt_tokens = _prompt_of({"messages": msgs}, True)
+            max_tokens = body.get("max_output_tokens") or min(256, cfg.max_model_len - prompt_tokens)
+            if not isinstance(max_tokens, int) or max_tokens < 1:
+                raise VLLMError(
+                    400, "max_output_tokens must be a positive integer", param="max_output_tokens"
+                )
+            if max_tokens + prompt_tokens > cfg.max_model_len:
+                raise VLLMError(
+                    400, f"This model's maximum context length is {cfg.max_model_len} tokens.", param="input"
+                )
+            temperature = body.get("temperature")
+            temperature = 1.0 if temperature is None else float(temperature)
+            stream = bool(body.get("stream"))
+        except VLLMError as e:
+            return e.response()
+        except (TypeError, ValueError) as e:
+            return VLLMError(400, str(e)).response()
+        rid = request.headers.get(wire.REQUEST_ID) or uuid.uuid4().hex
+        req, text = backend.new_request(rid, prompt, prompt_tokens, max_tokens, None, temperature)
+        gen = backend.generate(req, text, [])
+        oid, mid = "resp_" + rid, "msg_" + rid
+
+        def response(status: str, out: str | None) -> dict[str, Any]:
+            content = [] if out is None else [{"type": "output_text", "text": out, "annotations": []}]
+            return {
+                "id": oid,
+                "object": "response",
+                "created_at": int(time.time()),
+                "model": cfg.served_name,
+                "status": status,
+                "output": [
+                    {"type": "message", "id": mid, "status": status, "role": "assistant", "content": content}
+                ],
+                "usage": None
+                if out is None
+                else {
+                    "input_tokens": prompt_tokens,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": req.generated,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": prompt_tokens + req.generated,
+                },
+            }
+
+        if not stream:
+            answer = await backend.collect(gen, request.receive)
+            if answer is None:
+                return Response(b"", status_code=499)
+            return _json(response("completed", answer))
+
+        def event(kind: str, data: dict[str, Any]) -> bytes:
+            return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **data}) + b"\n\n"
+
+        async def events() -> AsyncIterator[bytes]:
+            seq = 0
+            parts: list[str] = []
+            try:
+                yield event(
+                    "response.created", {"sequence_number": seq, "response": response("in_progress", None)}
+                )
+                async for piece, _ in gen:
+                    seq += 1
+                    parts.append(piece)
+                    yield event(
+                        "response.output_text.delta",
+                        {
+                            "sequence_number": seq,
+                            "item_id": mid,
+                            "output_index": 0,
+                            "content_index": 0,
+                            "delta": piece,
+                        },
+                    )
+                seq += 1
+                yield event(
+                    "response.completed",
+                    {"sequence_number": seq, "response": response("completed", "".join(parts))},
+                )
+            finally:
+                await gen.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     async def tokenize(request: Request) -> Response:
         try:
             body = await _body(request)
@@ -310,6 +411,7 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
             Route("/v1/chat/completions", chat_route, methods=["POST"]),
             Route("/v1/completions", completions_route, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize_route, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),

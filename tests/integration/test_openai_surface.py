@@ -12,6 +12,7 @@ import openai
 import pytest
 import requests
 
+from qtrap_proxy.energy import reasons
 from tests.helpers import backend, free_port, proxy, sim, wait_meter
 
 
@@ -136,3 +137,36 @@ def test_ready_fails_without_a_backend_while_live_holds(tmp_path_factory: pytest
         body = r.json()
         assert body["status"] == "not_ready" and body["pools"] == {"qwen3-8b": False}
         assert body["reasons"] == ["pool qwen3-8b: no backend passed its health probe"]
+
+
+def test_responses_api_non_streaming_and_streamed(url: str) -> None:
+    with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
+        raw = client.responses.with_raw_response.create(
+            model="q8@int4", input="say something", max_output_tokens=9
+        )
+        resp = raw.parse()
+        assert resp.status == "completed" and len(resp.output_text.split()) == 9
+        assert resp.usage is not None and resp.usage.output_tokens == 9
+        extra = resp.usage.model_extra or {}
+        assert extra["qtrap"]["request_id"] == raw.headers["x-qtrap-request-id"]
+        assert extra["qtrap"]["precision"] == "int4"
+        events = list(client.responses.create(model="q8", input="say more", max_output_tokens=7, stream=True))
+    assert [e.type for e in events][-1] == "response.completed"
+    assert sum(1 for e in events if e.type == "response.output_text.delta") == 7
+    done = events[-1].response  # type: ignore[union-attr]
+    assert done.usage is not None and done.usage.output_tokens == 7
+    usage_extra = done.usage.model_extra or {}
+    q = usage_extra["qtrap"]
+    assert q["precision"] == "bf16" and q["provisional"] is True
+    # measured: a figure, or (a device the meter has not yet seen busy) null and why, never 0
+    assert (usage_extra["energy_j"] or 0) > 0 or q["energy_unknown_reason"] == reasons.NOT_MEASURED_YET
+    deadline = time.monotonic() + 20
+    while True:
+        rec = requests.get(f"{url}{q['record_url']}", timeout=5).json()
+        if rec["final"]:
+            break
+        assert time.monotonic() < deadline, rec
+        time.sleep(0.1)
+    assert rec["route"] == "responses" and rec["stream"] and rec["status"] == "ok"
+    assert rec["completion_tokens"] == 7 and sum(rec["timeline"]["tokens"]) == 7
+    assert rec["energy_j"] is not None and rec["energy_j"] > 0
