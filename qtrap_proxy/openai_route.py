@@ -330,6 +330,10 @@ class EmbeddingsRoute(EdgeRoute):
             raise BadRequest(
                 "`input` is required (a string, an array of strings or of token arrays)", param="input"
             )
+        if headers.hop_split is not None:
+            raise BadRequest(
+                "x-qtrap-hop-split needs a streamed request; embeddings are not", param="x-qtrap-hop-split"
+            )
         decision = self.proxy.router.route(model, headers.precision, _VLLM_OR_OPENAI, chain_id=tl.chain_id)
         backend = decision.backend
         tl.routing, tl.route_reason = decision.policy, decision.reason

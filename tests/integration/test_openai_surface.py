@@ -89,6 +89,13 @@ def test_embeddings_errors(url: str) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
     r = requests.post(url + "/v1/embeddings", json={"model": "nope", "input": "x"}, timeout=5)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = requests.post(
+        url + "/v1/embeddings",
+        json={"model": "q8", "input": "x"},
+        headers={"x-qtrap-hop-split": "lines"},
+        timeout=5,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-qtrap-hop-split"
 
 
 def test_tokenize_and_detokenize_pass_through(url: str) -> None:
