@@ -50,8 +50,34 @@ def routes(proxy: Proxy) -> list[Route]:
     async def models(request: Request) -> JSONResponse:
         return JSONResponse(model_list(proxy, principal_of(request.scope)))
 
+    async def model(request: Request) -> Response:
+        mid = request.path_params["model_id"]
+        for entry in model_list(proxy, principal_of(request.scope))["data"]:
+            if entry["id"] == mid:
+                return JSONResponse(entry)
+        # a pool a client key may not use is not found either
+        return Response(
+            openai_error_body(
+                f"The model {bounded(repr(mid), 256)} does not exist.",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            ),
+            status_code=404,
+            media_type="application/json",
+        )
+
     async def health(_: Request) -> JSONResponse:
         code, body = await health_report(proxy)
+        return JSONResponse(body, status_code=code)
+
+    async def live(_: Request) -> JSONResponse:
+        # the process is up and its event loop answers: nothing else is asked (a liveness probe that
+        # failed on a backend or the ledger would restart a proxy that a restart cannot mend)
+        return JSONResponse({"status": "ok"})
+
+    async def ready(_: Request) -> JSONResponse:
+        code, body = await ready_report(proxy)
         return JSONResponse(body, status_code=code)
 
     async def metrics(_: Request) -> Response:
@@ -157,7 +183,10 @@ def routes(proxy: Proxy) -> list[Route]:
 
     return [
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/health/live", live, methods=["GET"]),
+        Route("/health/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route(wire.REQUESTS_PATH, list_requests, methods=["GET"]),
         Route(wire.REQUEST_PATH, request_record, methods=["GET"]),
@@ -237,6 +266,25 @@ async def backends_report(proxy: Proxy) -> dict[str, Any]:
     }
 
 
+async def ready_report(proxy: Proxy) -> tuple[int, dict[str, Any]]:
+    """Readiness: 200 when every pool has a backend whose probe passed and the ledger is writable (its
+    writer runs and its last commit succeeded: status ``ok``), else 503 with ``reasons``. The probes are
+    ``GET /health``'s (at most ``server.health_cache_s`` old)."""
+    _, report = await health_report(proxy)
+    reasons = [
+        f"pool {pool}: no backend passed its health probe" for pool, up in report["pools"].items() if not up
+    ]
+    ledger = report["ledger"]
+    if ledger["status"] != "ok":
+        reasons.append(f"ledger {ledger['status']}: {ledger.get('reason') or 'not committing'}")
+    return (503 if reasons else 200), {
+        "status": "not_ready" if reasons else "ready",
+        "reasons": reasons,
+        "pools": report["pools"],
+        "ledger": ledger["status"],
+    }
+
+
 def routing_report(proxy: Proxy) -> dict[str, Any]:
     """Each pool's routing; for each ``routing: cost`` pool its cost table (cost.py ``CostPolicy.table``)."""
     cost = proxy.cost
@@ -247,21 +295,37 @@ def routing_report(proxy: Proxy) -> dict[str, Any]:
 
 
 def model_list(proxy: Proxy, who: Principal | None = None) -> dict[str, Any]:
-    """The pools and ``pool@precision`` ids, in OpenAI's list format (a client key: its pools only)."""
+    """The pools and ``pool@precision`` ids, in OpenAI's list format (a client key: its pools only).
+
+    ``root`` is the upstream model id (vLLM's meaning: what the weights are; guidellm finds the tokenizer
+    by it): for a pool, its default precision's first backend's ``model``; for ``pool@precision``, that
+    precision's first backend's. ``parent`` of a ``pool@precision`` entry is its pool."""
     created = proxy.started_unix_s
+    router = proxy.router
     data = []
-    for pool, precisions in proxy.router.pools.items():
+    for pool, precisions in router.pools.items():
         if who is not None and not who.may_use(pool):
             continue
-        data.append({"id": pool, "object": "model", "created": created, "owned_by": "qtrap"})
-        for precision in precisions:
+        default = precisions.get(router.default_precision[pool]) or next(iter(precisions.values()))
+        data.append(
+            {
+                "id": pool,
+                "object": "model",
+                "created": created,
+                "owned_by": "qtrap",
+                "root": default[0].cfg.model,
+                "parent": None,
+            }
+        )
+        for precision, backends in precisions.items():
             data.append(
                 {
                     "id": f"{pool}@{precision}",
                     "object": "model",
                     "created": created,
                     "owned_by": "qtrap",
-                    "root": pool,
+                    "root": backends[0].cfg.model,
+                    "parent": pool,
                 }
             )
     return {"object": "list", "data": data}

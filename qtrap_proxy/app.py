@@ -22,8 +22,10 @@ from qtrap_proxy import admin
 from qtrap_proxy.auth import AuthGate
 from qtrap_proxy.guard import Guard
 from qtrap_proxy.ledger import Ledger
-from qtrap_proxy.openai_route import OpenAIRoute
+from qtrap_proxy.openai_route import EmbeddingsRoute, OpenAIRoute
+from qtrap_proxy.passthrough import PassthroughRoute
 from qtrap_proxy.proxy import Proxy
+from qtrap_proxy.responses_route import ResponsesRoute
 from qtrap_proxy.tgi_route import TGIRoute
 
 log = logging.getLogger("qtrap.shutdown")
@@ -170,6 +172,10 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
     relay: dict[str, ASGIApp] = {
         "/v1/chat/completions": OpenAIRoute(proxy, chat=True),
         "/v1/completions": OpenAIRoute(proxy, chat=False),
+        "/v1/embeddings": EmbeddingsRoute(proxy),
+        "/v1/responses": ResponsesRoute(proxy),
+        "/tokenize": PassthroughRoute(proxy, "/tokenize"),
+        "/detokenize": PassthroughRoute(proxy, "/detokenize"),
         "/generate": TGIRoute(proxy, "/generate"),
         "/generate_stream": TGIRoute(proxy, "/generate_stream"),
         "/": TGIRoute(proxy, "/"),

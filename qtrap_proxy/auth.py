@@ -3,7 +3,7 @@
 :class:`AuthGate` sits in front of every route (inside the Guard, so the header and body limits come
 first) and maps each request's path to the role it needs (:func:`role_of`):
 
-* open: ``GET /health``, ``GET /openapi.json`` (the routes' description, no data), and ``GET /metrics`` unless ``auth.protect_metrics``;
+* open: ``GET /health`` (and ``/health/live``, ``/health/ready``), ``GET /openapi.json`` (the routes' description, no data), and ``GET /metrics`` unless ``auth.protect_metrics``;
 * client: the relay routes (``POST /v1/chat/completions``, ``/v1/completions``, TGI's ``/generate``,
   ``/generate_stream``, ``/``) take a client key only; the admin key is refused there (403), so that
   the one secret that reads everything is not spread into client applications;
@@ -97,7 +97,7 @@ def principal_of(scope: Scope) -> Principal | None:
 
 
 def role_of(path: str, method: str, serving: Collection[str], protect_metrics: bool) -> Role:
-    if path in ("/health", "/openapi.json"):
+    if path in ("/health", "/health/live", "/health/ready", "/openapi.json"):
         return Role.OPEN
     if path == "/metrics":
         return Role.ADMIN if protect_metrics else Role.OPEN

@@ -29,6 +29,31 @@ from qtrap_proxy.redact import redact_url
 BackendKind = Literal["vllm", "tgi", "openai"]
 
 _DEFAULT_HEALTH_PATH: dict[str, str] = {"vllm": "/health", "tgi": "/health", "openai": "/v1/models"}
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")  # an HTTP header name (RFC 9110 token), lower case
+# headers the proxy sets itself or that describe one hop: never taken from a client by name
+_NOT_FORWARDABLE = frozenset(
+    {
+        "accept-encoding",
+        "connection",
+        "content-encoding",
+        "content-length",
+        "content-type",
+        "cookie",
+        "expect",
+        "host",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+    }
+)
 
 
 class _Strict(BaseModel):
@@ -88,6 +113,32 @@ class ServerConfig(_Strict):
         allow_inf_nan=False,
         description="GET /health answers from a probe at most this old (0: none)",
     )
+    forward_headers: list[str] = Field(
+        default_factory=list,
+        description="client request headers forwarded upstream on the relay routes, by name (case-"
+        "insensitive; default none). Not allowed: authorization (with auth off the client's is forwarded "
+        "unless the backend has an api_key; with auth on never), x-qtrap-* and the headers the proxy sets "
+        "itself or that describe one connection (host, content-*, x-request-id, traceparent, ...)",
+    )
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _forwardable(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for raw in v:
+            name = raw.strip().lower()
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"{raw!r} is not an HTTP header name")
+            if name == "authorization":
+                raise ValueError(
+                    "authorization is not forwarded by name: with auth off the client's goes upstream unless "
+                    "the backend has an api_key; with auth on it is a qtrap key and never leaves the proxy"
+                )
+            if name.startswith("x-qtrap-") or name in _NOT_FORWARDABLE:
+                raise ValueError(f"{name} is set by the proxy itself and cannot be forwarded")
+            if name not in out:
+                out.append(name)
+        return out
 
 
 class Timeouts(_Strict):

@@ -243,12 +243,16 @@ class BackendMetrics:
     def __init__(self, m: Metrics, pool: str, backend: str, precision: str) -> None:
         lv = (pool, backend, precision)
         self.routed = backend != _UNROUTED
+        self.requests = {status: m.requests.labels(*lv, status) for status in STATUSES}
+        if not self.routed:
+            # requests refused before a backend was chosen: counted by status alone; binding the other
+            # children would export series whose every label is empty (no tokens, latency or energy)
+            return
         self.inflight = m.inflight.labels(*lv)
         self.prompt = m.tokens.labels(*lv, "prompt")
         self.completion = m.tokens.labels(*lv, "completion")
         self.ttft = m.ttft.labels(*lv)
         self.duration = m.duration.labels(*lv)
-        self.requests = {status: m.requests.labels(*lv, status) for status in STATUSES}
         self.itl = m.itl.labels(*lv)
         self.energy = m.energy.labels(*lv)
         self.request_energy = m.request_energy.labels(*lv)
@@ -256,20 +260,21 @@ class BackendMetrics:
 
     def finished(self, tl: Timeline, *, was_inflight: bool) -> None:
         """Account one finished request (called once, at its end: never per chunk)."""
+        self.requests[tl.status].inc()
+        if not self.routed:
+            return
         if was_inflight:
             self.inflight.dec()
-        self.requests[tl.status].inc()
         if tl.prompt_tokens:
             self.prompt.inc(tl.prompt_tokens)
         if tl.completion_tokens:
             self.completion.inc(tl.completion_tokens)
-        if self.routed:
-            ttft = tl.ttft_s
-            if ttft is not None:
-                self.ttft.observe(ttft)
-            e2e = tl.e2e_s
-            if e2e is not None:
-                self.duration.observe(e2e)
+        ttft = tl.ttft_s
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        e2e = tl.e2e_s
+        if e2e is not None:
+            self.duration.observe(e2e)
 
 
 class _LedgerCollector(Collector):

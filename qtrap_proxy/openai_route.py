@@ -3,6 +3,12 @@
 Streams always get ``stream_options.include_usage`` upstream (plus vLLM's
 ``continuous_usage_stats``), so prompt and completion tokens are always known;
 what the client did not ask for is taken out again before it reaches it.
+
+Energy where clients look: the ``usage`` object of a non-streaming answer and of a stream's
+usage-only chunk (sent when the client asks ``stream_options.include_usage``; a stream that did
+not ask gets no usage chunk, its figure is in the record) gains ``energy_j`` (the provisional
+figure, null when unknown, never 0) and ``qtrap`` (:func:`usage_members`). Everything else in the
+answer is relayed byte for byte; only the usage object is rewritten.
 """
 
 from __future__ import annotations
@@ -14,44 +20,19 @@ from typing import Any
 
 import orjson
 
-from qtrap_common import wire
 from qtrap_common.asgi import Scope
 from qtrap_proxy.edge import EdgeRoute
 from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
 from qtrap_proxy.limits import ClientHeaders, bounded, check_model, dump_json_object, parse_json_object
-from qtrap_proxy.proxy import Proxy
+from qtrap_proxy.proxy import AnswerEnergy, Proxy
 from qtrap_proxy.relay import Prepared, StreamFilter
 from qtrap_proxy.sse import data_of
 from qtrap_proxy.timeline import Timeline
+from qtrap_proxy.usage import add_to_usage, usage_members, usage_span
 
 _DONE = b"[DONE]"
 _LINES = re.compile(r"\n")
-_USAGE = b'"usage":{'
 _NO_CHOICES = b'"choices":[]'
-
-
-def usage_span(payload: bytes) -> tuple[int, int, int, int] | None:
-    """Where the ``"usage":{...}`` member sits in a compact JSON chunk (as vLLM writes them).
-
-    Returns (cut_start, cut_end, obj_start, obj_end): ``payload[obj_start:obj_end]`` is the
-    usage object and removing ``payload[cut_start:cut_end]`` leaves valid JSON without it.
-    A key inside a string value cannot match: its quotes would be escaped.
-    """
-    u = payload.find(_USAGE)
-    if u < 0:
-        return None
-    start = u + 8
-    end = payload.find(b"}", start)
-    while end >= 0 and payload.count(b"{", start, end + 1) > payload.count(b"}", start, end + 1):
-        end = payload.find(b"}", end + 1)
-    if end < 0:
-        return None
-    end += 1
-    if payload[u - 1 : u] == b",":
-        return u - 1, end, start, end
-    if payload[end : end + 1] == b",":
-        return u, end + 1, start, end
-    return u, end, start, end
 
 
 class OpenAIStreamFilter(StreamFilter):
@@ -65,9 +46,9 @@ class OpenAIStreamFilter(StreamFilter):
         "hop_pattern",
         "keep_usage_chunk",
         "last_completion",
-        "qtrap_info",
         "strip_usage",
         "tl",
+        "usage_extra",
     )
 
     def __init__(
@@ -78,7 +59,7 @@ class OpenAIStreamFilter(StreamFilter):
         keep_usage_chunk: bool,
         strip_usage: bool,
         hop_pattern: re.Pattern[str] | None = None,
-        qtrap_info: Callable[[], dict[str, Any]] | None = None,
+        usage_extra: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.tl = tl
         self.continuous = continuous  # usage on every chunk: token counts are exact
@@ -94,7 +75,7 @@ class OpenAIStreamFilter(StreamFilter):
         self.hop_has_text = False
         if hop_pattern is not None:
             tl.chunk_hop = []
-        self.qtrap_info = qtrap_info  # adds a `qtrap` object (provisional energy) to the usage chunk
+        self.usage_extra = usage_extra  # members added to the usage chunk's usage (energy)
 
     def process(self, events: list[bytes], now: float) -> bytes:
         out: list[bytes] = []
@@ -118,7 +99,7 @@ class OpenAIStreamFilter(StreamFilter):
                             tl.add_chunk(now, tokens)  # no hop split on the fast path
                         if _NO_CHOICES in payload:  # the usage-only chunk
                             if self.keep_usage_chunk:
-                                out.append(self._with_qtrap(ev, payload))
+                                out.append(self._with_energy(ev, payload))
                         elif self.strip_usage:
                             out.append(b"data: " + payload[: span[0]] + payload[span[1] :])
                         else:
@@ -145,7 +126,7 @@ class OpenAIStreamFilter(StreamFilter):
                     if tokens > 0:
                         self._add(now, tokens, None)
                     if self.keep_usage_chunk:
-                        out.append(self._with_qtrap(ev, payload))
+                        out.append(self._with_energy(ev, payload))
                     continue
                 if self.strip_usage:
                     del obj["usage"]
@@ -176,15 +157,11 @@ class OpenAIStreamFilter(StreamFilter):
                         self.hop += 1
                         self.hop_has_text = False
 
-    def _with_qtrap(self, ev: bytes, payload: bytes) -> bytes:
-        if self.qtrap_info is None:
+    def _with_energy(self, ev: bytes, payload: bytes) -> bytes:
+        if self.usage_extra is None:
             return ev
-        try:
-            obj = orjson.loads(payload)
-            obj["qtrap"] = self.qtrap_info()
-            return b"data: " + orjson.dumps(obj)
-        except (orjson.JSONDecodeError, TypeError):
-            return ev
+        out = add_to_usage(payload, self.usage_extra())
+        return ev if out is None else b"data: " + out
 
     def _usage(self, usage: dict[str, Any]) -> int:
         """Record a usage object; returns the new completion tokens it reports (continuous usage only)."""
@@ -305,15 +282,15 @@ class OpenAIRoute(EdgeRoute):
                 keep_usage_chunk=client_usage,
                 strip_usage=(not client_continuous) if continuous else not client_usage,
                 hop_pattern=hop_pattern,
-                qtrap_info=lambda: {
-                    "request_id": tl.request_id,
-                    "energy_j_provisional": proxy.provisional_j(tl),
-                    "record": wire.path(wire.REQUEST_PATH, request_id=tl.request_id),
-                },
+                usage_extra=lambda: usage_members(tl, proxy.answer_energy(tl)),
             )
         return Prepared(
             backend, self.path, dump_json_object(req), stream, filt, hop_split=hop_pattern is not None
         )
+
+    def answer_body(self, tl: Timeline, body: bytes, energy: AnswerEnergy) -> bytes:
+        out = add_to_usage(body, usage_members(tl, energy))
+        return body if out is None else out
 
     def account_full_body(self, tl: Timeline, body: bytes, headers: Mapping[str, str]) -> None:
         try:
@@ -329,3 +306,51 @@ class OpenAIRoute(EdgeRoute):
                 tl.completion_tokens = ct
                 tl.tokens_exact = True
                 tl.add_chunk(time.monotonic(), ct)
+
+
+_VLLM_OR_OPENAI = frozenset({"vllm", "openai"})
+
+
+class EmbeddingsRoute(EdgeRoute):
+    """``POST /v1/embeddings``, relayed to a vLLM or OpenAI-compatible backend of the pool and accounted
+    as any request: a record with its prompt tokens (no completion tokens) and its energy, which is also
+    added to the answer's ``usage`` as on the other OpenAI routes. Never streamed."""
+
+    path = "/v1/embeddings"
+    route_name = "embeddings"
+
+    def error_body(self, err: QtrapError) -> bytes:
+        return err.openai_body()
+
+    def prepare_checked(self, scope: Scope, body: bytes, tl: Timeline, headers: ClientHeaders) -> Prepared:
+        req = parse_json_object(body)
+        model = check_model(req.get("model"), "model")
+        value = req.get("input")
+        if not isinstance(value, str | list) or not value:
+            raise BadRequest(
+                "`input` is required (a string, an array of strings or of token arrays)", param="input"
+            )
+        if headers.hop_split is not None:
+            raise BadRequest(
+                "x-qtrap-hop-split needs a streamed request; embeddings are not", param="x-qtrap-hop-split"
+            )
+        decision = self.proxy.router.route(model, headers.precision, _VLLM_OR_OPENAI, chain_id=tl.chain_id)
+        backend = decision.backend
+        tl.routing, tl.route_reason = decision.policy, decision.reason
+        req["model"] = backend.cfg.model
+        return Prepared(backend, self.path, dump_json_object(req), False, None)
+
+    def answer_body(self, tl: Timeline, body: bytes, energy: AnswerEnergy) -> bytes:
+        out = add_to_usage(body, usage_members(tl, energy))
+        return body if out is None else out
+
+    def account_full_body(self, tl: Timeline, body: bytes, headers: Mapping[str, str]) -> None:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            tl.prompt_tokens = usage["prompt_tokens"]
+            tl.completion_tokens = 0
+            tl.tokens_exact = True

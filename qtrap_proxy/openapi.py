@@ -75,7 +75,11 @@ class StreamOptions(_Open):
     """OpenAI's ``stream_options``. The proxy always asks the backend for usage and removes again
     what the client did not ask for."""
 
-    include_usage: bool | None = Field(None, description="a last chunk with `usage` (and a `qtrap` object)")
+    include_usage: bool | None = Field(
+        None,
+        description="a last chunk with `usage`, which carries the energy (`energy_j`, `qtrap`; see "
+        "EnergyUsage); a stream that does not ask gets no usage chunk",
+    )
     continuous_usage_stats: bool | None = Field(None, description="vLLM: `usage` on every chunk")
 
 
@@ -104,6 +108,38 @@ class CompletionRequest(_Open):
     prompt: str | list[Any] = Field(description="a string or an array (strings or token ids)")
     stream: bool | None = _STREAM
     stream_options: StreamOptions | None = None
+
+
+class EmbeddingRequest(_Open):
+    """OpenAI's embeddings request; fields not listed pass through to the backend unchanged."""
+
+    model: str = _MODEL
+    input: str | list[Any] = Field(
+        description="a string, or a non-empty array of strings or of token arrays (relayed as sent)"
+    )
+
+
+class ResponsesRequest(_Open):
+    """OpenAI's Responses API request; fields not listed pass through to the backend unchanged."""
+
+    model: str = _MODEL
+    input: str | list[Any] = Field(
+        description="a string or a non-empty array of input items (relayed as sent)"
+    )
+    stream: bool | None = Field(
+        False, description="answer as server-sent events (`event: response.*`), the last `response.completed`"
+    )
+
+
+class TokenizeRequest(_Open):
+    """vLLM's `/tokenize` (`prompt` or `messages`) and `/detokenize` (`tokens`) request, passed through."""
+
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_MODEL_CHARS,
+        description="a pool, `pool@precision` or an upstream id; optional when the proxy serves one pool",
+    )
 
 
 class TGIRequest(_Open):
@@ -149,7 +185,11 @@ class ModelEntry(_Open):
     object: Literal["model"]
     created: int
     owned_by: str
-    root: str | None = Field(None, description="the pool of a `pool@precision` entry")
+    root: str = Field(
+        description="the upstream model id (the weights; a tokenizer is found by it): for a pool its default "
+        "precision's, for `pool@precision` that precision's"
+    )
+    parent: str | None = Field(description="the pool of a `pool@precision` entry, else null")
 
 
 class ModelList(BaseModel):
@@ -176,6 +216,16 @@ class LedgerHealth(_Open):
     written: int
     write_errors: dict[str, int]
     restarts: int
+
+
+class ReadyReport(_Open):
+    """200 (`ready`) when every pool has a backend whose probe passed and the ledger is writable (status
+    `ok`); 503 (`not_ready`) otherwise, with `reasons`."""
+
+    status: Literal["ready", "not_ready"]
+    reasons: list[str]
+    pools: dict[str, bool]
+    ledger: Literal["ok", "degraded", "down"]
 
 
 class HealthReport(_Open):
@@ -315,6 +365,36 @@ class ScoreResult(_Open):
     precision: str | None
 
 
+class UsageQtrap(BaseModel):
+    """Where the figure stands as the answer is sent (docs/clients.md)."""
+
+    provisional: bool = Field(
+        description="true: the final figure settles later in the ledger (read `record_url`) and may differ; "
+        "false: already known to stay null"
+    )
+    request_id: str
+    record_url: str = Field(description="the record's path on the proxy (relative to its base URL)")
+    backend: str | None
+    precision: str | None
+    energy_unknown_reason: str | None = Field(None, description="only when `energy_j` is null: why")
+
+
+class EnergyUsage(_Open):
+    """What the proxy adds to the `usage` object of a non-streaming OpenAI answer and of a stream's usage
+    chunk (the other usage fields are the backend's, unchanged)."""
+
+    energy_j: float | None = Field(
+        description="provisional GPU energy attributed to the request, in joules; null when unknown, never 0"
+    )
+    qtrap: UsageQtrap
+
+
+class OpenAIAnswer(_Open):
+    """OpenAI's response object, relayed byte for byte but for `usage`, which gains the energy."""
+
+    usage: EnergyUsage | None = None
+
+
 class EnergyReport(_Open):
     """Per device: meter state, measured, metered, attributed, idle and foreign joules, conservation error;
     per counted backend: its token counters' state."""
@@ -327,6 +407,10 @@ class EnergyReport(_Open):
 _MODELS: tuple[type[BaseModel], ...] = (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
+    ResponsesRequest,
+    TokenizeRequest,
+    ReadyReport,
     TGIRequest,
     ScoreRequest,
     OpenAIError,
@@ -339,6 +423,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     ChainPage,
     ScoreResult,
     EnergyReport,
+    OpenAIAnswer,
 )
 
 
@@ -383,6 +468,13 @@ _PARAMETERS: dict[str, dict[str, Any]] = {
         "the pool (or `pool@precision`) of a TGI request; default: the only pool with TGI backends",
         _ascii(min(MAX_HEADER_CHARS, MAX_MODEL_CHARS), min_length=1, visible=True),
     ),
+    "ModelId": {
+        "name": "model_id",
+        "in": "path",
+        "required": True,
+        "description": "an id of `GET /v1/models` (a pool or `pool@precision`)",
+        "schema": {"type": "string", "minLength": 1},
+    },
     "RequestId": {
         "name": "request_id",
         "in": "path",
@@ -563,7 +655,7 @@ def _ref(kind: str, name: str) -> dict[str, str]:
 
 
 # -- operations ----------------------------------------------------------------------------------------------
-Family = Literal["openai", "tgi", "admin", "plain"]
+Family = Literal["openai", "tgi", "passthrough", "admin", "plain"]
 
 
 @dataclass(frozen=True)
@@ -606,7 +698,7 @@ def _relay_ok(stream_terminator: str, json_schema: dict[str, Any]) -> Callable[[
     def build() -> dict[str, Any]:
         return {
             "description": "the backend's answer, relayed byte for byte (usage the client did not ask for "
-            "removed from streams); a stream the backend breaks off ends with an error event"
+            "removed from streams; on the OpenAI routes the energy added to `usage`); a stream the backend breaks off ends with an error event"
             + stream_terminator,
             "headers": {
                 _RESPONSE_HEADER_NAMES[h].decode(): _ref("headers", h)
@@ -633,7 +725,26 @@ def _relay_ok(stream_terminator: str, json_schema: dict[str, Any]) -> Callable[[
     return build
 
 
-_OPENAI_OK = _relay_ok(", then `data: [DONE]`", {"type": "object", "description": "OpenAI's response object"})
+def _json_relay_ok(
+    description: str, schema: str | None = None, record: bool = True
+) -> Callable[[], dict[str, Any]]:
+    """A relayed JSON answer (never streamed); ``record``: the request has a record (its id header)."""
+    names = ("XQtrapRequestId",) if record else ()
+
+    def build() -> dict[str, Any]:
+        return {
+            "description": description,
+            "headers": {
+                _RESPONSE_HEADER_NAMES[h].decode(): _ref("headers", h)
+                for h in (*names, "XQtrapBackend", "XQtrapPrecision")
+            },
+            "content": {JSON: {"schema": _ref("schemas", schema) if schema else {"type": "object"}}},
+        }
+
+    return build
+
+
+_OPENAI_OK = _relay_ok(", then `data: [DONE]`", _ref("schemas", "OpenAIAnswer"))
 _TGI_OK = _relay_ok(
     " (`error_type: incomplete_generation`); the last event of a complete one carries `generated_text`",
     {"description": "TGI's response (`POST /`: an array of one)"},
@@ -663,8 +774,42 @@ OPERATIONS: tuple[Operation, ...] = (
         not_found="unknown model or precision (`model_not_found`, `precision_not_found`)",
     ),
     Operation(
+        "/v1/embeddings", "post", "OpenAI embeddings (relayed; a record with prompt tokens and energy)",
+        "openai", "openai", body="EmbeddingRequest", params=("XQtrapPrecision", "XQtrapChainId", "XQtrapHop"),
+        ok=_json_relay_ok("OpenAI's embeddings answer; `usage` gains the energy (EnergyUsage)", "OpenAIAnswer"),
+        not_found="unknown model or precision, or no vLLM/OpenAI backend at it",
+    ),
+    Operation(
+        "/v1/responses", "post", "OpenAI Responses API (relayed; a record, the energy in `usage`)", "openai",
+        "openai", body="ResponsesRequest", params=("XQtrapPrecision", "XQtrapChainId", "XQtrapHop"),
+        ok=_relay_ok(
+            ": `event: error` with `{\"type\": \"error\"}`; a complete one ends with `response.completed`, "
+            "whose `response.usage` gains the energy (no `[DONE]`)",
+            _ref("schemas", "OpenAIAnswer"),
+        ),
+        streams=True,
+        not_found="unknown model or precision, or no vLLM/OpenAI backend at it",
+    ),
+    Operation(
+        "/tokenize", "post", "vLLM's tokenizer (passed through to a vLLM backend; no record)", "openai",
+        "passthrough", body="TokenizeRequest", params=("XQtrapPrecision",),
+        ok=_json_relay_ok("vLLM's answer: `count`, `max_model_len`, `tokens`", record=False),
+        not_found="unknown model or precision, or no vLLM backend at it",
+    ),
+    Operation(
+        "/detokenize", "post", "vLLM's detokenizer (passed through to a vLLM backend; no record)", "openai",
+        "passthrough", body="TokenizeRequest", params=("XQtrapPrecision",),
+        ok=_json_relay_ok("vLLM's answer: `prompt`", record=False),
+        not_found="unknown model or precision, or no vLLM backend at it",
+    ),
+    Operation(
         "/v1/models", "get", "each pool and each `pool@precision`", "openai", "plain",
         ok=_json_ok("ModelList"),
+    ),
+    Operation(
+        "/v1/models/{model_id}", "get", "one entry of `GET /v1/models`", "openai", "plain",
+        params=("ModelId",), ok=_json_ok("ModelEntry"),
+        not_found="no such model id (`model_not_found`; for a client key, a pool it may not use either)",
     ),
     Operation(
         "/generate", "post", "TGI generate (relayed)", "tgi", "tgi",
@@ -684,6 +829,14 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "/health", "get", "the backends' probes and the ledger's state", "operations", "plain",
         ok=_json_ok("HealthReport", "every pool has a healthy backend (status ok or degraded)"),
+    ),
+    Operation(
+        "/health/live", "get", "liveness: the process is up (nothing else is checked)", "operations", "plain",
+        ok=lambda: {"description": "`{\"status\": \"ok\"}`", "content": {JSON: {"schema": {"type": "object"}}}},
+    ),
+    Operation(
+        "/health/ready", "get", "readiness: every pool has a healthy backend and the ledger is writable",
+        "operations", "plain", ok=_json_ok("ReadyReport", "ready"),
     ),
     Operation(
         "/metrics", "get", "Prometheus metrics (qtrap_*)", "operations", "plain",
@@ -772,15 +925,15 @@ def _header_name(component: str) -> str:
 
 def _responses(op: Operation, server: ServerConfig) -> dict[str, Any]:
     shape = "TGIError" if op.family == "tgi" else "OpenAIError"
-    relayed = op.family in ("openai", "tgi")
-    ids = ("XQtrapRequestId",) if relayed else ()
+    relayed = op.family in ("openai", "tgi", "passthrough")
+    ids = ("XQtrapRequestId",) if op.family in ("openai", "tgi") else ()
     out: dict[str, Any] = {"200": op.ok()}
     if op.body is not None or op.params:
         what = []
         if op.body is not None:
             what.append(
                 f"malformed JSON (not UTF-8, nested deeper than "
-                f"{MAX_REWRITE_DEPTH if op.family == 'openai' else JSON_MAX_DEPTH} levels, not an object), a "
+                f"{MAX_REWRITE_DEPTH if op.family in ('openai', 'passthrough') else JSON_MAX_DEPTH} levels, not an object), a "
                 "missing field or a value outside the documented bounds"
             )
         if relayed:
@@ -792,7 +945,7 @@ def _responses(op: Operation, server: ServerConfig) -> dict[str, Any]:
         if "Cursor" in op.params:
             what.append("a cursor not given by this query (other filters or order)")
         out["400"] = _error("; ".join(what) + "; `param` names it", shape, ids)
-    if op.path not in ("/health", "/metrics", "/openapi.json"):
+    if op.path not in ("/health", "/health/live", "/health/ready", "/metrics", "/openapi.json"):
         out["401"] = _error(
             "with auth.enabled: no, an unknown, an expired or a revoked key in `Authorization: Bearer` "
             "(`code`: missing_api_key, invalid_api_key, expired_api_key, revoked_api_key)",
@@ -833,7 +986,12 @@ def _responses(op: Operation, server: ServerConfig) -> dict[str, Any]:
         out["504"] = _error("the backend was silent past its read timeout", shape, ids)
         out["default"] = {
             "description": "the backend's own 4xx/5xx: its status and body passed through unchanged",
-            "headers": {_header_name(h): _ref("headers", h) for h in ("XQtrapRequestId", "XQtrapBackend")},
+            "headers": {_header_name(h): _ref("headers", h) for h in (*ids, "XQtrapBackend")},
+        }
+    if op.path == "/health/ready":
+        out["503"] = {
+            "description": "not ready (`status: not_ready`, `reasons`)",
+            "content": {JSON: {"schema": _ref("schemas", "ReadyReport")}},
         }
     if op.path == "/health":
         out["503"] = {

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import re
 import time
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
@@ -43,6 +44,19 @@ H_CLIENT_REQUEST_ID = wire.B_REQUEST_ID  # the client's X-Request-Id echoed, els
 H_BACKEND = wire.B_RESP_BACKEND
 H_PRECISION = wire.B_RESP_PRECISION
 H_ROUTE = wire.B_RESP_ROUTE
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerEnergy:
+    """A request's energy as its answer is sent: the provisional figure, or null and why.
+
+    ``joules`` is never 0 for unknown: it is None with ``reason``. ``provisional`` is True while the final
+    figure (the record's, once the meter has read past the request's end) may still differ, False when it
+    is already known that the final figure will be null (no meter, no devices, a meter gap)."""
+
+    joules: float | None
+    reason: str | None
+    provisional: bool
 
 
 class Proxy:
@@ -161,9 +175,17 @@ class Proxy:
         except Exception:  # accounting must never take a request down
             log.exception("accounting failed for request %s", tl.request_id)
 
-    def provisional_j(self, tl: Timeline) -> float | None:
+    def answer_energy(self, tl: Timeline) -> AnswerEnergy:
+        """The figure an answer carries (``usage.energy_j``, the provisional-energy header)."""
         tr = self.energy.account(tl.request_id)
-        return None if tr is None else self.energy.provisional_j(tr)
+        if tr is None:
+            return AnswerEnergy(None, reasons.REJECTED, False)
+        if not tr.energy_known or tr.devices == 0:
+            return AnswerEnergy(None, tr.unknown_reason or reasons.NO_METER, False)
+        j = self.energy.provisional_j(tr)
+        if j is None or j <= 0:  # nothing read yet: unknown, never 0
+            return AnswerEnergy(None, reasons.NOT_MEASURED_YET, True)
+        return AnswerEnergy(j, None, True)
 
     @staticmethod
     def response_headers(tl: Timeline) -> list[tuple[bytes, bytes]]:

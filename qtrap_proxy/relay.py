@@ -33,7 +33,7 @@ from qtrap_proxy.errors import (
     UpstreamError,
 )
 from qtrap_proxy.limits import check_client_request_id, trace_context
-from qtrap_proxy.proxy import Proxy
+from qtrap_proxy.proxy import AnswerEnergy, Proxy
 from qtrap_proxy.sse import SSESplitter
 from qtrap_proxy.timeline import Timeline, new_request_id
 from qtrap_proxy.upstream import Backend
@@ -79,6 +79,8 @@ class RelayRoute(ABC):
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
+        # the client headers forwarded upstream (server.forward_headers, checked by the config)
+        self.forward = frozenset(name.encode() for name in proxy.config.server.forward_headers)
 
     @abstractmethod
     def prepare(self, scope: Scope, body: bytes, tl: Timeline) -> Prepared:
@@ -90,6 +92,10 @@ class RelayRoute(ABC):
     @abstractmethod
     def account_full_body(self, tl: Timeline, body: bytes, headers: Mapping[str, str]) -> None:
         """Fill token counts from a non-streaming response."""
+
+    def answer_body(self, tl: Timeline, body: bytes, energy: AnswerEnergy) -> bytes:
+        """The non-streaming answer as sent to the client (the OpenAI routes add the energy to ``usage``)."""
+        return body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         proxy = self.proxy
@@ -116,7 +122,13 @@ class RelayRoute(ABC):
             disconnected = await run_until_disconnect(
                 # with auth on the client's Authorization is a qtrap key: never sent upstream (the gate
                 # has taken it out of the scope as well)
-                self._relay(prep, tl, None if who is not None else header(scope, b"authorization"), send),
+                self._relay(
+                    prep,
+                    tl,
+                    None if who is not None else header(scope, b"authorization"),
+                    send,
+                    self.forwarded(scope),
+                ),
                 receive,
             )
             if disconnected and tl.end is None:
@@ -133,12 +145,25 @@ class RelayRoute(ABC):
                 tl.finish("client_disconnected", 499, "cancelled")
             proxy.end(tl, was_inflight=True)
 
-    async def _relay(self, prep: Prepared, tl: Timeline, client_auth: str | None, send: Send) -> None:
+    def forwarded(self, scope: Scope) -> list[tuple[str, str]] | None:
+        """The client's headers named in ``server.forward_headers`` (None when it names none)."""
+        if not self.forward:
+            return None
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k in self.forward]
+
+    async def _relay(
+        self,
+        prep: Prepared,
+        tl: Timeline,
+        client_auth: str | None,
+        send: Send,
+        forwarded: list[tuple[str, str]] | None = None,
+    ) -> None:
         started = False
         own = self.proxy.response_headers(tl)
         try:
             async with prep.backend.post(
-                prep.path, prep.body, tl.request_id, client_auth, tl.traceparent, tl.tracestate
+                prep.path, prep.body, tl.request_id, client_auth, tl.traceparent, tl.tracestate, forwarded
             ) as resp:
                 tl.first_byte = time.monotonic()
                 # the backend's x-request-id (the proxy's own id, echoed) gives way to the proxy's header
@@ -152,9 +177,10 @@ class RelayRoute(ABC):
                     data = await resp.read()
                     self.account_full_body(tl, data, resp.headers)
                     self.proxy.energy.on_answer_headers(tl, resp.headers)
-                    provisional = self.proxy.provisional_j(tl)
-                    if provisional is not None:
-                        hdrs.append((H_ENERGY, f"{provisional:.6g}".encode()))
+                    energy = self.proxy.answer_energy(tl)
+                    if energy.joules is not None:
+                        hdrs.append((H_ENERGY, f"{energy.joules:.6g}".encode()))
+                    data = self.answer_body(tl, data, energy)
                     await send_full(send, 200, data, hdrs, None)
                     tl.finish("ok", 200)
                     return

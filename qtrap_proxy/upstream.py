@@ -56,8 +56,12 @@ class Backend:
         client_auth: str | None,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        forwarded: list[tuple[str, str]] | None = None,
     ) -> dict[str, str]:
         h = dict(self._headers)
+        if forwarded:  # the client's headers of server.forward_headers: never over the proxy's own
+            for name, value in forwarded:
+                h.setdefault(name, value)
         h[wire.REQUEST_ID] = request_id
         if traceparent is not None:
             h[wire.TRACEPARENT] = traceparent
@@ -75,13 +79,14 @@ class Backend:
         client_auth: str | None,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        forwarded: list[tuple[str, str]] | None = None,
     ) -> AbstractAsyncContextManager[UpstreamResponse]:
         """POST to the backend: the answer, once its head has arrived (see ``Transport.request``).
 
         Raises UpstreamConnectError or UpstreamTimeout before the head, UpstreamTimeout or UpstreamBroken
         while the body is read."""
         return self.transport.request(
-            "POST", path, self.headers(request_id, client_auth, traceparent, tracestate), body
+            "POST", path, self.headers(request_id, client_auth, traceparent, tracestate, forwarded), body
         )
 
     async def get_json(self, path: str, timeout_s: float) -> tuple[int | None, Any, str | None]:

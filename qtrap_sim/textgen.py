@@ -141,6 +141,38 @@ def count_tokens(text: str) -> int:
     return max(1, len(text.split()))
 
 
+VOCAB_SIZE = 151_936  # Qwen3's
+_WORD_ID = {w: i for i, w in enumerate(_WORDS)}
+_SEEN: dict[int, str] = {}  # ids of words outside the list, as tokenized in this process (detokenize's)
+
+
+def token_ids(text: str) -> list[int]:
+    """The ids of ``text``'s tokens (one per word, as :func:`count_tokens`): a word of the filler list is
+    its index, any other a stable hash into the vocabulary above the list."""
+    out = []
+    for word in text.split():
+        i = _WORD_ID.get(word)
+        if i is None:
+            h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "big")
+            i = len(_WORDS) + h % (VOCAB_SIZE - len(_WORDS))
+            _SEEN.setdefault(i, word)
+        out.append(i)
+    return out
+
+
+def detokenize(ids: list[int]) -> str:
+    """The text of token ids (words joined by spaces); an id never tokenized here reads ``<id>``."""
+    return " ".join(_WORDS[i] if 0 <= i < len(_WORDS) else _SEEN.get(i, f"<{i}>") for i in ids)
+
+
+def embedding(text: str, dimensions: int) -> list[float]:
+    """A deterministic unit vector for ``text`` (the same text, the same vector)."""
+    rng = random.Random(int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big"))
+    v = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
+    norm = sum(x * x for x in v) ** 0.5 or 1.0
+    return [x / norm for x in v]
+
+
 class TextStream:
     """Renders token k of a request's answer; the same seed and prompt always give the same text."""
 

@@ -16,7 +16,7 @@ from starlette.routing import Route
 from qtrap_common import wire
 from qtrap_common.version import version
 from qtrap_sim.backend import SimBackend
-from qtrap_sim.textgen import count_tokens
+from qtrap_sim.textgen import count_tokens, detokenize, embedding, token_ids
 from qtrap_sim.tracing import SpanRequest
 
 
@@ -237,11 +237,200 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
             }
         )
 
+    async def _body(request: Request) -> dict[str, Any]:
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as e:
+            raise VLLMError(400, f"invalid JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise VLLMError(400, "request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != cfg.served_name:
+            raise VLLMError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        return body
+
+    async def embeddings(request: Request) -> Response:
+        """vLLM's pooling API, minimal: each input is prefilled on the engine (one step of GPU work, so
+        it draws energy) and answered with a deterministic unit vector (`dimensions`, default 16)."""
+        try:
+            body = await _body(request)
+            if body.get("model") is None:
+                raise VLLMError(400, "model: Field required", param="model")
+            raw = body.get("input")
+            if isinstance(raw, str) or (
+                isinstance(raw, list) and raw and all(isinstance(t, int) for t in raw)
+            ):
+                raw = [raw]
+            if not isinstance(raw, list) or not raw or not all(isinstance(x, str | list) for x in raw):
+                raise VLLMError(400, "input: a string, an array of strings or of token arrays", param="input")
+            texts = [x if isinstance(x, str) else " ".join(map(str, x)) for x in raw]
+            dims = body.get("dimensions") or 16
+            if not isinstance(dims, int) or not 1 <= dims <= 4096:
+                raise VLLMError(400, "dimensions must be an integer from 1 to 4096", param="dimensions")
+            counts = [len(x) if isinstance(x, list) else count_tokens(x) for x in raw]
+            if max(counts) >= cfg.max_model_len:
+                raise VLLMError(
+                    400, f"This model's maximum context length is {cfg.max_model_len} tokens.", param="input"
+                )
+        except VLLMError as e:
+            return e.response()
+        rid = request.headers.get(wire.REQUEST_ID) or uuid.uuid4().hex
+        req, text = backend.new_request(rid, "\n".join(texts), sum(counts), 1, 0, 0.0)
+        if await backend.collect(backend.generate(req, text, []), request.receive) is None:
+            return Response(b"", status_code=499)
+        n = sum(counts)
+        return _json(
+            {
+                "id": "embd-" + rid,
+                "object": "list",
+                "created": int(time.time()),
+                "model": cfg.served_name,
+                "data": [
+                    {"index": i, "object": "embedding", "embedding": embedding(t, dims)}
+                    for i, t in enumerate(texts)
+                ],
+                "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0},
+            }
+        )
+
+    async def responses(request: Request) -> Response:
+        """OpenAI's Responses API as vLLM serves it, minimal: `input` (a string or messages),
+        `instructions`, `max_output_tokens`, `stream`; text output only. A stream is vLLM's event
+        sequence (`response.created`, `response.output_text.delta` per token, `response.completed` with
+        the usage), with no `[DONE]`."""
+        try:
+            body = await _body(request)
+            if body.get("model") is None:
+                raise VLLMError(400, "model: Field required", param="model")
+            raw = body.get("input")
+            if isinstance(raw, str):
+                msgs: list[Any] = [{"role": "user", "content": raw}]
+            elif isinstance(raw, list) and raw:
+                msgs = raw
+            else:
+                raise VLLMError(400, "input: a string or a non-empty array of messages", param="input")
+            if isinstance(body.get("instructions"), str):
+                msgs = [{"role": "system", "content": body["instructions"]}, *msgs]
+            prompt, prompt_tokens = _prompt_of({"messages": msgs}, True)
+            max_tokens = body.get("max_output_tokens") or min(256, cfg.max_model_len - prompt_tokens)
+            if not isinstance(max_tokens, int) or max_tokens < 1:
+                raise VLLMError(
+                    400, "max_output_tokens must be a positive integer", param="max_output_tokens"
+                )
+            if max_tokens + prompt_tokens > cfg.max_model_len:
+                raise VLLMError(
+                    400, f"This model's maximum context length is {cfg.max_model_len} tokens.", param="input"
+                )
+            temperature = body.get("temperature")
+            temperature = 1.0 if temperature is None else float(temperature)
+            stream = bool(body.get("stream"))
+        except VLLMError as e:
+            return e.response()
+        except (TypeError, ValueError) as e:
+            return VLLMError(400, str(e)).response()
+        rid = request.headers.get(wire.REQUEST_ID) or uuid.uuid4().hex
+        req, text = backend.new_request(rid, prompt, prompt_tokens, max_tokens, None, temperature)
+        gen = backend.generate(req, text, [])
+        oid, mid = "resp_" + rid, "msg_" + rid
+
+        def response(status: str, out: str | None) -> dict[str, Any]:
+            content = [] if out is None else [{"type": "output_text", "text": out, "annotations": []}]
+            return {
+                "id": oid,
+                "object": "response",
+                "created_at": int(time.time()),
+                "model": cfg.served_name,
+                "status": status,
+                "output": [
+                    {"type": "message", "id": mid, "status": status, "role": "assistant", "content": content}
+                ],
+                "usage": None
+                if out is None
+                else {
+                    "input_tokens": prompt_tokens,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": req.generated,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": prompt_tokens + req.generated,
+                },
+            }
+
+        if not stream:
+            answer = await backend.collect(gen, request.receive)
+            if answer is None:
+                return Response(b"", status_code=499)
+            return _json(response("completed", answer))
+
+        def event(kind: str, data: dict[str, Any]) -> bytes:
+            return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **data}) + b"\n\n"
+
+        async def events() -> AsyncIterator[bytes]:
+            seq = 0
+            parts: list[str] = []
+            try:
+                yield event(
+                    "response.created", {"sequence_number": seq, "response": response("in_progress", None)}
+                )
+                async for piece, _ in gen:
+                    seq += 1
+                    parts.append(piece)
+                    yield event(
+                        "response.output_text.delta",
+                        {
+                            "sequence_number": seq,
+                            "item_id": mid,
+                            "output_index": 0,
+                            "content_index": 0,
+                            "delta": piece,
+                        },
+                    )
+                seq += 1
+                yield event(
+                    "response.completed",
+                    {"sequence_number": seq, "response": response("completed", "".join(parts))},
+                )
+            finally:
+                await gen.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def tokenize(request: Request) -> Response:
+        try:
+            body = await _body(request)
+            if "messages" in body:
+                text, _ = _prompt_of(body, True)
+            elif isinstance(body.get("prompt"), str):
+                text = body["prompt"]
+            else:
+                raise VLLMError(400, "prompt (a string) or messages is required", param="prompt")
+        except VLLMError as e:
+            return e.response()
+        ids = token_ids(text)
+        return _json(
+            {"count": len(ids), "max_model_len": cfg.max_model_len, "tokens": ids, "token_strs": None}
+        )
+
+    async def detokenize_route(request: Request) -> Response:
+        try:
+            body = await _body(request)
+            ids = body.get("tokens")
+            if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in ids
+            ):
+                raise VLLMError(400, "tokens: an array of integers", param="tokens")
+        except VLLMError as e:
+            return e.response()
+        return _json({"prompt": detokenize(ids)})
+
     return Starlette(
         routes=[
             Route("/version", version_route, methods=["GET"]),
             Route("/v1/chat/completions", chat_route, methods=["POST"]),
             Route("/v1/completions", completions_route, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
+            Route("/tokenize", tokenize, methods=["POST"]),
+            Route("/detokenize", detokenize_route, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             *backend.common_routes(),
         ],

@@ -14,6 +14,10 @@ from typing import Final
 NO_METER: Final = "no energy meter configured (meter.kind: null)"
 REJECTED: Final = "request rejected before it reached a backend"
 STOPPED: Final = "proxy stopped before the final reading"
+# at answer time (the `usage.qtrap` object of an OpenAI answer): measured, but no reading covers it yet
+NOT_MEASURED_YET: Final = (
+    "no meter reading has covered this request yet; its final figure will be in its record (record_url)"
+)
 
 
 def no_devices(backend: str) -> str:

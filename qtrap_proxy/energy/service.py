@@ -137,6 +137,9 @@ class EnergyService(Background):
         self.meter_up: dict[str, bool] = dict.fromkeys(keys, False)
         self.meter_error: dict[str, str | None] = dict.fromkeys(keys, "no reading yet")
         self.last_change_t: dict[str, float] = {}
+        # each device's mean power between its counter's last two moves (W): a delta of the cumulative
+        # counter over the time between the moves, never an instantaneous reading
+        self.power_w: dict[str, float] = {}
         self._meter = meter
         self._meter_init_error: str | None = None
         self._tracked: dict[str, Tracked] = {}  # in flight or waiting for their final figure
@@ -277,7 +280,12 @@ class EnergyService(Background):
             self.meter_up[key] = True
             self.meter_error[key] = None
             if acc.last_counter_j is None or value != acc.last_counter_j:
+                prev_j, prev_t = acc.last_counter_j, self.last_change_t.get(key)
                 acc.on_reading(t, value)
+                if prev_j is not None and prev_t is not None and value > prev_j and t > prev_t:
+                    self.power_w[key] = (value - prev_j) / (t - prev_t)
+                elif prev_j is not None and value < prev_j:  # a counter reset: no figure until it moves again
+                    self.power_w.pop(key, None)
                 self.last_change_t[key] = t
         self.settle(now)
 
@@ -437,6 +445,7 @@ class EnergyService(Background):
                     "meter_error": self.meter_error[key],
                     "last_update_age_s": None if last is None else now - last,
                     "name": getattr(self._meter, "names", {}).get(key),
+                    "power_w": self.power_w.get(key),
                     "updates": acc.updates,
                     "update_period_s": _update_period_s(acc),
                     "counter_resets": acc.resets,

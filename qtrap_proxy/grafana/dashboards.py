@@ -11,7 +11,7 @@
 Queries use the recording rules of :mod:`qtrap_proxy.grafana.rules` (load
 ``deploy/prometheus/rules/qtrap-recording.yml`` into Prometheus) and the proxy's raw metrics.
 Dashboard variables: ``$datasource`` (a Prometheus data source), ``$pool``, ``$precision`` and, on
-the fleet dashboard, ``$device``. Targets Grafana 11 (schema version 39 and later migrate it).
+the fleet dashboard, ``$gpu_device``. Targets Grafana 11 (schema version 39 and later migrate it).
 """
 
 from __future__ import annotations
@@ -371,7 +371,7 @@ POOL_VAR = _query_var("pool", "Pool", 'label_values(qtrap_requests_total{pool!="
 PRECISION_VAR = _query_var(
     "precision", "Precision", 'label_values(qtrap_requests_total{pool=~"$pool", precision!=""}, precision)'
 )
-DEVICE_VAR = _query_var("device", "GPU", "label_values(qtrap_gpu_energy_joules_total, device)")
+DEVICE_VAR = _query_var("gpu_device", "GPU", "label_values(qtrap_gpu_energy_joules_total, gpu_device)")
 
 
 def _dashboard(uid: str, title: str, description: str, variables: list[Json], panels: list[Json]) -> Json:
@@ -867,7 +867,7 @@ _UP_MAPPINGS = [
 
 
 def fleet_dashboard() -> Json:
-    dev = 'device=~"$device"'
+    dev = 'gpu_device=~"$gpu_device"'
     rate_i = "[$__rate_interval]"
     panels: list[Json] = [
         row("Power: measured, idle and attributed"),
@@ -882,22 +882,22 @@ def fleet_dashboard() -> Json:
             [
                 target(
                     f"rate(qtrap_gpu_energy_joules_total{{{dev}}}{rate_i})",
-                    "{{device}} measured ({{instance}})",
+                    "{{gpu_device}} measured ({{instance}})",
                     "A",
                 ),
                 target(
                     f"rate(qtrap_gpu_idle_energy_joules_total{{{dev}}}{rate_i})",
-                    "{{device}} idle ({{instance}})",
+                    "{{gpu_device}} idle ({{instance}})",
                     "B",
                 ),
                 target(
                     f"rate(qtrap_gpu_foreign_energy_joules_total{{{dev}}}{rate_i})",
-                    "{{device}} foreign ({{instance}})",
+                    "{{gpu_device}} foreign ({{instance}})",
                     "D",
                 ),
                 target(
                     f"rate(qtrap_gpu_energy_joules_total{{{dev}}}{rate_i}) - rate(qtrap_gpu_idle_energy_joules_total{{{dev}}}{rate_i}) - rate(qtrap_gpu_foreign_energy_joules_total{{{dev}}}{rate_i})",
-                    "{{device}} this replica's requests ({{instance}})",
+                    "{{gpu_device}} this replica's requests ({{instance}})",
                     "C",
                 ),
             ],
@@ -916,16 +916,18 @@ def fleet_dashboard() -> Json:
             "lists no devices, or energy left unknown.",
             [
                 target(
-                    f"sum(avg by (device) (rate(qtrap_gpu_energy_joules_total{rate_i})))", "measured", "A"
+                    f"sum(avg by (gpu_device) (rate(qtrap_gpu_energy_joules_total{rate_i})))", "measured", "A"
                 ),
                 target(
-                    f"sum(rate(qtrap_energy_joules_total{rate_i})) + sum(avg by (device) (rate(qtrap_gpu_idle_energy_joules_total{rate_i})))",
+                    f"sum(rate(qtrap_energy_joules_total{rate_i})) + sum(avg by (gpu_device) (rate(qtrap_gpu_idle_energy_joules_total{rate_i})))",
                     "attributed + idle",
                     "B",
                 ),
                 target(f"sum(rate(qtrap_energy_joules_total{rate_i}))", "attributed to requests", "C"),
                 target(
-                    f"sum(avg by (device) (rate(qtrap_gpu_idle_energy_joules_total{rate_i})))", "idle", "D"
+                    f"sum(avg by (gpu_device) (rate(qtrap_gpu_idle_energy_joules_total{rate_i})))",
+                    "idle",
+                    "D",
                 ),
             ],
             "watt",
@@ -942,7 +944,16 @@ def fleet_dashboard() -> Json:
             ],
             "watt",
             min_=0,
-            w=24,
+        ),
+        timeseries(
+            "GPU power (meter)",
+            "Each GPU's power as its meter counts it (`qtrap_gpu_power_watts`: the energy counter's last "
+            "step over its duration, about 100 ms on an H100's counter), per proxy replica. To set it beside "
+            "dcgm-exporter's own series, join on `gpu_device`: "
+            '`label_join(DCGM_FI_DEV_POWER_USAGE, "gpu_device", ":", "Hostname", "gpu")`.',
+            [target(f"qtrap_gpu_power_watts{{{dev}}}", "{{gpu_device}} ({{instance}})")],
+            "watt",
+            min_=0,
         ),
         row("Conservation and meter health"),
         stat(
@@ -962,7 +973,7 @@ def fleet_dashboard() -> Json:
             "Whether each GPU's meter (NVML or dcgm-exporter) answered its last reading "
             "(`qtrap_meter_up`; alert QtrapMeterDown after 1 minute). While a meter is down, requests "
             "on its GPU get no energy figure (null with a reason, never 0).",
-            [target(f"qtrap_meter_up{{{dev}}}", "{{device}} ({{instance}})")],
+            [target(f"qtrap_meter_up{{{dev}}}", "{{gpu_device}} ({{instance}})")],
             "none",
             th=thresholds(("red", None), ("green", 1)),
             mappings=_UP_MAPPINGS,
@@ -971,8 +982,8 @@ def fleet_dashboard() -> Json:
         stat(
             "Backends",
             "Each backend's last health probe (`qtrap_backend_up`; alert QtrapBackendDown after 2 "
-            "minutes). The proxy probes its backends when its own GET /health is called, so a "
-            "readiness probe or healthcheck must call it; without one this panel stays empty.",
+            "minutes). The proxy probes its backends when its own GET /health or /health/ready is called, "
+            "so a readiness probe or healthcheck must call one; without one this panel stays empty.",
             [target("qtrap_backend_up", "{{backend}} ({{instance}})")],
             "none",
             th=thresholds(("red", None), ("green", 1)),
@@ -995,7 +1006,7 @@ def fleet_dashboard() -> Json:
             "Conservation error by GPU",
             "|attributed + idle + foreign - measured| / measured per GPU and proxy replica; the red line is the "
             "0.1% alert threshold.",
-            [target(f"qtrap_energy_conservation_error_ratio{{{dev}}}", "{{device}} ({{instance}})")],
+            [target(f"qtrap_energy_conservation_error_ratio{{{dev}}}", "{{gpu_device}} ({{instance}})")],
             "percentunit",
             line_at=0.001,
             min_=0,
@@ -1005,7 +1016,7 @@ def fleet_dashboard() -> Json:
             "Seconds since each GPU's energy counter last changed (`qtrap_meter_last_update_age_seconds`). "
             "An H100's counter moves about every 100 ms, idle or not; a growing age means a frozen "
             "exporter or a wrong device mapping (alert QtrapMeterStale above 30 s for 2 minutes).",
-            [target(f"qtrap_meter_last_update_age_seconds{{{dev}}}", "{{device}} ({{instance}})")],
+            [target(f"qtrap_meter_last_update_age_seconds{{{dev}}}", "{{gpu_device}} ({{instance}})")],
             "s",
             line_at=30,
             min_=0,

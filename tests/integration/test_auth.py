@@ -416,3 +416,29 @@ def test_the_records_query_and_usage_show_a_client_key_its_own_records_only(setu
     every = setup.get("/qtrap/v1/usage", ADMIN, params={"group_by": "key", "chain_id": tag}).json()
     assert sorted(g["key"] for g in every["groups"]) == sorted([alice_key.id, bob_key.id])
     assert every["total"]["requests"] == 2 and every["total"]["energy_j"] > 0
+
+
+def test_the_new_routes_under_auth(setup: Setup) -> None:
+    _, alice = setup.alice
+    _, carol = setup.carol
+    # probes carry no key
+    assert setup.get("/health/live").status_code == 200
+    assert setup.get("/health/ready").status_code == 200
+    # a model entry: a key sees its pools only; another pool is not found
+    assert setup.get("/v1/models/qwen3-8b@bf16", alice).json()["root"] == "qwen3-8b"
+    assert setup.get("/v1/models/qwen3-8b", carol).status_code == 404
+    assert setup.get("/v1/models/qwen3-8b").status_code == 401
+    # the passthrough and embeddings routes are serving routes: a client key, within its pools
+    tok = {"model": "qwen3-8b", "prompt": "a b c"}
+    assert setup.post("/tokenize", None, tok).status_code == 401
+    assert setup.post("/tokenize", carol, tok).status_code == 403
+    r = setup.post("/tokenize", alice, tok)
+    assert r.status_code == 200 and r.json()["count"] == 3
+    emb = {"model": "qwen3-8b", "input": "one two"}
+    assert setup.post("/v1/embeddings", None, emb).status_code == 401
+    r = setup.post("/v1/embeddings", alice, emb)
+    assert r.status_code == 200, r.text
+    q = r.json()["usage"]["qtrap"]
+    # the record_url in usage is readable with the key that made the request, not with another
+    assert setup.get(q["record_url"], alice).json()["id"] == q["request_id"]
+    assert setup.get(q["record_url"], carol).status_code == 404

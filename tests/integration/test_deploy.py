@@ -627,3 +627,19 @@ def test_compose_and_k8s_scrape_jobs_share_names() -> None:
     k8s_cfg = yaml.safe_load(_k8s("ConfigMap", "prometheus-config")["data"]["prometheus.yml"])
     k8s_jobs = {j["job_name"] for j in k8s_cfg["scrape_configs"]}
     assert k8s_jobs == compose_jobs - {"tgi"}
+
+
+def test_k8s_proxy_probes_use_the_split_health_routes() -> None:
+    """Liveness asks only whether the process answers; readiness whether it can serve and record. Both
+    routes stay open with auth on (a probe carries no key)."""
+    from qtrap_proxy.auth import Role, role_of
+    from qtrap_proxy.openapi import OPERATIONS
+
+    (container,) = _pod_spec(_k8s("Deployment", "qtrap-proxy"))["containers"]
+    live = container["livenessProbe"]["httpGet"]["path"]
+    ready = container["readinessProbe"]["httpGet"]["path"]
+    assert (live, ready) == ("/health/live", "/health/ready")
+    documented = {op.path for op in OPERATIONS if op.method == "get"}
+    for path in (live, ready):
+        assert path in documented
+        assert role_of(path, "GET", (), protect_metrics=True) is Role.OPEN

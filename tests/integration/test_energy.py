@@ -127,8 +127,8 @@ def test_openai_sdk_sees_provisional_energy(energy: EnergySetup) -> None:
     )
     last = chunks[-1]
     assert last.usage is not None and last.usage.completion_tokens == 20
-    extra = last.model_extra or {}
-    assert extra["qtrap"]["request_id"] and extra["qtrap"]["energy_j_provisional"] > 0
+    extra = last.usage.model_extra or {}
+    assert extra["qtrap"]["request_id"] and extra["qtrap"]["provisional"] and extra["energy_j"] > 0
     final = _wait_final(energy.url, [extra["qtrap"]["request_id"]])[0]
     assert final["energy_j"] > 0 and final["final"] is True
 
@@ -236,7 +236,7 @@ def test_meter_down_keeps_serving_and_says_why(tmp_path: Path) -> None:
             rec = _wait_final(url, [rid], timeout_s=10)[0]
             assert rec["energy_j"] is None and "meter down" in rec["energy_null_reason"]
             metrics = requests.get(url + "/metrics", timeout=5).text
-            assert 'qtrap_meter_up{device="qtrap-sim:0"} 0.0' in metrics
+            assert 'qtrap_meter_up{gpu_device="qtrap-sim:0"} 0.0' in metrics
             energy = requests.get(url + "/qtrap/v1/energy", timeout=5).json()["devices"][0]
             assert energy["meter_up"] is False and "unreachable" in energy["meter_error"]
 
@@ -258,8 +258,26 @@ def test_energy_metrics_are_promtool_clean(energy: EnergySetup) -> None:
         "qtrap_meter_last_update_age_seconds",
         "qtrap_request_energy_joules_bucket",
         "qtrap_inter_token_latency_seconds_bucket",
+        "qtrap_gpu_power_watts",
     ):
         assert name in text, name
+    # the proxy's device label is gpu_device (dcgm-exporter's `device` is the driver's nvidia0)
+    assert (
+        'qtrap_gpu_energy_joules_total{gpu_device="qtrap-sim:0"}' in text
+        and "device=" not in text.replace("gpu_device=", "")
+    )
+    # the simulated H100s draw between their idle and peak power (W), as the meter counts it
+    powers = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("qtrap_gpu_power_watts{")
+    ]
+    assert len(powers) == 2 and all(30 < p < 1000 for p in powers), powers
+    # no series whose every label is empty
+    for line in text.splitlines():
+        if line.startswith("qtrap_") and "{" in line:
+            labels = line[line.index("{") + 1 : line.index("}")]
+            assert any(not v.endswith('=""') for v in labels.split(",")), line
     r = subprocess.run(
         ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )

@@ -318,6 +318,21 @@ def openai_body(draw: st.DrawFn, chat: bool) -> dict[str, Any]:
 
 
 @st.composite
+def responses_body(draw: st.DrawFn) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": draw(models),
+        "input": draw(mostly(st.text(utf8, min_size=1, max_size=30) | messages, json_values)),
+        "max_output_tokens": draw(mostly(small_tokens, st.sampled_from([0, -1, "3", None, 1.5]), odds=8)),
+    }
+    stream = draw(mostly(st.sampled_from([True, False, None]), json_values, odds=6))
+    if stream is not None:
+        body["stream"] = stream
+    if draw(st.integers(0, 15)) == 7:
+        body.pop(draw(st.sampled_from(["model", "input"])))  # a required field missing
+    return body
+
+
+@st.composite
 def tgi_body(draw: st.DrawFn) -> dict[str, Any]:
     body: dict[str, Any] = {"inputs": draw(mostly(st.text(utf8, min_size=1, max_size=30), json_values))}
     params = st.fixed_dictionaries(
@@ -414,7 +429,7 @@ def _resolve(spec: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
 
 def fill_path(path: str, value: str) -> str:
     quoted = urllib.parse.quote(value, safe="")
-    return path.replace("{request_id}", quoted).replace("{chain_id}", quoted)
+    return path.replace("{request_id}", quoted).replace("{chain_id}", quoted).replace("{model_id}", quoted)
 
 
 @st.composite
@@ -445,6 +460,8 @@ def requests_for(draw: st.DrawFn, t: Target, path: str, method: str) -> Req:
         valid: st.SearchStrategy[Any] = openai_body(chat=True)
     elif path == "/v1/completions":
         valid = openai_body(chat=False)
+    elif path == "/v1/responses":
+        valid = responses_body()
     elif family == "tgi":
         valid = tgi_body()
     elif path.endswith("/score"):
@@ -455,7 +472,11 @@ def requests_for(draw: st.DrawFn, t: Target, path: str, method: str) -> Req:
         draw(raw_bodies(valid)) if verb in ("POST", "PUT", "PATCH") or draw(st.integers(0, 9)) == 5 else None
     )
     return Req(
-        verb, target, draw(headers_for(family in ("openai", "tgi"))), body, draw(st.integers(0, 4)) == 2
+        verb,
+        target,
+        draw(headers_for(family in ("openai", "tgi", "responses"))),
+        body,
+        draw(st.integers(0, 4)) == 2,
     )
 
 
@@ -465,6 +486,8 @@ def _family(path: str) -> str:
         return "openai"
     if path in ("/generate", "/generate_stream", "/"):
         return "tgi"
+    if path == "/v1/responses":
+        return "responses"
     return "other"
 
 
@@ -534,6 +557,11 @@ def check(t: Target, path: str, method: str, req: Req, a: Answer) -> None:
     if ctype.startswith("text/event-stream"):
         if family == "openai":
             assert a.body.endswith(b"data: [DONE]\n\n"), "a stream without `data: [DONE]`: " + where
+        elif family == "responses":
+            last = a.body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+            assert last.startswith((b"event: response.completed\n", b"event: error\n")), (
+                "a Responses stream without its last event: " + where
+            )
         else:
             assert _tgi_stream_ended(a.body), "a TGI stream without its last event: " + where
     elif ctype.startswith("application/json"):
@@ -553,11 +581,18 @@ def operations(spec: dict[str, Any]) -> list[tuple[str, str]]:
 OPERATIONS = [
     ("/v1/chat/completions", "post"),
     ("/v1/completions", "post"),
+    ("/v1/embeddings", "post"),
+    ("/v1/responses", "post"),
+    ("/tokenize", "post"),
+    ("/detokenize", "post"),
     ("/v1/models", "get"),
+    ("/v1/models/{model_id}", "get"),
     ("/generate", "post"),
     ("/generate_stream", "post"),
     ("/", "post"),
     ("/health", "get"),
+    ("/health/live", "get"),
+    ("/health/ready", "get"),
     ("/metrics", "get"),
     ("/openapi.json", "get"),
     ("/qtrap/v1/requests", "get"),

@@ -41,7 +41,7 @@ PRECISIONS = ("bf16", "int4")
 VARIABLES = {
     "pool": POOL,
     "precision": "(" + "|".join(PRECISIONS) + ")",
-    "device": "(qtrap-sim:0|qtrap-sim:1)",
+    "gpu_device": "(qtrap-sim:0|qtrap-sim:1)",
     "__range": "15m",
     "__rate_interval": "10s",
     "__interval": "2s",

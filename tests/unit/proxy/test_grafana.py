@@ -59,7 +59,7 @@ def _exported_metric_names() -> set[str]:
                 "conservation_error_ratio": 0.0,
             }
             return {
-                "devices": [{**d, "meter_up": True, "last_update_age_s": 0.1}],
+                "devices": [{**d, "meter_up": True, "last_update_age_s": 0.1, "power_w": 300.0}],
                 "token_counters": [{"backend": "b", "up": True}],
             }
 

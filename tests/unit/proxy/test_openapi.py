@@ -3,6 +3,7 @@ ones the proxy enforces (limits.py)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ def _registered(app: Any) -> set[tuple[str, str]]:
     out = set()
     for route in app.routes:
         assert isinstance(route, Route), route
-        out |= {(route.path, m.lower()) for m in route.methods or () if m != "HEAD"}
+        path = re.sub(r":\w+}", "}", route.path)  # a converter ({model_id:path}) is not OpenAPI's
+        out |= {(path, m.lower()) for m in route.methods or () if m != "HEAD"}
     return out
 
 
