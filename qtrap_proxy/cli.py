@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     records = sub.add_parser(
         "records",
         help="the ledger's records",
-        description="Read the records of a ledger (ledger.path) directly, without a running proxy.",
+        description="Read the records of a ledger (ledger.path or ledger.url) directly, without a running proxy.",
     )
     resub = records.add_subparsers(dest="records_command", required=True, metavar="ACTION")
     export = resub.add_parser(
@@ -140,7 +140,20 @@ def _parser() -> argparse.ArgumentParser:
         "ledger is opened read-only and read row by row, so a running proxy may keep writing it. Exit "
         "status 2 with one line on stderr for bad input.",
     )
-    export.add_argument("--ledger", required=True, metavar="PATH", help="the SQLite ledger (ledger.path)")
+    where = export.add_mutually_exclusive_group(required=True)
+    where.add_argument("--ledger", metavar="PATH", help="the SQLite ledger (ledger.path)")
+    where.add_argument(
+        "--ledger-url",
+        metavar="URL",
+        help="the PostgreSQL ledger (ledger.url: postgresql://user@host:port/database); its password in "
+        "the URL, or in --password-env's variable, PGPASSWORD or ~/.pgpass",
+    )
+    export.add_argument(
+        "--password-env",
+        metavar="NAME",
+        default="QTRAP_LEDGER_PASSWORD",
+        help="environment variable holding the PostgreSQL password (default: QTRAP_LEDGER_PASSWORD)",
+    )
     export.add_argument(
         "--since",
         metavar="WHEN",
@@ -160,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _records_export(args: argparse.Namespace) -> int:
     """``qtrap-proxy records export``: one line on stderr and status 2 for bad input."""
-    from qtrap_proxy.ledger import export
+    from qtrap_proxy.ledger import export, export_url
     from qtrap_proxy.query import FILTER_PARAMS, parse_filter
 
     given = {name: getattr(args, name) for name in FILTER_PARAMS if getattr(args, name, None) is not None}
@@ -171,7 +184,10 @@ def _records_export(args: argparse.Namespace) -> int:
         except QtrapError as e:
             flag = (e.param or "filter").replace("_", "-")
             raise ConfigError(f"--{flag}: {e.message}") from e
-        rows = export(args.ledger, filt)
+        if args.ledger_url is not None:
+            rows = export_url(args.ledger_url, filt, args.password_env)
+        else:
+            rows = export(args.ledger, filt)
         out = sys.stdout if args.out is None else open(args.out, "w", encoding="utf-8", newline="")  # noqa: SIM115
         n = write_records(rows, out, args.format)
     except ConfigError as e:
