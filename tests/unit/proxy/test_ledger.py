@@ -320,3 +320,20 @@ def test_key_usage_sums_a_keys_records_by_precision_in_a_time_window(led: Ledger
     assert led.key_usage(k, 1.5e9, 3e9)[0].requests == 1
     assert led.key_usage("not a key id' OR 1=1", 0, 3e9) == []
     assert led.get("r6") is not None
+
+
+def test_nul_characters_which_postgresql_refuses_cost_only_their_record(led: Ledger) -> None:
+    """PostgreSQL's text takes no NUL: an id or chain id holding one is stored escaped, with a note, and a
+    NUL in another field stays in the record's JSON (escaped there); the rest of the batch as it was."""
+    durable = Durables()
+    led.start(durable)
+    led.put(_rec("nul\x00id"))
+    led.put(_rec("nul-chain", chain_id="c\x00d", pool="p\x00q", status="ok\x00"))
+    led.put(_rec("plain", error="a\x00b"))
+    _wait(lambda: len(durable.ids) == 3, "the batch holding NUL characters was not written")
+    assert led.write_errors["record"] == 2 and led.state()["status"] == "ok"
+    noted = led.get("rnul\\x00id")
+    assert noted is not None and noted["id"] == "rnul\x00id" and "ledger_error" in noted
+    chain = led.get("rnul-chain")
+    assert chain is not None and chain["chain_id"] == "c\x00d" and "ledger_error" in chain
+    assert led.get("rplain") == _rec("plain", error="a\x00b")
