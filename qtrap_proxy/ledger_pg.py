@@ -11,6 +11,8 @@ fault rules, and the queries, over either database. This module holds what only 
 * the schema, as numbered migrations recorded in ``qtrap_schema_migrations`` and applied at start in one
   transaction under an advisory lock, so replicas starting together apply each migration once. A
   database migrated by a newer qtrap is used as it is (a rolling upgrade runs both versions at once).
+  A schema already up to date is only read, so a user without ``CREATE`` can run the proxies once an
+  owner has started one.
 
 The ``requests`` table (``qtrap_requests``) has SQLite's columns and, since PostgreSQL cannot read every
 record's text as JSON (NaN, ``\\u0000``), the fields the usage sums and filters read as columns of their
@@ -174,10 +176,12 @@ class PgTarget:
             try:
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-                    conn.execute(
-                        f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (version INTEGER PRIMARY KEY, "
-                        "description TEXT NOT NULL, applied_unix_s DOUBLE PRECISION NOT NULL)"
-                    )
+                    found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (MIGRATIONS_TABLE,)).fetchone()
+                    if not (found and found[0]):  # DDL only when needed: later starts need no CREATE
+                        conn.execute(
+                            f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (version INTEGER PRIMARY KEY, "
+                            "description TEXT NOT NULL, applied_unix_s DOUBLE PRECISION NOT NULL)"
+                        )
                     row = conn.execute(f"SELECT max(version) FROM {MIGRATIONS_TABLE}").fetchone()
                     current = int(row[0]) if row and row[0] is not None else 0
                     for version, what, statements in MIGRATIONS:

@@ -99,6 +99,30 @@ def test_replicas_starting_together_apply_each_migration_once(
     led.close()
 
 
+def test_a_user_without_create_writes_and_reads_a_ledger_already_migrated(pg: PgServer) -> None:
+    """The README's privileges: CREATE for the first start only; then the table's DML and reading the
+    migrations table are enough."""
+    db = pg.create_db()
+    Ledger("unused", url=pg.url(db)).close()  # the owner's first start creates the schema
+    with psycopg.connect(pg.url(db), autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS qtrap_writer")
+        conn.execute("CREATE ROLE qtrap_writer LOGIN PASSWORD 'writer-pw'")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        conn.execute(f"GRANT SELECT ON {ledger_pg.MIGRATIONS_TABLE} TO qtrap_writer")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {ledger_pg.TABLE} TO qtrap_writer")
+    url = f"postgresql://qtrap_writer:writer-pw@127.0.0.1:{pg.port}/{db}"
+    led = Ledger("unused", url=url, retention_days=1, batch_s=0.01)
+    done: list[str] = []
+    led.start(lambda recs: done.extend(r["id"] for r in recs))
+    led.put({"id": "r1", "start_unix_s": time.time(), "chain_id": "c", "hop": 1})
+    _wait(lambda: done == ["r1"], "the restricted user's record was not written")
+    assert [r["id"] for r in led.chain("c")] == ["r1"] and led.state()["status"] == "ok"
+    led.close()
+    with psycopg.connect(pg.url(db), autocommit=True) as conn:  # the session's server is shared
+        conn.execute(f"REVOKE ALL ON {ledger_pg.TABLE}, {ledger_pg.MIGRATIONS_TABLE} FROM qtrap_writer")
+        conn.execute("DROP ROLE qtrap_writer")
+
+
 def test_the_password_comes_from_the_environment_and_never_shows(
     pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
