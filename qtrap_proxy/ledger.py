@@ -17,12 +17,12 @@ crash (not across a power cut); PostgreSQL's commit is durable as the server is 
 
 No exception stops persistence:
 
-* a batch the database refuses (disk full, locked, I/O error, PostgreSQL down or restarting, anything
-  else) is kept
-  and retried with backoff (``_BACKOFF_S``); records that arrive meanwhile join
-  it, up to ``_MAX_BACKLOG`` records (beyond, the oldest are dropped, counted);
-* a record that cannot be written as it is (a value out of SQLite's range, a
-  string that is not UTF-8, ...) is written with its index columns made safe and
+* a batch the database refuses (disk full, locked, I/O error, PostgreSQL down or
+  restarting, anything else) is kept and retried with backoff (``_BACKOFF_S``) on a
+  fresh connection; records that arrive meanwhile join it, up to ``_MAX_BACKLOG``
+  records (beyond, the oldest are dropped, counted);
+* a record that cannot be written as it is (a value out of the database's range, a
+  string that is not UTF-8 or holds NUL, ...) is written with its index columns made safe and
   a ``ledger_error`` note, and counted; the rest of its batch is written as is;
 * whatever escapes the loop is caught per iteration; if the thread dies anyway
   (or its loop returns), a new one is started at once (then at most once per
@@ -126,9 +126,11 @@ _PG_FIELDS = {name: name for name in _SQLITE_FIELDS}
 _COLUMNS = frozenset(("chain_id", "key_id", "client_request_id"))  # filters with a column of their own
 
 _COMMIT_ROWS = 1_000  # records per transaction
-_MAX_BACKLOG = 100_000  # records held while SQLite refuses them; beyond, the oldest are dropped (counted)
+_MAX_BACKLOG = (
+    100_000  # records held while the database refuses them; beyond, the oldest are dropped (counted)
+)
 _BACKOFF_S = (0.05, 5.0)  # first and longest wait before a refused batch is tried again
-_CLOSE_TRIES = 5  # at shutdown, tries before records SQLite still refuses are given up (counted)
+_CLOSE_TRIES = 5  # at shutdown, tries before records the database still refuses are given up (counted)
 _RESTART_MIN_S = 1.0  # a writer thread that died is restarted at most this often
 _MAX_TEXT = 1_024  # longest id / chain id stored in an index column as is
 _INT64 = 2**63
@@ -401,7 +403,7 @@ class Ledger:
         self._spawn()
 
     def put(self, record: Record) -> None:
-        """Hand over a final record (never blocks on SQLite); the writer is woken once per batch."""
+        """Hand over a final record (never blocks on the database); the writer is woken once per batch."""
         with self._lock:
             self._pending.append(record)
             first = len(self._pending) == 1
@@ -722,7 +724,7 @@ class Ledger:
 
 
 def _row(rec: Record) -> Row:
-    """The SQLite row of a record, or ValueError/TypeError naming what cannot be stored as it is."""
+    """The common columns of a record's row, or ValueError/TypeError naming what cannot be stored as it is."""
     rid, chain, hop = rec["id"], rec.get("chain_id"), rec.get("hop")
     if not _storable_text(rid):
         raise ValueError(f"id {_safe_text(rid)!r} is not a storable string")
