@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from qtrap_proxy import __version__, keystore
 from qtrap_proxy.config import ProxyConfig, load_config
 from qtrap_proxy.errors import ConfigError, KeyStoreError, QtrapDomainError, QtrapError
+from qtrap_proxy.ledger_pg import redact
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -394,6 +395,11 @@ def _summary(cfg: ProxyConfig) -> str:
         routing = "" if pc is None or pc.routing == "round_robin" else f", routing {pc.routing}"
         lines.append(f"pool {pool} (default precision {cfg.default_precision(pool)}{routing})")
         lines.extend(f"  {it}" for it in items)
+    lc = cfg.ledger
+    if lc.url is not None:
+        lines.append(f"ledger: PostgreSQL {redact(lc.url)} (password, unless in the URL: ${lc.password_env})")
+    else:
+        lines.append(f"ledger: SQLite {lc.path}")
     a = cfg.auth
     if a.enabled:
         admin = "auth.admin_key_sha256" if a.admin_key_sha256 else f"${a.admin_key_env}"

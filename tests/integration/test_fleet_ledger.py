@@ -18,8 +18,10 @@ from typing import Any
 import psycopg
 import pytest
 import requests
+import yaml
 
 from qtrap_proxy import ledger_pg
+from qtrap_proxy.cli import main
 from qtrap_proxy.config import load_config
 from qtrap_proxy.errors import ConfigError, LedgerUnavailable
 from qtrap_proxy.ledger import Ledger
@@ -124,7 +126,11 @@ def test_a_user_without_create_writes_and_reads_a_ledger_already_migrated(pg: Pg
 
 
 def test_the_password_comes_from_the_environment_and_never_shows(
-    pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    pg: PgServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     db = pg.create_db()
     bare = pg.url(db, password=False)
@@ -135,6 +141,15 @@ def test_the_password_comes_from_the_environment_and_never_shows(
     led = Ledger("unused", url=bare, password_env="MY_LEDGER_PW")
     assert led.backend == "postgresql" and led.count() == 0
     led.close()
+
+    # check-config names the ledger without its password
+    conf = tmp_path / "proxy.yaml"
+    conf.write_text(yaml.safe_dump(_config(free_port(), pg.url(db))))
+    assert main(["check-config", "--config", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"ledger: PostgreSQL postgresql://qtrap:***@127.0.0.1:{pg.port}/{db}" in out and PASSWORD not in out
+    )
 
     # a URL that is not PostgreSQL's, or a bad variable name: config errors naming the key
     with pytest.raises(ConfigError, match=r"ledger\.url: must be a postgresql:// URL"):
