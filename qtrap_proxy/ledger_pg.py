@@ -138,6 +138,9 @@ class PgTarget:
         url_password = psycopg.conninfo.conninfo_to_dict(url).get("password")
         if url_password:
             self._secrets.append(str(url_password))
+            raw = urlsplit(url).password  # as written, percent-encoded
+            if raw and raw != url_password:
+                self._secrets.append(raw)
         elif password_env and os.environ.get(password_env):
             self._kwargs["password"] = os.environ[password_env]
             self._secrets.append(os.environ[password_env])
