@@ -321,8 +321,11 @@ class _Postgres(_Db):
             raise type(e)(self.target.scrub(str(e))) from None
 
     def prune(self, conn: psycopg.Connection[Any], before_unix_s: float) -> None:
-        with conn.transaction():
-            conn.execute(f"DELETE FROM {ledger_pg.TABLE} WHERE start_unix_s < %s", (before_unix_s,))
+        try:
+            with conn.transaction():
+                conn.execute(f"DELETE FROM {ledger_pg.TABLE} WHERE start_unix_s < %s", (before_unix_s,))
+        except psycopg.Error as e:
+            raise type(e)(self.target.scrub(str(e))) from None
 
     def query(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[tuple[Any, ...]]:
         """A read on the shared reader connection; LedgerUnavailable (503) when the database cannot answer
