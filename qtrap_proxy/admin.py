@@ -26,7 +26,7 @@ from starlette.routing import Route
 from qtrap_common import wire
 from qtrap_proxy.asgi import read_body
 from qtrap_proxy.auth import Principal, principal_of
-from qtrap_proxy.errors import BadRequest, Forbidden, QtrapError, openai_error_body
+from qtrap_proxy.errors import BadRequest, Forbidden, LedgerUnavailable, QtrapError, openai_error_body
 from qtrap_proxy.keystore import KEY_ID
 from qtrap_proxy.limits import (
     MAX_ADMIN_BODY_BYTES,
@@ -209,6 +209,12 @@ async def http_error(_: Request, exc: Exception) -> Response:
     response = _error(exc.status_code, str(exc.detail), kind)
     response.headers.update(exc.headers or {})  # a 405 carries Allow
     return response
+
+
+async def ledger_error(_: Request, exc: Exception) -> Response:
+    """A read the ledger's database cannot answer now (a PostgreSQL ledger down or restarting): 503."""
+    assert isinstance(exc, LedgerUnavailable)
+    return _qtrap_error(exc)
 
 
 async def health_report(proxy: Proxy) -> tuple[int, dict[str, Any]]:

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from qtrap_common.background import STOP_TIMEOUT_S
 from qtrap_proxy import admin
 from qtrap_proxy.auth import AuthGate
+from qtrap_proxy.errors import LedgerUnavailable
 from qtrap_proxy.guard import Guard
 from qtrap_proxy.ledger import Ledger
 from qtrap_proxy.openai_route import EmbeddingsRoute, OpenAIRoute
@@ -193,7 +194,11 @@ def create_app(proxy: Proxy, shutdown: Shutdown | None = None) -> ASGIApp:
         finally:
             await close_proxy(proxy, bound)
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: admin.http_error})
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: admin.http_error, LedgerUnavailable: admin.ledger_error},
+    )
     refused = proxy.metrics.refused
 
     def on_refuse(reason: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from qtrap_proxy import __version__, keystore
 from qtrap_proxy.config import ProxyConfig, load_config
 from qtrap_proxy.errors import ConfigError, KeyStoreError, QtrapDomainError, QtrapError
+from qtrap_proxy.ledger_pg import redact
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     records = sub.add_parser(
         "records",
         help="the ledger's records",
-        description="Read the records of a ledger (ledger.path) directly, without a running proxy.",
+        description="Read the records of a ledger (ledger.path or ledger.url) directly, without a running proxy.",
     )
     resub = records.add_subparsers(dest="records_command", required=True, metavar="ACTION")
     export = resub.add_parser(
@@ -140,7 +141,20 @@ def _parser() -> argparse.ArgumentParser:
         "ledger is opened read-only and read row by row, so a running proxy may keep writing it. Exit "
         "status 2 with one line on stderr for bad input.",
     )
-    export.add_argument("--ledger", required=True, metavar="PATH", help="the SQLite ledger (ledger.path)")
+    where = export.add_mutually_exclusive_group(required=True)
+    where.add_argument("--ledger", metavar="PATH", help="the SQLite ledger (ledger.path)")
+    where.add_argument(
+        "--ledger-url",
+        metavar="URL",
+        help="the PostgreSQL ledger (ledger.url: postgresql://user@host:port/database); its password in "
+        "the URL, or in --password-env's variable, PGPASSWORD or ~/.pgpass",
+    )
+    export.add_argument(
+        "--password-env",
+        metavar="NAME",
+        default="QTRAP_LEDGER_PASSWORD",
+        help="environment variable holding the PostgreSQL password (default: QTRAP_LEDGER_PASSWORD)",
+    )
     export.add_argument(
         "--since",
         metavar="WHEN",
@@ -160,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _records_export(args: argparse.Namespace) -> int:
     """``qtrap-proxy records export``: one line on stderr and status 2 for bad input."""
-    from qtrap_proxy.ledger import export
+    from qtrap_proxy.ledger import export, export_url
     from qtrap_proxy.query import FILTER_PARAMS, parse_filter
 
     given = {name: getattr(args, name) for name in FILTER_PARAMS if getattr(args, name, None) is not None}
@@ -171,7 +185,10 @@ def _records_export(args: argparse.Namespace) -> int:
         except QtrapError as e:
             flag = (e.param or "filter").replace("_", "-")
             raise ConfigError(f"--{flag}: {e.message}") from e
-        rows = export(args.ledger, filt)
+        if args.ledger_url is not None:
+            rows = export_url(args.ledger_url, filt, args.password_env)
+        else:
+            rows = export(args.ledger, filt)
         out = sys.stdout if args.out is None else open(args.out, "w", encoding="utf-8", newline="")  # noqa: SIM115
         n = write_records(rows, out, args.format)
     except ConfigError as e:
@@ -378,6 +395,11 @@ def _summary(cfg: ProxyConfig) -> str:
         routing = "" if pc is None or pc.routing == "round_robin" else f", routing {pc.routing}"
         lines.append(f"pool {pool} (default precision {cfg.default_precision(pool)}{routing})")
         lines.extend(f"  {it}" for it in items)
+    lc = cfg.ledger
+    if lc.url is not None:
+        lines.append(f"ledger: PostgreSQL {redact(lc.url)} (password, unless in the URL: ${lc.password_env})")
+    else:
+        lines.append(f"ledger: SQLite {lc.path}")
     a = cfg.auth
     if a.enabled:
         admin = "auth.admin_key_sha256" if a.admin_key_sha256 else f"${a.admin_key_env}"

@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from qtrap_proxy.errors import ConfigError
+from qtrap_proxy.ledger_pg import check_url
 from qtrap_proxy.redact import redact_url
 
 BackendKind = Literal["vllm", "tgi", "openai"]
@@ -398,9 +399,31 @@ class OtlpReceiverConfig(_Strict):
 
 
 class LedgerConfig(_Strict):
-    path: str = "qtrap-ledger.sqlite"
+    path: str = Field("qtrap-ledger.sqlite", description="the SQLite ledger's file (unless url is set)")
+    url: str | None = Field(
+        None,
+        description="a PostgreSQL ledger, postgresql://user@host:port/database, that several proxy replicas "
+        "write (the fleet ledger); instead of path. Its password: in the URL, or better in password_env",
+    )
+    password_env: str = Field(
+        "QTRAP_LEDGER_PASSWORD",
+        description="environment variable holding the PostgreSQL password when the URL has none "
+        "(libpq's PGPASSWORD and ~/.pgpass work too)",
+    )
     retention_days: float | None = Field(30.0, gt=0, description="records older than this are deleted")
     batch_s: float = Field(0.05, gt=0, description="longest wait before a batch of records is committed")
+
+    @field_validator("url")
+    @classmethod
+    def _pg_url(cls, v: str | None) -> str | None:
+        return None if v is None else check_url(v)
+
+    @field_validator("password_env")
+    @classmethod
+    def _password_env(cls, v: str) -> str:
+        if not _ENV_NAME.fullmatch(v):
+            raise ValueError("must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        return v
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")

@@ -116,6 +116,16 @@ class InternalError(QtrapError):
     code = "internal_error"
 
 
+class LedgerUnavailable(QtrapError):
+    """The ledger's database cannot answer a read now (a PostgreSQL ledger that is down or restarting);
+    records in flight and those waiting to be written are still served from memory."""
+
+    status = 503
+    label = "internal_error"  # never a request's status: raised by the admin API's reads only
+    type = "server_error"
+    code = "ledger_unavailable"
+
+
 class ClientGone(QtrapError):
     """The client disconnected before its request was complete (nginx's 499: nobody reads the answer)."""
 

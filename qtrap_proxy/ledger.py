@@ -1,4 +1,10 @@
-"""The durable per-request ledger: SQLite in WAL mode, written in batches off the request path.
+"""The durable per-request ledger, written in batches off the request path: SQLite in WAL mode
+(``ledger.path``, the embedded default) or PostgreSQL (``ledger.url``, one ledger for a fleet of replicas).
+
+One :class:`Ledger` serves both: the writer thread, its batching and fault rules, and the queries are the
+same; a small database layer (:class:`_Sqlite`, :class:`_Postgres`; the PostgreSQL connections, credentials
+and migrations are in ledger_pg.py) supplies connections, the upsert and how a record's fields are read in
+SQL (``json_extract`` over the record in SQLite, columns of their own in PostgreSQL).
 
 Final records are handed over in batches: :meth:`Ledger.put` appends to a list
 and wakes the writer thread only when that list was empty, so the request path
@@ -6,15 +12,17 @@ never wakes it once per record. The writer lets a batch gather for at most
 ``batch_s``, serialises it with orjson, commits it and only then reports it
 durable, so a record the admin API calls final survives a SIGKILL of the proxy.
 ``synchronous=NORMAL`` in WAL mode keeps committed transactions across a process
-crash (not across a power cut).
+crash (not across a power cut); PostgreSQL's commit is durable as the server is configured
+(``synchronous_commit``, on by default).
 
 No exception stops persistence:
 
-* a batch SQLite refuses (disk full, locked, I/O error, anything else) is kept
-  and retried with backoff (``_BACKOFF_S``); records that arrive meanwhile join
-  it, up to ``_MAX_BACKLOG`` records (beyond, the oldest are dropped, counted);
-* a record that cannot be written as it is (a value out of SQLite's range, a
-  string that is not UTF-8, ...) is written with its index columns made safe and
+* a batch the database refuses (disk full, locked, I/O error, PostgreSQL down or
+  restarting, anything else) is kept and retried with backoff (``_BACKOFF_S``) on a
+  fresh connection; records that arrive meanwhile join it, up to ``_MAX_BACKLOG``
+  records (beyond, the oldest are dropped, counted);
+* a record that cannot be written as it is (a value out of the database's range, a
+  string that is not UTF-8 or holds NUL, ...) is written with its index columns made safe and
   a ``ledger_error`` note, and counted; the rest of its batch is written as is;
 * whatever escapes the loop is caught per iteration; if the thread dies anyway
   (or its loop returns), a new one is started at once (then at most once per
@@ -38,9 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 
 from qtrap_common.wire import RequestRecord
-from qtrap_proxy.errors import ConfigError
+from qtrap_proxy import ledger_pg
+from qtrap_proxy.errors import ConfigError, LedgerUnavailable
 from qtrap_proxy.keystore import KEY_ID
 from qtrap_proxy.limits import check_client_request_id
 from qtrap_proxy.query import RecordFilter, RecordQuery
@@ -80,42 +90,47 @@ _INSERT = (
 # grouped by precision for one key, GET /qtrap/v1/keys/{id}/usage): requests, ok requests, prompt and
 # completion tokens, attributed and idle energy of the requests whose energy is known (NULL when none is),
 # the requests whose energy is unknown, and the completion tokens of those whose energy is known.
+# The same SQL in either database; {pool}, {status}, ...: how the database reads those fields (_Db.fields).
 _USAGE = """
-SELECT {groups}count(*), coalesce(sum(status = 'ok'), 0), coalesce(sum(prompt), 0), coalesce(sum(completion), 0),
-       sum(energy), sum(idle), sum(energy IS NULL), coalesce(sum(CASE WHEN energy IS NOT NULL THEN completion END), 0)
+SELECT {{groups}}count(*), coalesce(sum(CASE WHEN status = 'ok' THEN 1 ELSE 0 END), 0), coalesce(sum(prompt), 0),
+       coalesce(sum(completion), 0), sum(energy), sum(idle), coalesce(sum(CASE WHEN energy IS NULL THEN 1 ELSE 0 END), 0),
+       coalesce(sum(CASE WHEN energy IS NOT NULL THEN completion END), 0)
 FROM (
-  SELECT {inner}json_extract(record, '$.status') AS status,
-         json_extract(record, '$.prompt_tokens') AS prompt, json_extract(record, '$.completion_tokens') AS completion,
-         json_extract(record, '$.energy_j') AS energy, json_extract(record, '$.idle_energy_j') AS idle
-  FROM requests WHERE {where}
-)
-{group_by}
+  SELECT {{inner}}{status} AS status, {prompt_tokens} AS prompt, {completion_tokens} AS completion,
+         {energy_j} AS energy, {idle_energy_j} AS idle
+  FROM {table} WHERE {{where}}
+) AS t
+{{group_by}}
 """
-# what usage may be grouped by (query.GROUP_BY), as SQL over a row
+# what usage may be grouped by (query.GROUP_BY): the field it reads
 _GROUPS = {
-    "pool": "json_extract(record, '$.pool')",
-    "precision": "json_extract(record, '$.precision')",
-    "backend": "json_extract(record, '$.backend')",
+    "pool": "pool",
+    "precision": "precision",
+    "backend": "backend",
     "key": "key_id",
-    "status": "json_extract(record, '$.status')",
+    "status": "status",
 }
-# the filters (query.EQUALITY_FIELDS) as SQL; the indexed columns where the ledger has them
-_FILTER_SQL = {
-    "pool": "json_extract(record, '$.pool')",
-    "precision": "json_extract(record, '$.precision')",
-    "backend": "json_extract(record, '$.backend')",
+# how SQLite reads a record's fields: the indexed columns where the ledger has them, else from its JSON
+_SQLITE_FIELDS = {
+    **{
+        name: f"json_extract(record, '$.{name}')"
+        for name in ("pool", "precision", "backend", "status", *ledger_pg.FACETS)
+    },
     "chain_id": "chain_id",
     "key_id": "key_id",
-    "status": "json_extract(record, '$.status')",
     "client_request_id": "client_request_id",
 }
+# PostgreSQL has a column for each (ledger_pg.FACETS: taken from the record when it is written)
+_PG_FIELDS = {name: name for name in _SQLITE_FIELDS}
 
 _COLUMNS = frozenset(("chain_id", "key_id", "client_request_id"))  # filters with a column of their own
 
 _COMMIT_ROWS = 1_000  # records per transaction
-_MAX_BACKLOG = 100_000  # records held while SQLite refuses them; beyond, the oldest are dropped (counted)
+_MAX_BACKLOG = (
+    100_000  # records held while the database refuses them; beyond, the oldest are dropped (counted)
+)
 _BACKOFF_S = (0.05, 5.0)  # first and longest wait before a refused batch is tried again
-_CLOSE_TRIES = 5  # at shutdown, tries before records SQLite still refuses are given up (counted)
+_CLOSE_TRIES = 5  # at shutdown, tries before records the database still refuses are given up (counted)
 _RESTART_MIN_S = 1.0  # a writer thread that died is restarted at most this often
 _MAX_TEXT = 1_024  # longest id / chain id stored in an index column as is
 _INT64 = 2**63
@@ -124,8 +139,9 @@ _INT64 = 2**63
 # the writer loop failed or its thread died (restarted) | records given up (backlog full, or refused at shutdown)
 ERROR_KINDS = ("commit", "record", "writer", "dropped")
 
-# What a value SQLite or the serialiser cannot take raises; anything else is about the database, not the record.
-_VALUE_ERRORS = (
+# What a value the database or the serialiser cannot take raises; anything else is about the database, not
+# the record (PostgreSQL adds its own: ledger_pg.VALUE_ERRORS).
+_VALUE_ERRORS: tuple[type[BaseException], ...] = (
     OverflowError,
     TypeError,
     ValueError,
@@ -153,15 +169,54 @@ class UsageRow:
     completion_tokens_energy_known: int  # completion tokens of the requests whose energy is known
 
 
-Row = tuple[str, str | None, int | None, float, str, str | None, str | None]
+Row = tuple[
+    Any, ...
+]  # id, chain_id, hop, start_unix_s, record, key_id, client_request_id (+ PostgreSQL's facets)
 Durable = Callable[[list[Record]], None]
 
 
-class Ledger:
-    def __init__(self, path: str, retention_days: float | None = None, batch_s: float = 0.05) -> None:
-        self.path = path
-        self.retention_s = retention_days * 86400 if retention_days else None
-        self.batch_s = batch_s
+class _Db:
+    """What differs between the databases: connections, the upsert, pruning, reads, how fields are read."""
+
+    kind: str
+    table: str
+    fields: dict[str, str]  # a field (query.EQUALITY_FIELDS, ledger_pg.FACETS) as SQL over a row
+    value_errors: tuple[type[BaseException], ...]
+    errors: tuple[type[BaseException], ...]  # what the driver raises
+    display: str  # where the ledger is, for logs (no password)
+
+    def connect(self) -> Any:
+        """A connection for the writer thread (raises when the database cannot be reached)."""
+        raise NotImplementedError
+
+    def write(self, conn: Any, rows: list[Row]) -> None:
+        """One transaction inserting (or replacing) ``rows``."""
+        raise NotImplementedError
+
+    def prune(self, conn: Any, before_unix_s: float) -> None:
+        raise NotImplementedError
+
+    def query(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[tuple[Any, ...]]:
+        """Rows of a read (``?`` placeholders), from any thread."""
+        raise NotImplementedError
+
+    def row(self, row: Row, rec: Record) -> Row:
+        """The database's row of a record from its common columns."""
+        return row
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _Sqlite(_Db):
+    kind = "sqlite"
+    table = "requests"
+    fields = _SQLITE_FIELDS
+    value_errors = _VALUE_ERRORS
+    errors = (sqlite3.Error,)
+
+    def __init__(self, path: str) -> None:
+        self.path = self.display = path
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path)
@@ -178,6 +233,151 @@ class Ledger:
             raise ConfigError(f"ledger.path: cannot open SQLite ledger {path!r}: {e}") from e
         self._reader = sqlite3.connect(path, check_same_thread=False)
         self._reader.execute("PRAGMA query_only=ON")
+
+    def connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=5.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def write(self, conn: sqlite3.Connection, rows: list[Row]) -> None:
+        with conn:
+            conn.executemany(_INSERT, rows)
+
+    def prune(self, conn: sqlite3.Connection, before_unix_s: float) -> None:
+        with conn:
+            conn.execute("DELETE FROM requests WHERE start_unix_s < ?", (before_unix_s,))
+
+    def query(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[tuple[Any, ...]]:
+        return self._reader.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+_PG_COLUMNS = (
+    "id",
+    "chain_id",
+    "hop",
+    "start_unix_s",
+    "record",
+    "key_id",
+    "client_request_id",
+    *ledger_pg.FACETS,
+)
+_PG_INSERT = (
+    f"INSERT INTO {ledger_pg.TABLE} ({', '.join(_PG_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_PG_COLUMNS))}) "
+    f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _PG_COLUMNS[1:])}"
+)
+_READ_RETRY_S = 1.0  # after a failed read connection, reads fail at once (503) for this long
+
+
+class _Postgres(_Db):
+    kind = "postgresql"
+    table = ledger_pg.TABLE
+    fields = _PG_FIELDS
+    value_errors = _VALUE_ERRORS + ledger_pg.VALUE_ERRORS
+    errors = ledger_pg.ERRORS
+
+    def __init__(self, url: str, password_env: str | None) -> None:
+        self.target = ledger_pg.open_target(url, password_env, "ledger.url")
+        self.display = self.target.display
+        self.migrated = False
+        self._read_lock = threading.Lock()
+        self._reader: psycopg.Connection[Any] | None = None
+        self._read_down_until = -math.inf
+        self._read_error = ""
+        self.ensure_schema(at_start=True)
+
+    def ensure_schema(self, at_start: bool = False) -> None:
+        """Apply the migrations once; at start, a database that cannot be reached is waited for (by the
+        writer's retries) rather than refused, so that the proxy starts and keeps its records meanwhile."""
+        if self.migrated:
+            return
+        try:
+            self.target.migrate()
+        except psycopg.OperationalError as e:
+            if not at_start:
+                raise
+            log.warning(
+                "ledger %s cannot be reached yet (%s); records are kept until it can", self.display, e
+            )
+            return
+        except psycopg.Error as e:
+            if not at_start:
+                raise
+            raise ConfigError(f"ledger.url: cannot set up the ledger in {self.display}: {e}") from None
+        self.migrated = True
+
+    def connect(self) -> psycopg.Connection[Any]:
+        self.ensure_schema()
+        return self.target.connect(autocommit=True)
+
+    def write(self, conn: psycopg.Connection[Any], rows: list[Row]) -> None:
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(_PG_INSERT, rows)
+        except psycopg.Error as e:
+            raise type(e)(self.target.scrub(str(e))) from None
+
+    def prune(self, conn: psycopg.Connection[Any], before_unix_s: float) -> None:
+        try:
+            with conn.transaction():
+                conn.execute(f"DELETE FROM {ledger_pg.TABLE} WHERE start_unix_s < %s", (before_unix_s,))
+        except psycopg.Error as e:
+            raise type(e)(self.target.scrub(str(e))) from None
+
+    def query(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[tuple[Any, ...]]:
+        """A read on the shared reader connection; LedgerUnavailable (503) when the database cannot answer
+        (a connection lost since the last read is made again once)."""
+        pg_sql = sql.replace("?", "%s")
+        with self._read_lock:
+            while True:
+                fresh = self._reader is None
+                try:
+                    if self._reader is None:
+                        if time.monotonic() < self._read_down_until:
+                            raise LedgerUnavailable(self._read_error)
+                        self._reader = self.target.connect(autocommit=True)
+                    return self._reader.execute(pg_sql, params).fetchall()
+                except psycopg.Error as e:
+                    why = f"the ledger database cannot be read: {self.target.scrub(str(e))}"[:500]
+                    reader = self._reader
+                    if reader is not None and not (reader.closed or reader.broken):
+                        raise LedgerUnavailable(why) from None  # the query, not the connection
+                    if reader is not None:
+                        _close_quietly(reader)
+                        self._reader = None
+                    if fresh:
+                        self._read_down_until = time.monotonic() + _READ_RETRY_S
+                        self._read_error = why
+                        raise LedgerUnavailable(why) from None
+                    # a connection lost since the last read (a restart of the database): once more, anew
+
+    def row(self, row: Row, rec: Record) -> Row:
+        return (*row, *ledger_pg.facets(rec))
+
+    def close(self) -> None:
+        with self._read_lock:
+            if self._reader is not None:
+                _close_quietly(self._reader)
+                self._reader = None
+
+
+class Ledger:
+    def __init__(
+        self,
+        path: str,
+        retention_days: float | None = None,
+        batch_s: float = 0.05,
+        url: str | None = None,
+        password_env: str | None = None,
+    ) -> None:
+        """The SQLite ledger at ``path``, or the PostgreSQL ledger at ``url`` when one is given."""
+        self.path = path
+        self.retention_s = retention_days * 86400 if retention_days else None
+        self.batch_s = batch_s
+        self._db: _Db = _Postgres(url, password_env) if url else _Sqlite(path)
         self._lock = threading.Lock()  # guards _pending
         self._pending: list[Record] = []  # handed over, not yet taken by the writer
         self._backlog: list[Record] = []  # taken by the writer, not yet committed (outlives a dead thread)
@@ -206,7 +406,7 @@ class Ledger:
         self._spawn()
 
     def put(self, record: Record) -> None:
-        """Hand over a final record (never blocks on SQLite); the writer is woken once per batch."""
+        """Hand over a final record (never blocks on the database); the writer is woken once per batch."""
         with self._lock:
             self._pending.append(record)
             first = len(self._pending) == 1
@@ -228,7 +428,12 @@ class Ledger:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        self._reader.close()
+        self._db.close()
+
+    @property
+    def backend(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self._db.kind
 
     def pending(self) -> int:
         """Records handed over and not yet committed."""
@@ -286,13 +491,16 @@ class Ledger:
 
     # -- reads (event-loop thread; WAL lets them run beside the writer) ---------------
     def get(self, request_id: str) -> Record | None:
-        row = self._reader.execute("SELECT record FROM requests WHERE id = ?", (request_id,)).fetchone()
-        return _load(row[0]) if row else None
+        t = self._db.table
+        rows = self._db.query(f"SELECT record FROM {t} WHERE id = ?", (request_id,))
+        return _load(rows[0][0]) if rows else None
 
     def chain(self, chain_id: str) -> list[Record]:
-        rows = self._reader.execute(
-            "SELECT record FROM requests WHERE chain_id = ? ORDER BY hop, start_unix_s", (chain_id,)
-        ).fetchall()
+        t = self._db.table
+        rows = self._db.query(
+            f"SELECT record FROM {t} WHERE chain_id = ? ORDER BY hop NULLS FIRST, start_unix_s, id",
+            (chain_id,),
+        )
         return [_load(r[0]) for r in rows]
 
     def key_usage(self, key_id: str, since_unix_s: float, until_unix_s: float) -> list[UsageRow]:
@@ -303,40 +511,45 @@ class Ledger:
         self, filt: RecordFilter, group_by: tuple[str, ...], limit: int | None = None
     ) -> list[UsageRow]:
         """The final records ``filt`` selects, summed per group of ``group_by`` (query.GROUP_BY; none: one
-        row for all, its energy NULL when there are none), ordered by the groups; at most ``limit`` rows."""
-        where, params = _where(filt, _COLUMNS)
-        sql = _USAGE.format(
+        row for all, its energy NULL when there are none), ordered by the groups (nulls first, text
+        byte-wise); at most ``limit`` rows."""
+        fields = self._db.fields
+        where, params = _where(filt, _COLUMNS, fields)
+        sql = _USAGE.format(table=self._db.table, **fields).format(
             groups="".join(f"g{i}, " for i in range(len(group_by))),
-            inner="".join(f"{_GROUPS[g]} AS g{i}, " for i, g in enumerate(group_by)),
+            inner="".join(f"{fields[_GROUPS[g]]} AS g{i}, " for i, g in enumerate(group_by)),
             where=where,
             group_by=(
-                "GROUP BY {g} ORDER BY {g}".format(g=", ".join(f"g{i}" for i in range(len(group_by))))
+                "GROUP BY {g} ORDER BY {o}".format(
+                    g=", ".join(f"g{i}" for i in range(len(group_by))),
+                    o=", ".join(f"g{i} NULLS FIRST" for i in range(len(group_by))),
+                )
                 if group_by
                 else ""
             ),
         )
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        n = len(group_by)
-        return [UsageRow(tuple(row[:n]), *row[n:]) for row in self._reader.execute(sql, params)]
+        return [_usage_row(row, len(group_by)) for row in self._db.query(sql, params)]
 
     def records(self, query: RecordQuery) -> list[Record]:
         """One page of the final records ``query`` selects, in its order after its cursor: at most
         ``query.limit + 1`` (one more tells that there is a next page)."""
         if query.final is False:  # the ledger holds final records only
             return []
-        where, params = _where(query.filter, _COLUMNS)
+        where, params = _where(query.filter, _COLUMNS, self._db.fields)
         desc = query.order == "desc"
         if query.after is not None:
             where += f" AND (start_unix_s, id) {'<' if desc else '>'} (?, ?)"
             params.extend(query.after)
         way = "DESC" if desc else "ASC"
-        sql = f"SELECT record FROM requests WHERE {where} ORDER BY start_unix_s {way}, id {way} LIMIT ?"
-        rows = self._reader.execute(sql, (*params, query.limit + 1)).fetchall()
+        t = self._db.table
+        sql = f"SELECT record FROM {t} WHERE {where} ORDER BY start_unix_s {way}, id {way} LIMIT ?"
+        rows = self._db.query(sql, (*params, query.limit + 1))
         return [_load(r[0]) for r in rows]
 
     def count(self) -> int:
-        return int(self._reader.execute("SELECT count(*) FROM requests").fetchone()[0])
+        return int(self._db.query(f"SELECT count(*) FROM {self._db.table}", ())[0][0])
 
     # -- the writer thread ----------------------------------------------------------
     def _run(self) -> None:
@@ -357,7 +570,7 @@ class Ledger:
         self._timer.start()
 
     def _loop(self) -> None:
-        conn: sqlite3.Connection | None = None
+        conn: Any = None
         failures = 0
         last_prune = -math.inf
         try:
@@ -425,20 +638,17 @@ class Ledger:
                 self._drop(self._backlog[:over], f"backlog over {_MAX_BACKLOG} records")
                 del self._backlog[:over]
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=5.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
+    def _connect(self) -> Any:
+        return self._db.connect()
 
-    def _commit_some(self, conn: sqlite3.Connection) -> None:
+    def _commit_some(self, conn: Any) -> None:
         """Commit the oldest records of the backlog (raises, keeping them, when the batch is refused)."""
         chunk = self._backlog[:_COMMIT_ROWS]
         rows: list[Row] = []
         stored: list[Record] = []
         for rec in chunk:
             try:
-                rows.append(_row(rec))
+                rows.append(self._db.row(_row(rec), rec))
                 stored.append(rec)
             except Exception as e:
                 row, rec2 = self._with_note(rec, e)
@@ -446,11 +656,11 @@ class Ledger:
                 stored.append(rec2)
         try:
             self._write(conn, rows)
-        except _VALUE_ERRORS:  # one record's values, probably: write them one by one
+        except self._db.value_errors:  # one record's values, probably: write them one by one
             for i, (row, rec) in enumerate(zip(rows, stored, strict=True)):
                 try:
                     self._write(conn, [row])
-                except _VALUE_ERRORS as e:
+                except self._db.value_errors as e:
                     rows[i], stored[i] = self._with_note(rec, e)
                     self._write(conn, [rows[i]])  # refused too: it is the database, not the record
         del self._backlog[: len(chunk)]
@@ -461,10 +671,9 @@ class Ledger:
             except Exception:
                 log.exception("ledger durable callback failed")
 
-    def _write(self, conn: sqlite3.Connection, rows: list[Row]) -> None:
+    def _write(self, conn: Any, rows: list[Row]) -> None:
         """One transaction (tests replace this to inject faults)."""
-        with conn:
-            conn.executemany(_INSERT, rows)
+        self._db.write(conn, rows)
 
     def _with_note(self, rec: Record, e: BaseException) -> tuple[Row, Record]:
         """A record that cannot be stored as it is: safe index columns, a note, counted and logged."""
@@ -479,14 +688,17 @@ class Ledger:
             text = json.dumps({"id": rid, "ledger_error": note})
         chain = rec.get("chain_id")
         hop = rec.get("hop")
-        row: Row = (
-            rid,
-            _safe_text(chain) if isinstance(chain, str) else None,
-            hop if type(hop) is int and -_INT64 <= hop < _INT64 else None,
-            _start(rec),
-            text,
-            _key_id(rec),
-            _client_request_id(rec),
+        row: Row = self._db.row(
+            (
+                rid,
+                _safe_text(chain) if isinstance(chain, str) else None,
+                hop if type(hop) is int and -_INT64 <= hop < _INT64 else None,
+                _start(rec),
+                text,
+                _key_id(rec),
+                _client_request_id(rec),
+            ),
+            rec,
         )
         return row, rec2
 
@@ -506,17 +718,16 @@ class Ledger:
         self.last_error = f"{kind}: {what}"[:500]
         self.last_error_unix_s = time.time()
 
-    def _prune(self, conn: sqlite3.Connection) -> None:
+    def _prune(self, conn: Any) -> None:
         assert self.retention_s is not None
         try:
-            with conn:
-                conn.execute("DELETE FROM requests WHERE start_unix_s < ?", (time.time() - self.retention_s,))
-        except sqlite3.Error as e:
+            self._db.prune(conn, time.time() - self.retention_s)
+        except self._db.errors as e:
             log.error("ledger retention pass failed: %s", e)
 
 
 def _row(rec: Record) -> Row:
-    """The SQLite row of a record, or ValueError/TypeError naming what cannot be stored as it is."""
+    """The common columns of a record's row, or ValueError/TypeError naming what cannot be stored as it is."""
     rid, chain, hop = rec["id"], rec.get("chain_id"), rec.get("hop")
     if not _storable_text(rid):
         raise ValueError(f"id {_safe_text(rid)!r} is not a storable string")
@@ -536,7 +747,7 @@ def _row(rec: Record) -> Row:
 
 
 def _storable_text(v: Any) -> bool:
-    if not isinstance(v, str) or not v or len(v) > _MAX_TEXT:
+    if not isinstance(v, str) or not v or len(v) > _MAX_TEXT or "\x00" in v:  # PostgreSQL takes no NUL
         return False
     if v.isascii():
         return True
@@ -548,14 +759,14 @@ def _storable_text(v: Any) -> bool:
 
 
 def _safe_text(v: Any) -> str | None:
-    """Any value as a short string SQLite takes (lone surrogates escaped)."""
+    """Any value as a short string either database takes (lone surrogates and NUL escaped)."""
     if v is None:
         return None
     try:
         s = v if isinstance(v, str) else repr(v)
     except ValueError:  # an int too long to print
         s = f"<{type(v).__name__}>"
-    return s[:_MAX_TEXT].encode("utf-8", "backslashreplace").decode("utf-8")
+    return s[:_MAX_TEXT].encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def _key_id(rec: Record) -> str | None:
@@ -570,23 +781,38 @@ def _client_request_id(rec: Record) -> str | None:
     return v if isinstance(v, str) and check_client_request_id(v) == v else None
 
 
-def _where(filt: RecordFilter, columns: frozenset[str]) -> tuple[str, list[Any]]:
+def _where(
+    filt: RecordFilter, columns: frozenset[str], fields: dict[str, str] = _SQLITE_FIELDS
+) -> tuple[str, list[Any]]:
     """SQL (and its parameters) selecting the rows ``filt`` selects; ``columns``: the index columns the
-    table has (a ledger opened read-only may predate some: their values are read from the record)."""
+    table has (a SQLite ledger opened read-only may predate some: their values are read from the record);
+    ``fields``: how the database reads a field."""
     clauses = ["start_unix_s >= ?"]
     params: list[Any] = [filt.since_unix_s]
     if filt.until_unix_s is not None:
         clauses.append("start_unix_s < ?")
         params.append(filt.until_unix_s)
     for name, value in filt.equalities():
-        sql = (
-            _FILTER_SQL[name]
-            if name in columns or name not in _COLUMNS
-            else f"json_extract(record, '$.{name}')"
-        )
+        sql = fields[name] if name in columns or name not in _COLUMNS else f"json_extract(record, '$.{name}')"
         clauses.append(f"{sql} = ?")
         params.append(value)
     return " AND ".join(clauses), params
+
+
+def _usage_row(row: tuple[Any, ...], n: int) -> UsageRow:
+    """A usage row as either database returns it (PostgreSQL's sums of integers are numeric: Decimal)."""
+    requests, ok, prompt, completion, energy, idle, unknown, known_completion = row[n:]
+    return UsageRow(
+        tuple(row[:n]),
+        int(requests),
+        int(ok),
+        int(prompt),
+        int(completion),
+        None if energy is None else float(energy),
+        None if idle is None else float(idle),
+        int(unknown),
+        int(known_completion),
+    )
 
 
 def export(path: str, filt: RecordFilter) -> Iterator[Record]:
@@ -621,6 +847,46 @@ def _rows(conn: sqlite3.Connection, cur: sqlite3.Cursor, path: str) -> Iterator[
         conn.close()
 
 
+def export_url(url: str, filt: RecordFilter, password_env: str | None = None) -> Iterator[Record]:
+    """As :func:`export`, from the PostgreSQL ledger at ``url``: a read-only transaction read through a
+    server-side cursor (the database is not changed, nor migrated). ConfigError (without the password)
+    when it cannot be read or holds no ledger."""
+    target = ledger_pg.open_target(url, password_env, "--ledger-url")
+    try:
+        conn = target.connect(read_only=True)
+        try:
+            if not target.table_exists(conn):
+                raise ConfigError(f"--ledger-url: {target.display} holds no qtrap ledger ({ledger_pg.TABLE})")
+            where, params = _where(filt, _COLUMNS, _PG_FIELDS)
+            cur = conn.cursor(name="qtrap_export")
+            cur.itersize = 2_000
+            sql = f"SELECT record FROM {ledger_pg.TABLE} WHERE {where} ORDER BY start_unix_s, id"
+            try:
+                cur.execute(sql.replace("?", "%s"), params)
+            except BaseException:
+                _close_quietly(cur)
+                raise
+        except BaseException:
+            _close_quietly(conn)
+            raise
+    except psycopg.Error as e:
+        raise ConfigError(f"--ledger-url: cannot read {target.display}: {target.scrub(str(e))}") from None
+    return _pg_rows(conn, cur, target)
+
+
+def _pg_rows(
+    conn: psycopg.Connection[Any], cur: psycopg.ServerCursor[Any], target: ledger_pg.PgTarget
+) -> Iterator[Record]:
+    try:
+        for (text,) in cur:
+            yield _load(text)
+    except psycopg.Error as e:
+        raise ConfigError(f"--ledger-url: reading {target.display} failed: {target.scrub(str(e))}") from None
+    finally:
+        _close_quietly(cur)  # before its connection (a server-side cursor closes on it)
+        _close_quietly(conn)
+
+
 def _start(rec: Record) -> float:
     v = rec.get("start_unix_s")
     if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v:
@@ -633,7 +899,7 @@ def _load(text: str | bytes) -> Record:
     return obj
 
 
-def _close_quietly(conn: sqlite3.Connection) -> None:
+def _close_quietly(conn: Any) -> None:
     try:
         conn.close()
     except Exception:

@@ -923,6 +923,19 @@ def _header_name(component: str) -> str:
     return names[component].decode()
 
 
+# the admin routes that read the ledger (a PostgreSQL ledger may be unable to answer: 503)
+_LEDGER_READS = frozenset(
+    (
+        wire.REQUESTS_PATH,
+        wire.REQUEST_PATH,
+        wire.CHAIN_PATH,
+        wire.CHAIN_SCORE_PATH,
+        wire.USAGE_PATH,
+        wire.KEY_USAGE_PATH,
+    )
+)
+
+
 def _responses(op: Operation, server: ServerConfig) -> dict[str, Any]:
     shape = "TGIError" if op.family == "tgi" else "OpenAIError"
     relayed = op.family in ("openai", "tgi", "passthrough")
@@ -993,6 +1006,12 @@ def _responses(op: Operation, server: ServerConfig) -> dict[str, Any]:
             "description": "not ready (`status: not_ready`, `reasons`)",
             "content": {JSON: {"schema": _ref("schemas", "ReadyReport")}},
         }
+    if op.path in _LEDGER_READS:
+        out["503"] = _error(
+            "with a PostgreSQL ledger (ledger.url): the database cannot answer now, being down or restarting "
+            "(`code: ledger_unavailable`); records still in the proxy's memory are served",
+            shape,
+        )
     if op.path == "/health":
         out["503"] = {
             "description": "a pool has no healthy backend (`status: down`)",

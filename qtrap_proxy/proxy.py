@@ -90,7 +90,8 @@ class Proxy:
                 self.key_ring = KeyRing(KeyStore(config.keys_path), config.auth.refresh_s)
             except KeyStoreError as e:
                 raise ConfigError(f"auth.keys_path: {e}") from e
-        self.ledger = Ledger(config.ledger.path, config.ledger.retention_days, config.ledger.batch_s)
+        lc = config.ledger
+        self.ledger = Ledger(lc.path, lc.retention_days, lc.batch_s, url=lc.url, password_env=lc.password_env)
         # the energy service hands each final account to the record store (constructed next)
         self.energy = EnergyService(config, self.backends, lambda tr: self.records.commit(tr))
         self.records = RecordStore(self.energy, self.ledger, self.metrics, self.key_ring, keep_records)

@@ -2,7 +2,9 @@
 # Set up qtrap on a fresh Debian machine: a virtual environment in .venv with the
 # project and its `loadgen` extra installed. With --test, also the test tools: Debian's
 # prometheus (promtool), chromium (the HTML report is checked in a headless browser) and docker-compose
-# (`docker-compose config` checks deploy/compose when the `docker compose` plugin is absent),
+# (`docker-compose config` checks deploy/compose when the `docker compose` plugin is absent), postgresql
+# (the fleet ledger's tests start their own PostgreSQL server from its binaries; the package's own
+# cluster service is not used),
 # the CPU build of PyTorch and HF transformers (for a real `transformers serve`
 # backend), the openai SDK and TGI's text-generation client.
 # Idempotent: a second run only checks what is there.
@@ -19,11 +21,12 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 
 have_compose() { docker compose version || command -v docker-compose; }
-if [[ $want_test == 1 ]] && ! { command -v promtool && command -v chromium && have_compose; } >/dev/null 2>&1; then
-  echo "setup: installing Debian packages: prometheus chromium docker-compose"
+have_postgres() { compgen -G "/usr/lib/postgresql/*/bin/initdb" || command -v initdb; }
+if [[ $want_test == 1 ]] && ! { command -v promtool && command -v chromium && have_compose && have_postgres; } >/dev/null 2>&1; then
+  echo "setup: installing Debian packages: prometheus chromium docker-compose postgresql"
   SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus chromium docker-compose >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus chromium docker-compose postgresql >/dev/null
 fi
 
 if [[ ! -x .venv/bin/python ]]; then

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import backend, free_port, proxy, sim
+from tests.pg import PgServer, pg_server
 
 
 @dataclass
@@ -42,3 +43,26 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         }
         with proxy(tmp, cfg):
             yield Fleet(f"http://127.0.0.1:{cfg['server']['port']}", p16, p4, ptgi)
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgServer]:
+    """A PostgreSQL server for the session (tests/pg.py); each test makes its own database in it."""
+    with pg_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_kind(request: pytest.FixtureRequest) -> str:
+    """The ledger's database: tests taking this run on SQLite and on PostgreSQL."""
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def ledger_args(ledger_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, str]:
+    """Ledger(**ledger_args, ...): a fresh ledger of ``ledger_kind`` (a new database in PostgreSQL)."""
+    if ledger_kind == "sqlite":
+        return {"path": str(tmp_path / "l.sqlite")}
+    server: PgServer = request.getfixturevalue("pg")
+    return {"path": str(tmp_path / "unused.sqlite"), "url": server.url(server.create_db())}

@@ -643,3 +643,47 @@ def test_k8s_proxy_probes_use_the_split_health_routes() -> None:
     for path in (live, ready):
         assert path in documented
         assert role_of(path, "GET", (), protect_metrics=True) is Role.OPEN
+
+
+# ---------------------------------------------------------------- Kubernetes: the fleet ledger overlay
+
+K8S_FLEET = DEPLOY / "k8s-fleet-ledger"
+
+
+def test_k8s_fleet_ledger_overlay_renders_valid_manifests_and_points_every_replica_at_postgresql(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """deploy/k8s-fleet-ledger: the base plus PostgreSQL; the proxy's environment sets ledger.url and the
+    password from the Secret, which the proxy's configuration accepts (the environment overrides the file)."""
+    import kubernetes_validate
+
+    r = _run(["kubectl", "kustomize", str(K8S_FLEET)])
+    assert r.returncode == 0, r.stderr
+    rendered = [d for d in yaml.safe_load_all(r.stdout) if d]
+    assert len(rendered) == len(_k8s_objects()) + 2  # the StatefulSet and its Service
+    for obj in rendered:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        for version in K8S_VERSIONS:
+            v = kubernetes_validate.latest_version() if version == "latest" else version
+            try:
+                kubernetes_validate.validate(obj, v, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"{where} (Kubernetes {v}): {'.'.join(str(p) for p in e.path)}: {e.message}")
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "qtrap", where
+    by_name = {(o["kind"], o["metadata"]["name"]): o for o in rendered}
+    pg = by_name[("StatefulSet", "qtrap-ledger")]
+    (db,) = _pod_spec(pg)["containers"]
+    assert "readinessProbe" in db and "livenessProbe" in db and db["resources"]["limits"]["memory"]
+    assert by_name[("Service", "qtrap-ledger")]["spec"]["ports"][0]["port"] == 5432
+    (proxy,) = _pod_spec(by_name[("Deployment", "qtrap-proxy")])["containers"]
+    env = {e["name"]: e for e in proxy["env"]}
+    url = env["QTRAP_LEDGER__URL"]["value"]
+    assert url == "postgresql://qtrap@qtrap-ledger:5432/qtrap"  # no password in it
+    secret = env["QTRAP_LEDGER_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    db_env = {e["name"]: e for e in db["env"]}
+    assert db_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret
+    assert db_env["POSTGRES_USER"]["value"] == "qtrap" and db_env["POSTGRES_DB"]["value"] == "qtrap"
+    monkeypatch.setenv("QTRAP_LEDGER__URL", url)
+    cfg = _proxy_configmap()
+    assert cfg.ledger.url == url and cfg.ledger.password_env == "QTRAP_LEDGER_PASSWORD"
+    assert cfg.ledger.retention_days == 30  # the file's other ledger keys stay

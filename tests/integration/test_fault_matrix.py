@@ -10,11 +10,14 @@ real proxy metering a simulated GPU, and nothing final lost.
 | sigterm               | SIGTERM under load (test_shutdown's run, its assertions)       | exit 0 within the bound        |
 | sigkill               | SIGKILL under load, then a restart on the same ledger          | every record final before the  |
 |                       |                                                                | kill is served again unchanged |
+| sigkill-postgresql    | sigkill's cell with the fleet ledger (ledger.url, PostgreSQL)  | as sigkill                     |
+| postgresql-crash      | the fleet ledger's PostgreSQL killed (immediate shutdown, as a | the kept records committed     |
+|                       | crash) under load, then started again                          | after its recovery             |
 
 Every cell asserts: the proxy did not crash (except where it was killed); every stream a client got a
 200 for ended with ``data: [DONE]`` (an error event first where the backend failed); every request the
 client saw complete has a final record (for SIGKILL: every record final before the kill is in the
-ledger); the ledger passes ``PRAGMA integrity_check`` and every record parses; energy is never 0 where it
+ledger); a SQLite ledger passes ``PRAGMA integrity_check``, and every record parses; energy is never 0 where it
 is unknown (null with a reason). test_faults' single-stream backend kill and test_ledger's sequential
 SIGKILL are folded in here (their assertions kept); test_shutdown keeps its 20-run SIGTERM regression
 and this matrix runs one such run.
@@ -37,14 +40,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import requests
 import yaml
 
+from qtrap_proxy import ledger_pg
 from qtrap_proxy.ledger import Ledger
 from tests.helpers import BIN, backend, free_port, server, sim, stop
 from tests.integration.inproc import running_proxy
 from tests.integration.test_shutdown import _sigterm_under_load, check_clean_sigterm
+from tests.pg import pg_server
+
+LedgerAt = Path | str  # a SQLite ledger's file, or a PostgreSQL ledger's URL
 
 CLIENTS = 8
 DEVICE = {"host": "qtrap-sim", "index": 0}
@@ -176,14 +184,18 @@ def check_record(rec: dict[str, Any]) -> None:
         assert rec["energy_j"] > 0, rec  # never a silent 0 for work that was done
 
 
-def ledger_records(path: Path) -> dict[str, dict[str, Any]]:
-    """The ledger file's records (read-only): the database passes integrity_check, every record parses."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        rows = conn.execute("SELECT id, chain_id, hop, record FROM requests").fetchall()
-    finally:
-        conn.close()
+def ledger_records(path: LedgerAt) -> dict[str, dict[str, Any]]:
+    """The ledger's records (read-only): a SQLite file passes integrity_check, every record parses."""
+    if isinstance(path, str):
+        with psycopg.connect(path) as pg:
+            rows = pg.execute(f"SELECT id, chain_id, hop, record FROM {ledger_pg.TABLE}").fetchall()
+    else:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            rows = conn.execute("SELECT id, chain_id, hop, record FROM requests").fetchall()
+        finally:
+            conn.close()
     out = {}
     for rid, chain_id, hop, text in rows:
         rec = json.loads(text)
@@ -194,7 +206,7 @@ def ledger_records(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def settle_and_check(url: str, ledger: Path, load: Load) -> dict[str, dict[str, Any]]:
+def settle_and_check(url: str, ledger: LedgerAt, load: Load) -> dict[str, dict[str, Any]]:
     """After the fault cleared: streams terminated, every completed request final and durable, the proxy
     healthy, the ledger sound."""
     load.assert_streams_terminated()
@@ -214,7 +226,8 @@ def settle_and_check(url: str, ledger: Path, load: Load) -> dict[str, dict[str, 
     return recs
 
 
-def proxy_config(port: int, sim_port: int, ledger: Path, meter_url: str | None = None) -> dict[str, Any]:
+def proxy_config(port: int, sim_port: int, ledger: LedgerAt, meter_url: str | None = None) -> dict[str, Any]:
+    where = {"url": ledger} if isinstance(ledger, str) else {"path": str(ledger)}
     return {
         "server": {"port": port, "shutdown_timeout_s": 5},
         "backends": [backend("sim", sim_port, devices=[DEVICE])],
@@ -223,7 +236,7 @@ def proxy_config(port: int, sim_port: int, ledger: Path, meter_url: str | None =
             "urls": [meter_url or f"http://127.0.0.1:{sim_port}/dcgm/metrics"],
             "settle_s": 0.2,
         },
-        "ledger": {"path": str(ledger), "batch_s": 0.02},
+        "ledger": {**where, "batch_s": 0.02},
     }
 
 
@@ -409,9 +422,9 @@ def sigterm(tmp: Path) -> None:
     assert set(out.completed) <= set(stored)
 
 
-def sigkill(tmp: Path) -> None:
+def sigkill(tmp: Path, ledger: LedgerAt | None = None) -> None:
     sim_port, port = free_port(), free_port()
-    ledger = tmp / "ledger.sqlite"
+    ledger = ledger or tmp / "ledger.sqlite"
     url = f"http://127.0.0.1:{port}"
     cfg = proxy_config(port, sim_port, ledger)
     with sim(sim_port, "--step-ms", "5"):
@@ -458,6 +471,26 @@ def sigkill(tmp: Path) -> None:
             settle_and_check(url, ledger, again)
 
 
+def sigkill_postgresql(tmp: Path) -> None:
+    with pg_server() as db:
+        sigkill(tmp, db.url(db.create_db()))
+
+
+def postgresql_crash(tmp: Path) -> None:
+    """The fleet ledger's database crashes under load and comes back: records kept, then committed."""
+    sim_port, port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    with pg_server() as db, sim(sim_port, "--step-ms", "5"):
+        ledger = db.url(db.create_db())
+        with proxy_process(tmp, proxy_config(port, sim_port, ledger)) as proxy:
+            with Load(url) as load:
+                _ledger_fault(url, lambda: db.stop(immediate=True), db.start, load)
+            assert proxy.poll() is None, "the proxy died"
+            settle_and_check(url, ledger, load)
+            state = requests.get(url + "/health", timeout=10).json()["ledger"]
+            assert state["write_errors"]["commit"] > 0 and state["write_errors"]["dropped"] == 0, state
+
+
 CELLS: dict[str, Callable[[Path], None]] = {
     "backend-killed": backend_killed,
     "meter-down": meter_down,
@@ -465,6 +498,8 @@ CELLS: dict[str, Callable[[Path], None]] = {
     "disk-full": disk_full,
     "sigterm": sigterm,
     "sigkill": sigkill,
+    "sigkill-postgresql": sigkill_postgresql,
+    "postgresql-crash": postgresql_crash,
 }
 
 

@@ -17,8 +17,8 @@ from tests.integration import fake_backend
 from tests.integration.inproc import running_proxy
 
 
-def test_ledger_batches_and_prunes(tmp_path: Path) -> None:
-    ledger = Ledger(str(tmp_path / "l.sqlite"), retention_days=1, batch_s=0.05)
+def test_ledger_batches_and_prunes(ledger_args: dict[str, str]) -> None:
+    ledger = Ledger(**ledger_args, retention_days=1, batch_s=0.05)
     durable: list[str] = []
     ledger.start(lambda recs: durable.extend(r["id"] for r in recs))
     now = time.time()
@@ -33,7 +33,7 @@ def test_ledger_batches_and_prunes(tmp_path: Path) -> None:
     assert [r["id"] for r in ledger.chain("c")][:3] == ["r1", "r3", "r5"]
     ledger.close()
     # a new ledger on the same file prunes what is past retention on its first pass
-    again = Ledger(str(tmp_path / "l.sqlite"), retention_days=1)
+    again = Ledger(**ledger_args, retention_days=1)
     again.start(lambda recs: None)
     deadline = time.monotonic() + 5
     while again.get("old") is not None:

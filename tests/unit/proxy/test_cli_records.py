@@ -14,6 +14,7 @@ import pytest
 
 from qtrap_proxy.cli import CSV_COLUMNS, main
 from qtrap_proxy.ledger import Ledger
+from tests.pg import PASSWORD, PgServer
 
 KEY = "key_0123456789ab"
 
@@ -191,3 +192,66 @@ def test_a_ledger_from_before_the_client_request_id_column_exports(
     assert code == 0 and [json.loads(line) for line in out.splitlines()] == [rec]
     code, out, _ = _run(capsys, "--ledger", str(path), "--format", "csv")
     assert code == 0 and [r["id"] for r in csv.DictReader(out.splitlines())] == ["old"]
+
+
+# ------------------------------------------------------------------ the fleet ledger (ledger.url)
+
+
+@pytest.fixture(scope="module")
+def ledger_url(pg: PgServer) -> str:
+    """RECORDS in a PostgreSQL ledger; its URL without the password (given by the environment)."""
+    db = pg.create_db()
+    led = Ledger("unused", batch_s=0.005, url=pg.url(db))
+    done: set[str] = set()
+    led.start(lambda recs: done.update(r["id"] for r in recs))
+    for r in RECORDS:
+        led.put(r)
+    deadline = time.monotonic() + 10
+    while len(done) < len(RECORDS):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    led.close()
+    return pg.url(db, password=False)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--since", "1000", "--until", "1970-01-01T00:30:00Z"],
+        ["--precision", "int4"],
+        ["--key", KEY],
+        ["--client-request-id", "client-1"],
+        ["--status", "ok", "--pool", "p"],
+        ["--format", "csv"],
+    ],
+)
+def test_a_postgresql_ledger_exports_what_the_sqlite_one_does(
+    ledger_path: str,
+    ledger_url: str,
+    argv: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("QTRAP_LEDGER_PASSWORD", PASSWORD)
+    code, from_sqlite, _ = _run(capsys, "--ledger", ledger_path, *argv)
+    assert code == 0
+    code, from_pg, err = _run(capsys, "--ledger-url", ledger_url, *argv)
+    assert code == 0 and err == "" and from_pg == from_sqlite and from_pg
+
+
+def test_a_postgresql_ledger_that_cannot_be_read_is_status_2_without_the_password(
+    pg: PgServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("QTRAP_LEDGER_PASSWORD", raising=False)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    wrong = pg.url().replace(PASSWORD, "not-the-password")
+    code, out, err = _run(capsys, "--ledger-url", wrong)
+    assert code == 2 and out == "" and "password authentication failed" in err
+    assert "not-the-password" not in err and len(err.splitlines()) == 1
+    code, _, err = _run(capsys, "--ledger-url", pg.url(pg.create_db()))  # no ledger in it
+    assert code == 2 and "holds no qtrap ledger" in err and PASSWORD not in err
+    code, _, err = _run(capsys, "--ledger-url", "mysql://x@y/z")
+    assert code == 2 and "postgresql://" in err
+    with pytest.raises(SystemExit):  # one of --ledger and --ledger-url
+        main(["records", "export", "--ledger", "a", "--ledger-url", pg.url()])

@@ -1,4 +1,6 @@
-"""The ledger's writer survives faults: nothing a record holds or SQLite raises stops persistence."""
+"""The ledger's writer survives faults: nothing a record holds or the database raises stops persistence.
+
+The tests taking ``led`` (or ``ledger_args``) run on SQLite and on PostgreSQL (tests/pg.py's server)."""
 
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ class Durables:
 
 
 @pytest.fixture
-def led(tmp_path: Path) -> Iterator[Ledger]:
-    ledger = Ledger(str(tmp_path / "l.sqlite"), batch_s=0.02)
+def led(ledger_args: dict[str, str]) -> Iterator[Ledger]:
+    ledger = Ledger(**ledger_args, batch_s=0.02)
     yield ledger
     ledger.close()
 
@@ -92,8 +94,7 @@ def test_a_record_sqlite_cannot_take_is_stored_with_a_note_and_its_batch_as_is(l
     assert led.write_errors["record"] == 3 and led.state()["status"] == "ok"
     big = led.get("rbig-hop")
     assert big is not None and big["hop"] == 10**30 and "hop" in big["ledger_error"]
-    with sqlite3.connect(led.path) as conn:
-        hop_column = conn.execute("SELECT hop FROM requests WHERE id = 'rbig-hop'").fetchone()[0]
+    hop_column = led._db.query(f"SELECT hop FROM {led._db.table} WHERE id = ?", ("rbig-hop",))[0][0]
     assert hop_column is None
     surrogate = led.get("rsurrogate")
     assert surrogate is not None and surrogate["chain_id"] == "bad\ud800" and surrogate["ledger_error"]
@@ -171,8 +172,8 @@ def test_a_dead_writer_is_reported_down_until_it_can_be_restarted(
     assert state["status"] == "down" and "SystemExit" in state["reason"] and state["pending"] == 1
 
 
-def test_records_are_handed_over_in_batches_not_one_wake_per_record(tmp_path: Path) -> None:
-    led = Ledger(str(tmp_path / "l.sqlite"), batch_s=1.0)
+def test_records_are_handed_over_in_batches_not_one_wake_per_record(ledger_args: dict[str, str]) -> None:
+    led = Ledger(**ledger_args, batch_s=1.0)
     wakes = 0
     real_set = led._wake.set
 
@@ -194,10 +195,10 @@ def test_records_are_handed_over_in_batches_not_one_wake_per_record(tmp_path: Pa
     led.close()
 
 
-def test_close_gives_up_on_records_sqlite_keeps_refusing_after_bounded_tries(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_close_gives_up_on_records_the_database_keeps_refusing_after_bounded_tries(
+    ledger_args: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    led = Ledger(str(tmp_path / "l.sqlite"), batch_s=0.02)
+    led = Ledger(**ledger_args, batch_s=0.02)
     dropped: list[str] = []
     led.start(Durables(), lambda recs: dropped.extend(r["id"] for r in recs))
 
@@ -319,3 +320,20 @@ def test_key_usage_sums_a_keys_records_by_precision_in_a_time_window(led: Ledger
     assert led.key_usage(k, 1.5e9, 3e9)[0].requests == 1
     assert led.key_usage("not a key id' OR 1=1", 0, 3e9) == []
     assert led.get("r6") is not None
+
+
+def test_nul_characters_which_postgresql_refuses_cost_only_their_record(led: Ledger) -> None:
+    """PostgreSQL's text takes no NUL: an id or chain id holding one is stored escaped, with a note, and a
+    NUL in another field stays in the record's JSON (escaped there); the rest of the batch as it was."""
+    durable = Durables()
+    led.start(durable)
+    led.put(_rec("nul\x00id"))
+    led.put(_rec("nul-chain", chain_id="c\x00d", pool="p\x00q", status="ok\x00"))
+    led.put(_rec("plain", error="a\x00b"))
+    _wait(lambda: len(durable.ids) == 3, "the batch holding NUL characters was not written")
+    assert led.write_errors["record"] == 2 and led.state()["status"] == "ok"
+    noted = led.get("rnul\\x00id")
+    assert noted is not None and noted["id"] == "rnul\x00id" and "ledger_error" in noted
+    chain = led.get("rnul-chain")
+    assert chain is not None and chain["chain_id"] == "c\x00d" and "ledger_error" in chain
+    assert led.get("rplain") == _rec("plain", error="a\x00b")

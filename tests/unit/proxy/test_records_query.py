@@ -1,4 +1,4 @@
-"""The records query and usage sums over a real SQLite ledger (issue 17): keyset pages that neither repeat
+"""The records query and usage sums over a real ledger, SQLite and PostgreSQL (issue 17): keyset pages that neither repeat
 nor skip a record while new ones are written, usage grouped in SQL with unknown energy kept null, the
 client request id column and the indexes added to older ledgers."""
 
@@ -42,8 +42,8 @@ class _Durable:
 
 
 @pytest.fixture
-def led(tmp_path: Path) -> Iterator[Ledger]:
-    ledger = Ledger(str(tmp_path / "l.sqlite"), batch_s=0.005)
+def led(ledger_args: dict[str, str]) -> Iterator[Ledger]:
+    ledger = Ledger(**ledger_args, batch_s=0.005)
     yield ledger
     ledger.close()
 
@@ -269,9 +269,7 @@ def test_a_client_request_id_that_is_not_a_valid_one_is_not_indexed(led: Ledger)
     _write(
         led, durable, [_rec("x", 1.0, client_request_id="bad\x00id"), _rec("y", 2.0, client_request_id="ok")]
     )
-    conn = sqlite3.connect(led.path)
-    rows = dict(conn.execute("SELECT id, client_request_id FROM requests").fetchall())
-    conn.close()
+    rows = dict(led._db.query(f"SELECT id, client_request_id FROM {led._db.table}", ()))
     assert rows == {"x": None, "y": "ok"}
 
 
