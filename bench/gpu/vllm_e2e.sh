@@ -18,6 +18,10 @@
 #      tree it must stay under 64 MiB; the wheels were installed by command 1):
 #      SHAPES=qwen3-8b bash bench/gpu/vllm_e2e.sh        (the sweep; about 8-10 minutes)
 #   3. later shapes on the same warm machine: nothing to carry.
+#   A working tree of more than about 8 MB leaves no room for B beside it: split B and send its first part with
+#   command 1 (head -c 10000000 B.tar.xz > B.1; tail -c +10000001 B.tar.xz > B.2), kept in /tmp by
+#   `mkdir -p /tmp/qb && cp .gpu-vllm/B.1 /tmp/qb/ && ...`, and in command 2 carry B.2 instead of B.tar.xz and
+#   run `cat /tmp/qb/B.1 .gpu-vllm/B.2 > .gpu-vllm/B.tar.xz && ...` first (unpack.sh checks the whole file).
 # JOB=facts (engine facts, bench/gpu/vllm_facts.py): command 1 also carries .gpu-wheels/otel (the OpenTelemetry
 #   SDK and exporters, below) and both commands run with JOB=facts; SHAPES is one shape (default qwen3-8b),
 #   PRECISIONS default bf16,fp8.
