@@ -14,10 +14,11 @@ from loadgen.analysis import analyse
 from loadgen.app import plots_or_none, render
 from loadgen.cli import main
 from loadgen.report import build, dumps, energy_summary, load, print_summary, write_html, write_json
-from loadgen.schema import Report
+from loadgen.schema import SCHEMA_VERSION, Report
 from tests.unit.loadgen.test_analysis import _fleet
 
 REASON = "random weights: the answers mean nothing"
+PLOTS = ["energy", "ratio", "accuracy_by_hops", "throughput_latency", "power_timeline", "idle_share"]
 
 
 def _snapshot(measured: float, attributed: float, idle: float) -> dict[str, Any]:
@@ -66,9 +67,9 @@ def test_no_score_report_html_and_summary(tmp_path: Path) -> None:
 
     rep = _report(scored=False)
     assert rep.accuracy_measured is False and rep.accuracy_null_reason == REASON
-    assert rep.schema_version == "1.3" and rep.energy.devices[0].run_measured_j == 1000.0
+    assert rep.schema_version == SCHEMA_VERSION and rep.energy.devices[0].run_measured_j == 1000.0
     plots = all_plots(rep, tmp_path)
-    assert [p.name for p in plots] == ["energy.png", "accuracy_by_hops.png", "throughput_latency.png"]
+    assert [p.stem for p in plots] == PLOTS
     html = write_html(rep, plots, tmp_path / "report.html").read_text()
     assert "Accuracy not measured: random weights" in html
     assert "Energy accounts of the proxy" in html and "localhost:0" in html
@@ -91,10 +92,11 @@ def test_render_draws_plots_and_html_from_report_json(
     src.mkdir()
     write_json(_report(scored=False), src / "report.json")
     assert main(["render", str(src / "report.json"), "--out", str(tmp_path / "html")]) == 0
-    for name in ("energy.png", "accuracy_by_hops.png", "throughput_latency.png"):
-        assert (tmp_path / "html" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in PLOTS:
+        assert (tmp_path / "html" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / "html" / f"{name}.svg").exists()
     html = (tmp_path / "html" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "Accuracy not measured" in html
+    assert html.count("data:image/png;base64,") == len(PLOTS) and "Accuracy not measured" in html
     assert "rendered:" in capsys.readouterr().out
     # a directory works too, and writes beside its report.json
     assert render(src, None) == 0 and (src / "report.html").exists()
