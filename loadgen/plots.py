@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
+from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -100,7 +101,7 @@ _NICE = (
 
 
 def _log_y(ax: Axes) -> None:
-    """Log y axis with plain labels at 1-2-5 steps (denser over a narrow range) rather than 2x10^-1; call it
+    """Log y axis with plain labels at 1-2-5 steps (denser when that gives fewer than 5) rather than 2x10^-1; call it
     once the axis' data are drawn."""
     ax.set_yscale("log")
     lo, hi = ax.get_ylim()
@@ -114,7 +115,7 @@ def _log_y(ax: Axes) -> None:
             for m in subs
             if lo <= m * 10.0**k <= hi
         ]
-        if len(ticks) >= 4:
+        if len(ticks) >= 5:
             break
     ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_major_formatter(FuncFormatter(_plain))
@@ -168,8 +169,10 @@ def _mark_bstar(ax: Axes, report: Report, metric: Metric) -> list[str]:
             if cx.status == "not_determined" and cx.b_star_point is not None:
                 ax.axvline(cx.b_star_point, ls=":", color=color, alpha=0.6, lw=1.2)
             continue
-        if cx.ci:
-            ax.axvspan(cx.ci[0], cx.ci[1], color=color, alpha=0.12, lw=0)
+        if cx.ci:  # the interval: shaded, its ends drawn thin
+            ax.axvspan(cx.ci[0], cx.ci[1], color=color, alpha=0.15, lw=0)
+            for end in cx.ci:
+                ax.axvline(end, color=color, lw=0.8, ls=":", alpha=0.9)
         ax.axvline(cx.b_star, ls="--", color=color, lw=1.6, label=_bstar_label(cx))
     return notes
 
@@ -177,6 +180,9 @@ def _mark_bstar(ax: Axes, report: Report, metric: Metric) -> list[str]:
 def _legend(ax: Axes, notes: list[str]) -> None:
     """The axes' legend, with the B* notes ("not determined", "none in range") as entries without a mark."""
     handles, labels = ax.get_legend_handles_labels()
+    # the precisions' series first, then B*s (matplotlib lists plain lines before error bars)
+    order = sorted(range(len(handles)), key=lambda i: not isinstance(handles[i], ErrorbarContainer))
+    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
     for n in notes:
         handles.append(Line2D([], [], ls="none"))
         labels.append(textwrap.fill(n, 60))
@@ -289,17 +295,19 @@ def ratio_plot(report: Report, path: Path) -> Path:
                 )
             notes = _mark_bstar(ax, report, metric)
             _concurrency_axis(ax, _concurrencies(report))
-            top = max([1.25, *(r * 1.1 for r in ratios if math.isfinite(r))])
-            bottom = min([0.8, *(r / 1.1 for r in ratios if math.isfinite(r) and r > 0)])
+            top = max([1.5, *(r * 1.1 for r in ratios if math.isfinite(r))])
+            bottom = min([0.67, *(r / 1.1 for r in ratios if math.isfinite(r) and r > 0)])
             ax.set_yscale("log")
             ax.set_ylim(bottom, top)
             _log_y(ax)
             ax.axhspan(1.0, top, color=_TRAP, alpha=0.08, lw=0, gid="trap")
             ax.axhline(1.0, color="black", lw=1.2)
-            ax.text(0.99, 0.98, "trap: quantized costs more", transform=ax.transAxes, ha="right",
-                    va="top", color=_TRAP, fontsize=10)  # fmt: skip
-            ax.text(0.99, 0.02, "quantized saves energy", transform=ax.transAxes, ha="right", va="bottom",
-                    color="#2a7a2a", fontsize=10)  # fmt: skip
+            # said in the right margin, where no point can hide it
+            side = ax.get_yaxis_transform()
+            ax.text(1.015, math.sqrt(top), "trap: quantized\ncosts more", transform=side, rotation=90, ha="left",
+                    va="center", color=_TRAP, fontsize=10)  # fmt: skip
+            ax.text(1.015, math.sqrt(bottom), "quantized\nsaves energy", transform=side, rotation=90,
+                    ha="left", va="center", color="#2a7a2a", fontsize=10)  # fmt: skip
             ax.set_ylabel(f"{names[metric]}: quantized / {report.baseline or 'baseline'}")
             ax.set_title(f"Ratio of {names[metric]} (95% CI)")
             ax.grid(True, which="major", alpha=0.35)
@@ -307,6 +315,7 @@ def ratio_plot(report: Report, path: Path) -> Path:
                 notes.append("no quantized precision to compare with a baseline")
             _legend(ax, notes)
         fig.suptitle("Quantized vs baseline: above 1 (shaded) the quantized precision costs more energy")
+        fig.subplots_adjust(wspace=0.45)  # room for the margin's words before the next panel's axis
         return _save(fig, path)
 
 

@@ -610,7 +610,8 @@ def _bstar_defs(report: Report) -> str:
              "replicates' first crossing in the same direction. A number only when at least 90% of the "
              "replicates cross and the interval stays inside the swept range; otherwise \"not determined\".",
              "log B* = log C1 + (log C2 - log C1) x (0 - log r1) / (log r2 - log r1)", "bstar"),
-            ("replicates crossing", "The share of bootstrap replicates whose ratio curve crosses 1.",
+            ("replicates crossing", "The share of bootstrap replicates whose ratio curve crosses 1 in B*'s "
+             "direction (in either direction when the point estimate does not cross).",
              "coverage = crossing replicates / replicates", "bstar"),
         ]
     )  # fmt: skip

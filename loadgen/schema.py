@@ -331,7 +331,8 @@ class Crossover(_Model):
     note: str
     """the finding in words"""
     ci_coverage: float | None
-    """the share of bootstrap replicates that cross"""
+    """the share of bootstrap replicates that cross in b_star's direction (in either direction when the point
+    estimate does not cross)"""
     ci: Interval | None
     """95% bootstrap interval of B* over the replicates that cross in the same direction"""
     ratio_ci: list[Interval | None] | None = Field(default=None, exclude_if=lambda v: v is None)
