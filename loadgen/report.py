@@ -271,7 +271,6 @@ LEVEL_HEAD = [
     "accuracy",
     "J/token",
     "J/token 95% CI",
-    "measured J/token",
     "J/correct",
     "J/correct 95% CI",
     "tok/s",
@@ -287,12 +286,16 @@ def has_repeats(report: Report) -> bool:
     return any(lv.repeat_spread is not None for lv in report.levels)
 
 
-def level_head(report: Report) -> list[str]:
-    """LEVEL_HEAD, with the between-repeat spread beside the intervals when levels ran several times."""
+def level_head(report: Report, *, measured: bool = False) -> list[str]:
+    """LEVEL_HEAD, with the between-repeat spread beside the intervals when levels ran several times;
+    ``measured``: with measured J/token beside the attributed (report.html; the terminal keeps its width)."""
+    head = list(LEVEL_HEAD)
+    if measured:
+        head.insert(head.index("J/correct"), "measured J/token")
     if not has_repeats(report):
-        return LEVEL_HEAD
-    i = LEVEL_HEAD.index("tok/s")
-    return [*LEVEL_HEAD[:i], *REPEAT_HEAD, *LEVEL_HEAD[i:]]
+        return head
+    i = head.index("tok/s")
+    return [*head[:i], *REPEAT_HEAD, *head[i:]]
 
 
 def _spread_text(sp: Any) -> str:
@@ -304,8 +307,9 @@ def _sorted_levels(report: Report) -> list[Any]:
     return sorted(report.levels, key=lambda lv: (lv.concurrency, order.index(lv.precision)))
 
 
-def level_rows(report: Report) -> list[list[str]]:
-    """One row per level; an interval widened by the repeats' disagreement is marked with *."""
+def level_rows(report: Report, *, measured: bool = False) -> list[list[str]]:
+    """One row per level; an interval widened by the repeats' disagreement is marked with *; ``measured``:
+    as ``level_head``."""
     rows = []
     repeats = has_repeats(report)
     for lv in _sorted_levels(report):
@@ -318,7 +322,7 @@ def level_rows(report: Report) -> list[list[str]]:
             fmt(lv.accuracy),
             fmt(lv.j_per_token),
             fmt_ci(lv.ci.j_per_token) + mark["j_per_token"],
-            fmt(lv.measured_j_per_token),
+            *([fmt(lv.measured_j_per_token)] if measured else []),
             fmt(lv.j_per_correct),
             fmt_ci(lv.ci.j_per_correct) + mark["j_per_correct"],
         ]
@@ -631,7 +635,7 @@ def _level_defs() -> str:
              "over the precision's accuracy.",
              "J/correct = (sum(energy) / sum(1/H_r)) / accuracy", "energy"),
             ("95% CI", "Percentile bootstrap over chains (and repeats), 1,000 replicates by default.",
-             "[2.5th, 97.5th percentile of the replicates]", "ci"),
+             "95% CI = [2.5th, 97.5th percentile of the replicates]", "ci"),
         ]
     )  # fmt: skip
 
@@ -644,17 +648,17 @@ def _index_defs(report: Report) -> str:
         [
             ("casting overhead", "Measured J/token against what linear-in-bits scaling of the baseline "
              "predicts: 1 means the bits saved were saved in energy, 3 that it costs three times what its "
-             "bit width promises.", "J/token_q / (J/token_base x bits_q / bits_base)", "indices"),
+             "bit width promises.", "casting overhead = J/token_q / (J/token_base x bits_q / bits_base)", "indices"),
             ("trust", "Accuracy relative to the baseline (pooled over every level).",
-             "accuracy_q / accuracy_base", "indices"),
+             "trust = accuracy_q / accuracy_base", "indices"),
             ("sustainability", "Energy per correct answer of the baseline over the quantized precision's at "
              "the same concurrency; above 1 the quantized precision is greener.",
-             "J/correct_base / J/correct_q", "indices"),
+             "sustainability = J/correct_base / J/correct_q", "indices"),
             ("economy", "Steady-state output throughput relative to the baseline's.",
-             "tokens/s_q / tokens/s_base", "indices"),
+             "economy = tokens/s_q / tokens/s_base", "indices"),
             ("composite", f"The weighted sum of the three (`--index-weights`, normalised; here {weights}); "
              "above 1 the quantized precision is better on the weighted balance.",
-             "w_T x trust + w_S x sustainability + w_E x economy", "indices"),
+             "composite = w_T x trust + w_S x sustainability + w_E x economy", "indices"),
         ]
     )  # fmt: skip
 
@@ -753,7 +757,7 @@ Definitions: {METHODOLOGY} in the qtrap repository (links below are relative to 
 {_bstar_defs(report)}
 {fig("energy", "ratio")}{no_plots}
 <h2>Levels</h2>
-{_table(level_head(report), level_rows(report))}
+{_table(level_head(report, measured=True), level_rows(report, measured=True))}
 {'<p class="note">* interval widened: the repeats disagree more than the bootstrap says (docs/methodology.md, "Repeats").</p>' if has_repeats(report) else ""}
 {_level_defs()}
 <h2>Throughput and latency tails</h2>

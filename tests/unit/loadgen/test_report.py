@@ -3,6 +3,7 @@ energy accounts in the report, and `python -m loadgen render`."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,37 @@ def test_no_matplotlib_no_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     err = capsys.readouterr().err
     assert "plots skipped" in err and "python -m loadgen render" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def _slug(heading: str) -> str:
+    """A Markdown heading's anchor as GitHub makes it."""
+    text = re.sub(r"[^\w\- ]", "", heading.lstrip("#").strip().lower().replace("\\", ""))
+    return text.replace(" ", "-")
+
+
+def test_html_defines_each_figure_with_its_formula_and_a_working_methodology_link(tmp_path: Path) -> None:
+    rep = _report(scored=True)
+    html = write_html(rep, [], tmp_path / "report.html").read_text()
+    terms = ["ratio", "B*", "replicates crossing", "J/token (attributed)", "measured J/token", "J/correct",
+             "95% CI", "casting overhead", "trust", "sustainability", "economy", "composite"]  # fmt: skip
+    defs = dict(re.findall(r"<dt>(.*?)</dt><dd>(.*?)</dd>", html))
+    assert sorted(defs) == sorted(terms)
+    for term, text in defs.items():
+        formula = re.search(r"<code>(.*?)</code>", text)
+        assert formula and " = " in formula.group(1), term
+        assert 'href="docs/methodology.md#' in text, term
+    # the composite's weights are the run's
+    w = rep.indices[0].weights
+    assert f"w_T = {w.trust:.3g}, w_S = {w.sustainability:.3g}, w_E = {w.economy:.3g}" in defs["composite"]
+    # every link's anchor is a heading of docs/methodology.md
+    doc = (Path(__file__).parents[3] / "docs" / "methodology.md").read_text()
+    anchors = {_slug(line) for line in doc.splitlines() if line.startswith("#")}
+    linked = set(re.findall(r'href="docs/methodology\.md#([^"]+)"', html))
+    assert linked and linked <= anchors, linked - anchors
+    # attributed and measured J/token side by side in the page's level table; the terminal keeps its width
+    assert "<th>J/token</th>" in html and "<th>measured J/token</th>" in html
+    lv = rep.levels[0]
+    assert lv.measured_j_per_token is None or f"<td>{lv.measured_j_per_token:.3g}</td>" in html
+    console = Console(width=200, record=True)
+    print_summary(rep, console)
+    assert "measured J/token" not in console.export_text()
