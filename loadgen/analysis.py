@@ -73,6 +73,7 @@ class LevelObs:
     repeats: int = 0
     by_hop: dict[int, list[float]] = field(default_factory=dict)  # hop -> [window requests, energy, tokens]
     windows: list[tuple[float, float]] = field(default_factory=list)  # (open, close), time.monotonic()
+    timeline: dict[str, Any] | None = None  # the first repeat over time (level_timeline)
 
 
 def observe(runs: Sequence[LevelRun], snapshots: dict[int, tuple[Any, Any]] | None = None) -> LevelObs:
@@ -163,7 +164,78 @@ def observe(runs: Sequence[LevelRun], snapshots: dict[int, tuple[Any, Any]] | No
                     break
                 total += _counter_j(b["devices"][d]) - _counter_j(a["devices"][d])
         obs.measured_window_j = None if math.isnan(total) else total
+    first_pair = (snapshots or {}).get(id(first))
+    obs.timeline = level_timeline(first, first_pair)
     return obs
+
+
+TIMELINE_BINS = 80  # at most this many bins per level
+_BIN_STEPS = (0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def _spread(series: list[float], t0: float, bin_s: float, a: float, b: float, amount: float) -> None:
+    """Add ``amount`` spread evenly over [a, b] (seconds on the level's clock) to the bins of ``series``;
+    all of it to the bin of ``b`` when the span is empty."""
+    n = len(series)
+    if b <= a:
+        series[min(n - 1, max(0, int((b - t0) / bin_s)))] += amount
+        return
+    rate = amount / (b - a)
+    i = max(0, int((a - t0) / bin_s))
+    while i < n:
+        lo, hi = t0 + i * bin_s, t0 + (i + 1) * bin_s
+        if lo >= b:
+            break
+        series[i] += rate * max(0.0, min(b, hi) - max(a, lo))
+        i += 1
+
+
+def level_timeline(run: LevelRun, snapshots: tuple[Any, Any] | None) -> dict[str, Any] | None:
+    """One repeat of a level over time (``Level.timeline``): requests in flight, tokens/s and the requests'
+    attributed power in bins of at most ``TIMELINE_BINS`` over the level, warm-up and drain included, the
+    window's edges, and the devices' mean measured power over the window (the counters' snapshots)."""
+    t0 = run.t_start
+    length = run.t_end - t0
+    exchanges = run.exchanges
+    if length <= 0 or not exchanges:
+        return None
+    bin_s = next((b for b in _BIN_STEPS if length / b <= TIMELINE_BINS), _BIN_STEPS[-1])
+    n = max(1, math.ceil(length / bin_s))
+    in_flight = [0.0] * n
+    tokens = [0.0] * n
+    power = [0.0] * n
+    unknown = 0
+    for ex in exchanges:
+        _spread(in_flight, t0, bin_s, ex.t_send, ex.t_end, ex.t_end - ex.t_send)
+        if ex.status != "ok":
+            continue
+        if ex.t_first is not None and ex.completion_tokens:
+            _spread(tokens, t0, bin_s, ex.t_first, ex.t_end, float(ex.completion_tokens))
+        rec = ex.record or {}
+        if rec.get("final") and rec.get("energy_j") is not None:
+            _spread(power, t0, bin_s, ex.t_send, ex.t_end, float(rec["energy_j"]))
+        else:
+            unknown += 1
+    measured = None
+    devices = {d for ex in exchanges if ex.record for d in ex.record.get("devices") or []}
+    if run.window is not None and snapshots and snapshots[0] and snapshots[1] and devices:
+        a, b = snapshots
+        w = run.window[1] - run.window[0]
+        if w > 0 and all(d in a["devices"] and d in b["devices"] for d in devices):
+            measured = sum(_counter_j(b["devices"][d]) - _counter_j(a["devices"][d]) for d in devices) / w
+    # the last bin ends with the level: its rates are over its own length
+    widths = [bin_s] * (n - 1) + [max(length - (n - 1) * bin_s, 1e-9)]
+    return {
+        "repeat": run.repeat,
+        "bin_s": bin_s,
+        "t_s": [round(i * bin_s, 6) for i in range(n)],
+        "window_s": None if run.window is None else [run.window[0] - t0, run.window[1] - t0],
+        "in_flight": [v / w for v, w in zip(in_flight, widths, strict=True)],
+        "tokens_per_s": [v / w for v, w in zip(tokens, widths, strict=True)],
+        "attributed_power_w": [v / w for v, w in zip(power, widths, strict=True)],
+        "energy_unknown_requests": unknown,
+        "measured_power_w": measured,
+    }
 
 
 def _counter_j(device: dict[str, Any]) -> float:
@@ -453,6 +525,7 @@ def analyse(
             "e2e_s": _tail(o.e2e),
             "ci": {"level": 0.95, **ci, "bootstrap": boot_ci if widened else None, "widened": widened},
             "repeat_spread": spread,
+            "timeline": o.timeline,
             "interrupted": o.interrupted,
         }
         levels.append(level)

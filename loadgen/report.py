@@ -286,12 +286,16 @@ def has_repeats(report: Report) -> bool:
     return any(lv.repeat_spread is not None for lv in report.levels)
 
 
-def level_head(report: Report) -> list[str]:
-    """LEVEL_HEAD, with the between-repeat spread beside the intervals when levels ran several times."""
+def level_head(report: Report, *, measured: bool = False) -> list[str]:
+    """LEVEL_HEAD, with the between-repeat spread beside the intervals when levels ran several times;
+    ``measured``: with measured J/token beside the attributed (report.html; the terminal keeps its width)."""
+    head = list(LEVEL_HEAD)
+    if measured:
+        head.insert(head.index("J/correct"), "measured J/token")
     if not has_repeats(report):
-        return LEVEL_HEAD
-    i = LEVEL_HEAD.index("tok/s")
-    return [*LEVEL_HEAD[:i], *REPEAT_HEAD, *LEVEL_HEAD[i:]]
+        return head
+    i = head.index("tok/s")
+    return [*head[:i], *REPEAT_HEAD, *head[i:]]
 
 
 def _spread_text(sp: Any) -> str:
@@ -303,8 +307,9 @@ def _sorted_levels(report: Report) -> list[Any]:
     return sorted(report.levels, key=lambda lv: (lv.concurrency, order.index(lv.precision)))
 
 
-def level_rows(report: Report) -> list[list[str]]:
-    """One row per level; an interval widened by the repeats' disagreement is marked with *."""
+def level_rows(report: Report, *, measured: bool = False) -> list[list[str]]:
+    """One row per level; an interval widened by the repeats' disagreement is marked with *; ``measured``:
+    as ``level_head``."""
     rows = []
     repeats = has_repeats(report)
     for lv in _sorted_levels(report):
@@ -317,6 +322,7 @@ def level_rows(report: Report) -> list[list[str]]:
             fmt(lv.accuracy),
             fmt(lv.j_per_token),
             fmt_ci(lv.ci.j_per_token) + mark["j_per_token"],
+            *([fmt(lv.measured_j_per_token)] if measured else []),
             fmt(lv.j_per_correct),
             fmt_ci(lv.ci.j_per_correct) + mark["j_per_correct"],
         ]
@@ -561,20 +567,144 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1240px;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee;margin:0.5em 0}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+figure{margin:1.5em 0}img{max-width:100%;height:auto;border:1px solid #eee;margin:0.5em 0;display:block}
+figcaption{color:#444;font-size:0.9em;max-width:1100px}
 .note{color:#555;font-size:0.9em}code{background:#f6f6f6;padding:1px 4px}
 .warn{background:#fff6d6;border:1px solid #e6c200;padding:6px 10px}
-.ctx{color:#444;font-size:0.9em}li.info{color:#555}"""
+.ctx{color:#444;font-size:0.9em}li.info{color:#555}
+dl.defs{font-size:0.9em;color:#333;margin:0.5em 0 1.5em;display:grid;grid-template-columns:max-content 1fr;gap:4px 14px}
+dl.defs dt{font-weight:600}dl.defs dd{margin:0}"""
+
+# where the definitions live: docs/methodology.md in the qtrap repository (anchors as GitHub renders them)
+METHODOLOGY = "docs/methodology.md"
+_SECTIONS = {
+    "energy": "energy-figures-from-the-proxys-final-records",
+    "ci": "confidence-intervals",
+    "bstar": "b",
+    "checks": "validity-checks",
+    "indices": "indices-after-the-seed-papers-indicators-as-qtrap-defines-them",
+}
+
+
+def _link(section: str, text: str = "methodology") -> str:
+    return f'<a href="{METHODOLOGY}#{_SECTIONS[section]}">{html.escape(text)}</a>'
+
+
+def _defs(items: list[tuple[str, str, str, str]]) -> str:
+    """A definition list: (term, one or two sentences (HTML), formula, methodology section)."""
+    rows = "".join(
+        f"<dt>{html.escape(term)}</dt><dd>{text} <code>{html.escape(formula)}</code> ({_link(section)})</dd>"
+        for term, text, formula, section in items
+    )
+    return f'<dl class="defs">{rows}</dl>'
+
+
+def _bstar_defs(report: Report) -> str:
+    base = html.escape(report.baseline or "the baseline")
+    return _defs(
+        [
+            ("ratio", f"A quantized precision's energy over {base}'s at the same concurrency, per correct answer "
+             "and per output token; above 1 the quantized precision costs more (the trap). Its interval: "
+             "the bootstrap's 2.5-97.5 percentiles.", "ratio(C) = metric_q(C) / metric_base(C)", "bstar"),
+            ("B*", "The first concurrency where the ratio crosses 1, interpolated linearly in log(concurrency) "
+             "and log(ratio) between neighbouring levels; its 95% interval: percentiles of the bootstrap "
+             "replicates' first crossing in the same direction. A number only when at least 90% of the "
+             "replicates cross and the interval stays inside the swept range; otherwise \"not determined\".",
+             "log B* = log C1 + (log C2 - log C1) x (0 - log r1) / (log r2 - log r1)", "bstar"),
+            ("replicates crossing", "The share of bootstrap replicates whose ratio curve crosses 1 in B*'s "
+             "direction (in either direction when the point estimate does not cross).",
+             "coverage = crossing replicates / replicates", "bstar"),
+        ]
+    )  # fmt: skip
+
+
+def _level_defs() -> str:
+    return _defs(
+        [
+            ("J/token (attributed)", "The proxy's final per-request energy records of the requests that "
+             "started and ended inside the level's steady-state window, over their completion tokens.",
+             "J/token = sum(energy of window requests) / sum(their completion tokens)", "energy"),
+            ("measured J/token", "The same from the devices' energy counters instead of the attribution: "
+             "the counters' increase over the window over the tokens generated in it; null for windows under "
+             "2 s. It should agree with the attributed figure within 5% when nothing else runs on the devices.",
+             "measured J/token = (counter at close - counter at open) / tokens in the window", "energy"),
+            ("J/correct", "Energy per chain (each window request counts as 1/H of its chain of H requests) "
+             "over the precision's accuracy.",
+             "J/correct = (sum(energy) / sum(1/H_r)) / accuracy", "energy"),
+            ("95% CI", "Percentile bootstrap over chains (and repeats), 1,000 replicates by default.",
+             "95% CI = [2.5th, 97.5th percentile of the replicates]", "ci"),
+        ]
+    )  # fmt: skip
+
+
+def _index_defs(report: Report) -> str:
+    w = report.indices[0].weights if report.indices else None
+    weights = "w_T = w_S = w_E = 1/3" if w is None else (
+        f"w_T = {w.trust:.3g}, w_S = {w.sustainability:.3g}, w_E = {w.economy:.3g}")  # fmt: skip
+    return _defs(
+        [
+            ("casting overhead", "Measured J/token against what linear-in-bits scaling of the baseline "
+             "predicts: 1 means the bits saved were saved in energy, 3 that it costs three times what its "
+             "bit width promises.", "casting overhead = J/token_q / (J/token_base x bits_q / bits_base)", "indices"),
+            ("trust", "Accuracy relative to the baseline (pooled over every level).",
+             "trust = accuracy_q / accuracy_base", "indices"),
+            ("sustainability", "Energy per correct answer of the baseline over the quantized precision's at "
+             "the same concurrency; above 1 the quantized precision is greener.",
+             "sustainability = J/correct_base / J/correct_q", "indices"),
+            ("economy", "Steady-state output throughput relative to the baseline's.",
+             "economy = tokens/s_q / tokens/s_base", "indices"),
+            ("composite", f"The weighted sum of the three (`--index-weights`, normalised; here {weights}); "
+             "above 1 the quantized precision is better on the weighted balance.",
+             "composite = w_T x trust + w_S x sustainability + w_E x economy", "indices"),
+        ]
+    )  # fmt: skip
+
+
+_CAPTIONS = {
+    "energy": "Energy per output token and per correct answer at each swept concurrency, with 95% bootstrap "
+    "intervals as error bars (precisions nudged sideways so their bars do not overlap). B* of each quantized "
+    'precision: dashed line, its 95% interval shaded; "not determined" (with why) and "no crossover in the '
+    "swept range\" are said in the legend (a dotted line marks a not-determined B*'s point estimate). "
+    "Without scored answers, J/token alone.",
+    "ratio": "Quantized / baseline at each concurrency with its 95% bootstrap interval; the region above 1 "
+    "(shaded red) is the trap, where the quantized precision costs more energy than the baseline. B* as in "
+    "the energy plot.",
+    "accuracy_by_hops": "Share of chains answered correctly (strict) by the chain's hop count, per precision, "
+    "with Wilson 95% intervals; n is the number of chains at each point; precisions are shifted sideways so "
+    "their lines do not hide one another.",
+    "throughput_latency": "Steady-state output tokens/s, time to first token and request latency (p50 solid, "
+    "p99 dashed) against concurrency.",
+    "power_timeline": "Each level's first repeat over time: the power attributed to its requests (each "
+    "request's final energy spread evenly over its life), the devices' measured mean power over the "
+    "steady-state window (dashed; from the counters at the window's edges) and output tokens/s (grey, right "
+    "axis). The window is shaded between its edges: before it the warm-up wave, after it the drain.",
+    "idle_share": "Each metered device's energy over the proxy's lifetime, split into what was attributed to "
+    "requests, idle (with the proxy's default full policy: while no request was in flight) and foreign (other work on the device): attributed + idle + "
+    "foreign = measured. A device that served one precision is idle while the others run.",
+}
+
+
+def _figure(p: Path) -> str:
+    svg = p.with_suffix(".svg")
+    link = f' (<a href="{html.escape(svg.name)}">SVG</a>)' if svg.exists() else ""
+    caption = _CAPTIONS.get(p.stem, "")
+    data = base64.b64encode(p.read_bytes()).decode()
+    return (
+        f'<figure id="fig-{html.escape(p.stem)}"><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(caption)}{link}</figcaption></figure>"
+    )
 
 
 def write_html(report: Report, plots: list[Path], path: Path) -> Path:
     cfg = report.config
-    imgs = "".join(
-        f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"></figure>'
-        for p in plots
-    )
+    figs = {p.stem: _figure(p) for p in plots}
+
+    def fig(*names: str) -> str:
+        return "".join(figs.pop(n) for n in names if n in figs)
+
     note = accuracy_note(report)
     if note:
         accuracy_html = f'<p class="warn">{html.escape(note[0].upper() + note[1:])}.</p>'
@@ -601,7 +731,7 @@ def write_html(report: Report, plots: list[Path], path: Path) -> Path:
     if report.warnings:
         warn_html = (
             f'<div class="{"warn" if n_warn else "note"}" id="warnings"><strong>Validity checks: {n_warn} '
-            f"warning(s)</strong><ul>{warn_html}</ul></div>"
+            f"warning(s)</strong> ({_link('checks', 'what each check means')})<ul>{warn_html}</ul></div>"
         )
     elif report.checks is not None:
         warn_html = '<p class="note" id="warnings">Validity checks: no warning.</p>'
@@ -619,32 +749,36 @@ def write_html(report: Report, plots: list[Path], path: Path) -> Path:
 {header_html}
 <p class="note">model <code>{html.escape(str(cfg.model))}</code>, dataset <code>{html.escape(str(cfg.dataset))}</code>,
 hops as <code>{html.escape(str(cfg.hops))}</code>, concurrency {html.escape(str(cfg.concurrency))},
-repeats {html.escape(str(cfg.repeats))}, proxy <code>{html.escape(str(cfg.proxy))}</code>; schema {report.schema_version}.</p>
+repeats {html.escape(str(cfg.repeats))}, proxy <code>{html.escape(str(cfg.proxy))}</code>; schema {report.schema_version}.
+Definitions: {METHODOLOGY} in the qtrap repository (links below are relative to it).</p>
 {accuracy_html if note else ""}
 <h2>B*</h2>
 {_table(CROSS_HEAD, crossover_rows(report))}
-<p class="note">Ratio = quantized / {html.escape(str(report.baseline))}; B* interpolated on log(concurrency);
-the interval is the bootstrap percentile interval of B* over the replicates that cross in the same direction
-("replicates crossing").</p>
-{imgs}{no_plots}
+{_bstar_defs(report)}
+{fig("energy", "ratio")}{no_plots}
 <h2>Levels</h2>
-{_table(level_head(report), level_rows(report))}
+{_table(level_head(report, measured=True), level_rows(report, measured=True))}
 {'<p class="note">* interval widened: the repeats disagree more than the bootstrap says (docs/methodology.md, "Repeats").</p>' if has_repeats(report) else ""}
+{_level_defs()}
 <h2>Throughput and latency tails</h2>
 {_table(TAIL_HEAD, tail_rows(report))}
 <p class="note">Measured requests (warm-up left out); req/s and out tok/s over the steady-state window; ITL is each
 request's mean time per output token after the first (vLLM's TPOT).</p>
+{fig("throughput_latency", "power_timeline")}
 <h2>Accuracy (all measured chains of a precision)</h2>
 {accuracy_html}
+{fig("accuracy_by_hops")}
 <h2>Indices</h2>
 {_table(INDEX_HEAD, index_rows(report))}
+{_index_defs(report)}
 <h2>Energy by hop (window requests)</h2>
 {_table(HOP_HEAD, hop_rows(report))}
 <h2>Energy accounts of the proxy</h2>
 {energy_html}
 <p class="note">Over the proxy's lifetime: attributed + idle + foreign = measured, per device; "measured during the
-run" is the device counter's increase from the start of the sweep to the end of its last level.</p>
-<p class="note">Definitions: docs/methodology.md in the qtrap repository.</p>
+run" is the device counter's increase from the start of the sweep to the end of its last level; idle share =
+idle J / measured J.</p>
+{fig("idle_share")}{"".join(figs.values())}
 </body></html>
 """
     path.write_text(doc)

@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic.json_schema import GenerateJsonSchema
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 GENERATOR = "qtrap loadgen"
 IGNORE_UNKNOWN = "ignore_unknown_fields"  # validation context key: a report of a newer minor version
 SCHEMA_COMMAND = "python -m loadgen schema > docs/report-schema.json"
@@ -208,6 +208,30 @@ class HopEnergy(_Model):
     j_per_token: float | None
 
 
+class LevelTimeline(_Model):
+    """One repeat of a level over time, in bins, from its requests on loadgen's clock."""
+
+    repeat: int
+    """the repeat drawn (the first)"""
+    bin_s: float
+    """the bins' length"""
+    t_s: list[float]
+    """each bin's start, seconds from the level's start (warm-up and drain included)"""
+    window_s: Interval | None
+    """the steady-state window [open, close], seconds from the level's start; null without one"""
+    in_flight: list[float]
+    """mean requests in flight"""
+    tokens_per_s: list[float]
+    """completion tokens per second (each request's tokens spread evenly from its first to last token)"""
+    attributed_power_w: list[float]
+    """the requests' final attributed energy per second (each request's spread evenly over its life)"""
+    energy_unknown_requests: int
+    """successful requests without a final energy figure (left out of attributed_power_w)"""
+    measured_power_w: float | None
+    """the level's devices' counters over this repeat's window / its length; null without both
+    snapshots"""
+
+
 class Level(_Model):
     """One (precision, concurrency) level, its repeats merged."""
 
@@ -268,6 +292,8 @@ class Level(_Model):
     ci: LevelCI
     repeat_spread: RepeatSpread | None = None
     """the repeats' figures and spread; null with one repeat; added in 1.3"""
+    timeline: LevelTimeline | None = None
+    """the first repeat over time (power, throughput, requests in flight); added in 1.4"""
     interrupted: bool
     """the level was cut short by Ctrl-C"""
 
@@ -305,7 +331,8 @@ class Crossover(_Model):
     note: str
     """the finding in words"""
     ci_coverage: float | None
-    """the share of bootstrap replicates that cross"""
+    """the share of bootstrap replicates that cross in b_star's direction (in either direction when the point
+    estimate does not cross)"""
     ci: Interval | None
     """95% bootstrap interval of B* over the replicates that cross in the same direction"""
     ratio_ci: list[Interval | None] | None = Field(default=None, exclude_if=lambda v: v is None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import shutil
@@ -29,9 +30,26 @@ class PageCheck:
     failed_loads: list[str] = field(default_factory=list)
     images: list[dict[str, Any]] = field(default_factory=list)
     title: str = ""
+    warnings: dict[str, Any] | None = None  # the element id="warnings": where it is, its class and text
+    headings: list[str] = field(default_factory=list)  # h1 and h2 texts in document order
+    screenshot_png: bytes | None = None
 
 
-async def _check(ws_url: str, page_url: str, timeout_s: float) -> PageCheck:
+_WARNINGS_JS = """(() => {
+  const w = document.getElementById('warnings');
+  if (!w) return null;
+  const h2 = document.querySelector('h2');
+  const r = w.getBoundingClientRect();
+  return {top: r.top + window.scrollY, height: r.height, cls: w.className, text: w.innerText,
+          before_first_h2: h2 ? !!(w.compareDocumentPosition(h2) & Node.DOCUMENT_POSITION_FOLLOWING) : true,
+          first_h2_top: h2 ? h2.getBoundingClientRect().top + window.scrollY : null,
+          index_in_body: Array.from(document.body.children).indexOf(w)};
+})()"""
+
+
+async def _check(
+    ws_url: str, page_url: str, timeout_s: float, screenshot: bool, width: int, height: int | None
+) -> PageCheck:
     out = PageCheck()
     ids = itertools.count(1)
     async with aiohttp.ClientSession() as s, s.ws_connect(ws_url, max_msg_size=0) as ws:
@@ -68,6 +86,9 @@ async def _check(ws_url: str, page_url: str, timeout_s: float) -> PageCheck:
         task = asyncio.create_task(reader())
         for domain in ("Runtime", "Log", "Network", "Page"):
             await call(f"{domain}.enable")
+        await call(
+            "Emulation.setDeviceMetricsOverride", width=width, height=900, deviceScaleFactor=1, mobile=False
+        )
         await call("Page.navigate", url=page_url)
         await asyncio.wait_for(loaded.wait(), timeout_s)
         expr = (
@@ -79,13 +100,38 @@ async def _check(ws_url: str, page_url: str, timeout_s: float) -> PageCheck:
         res = await call("Runtime.evaluate", expression=expr, returnByValue=True)
         doc = json.loads(res["result"]["value"])
         out.title, out.images = doc["title"], doc["images"]
+        res = await call("Runtime.evaluate", expression=_WARNINGS_JS, returnByValue=True)
+        out.warnings = res["result"].get("value")
+        res = await call(
+            "Runtime.evaluate",
+            expression="Array.from(document.querySelectorAll('h1, h2')).map(h => h.textContent)",
+            returnByValue=True,
+        )
+        out.headings = res["result"]["value"]
+        if screenshot:
+            res = await call(
+                "Runtime.evaluate", expression="document.documentElement.scrollHeight", returnByValue=True
+            )
+            full = int(res["result"]["value"])
+            clip = {"x": 0, "y": 0, "width": width, "height": min(full, height or full), "scale": 1}
+            shot = await call("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)
+            out.screenshot_png = base64.b64decode(shot["data"])
         await asyncio.sleep(0.3)  # late console messages
         task.cancel()
     return out
 
 
-def check_page(path: Path, timeout_s: float = 30.0) -> PageCheck:
-    """Open ``path`` in headless Chromium (no network) and report console errors and images."""
+def check_page(
+    path: Path,
+    timeout_s: float = 30.0,
+    *,
+    screenshot: Path | None = None,
+    width: int = 1280,
+    height: int | None = None,
+) -> PageCheck:
+    """Open ``path`` in headless Chromium (no network) ``width`` CSS pixels wide and report console errors,
+    failed loads, images, the warnings block and the headings; ``screenshot``: a PNG of the page's top
+    ``height`` pixels (all of it without ``height``)."""
     exe = chromium()
     if exe is None:
         raise RuntimeError("chromium is not installed")
@@ -116,9 +162,12 @@ def check_page(path: Path, timeout_s: float = 30.0) -> PageCheck:
         page_url = path.resolve().as_uri()
 
         async def main() -> PageCheck:
-            return await _check(await page_ws(), page_url, timeout_s)
+            return await _check(await page_ws(), page_url, timeout_s, screenshot is not None, width, height)
 
-        return asyncio.run(main())
+        page = asyncio.run(main())
+        if screenshot is not None and page.screenshot_png is not None:
+            screenshot.write_bytes(page.screenshot_png)
+        return page
     finally:
         proc.terminate()
         try:
@@ -127,3 +176,26 @@ def check_page(path: Path, timeout_s: float = 30.0) -> PageCheck:
             proc.kill()
             proc.wait()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def screenshot(html: Path, png: Path, *, height: int | None = None, max_kb: int = 400) -> PageCheck:
+    """A PNG of ``html``'s top ``height`` pixels at 1,280 pixels wide, reduced to 256 colours when it is over
+    ``max_kb`` (the screenshots in docs/img); the page's check."""
+    page = check_page(html, screenshot=png, height=height)
+    if png.stat().st_size > max_kb * 1024:
+        from PIL import Image
+
+        with Image.open(png) as im:
+            im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(png, optimize=True)
+    return page
+
+
+if __name__ == "__main__":  # python -m tests.browser REPORT.html OUT.png [HEIGHT]
+    import sys
+
+    shot = screenshot(
+        Path(sys.argv[1]), Path(sys.argv[2]), height=int(sys.argv[3]) if len(sys.argv) > 3 else None
+    )
+    problems = shot.console_errors + shot.exceptions + shot.failed_loads
+    print(f"{sys.argv[2]}: {Path(sys.argv[2]).stat().st_size // 1024} KiB; problems: {problems or 'none'}")
+    sys.exit(1 if problems else 0)

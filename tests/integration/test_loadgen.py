@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -51,7 +52,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 def test_embedded_default_report(embedded: Run) -> None:
     rep = embedded.report
-    assert rep["schema_version"] == "1.3" and rep["partial"] is False
+    assert rep["schema_version"] == "1.4" and rep["partial"] is False
     assert rep["accuracy_measured"] is True and rep["accuracy_null_reason"] is None
     assert rep["config"]["precisions"] == ["bf16", "fp8", "int8", "int4"] and rep["baseline"] == "bf16"
     assert {(lv["precision"], lv["concurrency"]) for lv in rep["levels"]} == {
@@ -73,6 +74,15 @@ def test_embedded_default_report(embedded: Run) -> None:
         else:
             assert lv["measured_j_per_token"] is None
         assert lv["ttft_s"]["p50"] > 0 and lv["e2e_s"]["p99"] >= lv["e2e_s"]["p50"]
+        # the level over time: window edges inside it, every request's energy in its bins, the counters'
+        # mean power over the window
+        tl = lv["timeline"]
+        assert tl["repeat"] == 0 and len(tl["t_s"]) == len(tl["attributed_power_w"]) == len(tl["in_flight"])
+        t0, t1 = tl["window_s"]
+        assert 0 < t0 < t1 <= tl["t_s"][-1] + tl["bin_s"] and t1 - t0 == pytest.approx(lv["window_s"])
+        assert tl["energy_unknown_requests"] == 0 and tl["measured_power_w"] > 0
+        assert sum(tl["attributed_power_w"]) * tl["bin_s"] > lv["energy_j"]  # warm-up and drain too
+        assert max(tl["in_flight"]) <= lv["concurrency"] + 1e-9
     assert {(c["precision"], c["metric"]) for c in rep["crossovers"]} == {
         (p, m) for p in ("fp8", "int8", "int4") for m in ("j_per_correct", "j_per_token")
     }
@@ -218,10 +228,13 @@ def test_requests_csv_and_files(embedded: Run) -> None:
         assert hops == list(range(1, len(hops) + 1))
     window = [r for r in rows if r["in_window"] == "1" and r["warmup"] == "0"]
     assert window
-    for png in ("energy.png", "accuracy_by_hops.png", "throughput_latency.png"):
-        assert (embedded.out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in PLOTS:
+        assert (embedded.out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (embedded.out / f"{name}.svg").stat().st_size > 0
     html = (embedded.out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "http://" not in html.replace("http://127.0.0.1", "")
+    assert html.count("data:image/png;base64,") == len(PLOTS) and "http://" not in html.replace(
+        "http://127.0.0.1", ""
+    )
 
 
 def test_compare(embedded: Run, tmp_path: Path) -> None:
@@ -369,19 +382,58 @@ def test_ctrl_c_writes_a_partial_report(tmp_path: Path) -> None:
     assert (out / "report.html").exists() and (out / "requests.csv").exists()
 
 
-def test_html_report_renders_in_headless_chromium(embedded: Run) -> None:
-    """Offline (every network request goes to a dead proxy), the plots decode and show, nothing errs."""
+PLOTS = ["energy", "ratio", "throughput_latency", "power_timeline", "accuracy_by_hops", "idle_share"]
+DEFAULT_REPORT = ROOT / "docs" / "img" / "report-default.json"  # the embedded default's report (no warning)
+
+
+def _page_ok(html: Path) -> Any:
+    """Offline (every network request goes to a dead proxy): nothing errs or fails to load, and every plot
+    decodes and shows on screen at a readable size, in the page's order."""
     from tests.browser import check_page, chromium
 
     if chromium() is None:
         pytest.skip("chromium is not installed (scripts/setup.sh --test installs it)")
-    page = check_page(embedded.out / "report.html")
+    page = check_page(html)
     assert page.title == "qtrap loadgen report"
     assert page.console_errors == [] and page.exceptions == [] and page.failed_loads == []
-    assert len(page.images) == 3
+    assert [img["alt"] for img in page.images] == PLOTS
     for img in page.images:
         assert img["complete"] and img["naturalWidth"] > 300 and img["naturalHeight"] > 200, img
         assert img["visible"] and img["width"] > 300 and img["height"] > 100, img
+        # shown at (nearly) its own size: at most 5% scaled down on a 1,280 px wide window
+        assert img["width"] >= 0.95 * min(img["naturalWidth"], 1200), img
+    return page
+
+
+def test_html_report_with_warnings_renders_in_headless_chromium(embedded: Run) -> None:
+    """A deliberately short run: the warnings block is the first thing under the title."""
+    page = _page_ok(embedded.out / "report.html")
+    w = page.warnings
+    assert w is not None and w["index_in_body"] == 1 and w["before_first_h2"] and w["cls"] == "warn"
+    assert w["top"] < w["first_h2_top"] and w["height"] > 0
+    n = sum(x["level"] == "warning" for x in embedded.report["warnings"])
+    assert n > 0 and f"Validity checks: {n} warning(s)" in w["text"] and "few_chains" in w["text"]
+    assert page.headings[:2] == ["qtrap loadgen report", "B*"]
+
+
+def test_default_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    """The embedded default's report (docs/img/report-default.json), rendered again: no warning, said as
+    such at the top, and each plot shows."""
+    rep = json.loads(DEFAULT_REPORT.read_text())
+    assert [w["code"] for w in rep["warnings"]] == ["simulated"]
+    assert rep["config"]["concurrency"] == [1, 8, 64] and all(lv["timeline"] for lv in rep["levels"])
+    proc = loadgen("render", str(DEFAULT_REPORT), "--out", str(tmp_path), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    page = _page_ok(tmp_path / "report.html")
+    w = page.warnings
+    assert w is not None and w["index_in_body"] == 1 and w["cls"] == "note"
+    assert "Validity checks: 0 warning(s)" in w["text"] and "simulated" in w["text"]
+    html = (tmp_path / "report.html").read_text()
+    for term in ("casting overhead", "trust", "sustainability", "economy", "composite", "measured J/token",
+                 "J/correct", "B*", "ratio", "idle share"):  # fmt: skip
+        assert f"<dt>{term}" in html or f"{term} =" in html, term
+    for name in PLOTS:
+        assert (tmp_path / f"{name}.svg").read_text().rstrip().endswith("</svg>")
 
 
 def test_no_score_run_and_render(tmp_path: Path) -> None:
@@ -415,5 +467,5 @@ def test_no_score_run_and_render(tmp_path: Path) -> None:
     again = loadgen("render", str(out / "report.json"), "--out", str(html_dir), timeout=120)
     assert again.returncode == 0, again.stderr
     page = (html_dir / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "Accuracy not measured" in page
+    assert page.count("data:image/png;base64,") == len(PLOTS) and "Accuracy not measured" in page
     assert "accuracy not measured" in again.stdout and "rendered:" in again.stdout

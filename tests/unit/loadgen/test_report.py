@@ -3,6 +3,7 @@ energy accounts in the report, and `python -m loadgen render`."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ from loadgen.analysis import analyse
 from loadgen.app import plots_or_none, render
 from loadgen.cli import main
 from loadgen.report import build, dumps, energy_summary, load, print_summary, write_html, write_json
-from loadgen.schema import Report
+from loadgen.schema import SCHEMA_VERSION, Report
 from tests.unit.loadgen.test_analysis import _fleet
 
 REASON = "random weights: the answers mean nothing"
+PLOTS = ["energy", "ratio", "accuracy_by_hops", "throughput_latency", "power_timeline", "idle_share"]
 
 
 def _snapshot(measured: float, attributed: float, idle: float) -> dict[str, Any]:
@@ -66,9 +68,9 @@ def test_no_score_report_html_and_summary(tmp_path: Path) -> None:
 
     rep = _report(scored=False)
     assert rep.accuracy_measured is False and rep.accuracy_null_reason == REASON
-    assert rep.schema_version == "1.3" and rep.energy.devices[0].run_measured_j == 1000.0
+    assert rep.schema_version == SCHEMA_VERSION and rep.energy.devices[0].run_measured_j == 1000.0
     plots = all_plots(rep, tmp_path)
-    assert [p.name for p in plots] == ["energy.png", "accuracy_by_hops.png", "throughput_latency.png"]
+    assert [p.stem for p in plots] == PLOTS
     html = write_html(rep, plots, tmp_path / "report.html").read_text()
     assert "Accuracy not measured: random weights" in html
     assert "Energy accounts of the proxy" in html and "localhost:0" in html
@@ -91,10 +93,11 @@ def test_render_draws_plots_and_html_from_report_json(
     src.mkdir()
     write_json(_report(scored=False), src / "report.json")
     assert main(["render", str(src / "report.json"), "--out", str(tmp_path / "html")]) == 0
-    for name in ("energy.png", "accuracy_by_hops.png", "throughput_latency.png"):
-        assert (tmp_path / "html" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in PLOTS:
+        assert (tmp_path / "html" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / "html" / f"{name}.svg").exists()
     html = (tmp_path / "html" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "Accuracy not measured" in html
+    assert html.count("data:image/png;base64,") == len(PLOTS) and "Accuracy not measured" in html
     assert "rendered:" in capsys.readouterr().out
     # a directory works too, and writes beside its report.json
     assert render(src, None) == 0 and (src / "report.html").exists()
@@ -113,3 +116,37 @@ def test_no_matplotlib_no_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     err = capsys.readouterr().err
     assert "plots skipped" in err and "python -m loadgen render" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def _slug(heading: str) -> str:
+    """A Markdown heading's anchor as GitHub makes it."""
+    text = re.sub(r"[^\w\- ]", "", heading.lstrip("#").strip().lower().replace("\\", ""))
+    return text.replace(" ", "-")
+
+
+def test_html_defines_each_figure_with_its_formula_and_a_working_methodology_link(tmp_path: Path) -> None:
+    rep = _report(scored=True)
+    html = write_html(rep, [], tmp_path / "report.html").read_text()
+    terms = ["ratio", "B*", "replicates crossing", "J/token (attributed)", "measured J/token", "J/correct",
+             "95% CI", "casting overhead", "trust", "sustainability", "economy", "composite"]  # fmt: skip
+    defs = dict(re.findall(r"<dt>(.*?)</dt><dd>(.*?)</dd>", html))
+    assert sorted(defs) == sorted(terms)
+    for term, text in defs.items():
+        formula = re.search(r"<code>(.*?)</code>", text)
+        assert formula and " = " in formula.group(1), term
+        assert 'href="docs/methodology.md#' in text, term
+    # the composite's weights are the run's
+    w = rep.indices[0].weights
+    assert f"w_T = {w.trust:.3g}, w_S = {w.sustainability:.3g}, w_E = {w.economy:.3g}" in defs["composite"]
+    # every link's anchor is a heading of docs/methodology.md
+    doc = (Path(__file__).parents[3] / "docs" / "methodology.md").read_text()
+    anchors = {_slug(line) for line in doc.splitlines() if line.startswith("#")}
+    linked = set(re.findall(r'href="docs/methodology\.md#([^"]+)"', html))
+    assert linked and linked <= anchors, linked - anchors
+    # attributed and measured J/token side by side in the page's level table; the terminal keeps its width
+    assert "<th>J/token</th>" in html and "<th>measured J/token</th>" in html
+    lv = rep.levels[0]
+    assert lv.measured_j_per_token is None or f"<td>{lv.measured_j_per_token:.3g}</td>" in html
+    console = Console(width=200, record=True)
+    print_summary(rep, console)
+    assert "measured J/token" not in console.export_text()
