@@ -202,3 +202,41 @@ class RecordPage(TypedDict):
     limit: int
     has_more: bool
     next_cursor: str | None  # give it as `cursor=` for the next page; null on the last
+
+
+# -- usage sums (GET /qtrap/v1/usage; GET /qtrap/v1/keys/{id}/usage has the same sums) -----------------
+class UsageSums(TypedDict):
+    """Sums over final records: energy covers the requests whose energy is known (null, with a reason,
+    when none is); the others are counted in ``energy_unknown_requests``, never as 0 J."""
+
+    requests: int
+    ok_requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    energy_j: float | None
+    idle_energy_j: float | None
+    idle_share: float | None
+    j_per_token: float | None
+    energy_unknown_requests: int
+    energy_null_reason: str | None
+
+
+class UsageGroup(UsageSums):
+    """One group's sums; the group's fields are those named in ``group_by``."""
+
+    pool: NotRequired[str | None]
+    precision: NotRequired[str | None]
+    backend: NotRequired[str | None]
+    key: NotRequired[str | None]
+    status: NotRequired[str | None]
+
+
+class UsageReport(TypedDict):
+    since_unix_s: float
+    until_unix_s: float | None
+    group_by: list[str]
+    groups: list[UsageGroup]
+    truncated: bool  # more than 1000 groups (the total stays whole)
+    total: UsageSums
+    not_final_requests: int  # selected requests not final yet, not in the sums
+    note: str
