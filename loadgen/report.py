@@ -168,6 +168,7 @@ CSV_FIELDS = [
     "precision", "concurrency", "repeat", "chain_id", "warmup", "hops", "hop", "in_window", "request_id",
     "backend", "status", "error", "prompt_tokens", "completion_tokens", "ttft_s", "itl_s", "e2e_s",
     "energy_j", "energy_final", "error_bound_j", "energy_null_reason", "chain_correct", "chain_correct_flexible",
+    "co2e_g", "cost", "cost_currency",
 ]  # fmt: skip
 
 
@@ -211,6 +212,9 @@ def write_csv(runs: list[LevelRun], path: Path, *, scored: bool = True) -> Path:
                             "chain_correct_flexible": ""
                             if chain.score is None or not scored
                             else int(chain.score.flexible),
+                            "co2e_g": rec.get("co2e_g"),
+                            "cost": rec.get("cost"),
+                            "cost_currency": rec.get("cost_currency"),
                         }
                     )
     return path
@@ -286,12 +290,22 @@ def has_repeats(report: Report) -> bool:
     return any(lv.repeat_spread is not None for lv in report.levels)
 
 
+FOOTPRINT_HEAD = ["gCO2e", "cost"]
+
+
+def has_footprint(report: Report) -> bool:
+    """Whether any level has a carbon or cost figure (the proxy's ``carbon`` or ``pricing`` configured)."""
+    return any(lv.co2e_g is not None or lv.cost is not None for lv in report.levels)
+
+
 def level_head(report: Report) -> list[str]:
-    """LEVEL_HEAD, with the between-repeat spread beside the intervals when levels ran several times."""
-    if not has_repeats(report):
-        return LEVEL_HEAD
-    i = LEVEL_HEAD.index("tok/s")
-    return [*LEVEL_HEAD[:i], *REPEAT_HEAD, *LEVEL_HEAD[i:]]
+    """LEVEL_HEAD, with the between-repeat spread beside the intervals when levels ran several times, and
+    the window requests' gCO2e and cost at the end when the proxy gave them."""
+    head = LEVEL_HEAD
+    if has_repeats(report):
+        i = LEVEL_HEAD.index("tok/s")
+        head = [*LEVEL_HEAD[:i], *REPEAT_HEAD, *LEVEL_HEAD[i:]]
+    return [*head, *FOOTPRINT_HEAD] if has_footprint(report) else head
 
 
 def _spread_text(sp: Any) -> str:
@@ -307,6 +321,7 @@ def level_rows(report: Report) -> list[list[str]]:
     """One row per level; an interval widened by the repeats' disagreement is marked with *."""
     rows = []
     repeats = has_repeats(report)
+    footprint = has_footprint(report)
     for lv in _sorted_levels(report):
         ttft = lv.ttft_s.p50
         mark = {m: "*" if m in lv.ci.widened else "" for m in ("j_per_token", "j_per_correct")}
@@ -331,6 +346,8 @@ def level_rows(report: Report) -> list[list[str]]:
             "-" if ttft is None else f"{ttft * 1e3:.1f}",
             f"{lv.errors}/{lv.requests}",
         ]
+        if footprint:
+            row += [fmt(lv.co2e_g), "-" if lv.cost is None else f"{lv.cost:.4g} {lv.cost_currency}"]
         rows.append(row)
     return rows
 

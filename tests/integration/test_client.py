@@ -14,6 +14,7 @@ from typing import Any
 
 import openai
 import pytest
+import requests
 from aiohttp import web
 
 from qtrap_client import (
@@ -27,10 +28,12 @@ from qtrap_client import (
     QtrapSyncClient,
     Unauthorized,
 )
+from qtrap_proxy.energy import reasons
 from qtrap_proxy.keystore import KeyStore
 from tests.helpers import backend, free_port, proxy, sim, wait_meter
 
 ADMIN = "qa-" + "c" * 40
+INTENSITY, PUE, PRICE = 400.0, 1.25, 0.3  # gCO2e/kWh, facility/IT, EUR/kWh
 
 
 @dataclass
@@ -69,6 +72,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "admin_key_sha256": hashlib.sha256(ADMIN.encode()).hexdigest(),
                 "refresh_s": 0.5,
             },
+            "carbon": {"intensity_g_per_kwh": INTENSITY, "pue": PUE},
+            "pricing": {"price_per_kwh": PRICE, "currency": "EUR"},
         }
         with proxy(tmp, cfg):
             url = f"http://127.0.0.1:{cfg['server']['port']}"
@@ -109,6 +114,12 @@ def test_wait_final_returns_the_settled_record_and_times_out_with_the_provisiona
     assert final["status"] == "ok" and final["energy_j"] > 0 and final["key_id"] == stack.alice_id
     assert final["completion_tokens"] == 400
     assert again == final  # a final record does not change
+    # carbon and cost: from the final energy only, GPU energy x PUE x intensity (price)
+    assert timeout.record["co2e_g"] is None and timeout.record["co2e_null_reason"] == reasons.NOT_FINAL_YET
+    kwh = final["energy_j"] / 3.6e6 * PUE
+    assert final["co2e_g"] == pytest.approx(kwh * INTENSITY, rel=1e-12) and final["co2e_null_reason"] is None
+    assert final["cost"] == pytest.approx(kwh * PRICE, rel=1e-12) and final["cost_currency"] == "EUR"
+    assert (final["carbon_intensity_g_per_kwh"], final["pue"]) == (INTENSITY, PUE)
 
 
 def test_a_chain_is_read_across_pages_and_waited_for(stack: Stack) -> None:
@@ -151,6 +162,41 @@ def test_a_time_range_pages_and_sums_as_the_records_say(stack: Stack) -> None:
     assert group["key"] == stack.bob_id and group["precision"] == "bf16" and group["requests"] == 5
     assert group["energy_j"] == pytest.approx(sum(r["energy_j"] for r in recs))
     assert usage["total"]["completion_tokens"] == sum(r["completion_tokens"] for r in recs)
+    assert group["co2e_g"] == pytest.approx(sum(r["co2e_g"] for r in recs))
+    assert group["cost"] == pytest.approx(sum(r["cost"] for r in recs)) and group["cost_currency"] == "EUR"
+    assert group["co2e_unknown_requests"] == group["cost_unknown_requests"] == 0
+
+
+def test_metrics_total_the_final_records_co2e_and_cost(stack: Stack) -> None:
+    rid = stack.chat(stack.alice)
+
+    async def go() -> tuple[Any, Any]:
+        async with QtrapClient(stack.url, api_key=ADMIN) as q:
+            await q.wait_final(rid, timeout_s=30)
+            for _ in range(300):  # every request the other tests sent is final too
+                usage = await q.usage()
+                if not usage["not_final_requests"]:
+                    break
+                await asyncio.sleep(0.05)
+            return usage, await q.energy()
+
+    usage, energy = run(go())
+    text = requests.get(stack.url + "/metrics", timeout=10).text
+    co2e = sum(float(v) for _, v in _samples(text, "qtrap_co2e_grams_total"))
+    cost = _samples(text, "qtrap_energy_cost_total")
+    assert usage["total"]["co2e_g"] > 0 and co2e == pytest.approx(usage["total"]["co2e_g"], rel=1e-9)
+    assert {labels.split('currency="')[1].split('"')[0] for labels, _ in cost} == {"EUR"}
+    assert sum(float(v) for _, v in cost) == pytest.approx(usage["total"]["cost"], rel=1e-9)
+    assert energy["carbon"]["source"] == "constant" and energy["carbon"]["intensity_g_per_kwh"] == INTENSITY
+
+
+def _samples(text: str, name: str) -> list[tuple[str, str]]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line.rsplit(" ", 1)
+            out.append((labels, value))
+    return out
 
 
 def test_errors_are_the_clients_own_and_keys_see_their_own(stack: Stack) -> None:

@@ -66,7 +66,7 @@ def test_no_score_report_html_and_summary(tmp_path: Path) -> None:
 
     rep = _report(scored=False)
     assert rep.accuracy_measured is False and rep.accuracy_null_reason == REASON
-    assert rep.schema_version == "1.3" and rep.energy.devices[0].run_measured_j == 1000.0
+    assert rep.schema_version == "1.4" and rep.energy.devices[0].run_measured_j == 1000.0
     plots = all_plots(rep, tmp_path)
     assert [p.name for p in plots] == ["energy.png", "accuracy_by_hops.png", "throughput_latency.png"]
     html = write_html(rep, plots, tmp_path / "report.html").read_text()
@@ -113,3 +113,16 @@ def test_no_matplotlib_no_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     err = capsys.readouterr().err
     assert "plots skipped" in err and "python -m loadgen render" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_levels_table_shows_gco2e_and_cost_only_when_the_proxy_gave_them() -> None:
+    from loadgen.report import level_head, level_rows
+
+    rep = _report(scored=True)
+    assert "gCO2e" not in level_head(rep) and all(len(r) == len(level_head(rep)) for r in level_rows(rep))
+    levels = [
+        lv.model_copy(update={"co2e_g": 0.125, "cost": 0.5, "cost_currency": "EUR"}) for lv in rep.levels
+    ]
+    rep = rep.model_copy(update={"levels": levels})
+    head, rows = level_head(rep), level_rows(rep)
+    assert head[-2:] == ["gCO2e", "cost"] and all(r[-2:] == ["0.125", "0.5 EUR"] for r in rows)
