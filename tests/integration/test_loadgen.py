@@ -51,7 +51,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 def test_embedded_default_report(embedded: Run) -> None:
     rep = embedded.report
-    assert rep["schema_version"] == "1.3" and rep["partial"] is False
+    assert rep["schema_version"] == "1.4" and rep["partial"] is False
     assert rep["accuracy_measured"] is True and rep["accuracy_null_reason"] is None
     assert rep["config"]["precisions"] == ["bf16", "fp8", "int8", "int4"] and rep["baseline"] == "bf16"
     assert {(lv["precision"], lv["concurrency"]) for lv in rep["levels"]} == {
@@ -61,6 +61,9 @@ def test_embedded_default_report(embedded: Run) -> None:
         assert lv["chains"] == 4 and lv["errors"] == 0
         assert lv["energy_j"] > 0 and lv["j_per_token"] > 0
         assert lv["j_per_correct"] is None or lv["j_per_correct"] > 0
+        # the embedded proxy has no carbon intensity nor price: null with the proxy's reason, never 0
+        assert lv["co2e_g"] is None and "no carbon intensity configured" in lv["co2e_null_reason"]
+        assert lv["cost"] is None and lv["cost_unknown_requests"] == lv["window_requests"]
         assert lv["window_requests"] > 0 and lv["tokens_per_s"] > 0
         [(w0, w1)] = lv["windows_monotonic_s"]  # one repeat: one window, on time.monotonic()
         assert w1 - w0 == pytest.approx(lv["window_s"])
