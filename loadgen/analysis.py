@@ -65,6 +65,17 @@ class LevelObs:
     window_tokens_prorata: float = 0.0
     energy_unknown: int = 0
     energy_unknown_reason: str | None = None
+    # the proxy's carbon and cost figures of the window requests whose energy is known (records' co2e_g,
+    # cost): sums of those known, counts of those not, the most common reasons, the currencies seen
+    co2e_g: float = 0.0
+    co2e_known: int = 0
+    co2e_unknown: int = 0
+    co2e_reasons: dict[str, int] = field(default_factory=dict)
+    cost: float = 0.0
+    cost_known: int = 0
+    cost_unknown: int = 0
+    cost_reasons: dict[str, int] = field(default_factory=dict)
+    currencies: set[str] = field(default_factory=set)
     measured_window_j: float | None = None
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
@@ -133,6 +144,7 @@ def observe(runs: Sequence[LevelRun], snapshots: dict[int, tuple[Any, Any]] | No
                     continue
                 in_window = True
                 obs.window_requests += 1
+                _footprint(obs, rec)
                 got = int(rec.get("completion_tokens") or tokens)
                 per_chain.energy_j += float(energy)
                 per_chain.tokens += got
@@ -492,6 +504,7 @@ def analyse(
             if known
             else (o.energy_unknown_reason or "no request completed inside the steady-state window"),
             "energy_unknown_requests": o.energy_unknown,
+            **_footprint_fields(o, known),
             "j_per_token": _safe_div(energy, tokens) if known else None,
             "j_per_request": energy / o.window_requests if known else None,
             "j_per_chain": j_per_chain,
@@ -739,3 +752,51 @@ def _indices(
             }
         )
     return out
+
+
+def _footprint(obs: LevelObs, rec: dict[str, Any]) -> None:
+    """Add a window request's carbon and cost (its energy is known) to its level."""
+    co2e = rec.get("co2e_g")
+    if isinstance(co2e, int | float):
+        obs.co2e_g += float(co2e)
+        obs.co2e_known += 1
+    else:
+        obs.co2e_unknown += 1
+        why = str(rec.get("co2e_null_reason") or "the record has no co2e_g (a proxy without carbon figures)")
+        obs.co2e_reasons[why] = obs.co2e_reasons.get(why, 0) + 1
+    cost, currency = rec.get("cost"), rec.get("cost_currency")
+    if isinstance(cost, int | float) and isinstance(currency, str):
+        obs.cost += float(cost)
+        obs.cost_known += 1
+        obs.currencies.add(currency)
+    else:
+        obs.cost_unknown += 1
+        why = str(rec.get("cost_null_reason") or "the record has no cost (a proxy without cost figures)")
+        obs.cost_reasons[why] = obs.cost_reasons.get(why, 0) + 1
+
+
+def _footprint_fields(o: LevelObs, known: bool) -> dict[str, Any]:
+    """A level's carbon and cost, beside its energy: sums over the window requests whose energy and figure
+    are known (null, with the most common reason, when none is; never 0 for unknown)."""
+
+    def reason(counts: dict[str, int], fallback: str) -> str:
+        return max(counts.items(), key=lambda kv: kv[1])[0] if counts else fallback
+
+    any_co2e = known and o.co2e_known > 0
+    any_cost = known and o.cost_known > 0 and len(o.currencies) == 1
+    no_energy = "no window request has a known energy figure"
+    return {
+        "co2e_g": o.co2e_g if any_co2e else None,
+        "co2e_null_reason": None if any_co2e else (reason(o.co2e_reasons, no_energy) if known else no_energy),
+        "co2e_unknown_requests": o.co2e_unknown,
+        "cost": o.cost if any_cost else None,
+        "cost_currency": next(iter(o.currencies)) if any_cost else None,
+        "cost_null_reason": None
+        if any_cost
+        else (
+            "costs in more than one currency"
+            if len(o.currencies) > 1
+            else (reason(o.cost_reasons, no_energy) if known else no_energy)
+        ),
+        "cost_unknown_requests": o.cost_unknown,
+    }

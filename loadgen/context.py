@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from loadgen import __version__
+from qtrap_client import ApiError, ProtocolError, ProxyUnreachable, QtrapClient
 from qtrap_common import wire
 
 COMMAND = "python -m loadgen"
@@ -27,18 +28,15 @@ async def fetch_backends(
     session: aiohttp.ClientSession, base: str
 ) -> tuple[list[dict[str, Any]], str | None]:
     """The proxy's backends with their engines, or ([], why)."""
-    url = base.rstrip("/") + wire.BACKENDS_PATH
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=15)) as r:
-            if r.status != 200:
-                return [], f"GET {wire.BACKENDS_PATH}: HTTP {r.status} (a proxy without the route?)"
-            doc = await r.json(content_type=None)
-    except (TimeoutError, aiohttp.ClientError, ValueError) as e:
-        return [], f"GET {wire.BACKENDS_PATH}: {e or type(e).__name__}"
-    rows = doc.get("backends") if isinstance(doc, dict) else None
-    if not isinstance(rows, list):
+        return await QtrapClient(base, session=session).backends(timeout_s=15), None
+    except ApiError as e:
+        return [], f"GET {wire.BACKENDS_PATH}: HTTP {e.status} (a proxy without the route?)"
+    except ProtocolError:
         return [], f"GET {wire.BACKENDS_PATH}: not a list of backends"
-    return [b for b in rows if isinstance(b, dict)], None
+    except ProxyUnreachable as e:
+        cause = e.__cause__
+        return [], f"GET {wire.BACKENDS_PATH}: {cause or type(cause).__name__}"
 
 
 def build_context(

@@ -1,4 +1,5 @@
-"""What loadgen asks the proxy: its pools, final records of chains, and device energy counters."""
+"""What loadgen asks the proxy: its pools, final records of chains, and device energy counters, through
+the admin API's client (``qtrap_client``) on loadgen's own aiohttp session."""
 
 from __future__ import annotations
 
@@ -9,31 +10,28 @@ from typing import Any
 import aiohttp
 
 from loadgen.runner import LevelRun
-from qtrap_common import wire
+from qtrap_client import ApiError, ProtocolError, ProxyUnreachable, QtrapClient, QtrapClientError
 
 
 class ProxyError(RuntimeError):
     """The proxy cannot be used for this run; the message is one line for the CLI."""
 
 
-async def _get(session: aiohttp.ClientSession, url: str, timeout_s: float = 10.0) -> tuple[int, Any]:
-    async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
-        try:
-            doc = await r.json(content_type=None)
-        except (ValueError, aiohttp.ContentTypeError):
-            doc = None
-        return r.status, doc
+def client(session: aiohttp.ClientSession, base: str) -> QtrapClient:
+    """The admin API's client on loadgen's session (closing it leaves the session open)."""
+    return QtrapClient(base, session=session)
 
 
 async def pool_precisions(session: aiohttp.ClientSession, base: str, model: str) -> list[str]:
     """Precisions the proxy serves for pool ``model``, from its /v1/models (``pool@precision`` ids)."""
     try:
-        status, doc = await _get(session, base.rstrip("/") + "/v1/models")
-    except (TimeoutError, aiohttp.ClientError) as e:
-        raise ProxyError(f"proxy {base} is unreachable: {e or type(e).__name__}") from e
-    if status != 200 or not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-        raise ProxyError(f"proxy {base} answered /v1/models with HTTP {status}; is it a qtrap proxy?")
-    ids = [str(m.get("id")) for m in doc["data"] if isinstance(m, dict)]
+        ids = await client(session, base).models()
+    except ProxyUnreachable as e:
+        cause = e.__cause__
+        raise ProxyError(f"proxy {base} is unreachable: {cause or type(cause).__name__}") from e
+    except (ApiError, ProtocolError) as e:
+        status = e.status if isinstance(e, ApiError) else 200
+        raise ProxyError(f"proxy {base} answered /v1/models with HTTP {status}; is it a qtrap proxy?") from e
     if model not in ids:
         pools = sorted({i.split("@")[0] for i in ids})
         raise ProxyError(f"the proxy serves no model {model!r}; it serves: {', '.join(pools) or 'nothing'}")
@@ -45,10 +43,8 @@ async def energy_snapshot(session: aiohttp.ClientSession, base: str) -> dict[str
     """``GET /qtrap/v1/energy`` with the client's clock; None when the proxy does not answer."""
     t = time.monotonic()
     try:
-        status, doc = await _get(session, base.rstrip("/") + wire.ENERGY_PATH, 5.0)
-    except (TimeoutError, aiohttp.ClientError):
-        return None
-    if status != 200 or not isinstance(doc, dict):
+        doc = await client(session, base).energy(timeout_s=5.0)
+    except QtrapClientError:
         return None
     return {
         "t": (t + time.monotonic()) / 2,
@@ -69,18 +65,17 @@ async def fetch_records(
             by_chain.setdefault(ex.chain, []).append(ex)
     deadline = time.monotonic() + timeout_s
     sem = asyncio.Semaphore(parallel)
+    api = client(session, base)
 
     async def one(chain_id: str, exchanges: list[Any]) -> bool:
         while True:
             async with sem:
                 try:
-                    status, doc = await _get(
-                        session, base.rstrip("/") + wire.path(wire.CHAIN_PATH, chain_id=chain_id)
-                    )
-                except (TimeoutError, aiohttp.ClientError):
-                    status, doc = 0, None
-            if status == 200 and isinstance(doc, dict):
-                recs = {r["id"]: r for r in doc.get("records", [])}
+                    summary = await api.chain(chain_id)
+                except QtrapClientError:
+                    summary = None
+            if summary is not None:
+                recs = {r["id"]: r for r in summary["records"]}
                 for ex in exchanges:
                     ex.record = recs.get(ex.request_id, ex.record)
                 if all(ex.record is not None and ex.record.get("final") for ex in exchanges):

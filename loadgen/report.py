@@ -168,6 +168,7 @@ CSV_FIELDS = [
     "precision", "concurrency", "repeat", "chain_id", "warmup", "hops", "hop", "in_window", "request_id",
     "backend", "status", "error", "prompt_tokens", "completion_tokens", "ttft_s", "itl_s", "e2e_s",
     "energy_j", "energy_final", "error_bound_j", "energy_null_reason", "chain_correct", "chain_correct_flexible",
+    "co2e_g", "cost", "cost_currency",
 ]  # fmt: skip
 
 
@@ -211,6 +212,9 @@ def write_csv(runs: list[LevelRun], path: Path, *, scored: bool = True) -> Path:
                             "chain_correct_flexible": ""
                             if chain.score is None or not scored
                             else int(chain.score.flexible),
+                            "co2e_g": rec.get("co2e_g"),
+                            "cost": rec.get("cost"),
+                            "cost_currency": rec.get("cost_currency"),
                         }
                     )
     return path
@@ -286,16 +290,25 @@ def has_repeats(report: Report) -> bool:
     return any(lv.repeat_spread is not None for lv in report.levels)
 
 
+FOOTPRINT_HEAD = ["gCO2e", "cost"]
+
+
+def has_footprint(report: Report) -> bool:
+    """Whether any level has a carbon or cost figure (the proxy's ``carbon`` or ``pricing`` configured)."""
+    return any(lv.co2e_g is not None or lv.cost is not None for lv in report.levels)
+
+
 def level_head(report: Report, *, measured: bool = False) -> list[str]:
-    """LEVEL_HEAD, with the between-repeat spread beside the intervals when levels ran several times;
-    ``measured``: with measured J/token beside the attributed (report.html; the terminal keeps its width)."""
+    """LEVEL_HEAD, with the between-repeat spread beside the intervals when levels ran several times, and
+    the window requests' gCO2e and cost at the end when the proxy gave them; ``measured``: with measured
+    J/token beside the attributed (report.html; the terminal keeps its width)."""
     head = list(LEVEL_HEAD)
     if measured:
         head.insert(head.index("J/correct"), "measured J/token")
-    if not has_repeats(report):
-        return head
-    i = head.index("tok/s")
-    return [*head[:i], *REPEAT_HEAD, *head[i:]]
+    if has_repeats(report):
+        i = head.index("tok/s")
+        head = [*head[:i], *REPEAT_HEAD, *head[i:]]
+    return [*head, *FOOTPRINT_HEAD] if has_footprint(report) else head
 
 
 def _spread_text(sp: Any) -> str:
@@ -312,6 +325,7 @@ def level_rows(report: Report, *, measured: bool = False) -> list[list[str]]:
     as ``level_head``."""
     rows = []
     repeats = has_repeats(report)
+    footprint = has_footprint(report)
     for lv in _sorted_levels(report):
         ttft = lv.ttft_s.p50
         mark = {m: "*" if m in lv.ci.widened else "" for m in ("j_per_token", "j_per_correct")}
@@ -337,6 +351,8 @@ def level_rows(report: Report, *, measured: bool = False) -> list[list[str]]:
             "-" if ttft is None else f"{ttft * 1e3:.1f}",
             f"{lv.errors}/{lv.requests}",
         ]
+        if footprint:
+            row += [fmt(lv.co2e_g), "-" if lv.cost is None else f"{lv.cost:.4g} {lv.cost_currency}"]
         rows.append(row)
     return rows
 

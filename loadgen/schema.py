@@ -264,6 +264,18 @@ class Level(_Model):
     """why energy_j is null (the most common reason), else null"""
     energy_unknown_requests: int
     """window requests whose energy is unknown"""
+    co2e_g: float | None = None
+    """gCO2e of the window requests with a known energy, from the proxy's records (GPU energy x PUE x grid
+    intensity); null when none is known; added in 1.4"""
+    co2e_null_reason: str | None = None
+    """why co2e_g is null (the most common reason); added in 1.4"""
+    co2e_unknown_requests: int = 0
+    """window requests with a known energy but no co2e_g; added in 1.4"""
+    cost: float | None = None
+    """cost of the same energy at the proxy's pricing.price_per_kwh, in cost_currency; added in 1.4"""
+    cost_currency: str | None = None
+    cost_null_reason: str | None = None
+    cost_unknown_requests: int = 0
     j_per_token: float | None
     j_per_request: float | None
     j_per_chain: float | None

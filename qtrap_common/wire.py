@@ -159,6 +159,17 @@ class RequestRecord(TypedDict):
     engine_timing: EngineTiming | None
     # meter.compare_views: the final energy the proxy's own view would have given (null otherwise)
     energy_proxy_view_j: float | None
+    # carbon and cost (qtrap_proxy/carbon.py), computed once the energy is final (null with the reason
+    # before, and where the energy or the intensity is unknown): co2e_g = energy_j / 3.6e6 x pue x
+    # carbon_intensity_g_per_kwh, cost = energy_j / 3.6e6 x pue x pricing.price_per_kwh. Absent from
+    # records of ledgers written before they existed.
+    co2e_g: NotRequired[float | None]
+    co2e_null_reason: NotRequired[str | None]
+    carbon_intensity_g_per_kwh: NotRequired[float | None]  # the intensity used
+    pue: NotRequired[float]
+    cost: NotRequired[float | None]
+    cost_currency: NotRequired[str | None]  # ISO 4217 (pricing.currency)
+    cost_null_reason: NotRequired[str | None]
     # read back from the ledger only, and only when the record could not be stored as it was (a value
     # SQLite or the serialiser refused): what was done instead (qtrap_proxy/ledger.py)
     ledger_error: NotRequired[str]
@@ -202,3 +213,50 @@ class RecordPage(TypedDict):
     limit: int
     has_more: bool
     next_cursor: str | None  # give it as `cursor=` for the next page; null on the last
+
+
+# -- usage sums (GET /qtrap/v1/usage; GET /qtrap/v1/keys/{id}/usage has the same sums) -----------------
+class UsageSums(TypedDict):
+    """Sums over final records: energy covers the requests whose energy is known (null, with a reason,
+    when none is); the others are counted in ``energy_unknown_requests``, never as 0 J."""
+
+    requests: int
+    ok_requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    energy_j: float | None
+    idle_energy_j: float | None
+    idle_share: float | None
+    j_per_token: float | None
+    energy_unknown_requests: int
+    energy_null_reason: str | None
+    # the CO2e and cost of the requests whose figure is known; the others counted, never as 0 (absent from
+    # the answers of proxies that predate them)
+    co2e_g: NotRequired[float | None]
+    co2e_unknown_requests: NotRequired[int]
+    co2e_null_reason: NotRequired[str | None]
+    cost: NotRequired[float | None]
+    cost_currency: NotRequired[str | None]
+    cost_unknown_requests: NotRequired[int]
+    cost_null_reason: NotRequired[str | None]
+
+
+class UsageGroup(UsageSums):
+    """One group's sums; the group's fields are those named in ``group_by``."""
+
+    pool: NotRequired[str | None]
+    precision: NotRequired[str | None]
+    backend: NotRequired[str | None]
+    key: NotRequired[str | None]
+    status: NotRequired[str | None]
+
+
+class UsageReport(TypedDict):
+    since_unix_s: float
+    until_unix_s: float | None
+    group_by: list[str]
+    groups: list[UsageGroup]
+    truncated: bool  # more than 1000 groups (the total stays whole)
+    total: UsageSums
+    not_final_requests: int  # selected requests not final yet, not in the sums
+    note: str

@@ -124,7 +124,7 @@ def routes(proxy: Proxy) -> list[Route]:
         return JSONResponse(res)
 
     async def energy(_: Request) -> JSONResponse:
-        return JSONResponse(proxy.energy.energy_report())
+        return JSONResponse({**proxy.energy.energy_report(), "carbon": proxy.carbon.state()})
 
     async def routing(_: Request) -> JSONResponse:
         return JSONResponse(routing_report(proxy))

@@ -84,6 +84,14 @@ async def close_proxy(proxy: Proxy, shutdown: Shutdown) -> bool:
         )
     if not await proxy.energy.stop(left() * ENERGY_SHARE):
         log.error("energy service did not stop cleanly within the shutdown bound")
+    if proxy.carbon.polling:
+        await proxy.carbon.stop(left(STOP_TIMEOUT_S))
+    if proxy.otel is not None:  # the spans of the requests finalised above, flushed (bounded)
+        otel = proxy.otel
+        try:
+            await asyncio.wait_for(asyncio.to_thread(otel.shutdown), max(0.1, left(otel.cfg.timeout_s)))
+        except TimeoutError:
+            log.error("the OpenTelemetry exporter did not flush within the shutdown bound")
     if proxy.otlp is not None and not await proxy.otlp.stop(left(STOP_TIMEOUT_S)):
         log.error("the OTLP receiver did not stop within the shutdown bound")
     try:

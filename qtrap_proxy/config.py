@@ -426,6 +426,100 @@ class LedgerConfig(_Strict):
         return v
 
 
+class OtelExportConfig(_Strict):
+    """``otel_export``: one OpenTelemetry span per request, sent over OTLP/HTTP (otel.py); off by default."""
+
+    enabled: bool = Field(False, description="export one span per request when its energy is final")
+    endpoint: str = Field(
+        "http://127.0.0.1:4318/v1/traces",
+        description="the collector's OTLP/HTTP traces URL, path included (protobuf is sent)",
+    )
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict, description="headers sent with each export (e.g. an API key); never logged"
+    )
+    service_name: str = Field("qtrap-proxy", min_length=1, description="the resource's service.name")
+    timeout_s: float = Field(10.0, gt=0, le=300, allow_inf_nan=False, description="one export's limit")
+    batch_delay_ms: int = Field(
+        1000, ge=1, le=60_000, description="longest a finished span waits in the batch before it is sent"
+    )
+    max_queue: int = Field(
+        8192, ge=1, description="spans held for export; beyond, new ones are dropped (the SDK counts them)"
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
+class CarbonConfig(_Strict):
+    """``carbon``: the grid's carbon intensity and the PUE, for each record's ``co2e_g`` (carbon.py). At
+    most one source of the intensity; none: ``co2e_g`` is null with the reason, never 0."""
+
+    intensity_g_per_kwh: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="a constant grid carbon intensity, gCO2e per kWh"
+    )
+    file: str | None = Field(
+        None,
+        description="a time series of the intensity: CSV (`timestamp,g_per_kwh` rows, a header line allowed) "
+        "or JSON (a list of {timestamp, g_per_kwh}); timestamps Unix seconds or RFC 3339; read at start",
+    )
+    url: str | None = Field(
+        None,
+        description="polled every poll_s: a JSON answer, a number, {g_per_kwh[, timestamp]}, or a list of "
+        "points as in `file`; each value is kept with the time it was read (or its own timestamp)",
+    )
+    poll_s: float = Field(300.0, ge=1, allow_inf_nan=False, description="url: seconds between polls")
+    timeout_s: float = Field(10.0, gt=0, allow_inf_nan=False, description="url: one poll's limit")
+    max_age_s: float = Field(
+        7200.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="file, url: a point older than this at the request's time is not used (the intensity "
+        "is unknown then, with the reason)",
+    )
+    pue: float = Field(
+        1.0,
+        ge=1,
+        le=10,
+        allow_inf_nan=False,
+        description="power usage effectiveness: the facility's energy over the IT equipment's; the GPU "
+        "energy is multiplied by it before the intensity and the price (1.0: the GPU's energy alone)",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CarbonConfig:
+        given = [k for k in ("intensity_g_per_kwh", "file", "url") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"carbon: give one of intensity_g_per_kwh, file, url (got {', '.join(given)})")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError("carbon.url: must start with http:// or https://")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return any(getattr(self, k) is not None for k in ("intensity_g_per_kwh", "file", "url"))
+
+
+class PricingConfig(_Strict):
+    """``pricing``: the price of electricity, for each record's ``cost`` (``pools.<name>.cost`` is the
+    cost routing policy's knobs, hence another name)."""
+
+    price_per_kwh: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="price of one kWh (null: cost stays null, with the reason)",
+    )
+    currency: str = Field(
+        "USD",
+        pattern=r"^[A-Z]{3}$",
+        description="ISO 4217 code of price_per_kwh (a label of the cost metric)",
+    )
+
+
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 KEYS_FILE = "qtrap-keys.sqlite"  # auth.keys_path's default, in the ledger's directory
@@ -488,6 +582,9 @@ class ProxyConfig(BaseSettings):
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     otlp_receiver: OtlpReceiverConfig = Field(default_factory=OtlpReceiverConfig)
+    carbon: CarbonConfig = Field(default_factory=CarbonConfig)
+    otel_export: OtelExportConfig = Field(default_factory=OtelExportConfig)
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -65,15 +65,22 @@ CREATE TABLE IF NOT EXISTS requests (
   start_unix_s REAL NOT NULL,
   record TEXT NOT NULL,
   key_id TEXT,
-  client_request_id TEXT
+  client_request_id TEXT,
+  co2e_g REAL,
+  cost REAL,
+  cost_currency TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_chain ON requests (chain_id) WHERE chain_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_start ON requests (start_unix_s);
 """
-# ledgers written before a column gain it (key_id: issue 13; client_request_id: issue 17); then the indexes
+# ledgers written before a column gain it (key_id: issue 13; client_request_id, co2e_g, cost and
+# cost_currency: issue 17, NULL in the rows already there: their carbon and cost are unknown); then the indexes
 _MIGRATIONS = (
     ("key_id", "ALTER TABLE requests ADD COLUMN key_id TEXT"),
     ("client_request_id", "ALTER TABLE requests ADD COLUMN client_request_id TEXT"),
+    ("co2e_g", "ALTER TABLE requests ADD COLUMN co2e_g REAL"),
+    ("cost", "ALTER TABLE requests ADD COLUMN cost REAL"),
+    ("cost_currency", "ALTER TABLE requests ADD COLUMN cost_currency TEXT"),
 )
 # requests_start_id: the records query's keyset pages on (start_unix_s, id), either order
 _INDEXES = """
@@ -83,21 +90,26 @@ CREATE INDEX IF NOT EXISTS requests_client_request_id ON requests (client_reques
   WHERE client_request_id IS NOT NULL;
 """
 _INSERT = (
-    "INSERT OR REPLACE INTO requests (id, chain_id, hop, start_unix_s, record, key_id, client_request_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR REPLACE INTO requests (id, chain_id, hop, start_unix_s, record, key_id, client_request_id, "
+    "co2e_g, cost, cost_currency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # Usage sums over the final records a filter selects, grouped by some of _GROUPS (GET /qtrap/v1/usage and,
 # grouped by precision for one key, GET /qtrap/v1/keys/{id}/usage): requests, ok requests, prompt and
 # completion tokens, attributed and idle energy of the requests whose energy is known (NULL when none is),
-# the requests whose energy is unknown, and the completion tokens of those whose energy is known.
+# the requests whose energy is unknown, and the completion tokens of those whose energy is known; then the
+# CO2e and cost of those whose figure is known (NULL when none is), the requests whose figure is unknown,
+# and the least and greatest currency of the costs (two different: the sum is not one amount).
 # The same SQL in either database; {pool}, {status}, ...: how the database reads those fields (_Db.fields).
 _USAGE = """
 SELECT {{groups}}count(*), coalesce(sum(CASE WHEN status = 'ok' THEN 1 ELSE 0 END), 0), coalesce(sum(prompt), 0),
        coalesce(sum(completion), 0), sum(energy), sum(idle), coalesce(sum(CASE WHEN energy IS NULL THEN 1 ELSE 0 END), 0),
-       coalesce(sum(CASE WHEN energy IS NOT NULL THEN completion END), 0)
+       coalesce(sum(CASE WHEN energy IS NOT NULL THEN completion END), 0),
+       sum(co2e_g), coalesce(sum(CASE WHEN co2e_g IS NULL THEN 1 ELSE 0 END), 0),
+       sum(cost), coalesce(sum(CASE WHEN cost IS NULL THEN 1 ELSE 0 END), 0), min(cost_currency), max(cost_currency)
 FROM (
   SELECT {{inner}}{status} AS status, {prompt_tokens} AS prompt, {completion_tokens} AS completion,
-         {energy_j} AS energy, {idle_energy_j} AS idle
+         {energy_j} AS energy, {idle_energy_j} AS idle,
+         co2e_g, cost, CASE WHEN cost IS NOT NULL THEN cost_currency END AS cost_currency
   FROM {table} WHERE {{where}}
 ) AS t
 {{group_by}}
@@ -167,11 +179,17 @@ class UsageRow:
     idle_energy_j: float | None
     energy_unknown_requests: int
     completion_tokens_energy_known: int  # completion tokens of the requests whose energy is known
+    co2e_g: float | None = None  # of the requests whose CO2e is known
+    co2e_unknown_requests: int = 0
+    cost: float | None = None  # of the requests whose cost is known
+    cost_unknown_requests: int = 0
+    cost_currency_min: str | None = None  # the costs' currencies (two different: not one sum)
+    cost_currency_max: str | None = None
 
 
 Row = tuple[
     Any, ...
-]  # id, chain_id, hop, start_unix_s, record, key_id, client_request_id (+ PostgreSQL's facets)
+]  # id, chain_id, hop, start_unix_s, record, key_id, client_request_id, co2e_g, cost, cost_currency (+ PostgreSQL's facets)
 Durable = Callable[[list[Record]], None]
 
 
@@ -263,6 +281,9 @@ _PG_COLUMNS = (
     "record",
     "key_id",
     "client_request_id",
+    "co2e_g",
+    "cost",
+    "cost_currency",
     *ledger_pg.FACETS,
 )
 _PG_INSERT = (
@@ -697,6 +718,7 @@ class Ledger:
                 text,
                 _key_id(rec),
                 _client_request_id(rec),
+                *_footprint(rec),
             ),
             rec,
         )
@@ -743,7 +765,21 @@ def _row(rec: Record) -> Row:
         orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS).decode(),
         _key_id(rec),
         _client_request_id(rec),
+        *_footprint(rec),
     )
+
+
+def _footprint(rec: Record) -> tuple[float | None, float | None, str | None]:
+    """The record's CO2e, cost and currency for their columns (anything but a finite number: NULL)."""
+    co2e, cost, currency = rec.get("co2e_g"), rec.get("cost"), rec.get("cost_currency")
+
+    def num(v: Any) -> float | None:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        return float(v) if ok else None
+
+    cost_n = num(cost)
+    ok_currency = isinstance(currency, str) and len(currency) <= 16 and currency.isascii()
+    return num(co2e), cost_n, currency if cost_n is not None and ok_currency else None
 
 
 def _storable_text(v: Any) -> bool:
@@ -801,7 +837,8 @@ def _where(
 
 def _usage_row(row: tuple[Any, ...], n: int) -> UsageRow:
     """A usage row as either database returns it (PostgreSQL's sums of integers are numeric: Decimal)."""
-    requests, ok, prompt, completion, energy, idle, unknown, known_completion = row[n:]
+    (requests, ok, prompt, completion, energy, idle, unknown, known_completion, co2e, co2e_unknown, cost,
+     cost_unknown, currency_min, currency_max) = row[n:]  # fmt: skip
     return UsageRow(
         tuple(row[:n]),
         int(requests),
@@ -812,6 +849,12 @@ def _usage_row(row: tuple[Any, ...], n: int) -> UsageRow:
         None if idle is None else float(idle),
         int(unknown),
         int(known_completion),
+        None if co2e is None else float(co2e),
+        int(co2e_unknown),
+        None if cost is None else float(cost),
+        int(cost_unknown),
+        currency_min,
+        currency_max,
     )
 
 

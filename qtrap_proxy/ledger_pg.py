@@ -74,6 +74,15 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "WHERE client_request_id IS NOT NULL",
         ),
     ),
+    (
+        2,
+        "each record's CO2e, cost and currency (NULL in the rows already there: unknown)",
+        (
+            f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS co2e_g DOUBLE PRECISION",
+            f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS cost DOUBLE PRECISION",
+            f'ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS cost_currency TEXT COLLATE "C"',
+        ),
+    ),
 )
 LATEST = MIGRATIONS[-1][0]
 

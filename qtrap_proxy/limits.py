@@ -225,20 +225,29 @@ def trace_context(traceparent: str | None, tracestate: str | None) -> tuple[str 
     """The client's trace id and tracestate when its ``traceparent`` is valid W3C trace context, else
     (None, None): an invalid one is not an error (the spec says to start a new trace), it is dropped.
     A tracestate longer than 512 characters or with characters outside printable ASCII is dropped."""
+    trace_id, _, state = parse_trace_context(traceparent, tracestate)
+    return trace_id, state
+
+
+def parse_trace_context(
+    traceparent: str | None, tracestate: str | None
+) -> tuple[str | None, str | None, str | None]:
+    """:func:`trace_context` with the client's parent span id between: (trace id, parent span id,
+    tracestate), each None when not valid."""
     if traceparent is None:
-        return None, None
+        return None, None, None
     m = _TRACEPARENT.fullmatch(traceparent.strip())
     if m is None:
-        return None, None
+        return None, None, None
     version, trace_id, parent, _flags, rest = m.groups()
     if version == "ff" or (version == "00" and rest) or trace_id == "0" * 32 or parent == "0" * 16:
-        return None, None
+        return None, None, None
     state = None
     if tracestate is not None:
         state = tracestate.strip()
         if not state or len(state) > MAX_TRACESTATE_CHARS or not all(" " <= c <= "~" for c in state):
             state = None
-    return trace_id, state
+    return trace_id, parent, state
 
 
 def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:

@@ -122,6 +122,20 @@ class Metrics:
             labels,
             registry=r,
         )
+        # carbon and cost of the final figures (carbon.py): GPU energy x carbon.pue x intensity or price;
+        # requests whose figure is unknown add nothing (their records say why)
+        self.co2e = Counter(
+            "qtrap_co2e_grams",
+            "gCO2e of the GPU energy attributed to finished requests, times the PUE (final figures)",
+            labels,
+            registry=r,
+        )
+        self.energy_cost = Counter(
+            "qtrap_energy_cost",
+            "Cost of the GPU energy attributed to finished requests, times the PUE, in the currency label",
+            (*labels, "currency"),
+            registry=r,
+        )
         # answered by the limits in front of the routes (guard.py), before any route or backend: no pool
         # or backend to label them with, so not in qtrap_requests_total
         self.refused = Counter(
@@ -193,6 +207,14 @@ class Metrics:
             return
         bm = self.child(tl.pool, tl.backend, tl.precision)
         energy = rec["energy_j"]
+        co2e, cost = rec.get("co2e_g"), rec.get("cost")
+        if co2e is not None:
+            bm.co2e.inc(co2e)
+        currency = rec.get("cost_currency")
+        if cost is not None and currency is not None:
+            self.energy_cost.labels(
+                tl.pool or _UNROUTED, tl.backend, tl.precision or _UNROUTED, currency
+            ).inc(cost)
         if energy is None:
             bm.energy_unknown.inc()
         else:
@@ -227,6 +249,7 @@ class BackendMetrics:
     """Pre-bound label children: ``labels()`` costs a lock and a lookup, so it is done once."""
 
     __slots__ = (
+        "co2e",
         "completion",
         "duration",
         "energy",
@@ -257,6 +280,7 @@ class BackendMetrics:
         self.energy = m.energy.labels(*lv)
         self.request_energy = m.request_energy.labels(*lv)
         self.energy_unknown = m.energy_unknown.labels(*lv)
+        self.co2e = m.co2e.labels(*lv)
 
     def finished(self, tl: Timeline, *, was_inflight: bool) -> None:
         """Account one finished request (called once, at its end: never per chunk)."""

@@ -295,6 +295,22 @@ class RequestRecord(_Open):
     energy_proxy_view_j: float | None = Field(
         description="meter.compare_views: the final energy under the proxy's own view (else null)"
     )
+    co2e_g: float | None = Field(
+        None,
+        description="gCO2e of the final GPU energy: energy_j / 3.6e6 x pue x carbon_intensity_g_per_kwh (the "
+        "intensity at the request's start); null with co2e_null_reason before the record is final and where "
+        "the energy or the intensity is unknown; absent from records of older ledgers",
+    )
+    co2e_null_reason: str | None = None
+    carbon_intensity_g_per_kwh: float | None = Field(None, description="the grid intensity used (gCO2e/kWh)")
+    pue: float | None = Field(None, description="carbon.pue, applied to the GPU energy")
+    cost: float | None = Field(
+        None,
+        description="energy_j / 3.6e6 x pue x pricing.price_per_kwh, in cost_currency; null with "
+        "cost_null_reason as co2e_g",
+    )
+    cost_currency: str | None = Field(None, description="ISO 4217 code (pricing.currency)")
+    cost_null_reason: str | None = None
 
 
 class ChainPage(_Open):
@@ -338,6 +354,19 @@ class UsageSums(_Open):
     j_per_token: float | None
     energy_unknown_requests: int
     energy_null_reason: str | None
+    co2e_g: float | None = Field(
+        None, description="gCO2e of the requests whose figure is known (the others: co2e_unknown_requests)"
+    )
+    co2e_unknown_requests: int = 0
+    co2e_null_reason: str | None = None
+    cost: float | None = Field(
+        None,
+        description="cost of the requests whose figure is known, in cost_currency (null when the costs are in "
+        "more than one currency)",
+    )
+    cost_currency: str | None = None
+    cost_unknown_requests: int = 0
+    cost_null_reason: str | None = None
 
 
 class UsageGroup(UsageSums):

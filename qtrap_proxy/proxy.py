@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from qtrap_common import wire
 from qtrap_proxy.auth import KeyRing, admin_digest
+from qtrap_proxy.carbon import Carbon
 from qtrap_proxy.config import ProxyConfig
 from qtrap_proxy.cost import CostPolicy
 from qtrap_proxy.costseed import Seed, read_seed
@@ -29,6 +30,7 @@ from qtrap_proxy.errors import ConfigError, KeyStoreError
 from qtrap_proxy.keystore import KeyStore
 from qtrap_proxy.ledger import Ledger
 from qtrap_proxy.metrics import Metrics
+from qtrap_proxy.otel import OtelExport
 from qtrap_proxy.otlp import OtlpReceiver
 from qtrap_proxy.probes import BackendProbes
 from qtrap_proxy.records import RecordStore
@@ -94,7 +96,16 @@ class Proxy:
         self.ledger = Ledger(lc.path, lc.retention_days, lc.batch_s, url=lc.url, password_env=lc.password_env)
         # the energy service hands each final account to the record store (constructed next)
         self.energy = EnergyService(config, self.backends, lambda tr: self.records.commit(tr))
-        self.records = RecordStore(self.energy, self.ledger, self.metrics, self.key_ring, keep_records)
+        # carbon intensity, PUE and price (carbon.py): each final record's co2e_g and cost
+        self.carbon = Carbon(config.carbon, config.pricing)
+        self.records = RecordStore(
+            self.energy, self.ledger, self.metrics, self.key_ring, keep_records, self.carbon
+        )
+        # OpenTelemetry out (otel.py): one span per request, made when its record is final
+        self.otel: OtelExport | None = None
+        if config.otel_export.enabled:
+            self.otel = OtelExport(config.otel_export, config.backends)
+            self.records.final_listeners.append(self.otel.on_final)
         if self.cost is not None:  # the cost model learns from meter intervals, records and chain scores
             self.energy.observe_intervals(self.cost.observe_interval)
             self.records.final_listeners.append(self.cost.observe)
@@ -121,6 +132,8 @@ class Proxy:
             log.info("OTLP/HTTP trace receiver at %s", self.otlp.endpoint)
         self.records.start()
         self.energy.start()
+        if self.carbon.polling:
+            self.carbon.start()
         probe_s = min(
             (
                 pc.cost.probe_s

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Literal
 
 from qtrap_common.wire import ChainHop, ChainPage, ChainSummary, EngineTiming, HopEnergy, RequestRecord
+from qtrap_proxy.carbon import Footprint
 from qtrap_proxy.energy import reasons
 from qtrap_proxy.energy.attribution import Tracked
 
@@ -32,8 +33,11 @@ def build_record(
     devices: list[str],
     provisional_j: float | None = None,
     compare_views: bool = False,
+    footprint: Footprint | None = None,
+    pue: float = 1.0,
 ) -> RequestRecord:
-    """A request's record at ``stage``; ``provisional_j`` is the estimate a provisional record shows."""
+    """A request's record at ``stage``; ``provisional_j`` is the estimate a provisional record shows,
+    ``footprint`` the carbon and cost of a settled one (carbon.py; None: null, not final yet)."""
     tl = tr.tl
     settled = stage != "provisional"  # the energy figures are the final ones
     known = tr.energy_known and tr.devices > 0
@@ -78,7 +82,21 @@ def build_record(
         "facts_reason": tr.facts_reason if tr.facts == "proxy" else None,
         "engine_timing": _engine_timing(tr),
         "energy_proxy_view_j": tr.proxy_view_j if known and settled and compare_views else None,
+        "co2e_g": footprint.co2e_g if footprint else None,
+        "co2e_null_reason": footprint.co2e_null_reason if footprint else reasons.NOT_FINAL_YET,
+        "carbon_intensity_g_per_kwh": footprint.carbon_intensity_g_per_kwh if footprint else None,
+        "pue": footprint.pue if footprint else pue,
+        "cost": footprint.cost if footprint else None,
+        "cost_currency": footprint.cost_currency if footprint else None,
+        "cost_null_reason": footprint.cost_null_reason if footprint else reasons.NOT_FINAL_YET,
     }
+
+
+def settled_energy(tr: Tracked) -> tuple[float | None, str | None]:
+    """A settled account's energy as its record shows it, and why it is unknown (None when known)."""
+    if tr.energy_known and tr.devices > 0:
+        return tr.energy_j, None
+    return None, tr.unknown_reason
 
 
 def _engine_timing(tr: Tracked) -> EngineTiming | None:

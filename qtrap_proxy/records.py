@@ -21,6 +21,7 @@ from typing import Any
 
 from qtrap_common.wire import ChainPage, ChainSummary, RecordPage, RequestRecord
 from qtrap_proxy.auth import KeyRing, Principal
+from qtrap_proxy.carbon import Carbon, Footprint
 from qtrap_proxy.energy import reasons
 from qtrap_proxy.energy.attribution import Tracked
 from qtrap_proxy.energy.service import EnergyService
@@ -28,7 +29,7 @@ from qtrap_proxy.errors import Forbidden
 from qtrap_proxy.ledger import Ledger, UsageRow
 from qtrap_proxy.metrics import Metrics, hop_label
 from qtrap_proxy.query import MAX_USAGE_GROUPS, RecordFilter, RecordQuery
-from qtrap_proxy.record import Stage, build_record, chain_page, chain_summary
+from qtrap_proxy.record import Stage, build_record, chain_page, chain_summary, settled_energy
 from qtrap_proxy.timeline import Timeline
 
 log = logging.getLogger("qtrap.records")
@@ -45,8 +46,11 @@ class RecordStore:
         metrics: Metrics,
         key_ring: KeyRing | None = None,
         keep: int = 2_000,
+        carbon: Carbon | None = None,
     ) -> None:
         self.energy = energy
+        self.carbon = carbon  # the carbon intensity and the price (None: carbon and cost never known)
+        self._footprints: dict[str, Footprint] = {}  # of the records committing: computed once, at commit
         self.ledger = ledger
         self.metrics = metrics
         self.key_ring = key_ring  # the client keys (auth.enabled), for their usage
@@ -67,6 +71,9 @@ class RecordStore:
     # -- a record's life ---------------------------------------------------------------
     def commit(self, tr: Tracked) -> None:
         """The energy service's final sink: count the final figure and queue the record for the ledger."""
+        if self.carbon is not None:
+            energy, why = settled_energy(tr)
+            self._footprints[tr.tl.request_id] = self.carbon.footprint(energy, why, tr.tl.start_unix_s)
         rec = self._build(tr, "final")
         self.metrics.energy_final(tr, rec)
         self._committing[rec["id"]] = tr
@@ -90,10 +97,12 @@ class RecordStore:
     def _dropped(self, records: list[RequestRecord]) -> None:
         for rec in records:
             self._committing.pop(str(rec.get("id")), None)
+            self._footprints.pop(str(rec.get("id")), None)
 
     def _durable(self, records: list[RequestRecord]) -> None:
         for rec in records:
             self._committing.pop(rec["id"], None)
+            self._footprints.pop(rec["id"], None)
             self._finals[rec["id"]] = rec
         while len(self._finals) > self._keep:
             self._finals.popitem(last=False)
@@ -108,6 +117,8 @@ class RecordStore:
             devices=energy.backend_devices_of(tr),
             provisional_j=provisional,
             compare_views=energy.cfg.compare_views,
+            footprint=self._footprints.get(tr.tl.request_id) if stage != "provisional" else None,
+            pue=self.carbon.cfg.pue if self.carbon is not None else 1.0,
         )
 
     # -- reads -------------------------------------------------------------------------
@@ -303,7 +314,8 @@ def _fields(tl: Timeline) -> dict[str, Any]:
 
 
 def _usage(rows: list[UsageRow]) -> dict[str, Any]:
-    """The sums of some usage rows, as the usage API shows them (energy None when no request's is known)."""
+    """The sums of some usage rows, as the usage API shows them (energy None when no request's is known;
+    CO2e and cost likewise, and cost None too when the rows' costs are in more than one currency)."""
     requests = sum(r.requests for r in rows)
     energies = [r.energy_j for r in rows if r.energy_j is not None]
     idles = [r.idle_energy_j for r in rows if r.idle_energy_j is not None]
@@ -312,6 +324,17 @@ def _usage(rows: list[UsageRow]) -> dict[str, Any]:
     idle = sum(idles) if idles else none
     known_tokens = sum(r.completion_tokens_energy_known for r in rows)
     total = (energy or 0.0) + (idle or 0.0)
+    co2es = [r.co2e_g for r in rows if r.co2e_g is not None]
+    co2e = sum(co2es) if co2es else none
+    costs = [r.cost for r in rows if r.cost is not None]
+    currencies = {c for r in rows for c in (r.cost_currency_min, r.cost_currency_max) if c is not None}
+    cost = (sum(costs) if costs else none) if len(currencies) <= 1 else None
+    if cost is not None or requests == 0:
+        cost_reason = None
+    elif len(currencies) > 1:
+        cost_reason = reasons.COST_CURRENCIES
+    else:
+        cost_reason = reasons.COST_NONE_KNOWN
     return {
         "requests": requests,
         "ok_requests": sum(r.ok_requests for r in rows),
@@ -323,4 +346,11 @@ def _usage(rows: list[UsageRow]) -> dict[str, Any]:
         "j_per_token": energy / known_tokens if energy is not None and known_tokens else None,
         "energy_unknown_requests": sum(r.energy_unknown_requests for r in rows),
         "energy_null_reason": None if energy is not None else reasons.KEY_NONE_MEASURED,
+        "co2e_g": co2e,
+        "co2e_unknown_requests": sum(r.co2e_unknown_requests for r in rows),
+        "co2e_null_reason": None if co2e is not None else reasons.CO2E_NONE_KNOWN,
+        "cost": cost,
+        "cost_currency": min(currencies) if len(currencies) == 1 else None,
+        "cost_unknown_requests": sum(r.cost_unknown_requests for r in rows),
+        "cost_null_reason": cost_reason,
     }

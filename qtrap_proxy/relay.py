@@ -32,7 +32,7 @@ from qtrap_proxy.errors import (
     UpstreamConnectError,
     UpstreamError,
 )
-from qtrap_proxy.limits import check_client_request_id, trace_context
+from qtrap_proxy.limits import check_client_request_id, parse_trace_context
 from qtrap_proxy.proxy import AnswerEnergy, Proxy
 from qtrap_proxy.sse import SSESplitter
 from qtrap_proxy.timeline import Timeline, new_request_id
@@ -234,7 +234,7 @@ def _internal(e: Exception, tl: Timeline) -> InternalError:
 
 
 def _read_chain_headers(scope: Scope, tl: Timeline) -> None:
-    tl.trace_id, tl.tracestate = trace_context(
+    tl.trace_id, tl.client_span_id, tl.tracestate = parse_trace_context(
         header(scope, wire.B_TRACEPARENT), header(scope, wire.B_TRACESTATE)
     )
     tl.chain_id = header(scope, wire.B_CHAIN_ID)

@@ -39,6 +39,7 @@ class Timeline:
     key_label: str | None = None  # its metric label (name, else id); not in the record
     client_request_id: str | None = None  # the client's valid X-Request-Id (limits.check_client_request_id)
     trace_id: str | None = None  # the client's W3C trace id when it sent a valid traceparent
+    client_span_id: str | None = None  # and its span id there: the parent of the proxy's span (otel.py)
     tracestate: str | None = None  # the client's tracestate (with a valid traceparent), passed on
     routing: str | None = None  # the pool's routing policy (round_robin | cost), once a backend is chosen
     route_reason: str | None = None  # why this backend (wire.ROUTE_REASONS)

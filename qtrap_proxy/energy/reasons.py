@@ -52,3 +52,28 @@ KEY_NONE_MEASURED: Final = (
     "no request of this key in the window has a measured energy figure (each record's "
     "energy_null_reason says why)"
 )
+
+
+# -- why a record's carbon or cost figure is unknown (carbon.py) -----------------------------------------
+NOT_FINAL_YET: Final = "computed from the final energy figure, when the record is final"
+CARBON_OFF: Final = "no carbon intensity configured (carbon.intensity_g_per_kwh, carbon.file or carbon.url)"
+PRICING_OFF: Final = "no electricity price configured (pricing.price_per_kwh)"
+CARBON_NOT_FETCHED: Final = "carbon.url has not answered with an intensity yet"
+CARBON_BEFORE_SERIES: Final = "the carbon intensity series starts after the request's time"
+CO2E_NONE_KNOWN: Final = (
+    "no request in the window has a known CO2e figure (each record's co2e_null_reason says why)"
+)
+COST_NONE_KNOWN: Final = "no request in the window has a known cost (each record's cost_null_reason says why)"
+COST_CURRENCIES: Final = (
+    "the requests' costs are in more than one currency (pricing.currency changed): see cost_by_currency"
+)
+
+
+def energy_unknown(reason: str | None) -> str:
+    """A figure computed from the energy, which is unknown."""
+    return f"energy unknown: {reason or 'no reason given'}"
+
+
+def carbon_stale(age_s: float, max_age_s: float) -> str:
+    """The latest intensity point before the request is older than carbon.max_age_s."""
+    return f"the latest carbon intensity before the request's time is {age_s:.0f} s old (carbon.max_age_s: {max_age_s:g})"

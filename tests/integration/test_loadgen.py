@@ -62,6 +62,9 @@ def test_embedded_default_report(embedded: Run) -> None:
         assert lv["chains"] == 4 and lv["errors"] == 0
         assert lv["energy_j"] > 0 and lv["j_per_token"] > 0
         assert lv["j_per_correct"] is None or lv["j_per_correct"] > 0
+        # the embedded proxy has no carbon intensity nor price: null with the proxy's reason, never 0
+        assert lv["co2e_g"] is None and "no carbon intensity configured" in lv["co2e_null_reason"]
+        assert lv["cost"] is None and lv["cost_unknown_requests"] == lv["window_requests"]
         assert lv["window_requests"] > 0 and lv["tokens_per_s"] > 0
         [(w0, w1)] = lv["windows_monotonic_s"]  # one repeat: one window, on time.monotonic()
         assert w1 - w0 == pytest.approx(lv["window_s"])

@@ -150,3 +150,34 @@ def test_no_score_leaves_accuracy_null_and_b_star_on_j_per_token() -> None:
         "j_per_token",
     }
     assert all(lv["accuracy_null_reason"] is None and lv["accuracy"] is not None for lv in b.levels)
+
+
+def test_a_levels_co2e_and_cost_sum_the_records_known_and_count_the_others() -> None:
+    from loadgen.analysis import LevelObs, _footprint, _footprint_fields
+
+    obs = LevelObs("bf16", 1)
+    recs = [
+        {"co2e_g": 1.5, "cost": 0.25, "cost_currency": "EUR"},
+        {"co2e_g": 0.5, "cost": 0.75, "cost_currency": "EUR"},
+        {"co2e_g": None, "co2e_null_reason": "stale", "cost": None, "cost_null_reason": "no price"},
+    ]
+    for rec in recs:
+        obs.window_requests += 1
+        _footprint(obs, rec)
+    f = _footprint_fields(obs, known=True)
+    assert (f["co2e_g"], f["co2e_unknown_requests"], f["co2e_null_reason"]) == (2.0, 1, None)
+    assert (f["cost"], f["cost_currency"], f["cost_unknown_requests"]) == (1.0, "EUR", 1)
+    none = LevelObs("bf16", 1)
+    none.window_requests = 1
+    _footprint(none, {"co2e_null_reason": "no carbon intensity configured", "cost_null_reason": "no price"})
+    f = _footprint_fields(none, known=True)
+    assert f["co2e_g"] is None and f["co2e_null_reason"] == "no carbon intensity configured"
+    assert f["cost"] is None and f["cost_null_reason"] == "no price"
+    _footprint(obs, {"co2e_g": 1.0, "cost": 1.0, "cost_currency": "USD"})
+    obs.window_requests += 1
+    f = _footprint_fields(obs, known=True)
+    assert (
+        f["cost"] is None
+        and f["cost_null_reason"] == "costs in more than one currency"
+        and f["co2e_g"] == 3.0
+    )

@@ -150,3 +150,16 @@ def test_html_defines_each_figure_with_its_formula_and_a_working_methodology_lin
     console = Console(width=200, record=True)
     print_summary(rep, console)
     assert "measured J/token" not in console.export_text()
+
+
+def test_levels_table_shows_gco2e_and_cost_only_when_the_proxy_gave_them() -> None:
+    from loadgen.report import level_head, level_rows
+
+    rep = _report(scored=True)
+    assert "gCO2e" not in level_head(rep) and all(len(r) == len(level_head(rep)) for r in level_rows(rep))
+    levels = [
+        lv.model_copy(update={"co2e_g": 0.125, "cost": 0.5, "cost_currency": "EUR"}) for lv in rep.levels
+    ]
+    rep = rep.model_copy(update={"levels": levels})
+    head, rows = level_head(rep), level_rows(rep)
+    assert head[-2:] == ["gCO2e", "cost"] and all(r[-2:] == ["0.125", "0.5 EUR"] for r in rows)

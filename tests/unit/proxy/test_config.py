@@ -8,6 +8,7 @@ import yaml
 from qtrap_proxy.cli import main
 from qtrap_proxy.config import load_config
 from qtrap_proxy.errors import ConfigError
+from tests.helpers import ONE_BACKEND
 
 
 def _cfg(**over: object) -> dict[str, object]:
@@ -193,3 +194,10 @@ def test_serve_and_check_config_refuse_auth_without_an_admin_key(
     monkeypatch.setenv("QTRAP_ADMIN_KEY", "qa-" + "k" * 40)
     assert main(["check-config", "--config", str(path)]) == 0
     assert "auth: on (keys " in capsys.readouterr().out
+
+
+def test_otel_export_is_off_by_default_and_its_endpoint_is_checked() -> None:
+    cfg = load_config(data={"backends": ONE_BACKEND})
+    assert cfg.otel_export.enabled is False and cfg.otel_export.endpoint.endswith("/v1/traces")
+    with pytest.raises(ConfigError, match=r"otel_export\.endpoint"):
+        load_config(data={"backends": ONE_BACKEND, "otel_export": {"enabled": True, "endpoint": "grpc://x"}})
