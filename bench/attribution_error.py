@@ -50,6 +50,13 @@ def main() -> None:
     ap.add_argument("--precisions", default="bf16,int4", help="precisions to mix")
     ap.add_argument("--extra-body", default="{}", help="JSON merged into every request body")
     ap.add_argument("--work-model", choices=["rows", "shared"], default="shared", help="meter.work_model")
+    ap.add_argument(
+        "--counter-update-ms",
+        type=float,
+        default=None,
+        help="the simulated GPUs' energy counters refresh every 0.85-1.15x this (default: 85-115 ms, an "
+        "H100's NVML counter); the proxy samples them 5x as often",
+    )
     args = ap.parse_args()
     if args.proxy:
         external(args)
@@ -66,11 +73,17 @@ def main() -> None:
         if args.engine_facts
         else {}
     )
+    counter: dict[str, object] = (
+        {"counter_update_ms": [0.85 * args.counter_update_ms, 1.15 * args.counter_update_ms]}
+        if args.counter_update_ms
+        else {}
+    )
     (tmp / "sim.yaml").write_text(
         yaml.safe_dump(
             {
                 "backends": [
-                    {"model": "qwen3-8b", "precision": p, "port": port, **facts} for p, port in ports.items()
+                    {"model": "qwen3-8b", "precision": p, "port": port, **facts, **counter}
+                    for p, port in ports.items()
                 ]
             }
         )
@@ -98,6 +111,11 @@ def main() -> None:
                     "urls": [f"http://127.0.0.1:{p}/dcgm/metrics" for p in ports.values()],
                     "compare_views": args.engine_facts,
                     "work_model": args.work_model,
+                    **(
+                        {"interval_s": min(0.02, args.counter_update_ms / 5000)}
+                        if args.counter_update_ms
+                        else {}
+                    ),
                 },
                 "otlp_receiver": {"enabled": args.engine_facts, "port": otlp_port},
             }

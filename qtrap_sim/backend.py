@@ -109,12 +109,25 @@ class SimBackendConfig(BaseModel):
         description="the span batch processor's schedule delay (vLLM runs the SDK's default, 5000 ms, "
         "unless OTEL_BSP_SCHEDULE_DELAY says otherwise)",
     )
+    counter_update_ms: tuple[float, float] = Field(
+        (85.0, 115.0),
+        description="the GPU energy counter refreshes every [lo, hi] ms, uniformly drawn (an H100's NVML "
+        "counter: 85-115 ms); shorter to study how attribution depends on the meter's granularity",
+    )
     clock_skew_s: float = Field(
         0.0,
         allow_inf_nan=False,
         description="the engine's wall clock in its spans is the true time plus this (the ground truth "
         "reports true time)",
     )
+
+    @field_validator("counter_update_ms")
+    @classmethod
+    def _update_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (1.0 <= lo <= hi <= 10_000.0):
+            raise ValueError(f"must be [lo, hi] with 1 <= lo <= hi <= 10000 ms, got {list(v)}")
+        return v
 
     @field_validator("otlp_traces_endpoint")
     @classmethod
@@ -191,7 +204,8 @@ class SimBackend:
         except ProfileError:
             gpu_name = f"{cfg.gpu} (simulated)"
         self.prefix_cache = PrefixCache() if cfg.prefix_caching else None
-        self.gpu = SimGPU(cfg.gpu_index, gpu_name, self.perf.idle_power_w)
+        lo, hi = cfg.counter_update_ms
+        self.gpu = SimGPU(cfg.gpu_index, gpu_name, self.perf.idle_power_w, update_s=(lo / 1000, hi / 1000))
         self.engine = Engine(
             self.perf, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len, gpu=self.gpu
         )
