@@ -12,8 +12,12 @@ proxy's packages installed, the model folders written):
    ``--max-tokens``, not scored (random weights answer nothing right: compare fleet energy per output
    token, not per correct answer);
 4. results in ``--out``: ``loadgen/`` (compare-routing.json/.md), ``routing-tables.json`` (the proxy's
-   ``GET /qtrap/v1/routing`` every few seconds during the cost policy's run and after it), ``energy.json``,
-   ``metrics.txt``, ``logs/``.
+   ``GET /qtrap/v1/routing`` every few seconds during the cost policy's run and after it), ``energy.json``
+   (conservation, the engine facts' outcomes and clock offsets), ``metrics.txt``, ``logs/``;
+5. engine facts (unless ``--no-engine-facts``): every server exports vLLM's ``llm_request`` spans to the
+   proxy's OTLP receiver (``engine_facts: otlp``) and the proxy also splits every interval by its own view
+   (``meter.compare_views``): ``facts-summary.json`` and ``facts-rows.json`` compare the two attributions
+   request by request over the whole run (no per-request truth on real hardware).
 
 All replicas share one GPU, so "fleet energy" is that GPU's: its idle power is paid once whatever the
 policy, and a replica's curve is its attributed share of the GPU's power above idle against its own load.
@@ -62,6 +66,15 @@ def main() -> int:
         "--deadline-s", type=float, default=540.0, help="stop loadgen (SIGINT) this long after start"
     )
     ap.add_argument("--engine", choices=["vllm", "sim"], default="vllm")
+    ap.add_argument(
+        "--no-engine-facts",
+        dest="engine_facts",
+        action="store_false",
+        help="without vLLM's OTLP spans (by default they go to the proxy's receiver, engine_facts: otlp, and the "
+        "proxy also splits every interval by its own view: meter.compare_views)",
+    )
+    ap.add_argument("--batch-delay-ms", type=int, default=200, help="the span exporter's batch delay")
+    ap.add_argument("--pkgs", default="/tmp/qtrap-vllm-pkgs", help="where the OpenTelemetry wheels went")
     args = ap.parse_args()
 
     import yaml
@@ -91,9 +104,24 @@ def main() -> int:
         serve_args="",
     )
     engine.build(ns, work, logs, {}, result)
+    otlp_port = free_port()
+    if args.engine_facts:
+        ns.serve_args = f"--otlp-traces-endpoint http://127.0.0.1:{otlp_port}/v1/traces"
     ports = {p: free_port() for p in precisions}
     cmds = engine.commands(ns, work, ports)
-    env = {**os.environ, **engine.env(ns, work), "HF_HOME": str(work / "hf-home")}
+    if (
+        sim and args.engine_facts
+    ):  # qtrap-sim takes the endpoint as vLLM does, and its batch delay as an option
+        for p in precisions:
+            cmds[p] += [*ns.serve_args.split(), "--otlp-batch-delay-ms", str(args.batch_delay_ms)]
+    env = {
+        **os.environ,
+        **engine.env(ns, work),
+        "HF_HOME": str(work / "hf-home"),
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": str(args.batch_delay_ms),
+    }
+    env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), args.pkgs, str(ROOT)) if p])
     result["serve_cmds"] = cmds
     save()
     rc = 0
@@ -128,6 +156,7 @@ def main() -> int:
                         "precision": p,
                         "devices": [{"host": "qtrap-sim" if sim else "localhost", "index": 0}],
                         "timeouts": {"read_s": 300},
+                        "engine_facts": "otlp" if args.engine_facts else "none",
                     }
                     for p in precisions
                 ],
@@ -137,7 +166,8 @@ def main() -> int:
                     if sim
                     else {"kind": "nvml"}
                 )
-                | {"settle_s": 10.0},
+                | {"settle_s": 10.0, "compare_views": args.engine_facts},
+                "otlp_receiver": {"enabled": args.engine_facts, "port": otlp_port, "wait_s": 6.0},
                 "ledger": {"path": str(work / f"routing-ledger-{proxy_port}.sqlite")},
             }
             (out / "proxy.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -212,9 +242,12 @@ def main() -> int:
                 "".join(
                     line + "\n"
                     for line in vllm_e2e.e2e._get_text(proxy + "/metrics").splitlines()
-                    if line.startswith(("qtrap_route", "qtrap_gpu", "qtrap_meter"))
+                    if line.startswith(("qtrap_route", "qtrap_gpu", "qtrap_meter", "qtrap_otlp"))
                 )
             )
+            if args.engine_facts:
+                time.sleep(12.0)  # the last requests' intervals settle (settle_s 10)
+                result["engine_facts"] = facts_summary(Path(cfg["ledger"]["path"]), out)
     except (Exception, SystemExit) as e:
         result["error"] = f"{type(e).__name__}: {e}"[:3000]
         print("vllm_routing failed:", result["error"], file=sys.stderr, flush=True)
@@ -227,6 +260,51 @@ def main() -> int:
     result["finished_unix_s"] = time.time()
     save()
     return rc
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, round(q * (len(v) - 1)))]
+
+
+def facts_summary(ledger: Path, out: Path) -> dict[str, Any]:
+    """Engine facts against the proxy's own view, request by request: how far apart the two attributions of
+    each final record are (|proxy view - engine view| / engine view), by precision; what placed each
+    request. There is no per-request truth on real hardware: this compares two estimates."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"{ledger.resolve().as_uri()}?mode=ro", uri=True)
+    rows = [json.loads(r[0]) for r in conn.execute("SELECT record FROM requests")]
+    conn.close()
+    placed: dict[str, int] = {}
+    diffs: dict[str, list[float]] = {}
+    per_request = []
+    for rec in rows:
+        placed[str(rec.get("facts"))] = placed.get(str(rec.get("facts")), 0) + 1
+        e, pv = rec.get("energy_j"), rec.get("energy_proxy_view_j")
+        if rec.get("status") != "ok" or not e or pv is None or rec.get("facts") != "engine":
+            continue
+        d = abs(pv - e) / e
+        diffs.setdefault(str(rec.get("precision")), []).append(d)
+        diffs.setdefault("all", []).append(d)
+        per_request.append(
+            {"id": rec["id"], "precision": rec.get("precision"), "energy_j": e, "proxy_view_j": pv,
+             "duration_s": rec.get("e2e_s"), "stream": rec.get("stream")}
+        )  # fmt: skip
+    summary = {
+        "records": len(rows),
+        "placed_by": placed,
+        "relative_difference": {
+            k: {"n": len(v), "median": _pct(v, 0.5), "p90": _pct(v, 0.9), "max": max(v)}
+            for k, v in sorted(diffs.items())
+        },
+    }
+    (out / "facts-rows.json").write_text(json.dumps(per_request))
+    (out / "facts-summary.json").write_text(json.dumps(summary, indent=1))
+    print("engine facts vs the proxy's view:", json.dumps(summary), flush=True)
+    return summary
 
 
 if __name__ == "__main__":
