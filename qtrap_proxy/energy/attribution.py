@@ -43,7 +43,7 @@ min(its share, the others' share). Conservation holds by construction:
 attributed + idle + foreign = measured over settled intervals, up to float rounding.
 
 5. With an ``observer`` (routing by cost), each settled busy interval without foreign work, once the
-   device's idle power is known, tells it per backend: the mean requests in flight, the backend's share
+   device's idle power is known (configured, or learnt from 10 idle intervals), tells it per backend: the mean requests in flight, the backend's share
    (by the split's weights) of the energy above idle power, and the output tokens it made.
 """
 
@@ -350,6 +350,7 @@ class Interval:
 
 
 # (backend, device key, seconds, mean requests in flight, energy above idle J, output tokens)
+OBSERVE_AFTER_IDLE = 10  # the observer hears of busy intervals once the idle power is learnt from this many
 IntervalObserver = Callable[[str, str, float, float, float, float], None]
 
 
@@ -384,6 +385,7 @@ class DeviceAccount:
     counter_gaps: int = 0  # intervals settled while a counted backend's counters did not cover them
     _foreign: dict[str, ForeignLedger] = field(default_factory=dict)
     _idle_est_w: float | None = None
+    _idle_n: int = 0  # idle intervals the estimate has seen
     # routing by cost (cost.py): told each settled busy interval's per-backend load, power and tokens
     observer: IntervalObserver | None = None
 
@@ -460,6 +462,7 @@ class DeviceAccount:
             if e > 0:
                 p = e / dt
                 self._idle_est_w = p if self._idle_est_w is None else 0.9 * self._idle_est_w + 0.1 * p
+                self._idle_n += 1
             return
         # busy: while any of this proxy's requests was in flight; the whole interval when the backend
         # worked for others too (when, within the interval, their requests ran is not known)
@@ -510,7 +513,8 @@ class DeviceAccount:
             self._proxy_view(
                 iv, overlapping, overlaps, weights, total_w - foreign_w, foreign_w, to_split, busy_s
             )
-        if self.observer is not None and foreign_w <= 0 and p_idle_known is not None:
+        idle_settled = self.idle_power_w is not None or self._idle_n >= OBSERVE_AFTER_IDLE
+        if self.observer is not None and foreign_w <= 0 and p_idle_known is not None and idle_settled:
             self._observe(iv, e - p_idle_known * dt, overlapping, overlaps, weights, total_w)
         for i, (tr, w) in enumerate(zip(overlapping, weights, strict=True)):
             share = to_split * w / total_w

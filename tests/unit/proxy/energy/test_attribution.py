@@ -209,3 +209,22 @@ def test_observer_gets_each_backends_load_power_above_idle_and_tokens() -> None:
     acc2.track(Tracked(_tl("d", 0.0, 1.0, [(0.5, 1), (1.0, 1)])))
     _feed(acc2, [(0.0, 0.0), (1.0, 50.0)], now=10.0)
     assert seen == []
+
+
+def test_observer_waits_for_a_learnt_idle_power() -> None:
+    seen: list[tuple[str, str, float, float, float, float]] = []
+    acc = DeviceAccount("h:2", settle_s=0.0, prefill_weight=0.0)
+    acc.observer = lambda *args: seen.append(args)
+    t, j = 0.0, 0.0
+    readings = []
+    for _ in range(10):  # ten idle intervals at 50 W
+        readings.append((t, j))
+        t, j = t + 0.1, j + 5.0
+    tl = _tl("x", t, t + 0.2, [(t + 0.1, 1), (t + 0.2, 1)])
+    tl.backend = "b"
+    acc.track(Tracked(tl))
+    readings += [(t, j), (t + 0.2, j + 40.0)]  # busy: 200 W for 0.2 s
+    _feed(acc, readings, now=100.0)
+    ((name, dev, dt, load, dyn, tokens),) = seen
+    assert (name, dev, load, tokens) == ("b", "h:2", pytest.approx(1.0), pytest.approx(2.0))
+    assert dt == pytest.approx(0.2) and dyn == pytest.approx(40.0 - 50.0 * 0.2)
