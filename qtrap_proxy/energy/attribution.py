@@ -43,7 +43,8 @@ min(its share, the others' share). Conservation holds by construction:
 attributed + idle + foreign = measured over settled intervals, up to float rounding.
 
 5. With an ``observer`` (routing by cost), each settled busy interval without foreign work, once the
-   device's idle power is known (configured, or learnt from 10 idle intervals), tells it per backend: the mean requests in flight, the backend's share
+   device's idle power is known (configured, or learnt from 10 idle intervals; a device never idle that
+   long borrows the median of the other devices' ``idle_fallback_w``), tells it per backend: the mean requests in flight, the backend's share
    (by the split's weights) of the energy above idle power, and the output tokens it made.
 """
 
@@ -386,8 +387,17 @@ class DeviceAccount:
     _foreign: dict[str, ForeignLedger] = field(default_factory=dict)
     _idle_est_w: float | None = None
     _idle_n: int = 0  # idle intervals the estimate has seen
+    # the observer's idle power for a device never idle long enough to learn its own: the other devices'
+    # (EnergyService.settle sets it; a backend busy without a pause would otherwise never be observed)
+    idle_fallback_w: float | None = None
     # routing by cost (cost.py): told each settled busy interval's per-backend load, power and tokens
     observer: IntervalObserver | None = None
+
+    def learnt_idle_w(self) -> float | None:
+        """The idle power configured, or learnt from at least OBSERVE_AFTER_IDLE idle intervals; else None."""
+        if self.idle_power_w is not None:
+            return self.idle_power_w
+        return self._idle_est_w if self._idle_n >= OBSERVE_AFTER_IDLE else None
 
     # -- requests ------------------------------------------------------------
     def track(self, tr: Tracked) -> None:
@@ -513,9 +523,12 @@ class DeviceAccount:
             self._proxy_view(
                 iv, overlapping, overlaps, weights, total_w - foreign_w, foreign_w, to_split, busy_s
             )
-        idle_settled = self.idle_power_w is not None or self._idle_n >= OBSERVE_AFTER_IDLE
-        if self.observer is not None and foreign_w <= 0 and p_idle_known is not None and idle_settled:
-            self._observe(iv, e - p_idle_known * dt, overlapping, overlaps, weights, total_w)
+        if self.observer is not None and foreign_w <= 0:
+            p_obs = self.learnt_idle_w()
+            if p_obs is None:
+                p_obs = self.idle_fallback_w
+            if p_obs is not None:
+                self._observe(iv, e - p_obs * dt, overlapping, overlaps, weights, total_w)
         for i, (tr, w) in enumerate(zip(overlapping, weights, strict=True)):
             share = to_split * w / total_w
             tr.energy_j += share

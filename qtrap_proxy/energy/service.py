@@ -389,6 +389,11 @@ class EnergyService(Background):
         return sum(1 for tr in self._tracked.values() if tr.tl.end is None)
 
     def settle(self, now: float) -> None:
+        if len(self.accounts) > 1:  # routing by cost: a device never idle borrows the others' idle power
+            learnt = sorted(w for a in self.accounts.values() if (w := a.learnt_idle_w()) is not None)
+            fallback = learnt[len(learnt) // 2] if learnt else None
+            for acc in self.accounts.values():
+                acc.idle_fallback_w = fallback
         for key, acc in self.accounts.items():
             for tr in acc.settle(now):
                 self._finalise(tr)

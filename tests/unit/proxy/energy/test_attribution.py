@@ -228,3 +228,17 @@ def test_observer_waits_for_a_learnt_idle_power() -> None:
     ((name, dev, dt, load, dyn, tokens),) = seen
     assert (name, dev, load, tokens) == ("b", "h:2", pytest.approx(1.0), pytest.approx(2.0))
     assert dt == pytest.approx(0.2) and dyn == pytest.approx(40.0 - 50.0 * 0.2)
+
+
+def test_observer_of_a_device_never_idle_uses_the_fallback_idle_power() -> None:
+    seen: list[tuple[str, str, float, float, float, float]] = []
+    acc = DeviceAccount("h:3", settle_s=0.0, prefill_weight=0.0)
+    acc.observer = lambda *args: seen.append(args)
+    acc.idle_fallback_w = 60.0  # what EnergyService.settle hands it from the other devices
+    tl = _tl("y", 0.0, 1.0, [(0.5, 1), (1.0, 1)])
+    tl.backend = "b"
+    acc.track(Tracked(tl))
+    _feed(acc, [(0.0, 0.0), (1.0, 200.0)], now=10.0)
+    ((_, _, dt, load, dyn, tokens),) = seen
+    assert (dt, load, dyn, tokens) == (1.0, pytest.approx(1.0), pytest.approx(140.0), pytest.approx(2.0))
+    assert acc.learnt_idle_w() is None  # its own is still unknown
