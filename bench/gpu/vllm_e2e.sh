@@ -8,7 +8,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     --platform any -d .gpu-wheels/vllm-proxy pydantic-settings python-dotenv orjson PyYAML click h11 anyio \
-#     idna typing-extensions
+#     idna typing-extensions psycopg psycopg-binary
 # Each command carries at most 64 MiB, so the set-up takes two commands sent back to back (the machine stays
 # warm, and /tmp with it, for 30 s after a command):
 #   1. carry .gpu-vllm/A.tar.xz .gpu-vllm/unpack.sh .gpu-vllm/manifest.sha256 .gpu-wheels/vllm-proxy:
@@ -60,7 +60,8 @@ export PYTHONPATH="$PWD:$PKGS${PYTHONPATH:+:$PYTHONPATH}"
 [ "$ENGINE" = vllm ] && export PYTHONPATH="$PYTHONPATH:$SITE"
 need=()
 for pair in pydantic_settings:pydantic_settings dotenv:python_dotenv orjson:orjson yaml:pyyaml click:click \
-  h11:h11 anyio:anyio idna:idna typing_extensions:typing_extensions; do
+  h11:h11 anyio:anyio idna:idna typing_extensions:typing_extensions psycopg:psycopg \
+  psycopg_binary:psycopg_binary; do
   mod=${pair%%:*} whl=${pair##*:}
   if ! python3 -c "import $mod" 2>/dev/null; then
     f=(.gpu-wheels/vllm-proxy/"$whl"-*.whl)
