@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python bench/route_decision.py [--iterations 200000] [--repeats 5]
 
 Builds a pool of 3 precisions x 2 replicas with `routing: cost` (default knobs: explore 0.02, hysteresis
-0.05, sticky chains), fills every backend's cost table at several load buckets, gives each replica a random
+0.05, sticky chains), fills every backend's cost curve at 7 load buckets (settled meter intervals), gives each replica a random
 number of requests in flight before every decision, and times:
 
 * ``decide``: CostPolicy.decide alone (candidates, budgets, hysteresis, Thompson draws);
@@ -60,18 +60,20 @@ def build() -> tuple[Router, CostPolicy, list[Backend]]:
     rng = random.Random(1)
     for b in objs:
         for load in (1, 2, 4, 8, 16, 32, 64):
-            base = PRECISIONS[b.precision] * (0.5 + 1.0 / load)
-            for _ in range(20):
-                tl = Timeline("r", route="chat", pool="q8", precision=b.precision, backend=b.name, load=load)
-                rec: Any = {
-                    "status": "ok",
-                    "energy_j": 100 * base * rng.uniform(0.95, 1.05),
-                    "idle_energy_j": 0.0,
-                    "completion_tokens": 100,
-                    "ttft_s": 0.05,
-                    "timeline": {"t_s": [0.05, 0.06, 0.07], "tokens": [1, 1, 1]},
-                }
-                policy.observe(tl, rec)
+            # dynamic J/token falling with batch size: power grows slowly, tokens/s about linearly
+            rate = 100.0 * load
+            power = PRECISIONS[b.precision] * (0.5 + 1.0 / load) * rate
+            for _ in range(20):  # 20 settled meter intervals of 0.1 s at each load
+                policy.observe_interval(b.name, f"h:{b.name}", 0.1, load, 0.1 * power * rng.uniform(0.95, 1.05),
+                                        0.1 * rate)  # fmt: skip
+        for _ in range(5):  # records: the latency samples
+            tl = Timeline("r", route="chat", pool="q8", precision=b.precision, backend=b.name, load=1)
+            rec: Any = {
+                "status": "ok",
+                "ttft_s": 0.05,
+                "timeline": {"t_s": [0.05, 0.06, 0.07], "tokens": [1] * 3},
+            }
+            policy.observe(tl, rec)
     return router, policy, objs
 
 
@@ -105,7 +107,7 @@ def main() -> None:
     print(
         f"python {platform.python_version()} on {platform.machine()}; {n} decisions x {k} repeats, best repeat"
     )
-    print("pool: 3 precisions x 2 replicas, every backend with data at 7 load buckets, loads random in 0-47")
+    print("pool: 3 precisions x 2 replicas, every backend's curve with 7 points, loads random in 0-47")
     fresh = itertools.count()
     rows = [
         ("decide", timed(lambda i: policy.decide("q8"), backends, n, k)),

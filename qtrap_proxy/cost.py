@@ -122,7 +122,8 @@ class Stat:
 
 RAMP_FACTOR = 2.0  # slow start: a backend takes at most this many times its highest measured load, plus one
 _ACCURACY_FLOOR = 1e-3
-_TABLE_LOADS = (0, 1, 3, 7, 15, 31, 63, 127)  # GET /qtrap/v1/routing: the marginal cost at these loads
+_TABLE_LOADS = (0, 1, 3, 7, 15, 31, 63, 127)
+_POINTS_TTL_S = 1.0  # a curve's points are recomputed at most this often between intervals  # GET /qtrap/v1/routing: the marginal cost at these loads
 SEED_DEVICE = "seed"  # the curve a seed report fills, used until a device's own intervals arrive
 
 Point = tuple[float, float, float, float, float]  # load, power W, rate tokens/s, their standard errors
@@ -131,13 +132,14 @@ Point = tuple[float, float, float, float, float]  # load, power W, rate tokens/s
 class Curve:
     """A backend's dynamic power and token rate against its load on one device (decayed, by load bucket)."""
 
-    __slots__ = ("load", "power", "rate", "seconds")
+    __slots__ = ("_cache", "load", "power", "rate", "seconds")
 
     def __init__(self) -> None:
         self.load = [Stat() for _ in range(N_BUCKETS)]
         self.power = [Stat() for _ in range(N_BUCKETS)]
         self.rate = [Stat() for _ in range(N_BUCKETS)]
         self.seconds = 0.0  # observed (ever)
+        self._cache: tuple[float, list[Point]] | None = None  # (when, points) until the next add
 
     def add(self, load: float, power_w: float, rate: float, now: float, half_life_s: float, w: float) -> None:
         """An interval of ``w`` seconds; one with under half a request in flight on average (mostly idle:
@@ -145,13 +147,18 @@ class Curve:
         if load < 0.5:
             return
         b = bucket(int(load + 0.5))
+        self._cache = None
         self.load[b].add(load, now, half_life_s, w)
         self.power[b].add(power_w, now, half_life_s, w)
         self.rate[b].add(rate, now, half_life_s, w)
         self.seconds += w
 
     def points(self, now: float, half_life_s: float) -> list[Point]:
-        """The curve's points by load, the origin first (known exactly)."""
+        """The curve's points by load, the origin first (known exactly). Kept until the next interval or
+        for _POINTS_TTL_S: the means move only with new intervals, the standard errors slowly with decay."""
+        cached = self._cache
+        if cached is not None and now - cached[0] < _POINTS_TTL_S:
+            return cached[1]
         pts: list[Point] = [(0.0, 0.0, 0.0, 0.0, 0.0)]
         for b in range(N_BUCKETS):
             ls = self.load[b]
@@ -160,6 +167,7 @@ class Curve:
             n = ls.n(now, half_life_s)
             p, r = self.power[b], self.rate[b]
             pts.append((ls.mean, p.mean, r.mean, p.stderr(n), r.stderr(n)))
+        self._cache = (now, pts)
         return pts
 
 
