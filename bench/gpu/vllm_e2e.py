@@ -37,7 +37,11 @@ import argparse
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +276,62 @@ class VllmEngine(e2e.Engine):
             )
         except Exception as e:
             result["protocol_proxy"] = {"error": f"{type(e).__name__}: {e}"}
+
+
+def span_servers(
+    engine: VllmEngine,
+    ns: argparse.Namespace,
+    work: Path,
+    precisions: list[str],
+    otlp_port: int | None,
+    batch_delay_ms: int,
+    pkgs: str,
+) -> tuple[dict[str, int], dict[str, list[str]], dict[str, str]]:
+    """Each precision's port, server command and environment, the servers exporting their ``llm_request``
+    spans to ``http://127.0.0.1:<otlp_port>/v1/traces`` over OTLP/HTTP (none without ``otlp_port``)."""
+    from qtrap_common.localproc import free_port
+
+    if otlp_port is not None:
+        ns.serve_args = f"--otlp-traces-endpoint http://127.0.0.1:{otlp_port}/v1/traces"
+    ports = {p: free_port() for p in precisions}
+    cmds = engine.commands(ns, work, ports)
+    if isinstance(engine, SimEngine) and otlp_port is not None:  # qtrap-sim takes them as options
+        for p in precisions:
+            cmds[p] += [*ns.serve_args.split(), "--otlp-batch-delay-ms", str(batch_delay_ms)]
+    env = {
+        **os.environ,
+        **engine.env(ns, work),
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": str(batch_delay_ms),
+        "HF_HOME": str(work / "hf-home"),
+    }
+    env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), pkgs, str(ROOT)) if p])
+    return ports, cmds, env
+
+
+def start_servers(
+    stack: ExitStack,
+    cmds: dict[str, list[str]],
+    ports: dict[str, int],
+    env: dict[str, str],
+    logs: Path,
+    timeout_s: float,
+) -> float:
+    """Start every server at once (each in its own session, stopped when ``stack`` closes), wait for each
+    ``/health``; the seconds that took."""
+    from qtrap_common.localproc import stop, wait_http
+
+    t0 = time.monotonic()
+    procs = {}
+    for p, cmd in cmds.items():
+        with (logs / f"serve-{p}.log").open("wb") as f:
+            procs[p] = subprocess.Popen(
+                cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env
+            )
+        stack.callback(stop, procs[p], signal.SIGTERM, 20.0)
+    for p in cmds:
+        wait_http(f"http://127.0.0.1:{ports[p]}/health", procs[p], timeout_s, logs / f"serve-{p}.log")
+    return round(time.monotonic() - t0, 1)
 
 
 class SimEngine(VllmEngine):

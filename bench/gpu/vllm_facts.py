@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -62,7 +61,7 @@ def main() -> int:
 
     import yaml
 
-    from qtrap_common.localproc import child, free_port, stop, wait_http
+    from qtrap_common.localproc import child, free_port
 
     out = Path(args.out)
     logs = out / "logs"
@@ -87,37 +86,17 @@ def main() -> int:
     )
     engine.build(ns, work, logs, {}, result)
     otlp_port = free_port()
-    ns.serve_args = f"--otlp-traces-endpoint http://127.0.0.1:{otlp_port}/v1/traces"
-    ports = {p: free_port() for p in precisions}
-    cmds = engine.commands(ns, work, ports)
-    if sim:  # qtrap-sim takes the endpoint as vLLM does, and its batch delay as an option
-        for p in precisions:
-            cmds[p] += [*ns.serve_args.split(), "--otlp-batch-delay-ms", str(args.batch_delay_ms)]
-    env = {
-        **os.environ,
-        **engine.env(ns, work),
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": str(args.batch_delay_ms),
-        "HF_HOME": str(work / "hf-home"),
-    }
-    env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), args.pkgs, str(ROOT)) if p])
+    ports, cmds, env = vllm_e2e.span_servers(
+        engine, ns, work, precisions, otlp_port, args.batch_delay_ms, args.pkgs
+    )
     result["serve_cmds"] = cmds
     save()
     rc = 0
     try:
         with ExitStack() as stack:
-            t0 = time.monotonic()
-            procs = {}
-            for p in precisions:
-                with (logs / f"serve-{p}.log").open("wb") as f:
-                    procs[p] = subprocess.Popen(
-                        cmds[p], stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env
-                    )
-                stack.callback(stop, procs[p], signal.SIGTERM, 20.0)
-            for p in precisions:
-                wait_http(f"http://127.0.0.1:{ports[p]}/health", procs[p], args.start_timeout_s,
-                          logs / f"serve-{p}.log")  # fmt: skip
-            result["servers_up_s"] = round(time.monotonic() - t0, 1)
+            result["servers_up_s"] = vllm_e2e.start_servers(
+                stack, cmds, ports, env, logs, args.start_timeout_s
+            )
             print(f"servers up in {result['servers_up_s']} s", flush=True)
             save()
             proxy_port = free_port()
