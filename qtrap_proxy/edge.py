@@ -15,13 +15,17 @@ With ``auth.enabled`` a key whose pool allow-list does not hold the resolved poo
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import Any
 
 from qtrap_common.asgi import Receive, Scope, Send
 from qtrap_proxy.auth import principal_of
-from qtrap_proxy.errors import BadRequest, Forbidden
+from qtrap_proxy.errors import BadRequest, Forbidden, QtrapError
 from qtrap_proxy.limits import HEADER_PREFIX, ClientHeaders, parse_qtrap_headers
+from qtrap_proxy.proxy import AnswerEnergy
 from qtrap_proxy.relay import Prepared, RelayRoute
 from qtrap_proxy.timeline import Timeline
+from qtrap_proxy.upstream import Backend
+from qtrap_proxy.usage import add_to_usage, usage_members
 
 _KEY = "qtrap.headers"  # the checked headers (or the error) in the request's scope
 
@@ -53,3 +57,30 @@ class EdgeRoute(RelayRoute):
     @abstractmethod
     def prepare_checked(self, scope: Scope, body: bytes, tl: Timeline, headers: ClientHeaders) -> Prepared:
         """Validate the body and choose a backend (the headers are checked already)."""
+
+
+class OpenAIEdgeRoute(EdgeRoute):
+    """An OpenAI route (chat and text completions, embeddings, responses): errors in OpenAI's shape, the
+    request routed and its ``model`` rewritten to the backend's, the energy added to the answer's usage."""
+
+    def error_body(self, err: QtrapError) -> bytes:
+        return err.openai_body()
+
+    def route_to(
+        self,
+        req: dict[str, Any],
+        model: str,
+        headers: ClientHeaders,
+        tl: Timeline,
+        kinds: frozenset[str] | None = None,
+    ) -> Backend:
+        """Route the request (pins, the pool's policy), say why on the timeline, and point the body's
+        ``model`` at the chosen backend's upstream id."""
+        decision = self.proxy.router.route(model, headers.precision, kinds, chain_id=tl.chain_id)
+        tl.routing, tl.route_reason = decision.policy, decision.reason
+        req["model"] = decision.backend.cfg.model
+        return decision.backend
+
+    def answer_body(self, tl: Timeline, body: bytes, energy: AnswerEnergy) -> bytes:
+        out = add_to_usage(body, usage_members(tl, energy))
+        return body if out is None else out

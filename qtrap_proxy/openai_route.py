@@ -21,10 +21,10 @@ from typing import Any
 import orjson
 
 from qtrap_common.asgi import Scope
-from qtrap_proxy.edge import EdgeRoute
+from qtrap_proxy.edge import OpenAIEdgeRoute
 from qtrap_proxy.errors import BadRequest, QtrapError, openai_error_body
 from qtrap_proxy.limits import ClientHeaders, bounded, check_model, dump_json_object, parse_json_object
-from qtrap_proxy.proxy import AnswerEnergy, Proxy
+from qtrap_proxy.proxy import Proxy
 from qtrap_proxy.relay import Prepared, StreamFilter
 from qtrap_proxy.sse import data_of
 from qtrap_proxy.timeline import Timeline
@@ -215,15 +215,12 @@ def _content_choices(choices: Any) -> int:
     return n
 
 
-class OpenAIRoute(EdgeRoute):
+class OpenAIRoute(OpenAIEdgeRoute):
     def __init__(self, proxy: Proxy, chat: bool) -> None:
         super().__init__(proxy)
         self.chat = chat
         self.path = "/v1/chat/completions" if chat else "/v1/completions"
         self.route_name = "chat" if chat else "completions"
-
-    def error_body(self, err: QtrapError) -> bytes:
-        return err.openai_body()
 
     def prepare_checked(self, scope: Scope, body: bytes, tl: Timeline, headers: ClientHeaders) -> Prepared:
         req = parse_json_object(body)
@@ -260,10 +257,7 @@ class OpenAIRoute(EdgeRoute):
                 raise BadRequest(
                     "x-qtrap-hop-split needs a streamed request (`stream: true`)", param="x-qtrap-hop-split"
                 )
-        decision = self.proxy.router.route(model, headers.precision, chain_id=tl.chain_id)
-        backend = decision.backend
-        tl.routing, tl.route_reason = decision.policy, decision.reason
-        req["model"] = backend.cfg.model
+        backend = self.route_to(req, model, headers, tl)
         filt: OpenAIStreamFilter | None = None
         if stream:
             client_so: Mapping[str, Any] = so or {}
@@ -288,10 +282,6 @@ class OpenAIRoute(EdgeRoute):
             backend, self.path, dump_json_object(req), stream, filt, hop_split=hop_pattern is not None
         )
 
-    def answer_body(self, tl: Timeline, body: bytes, energy: AnswerEnergy) -> bytes:
-        out = add_to_usage(body, usage_members(tl, energy))
-        return body if out is None else out
-
     def account_full_body(self, tl: Timeline, body: bytes, headers: Mapping[str, str]) -> None:
         try:
             obj = orjson.loads(body)
@@ -311,16 +301,13 @@ class OpenAIRoute(EdgeRoute):
 _VLLM_OR_OPENAI = frozenset({"vllm", "openai"})
 
 
-class EmbeddingsRoute(EdgeRoute):
+class EmbeddingsRoute(OpenAIEdgeRoute):
     """``POST /v1/embeddings``, relayed to a vLLM or OpenAI-compatible backend of the pool and accounted
     as any request: a record with its prompt tokens (no completion tokens) and its energy, which is also
     added to the answer's ``usage`` as on the other OpenAI routes. Never streamed."""
 
     path = "/v1/embeddings"
     route_name = "embeddings"
-
-    def error_body(self, err: QtrapError) -> bytes:
-        return err.openai_body()
 
     def prepare_checked(self, scope: Scope, body: bytes, tl: Timeline, headers: ClientHeaders) -> Prepared:
         req = parse_json_object(body)
@@ -334,15 +321,8 @@ class EmbeddingsRoute(EdgeRoute):
             raise BadRequest(
                 "x-qtrap-hop-split needs a streamed request; embeddings are not", param="x-qtrap-hop-split"
             )
-        decision = self.proxy.router.route(model, headers.precision, _VLLM_OR_OPENAI, chain_id=tl.chain_id)
-        backend = decision.backend
-        tl.routing, tl.route_reason = decision.policy, decision.reason
-        req["model"] = backend.cfg.model
+        backend = self.route_to(req, model, headers, tl, _VLLM_OR_OPENAI)
         return Prepared(backend, self.path, dump_json_object(req), False, None)
-
-    def answer_body(self, tl: Timeline, body: bytes, energy: AnswerEnergy) -> bytes:
-        out = add_to_usage(body, usage_members(tl, energy))
-        return body if out is None else out
 
     def account_full_body(self, tl: Timeline, body: bytes, headers: Mapping[str, str]) -> None:
         try:

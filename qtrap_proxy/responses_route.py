@@ -17,10 +17,9 @@ from typing import Any
 import orjson
 
 from qtrap_common.asgi import Scope
-from qtrap_proxy.edge import EdgeRoute
+from qtrap_proxy.edge import OpenAIEdgeRoute
 from qtrap_proxy.errors import BadRequest, QtrapError
 from qtrap_proxy.limits import ClientHeaders, check_model, dump_json_object, parse_json_object
-from qtrap_proxy.proxy import AnswerEnergy
 from qtrap_proxy.relay import Prepared, StreamFilter
 from qtrap_proxy.sse import data_of
 from qtrap_proxy.timeline import Timeline
@@ -108,12 +107,9 @@ class ResponsesStreamFilter(StreamFilter):
         return b"event: error\ndata: " + body + b"\n\n"
 
 
-class ResponsesRoute(EdgeRoute):
+class ResponsesRoute(OpenAIEdgeRoute):
     path = "/v1/responses"
     route_name = "responses"
-
-    def error_body(self, err: QtrapError) -> bytes:
-        return err.openai_body()
 
     def prepare_checked(self, scope: Scope, body: bytes, tl: Timeline, headers: ClientHeaders) -> Prepared:
         req = parse_json_object(body)
@@ -128,19 +124,12 @@ class ResponsesRoute(EdgeRoute):
             raise BadRequest("`stream` must be a boolean", param="stream")
         if headers.hop_split is not None:
             raise BadRequest("x-qtrap-hop-split is not supported on /v1/responses", param="x-qtrap-hop-split")
-        decision = self.proxy.router.route(model, headers.precision, _KINDS, chain_id=tl.chain_id)
-        backend = decision.backend
-        tl.routing, tl.route_reason = decision.policy, decision.reason
-        req["model"] = backend.cfg.model
+        backend = self.route_to(req, model, headers, tl, _KINDS)
         filt = None
         if stream:
             proxy = self.proxy
             filt = ResponsesStreamFilter(tl, lambda: usage_members(tl, proxy.answer_energy(tl)))
         return Prepared(backend, self.path, dump_json_object(req), stream, filt)
-
-    def answer_body(self, tl: Timeline, body: bytes, energy: AnswerEnergy) -> bytes:
-        out = add_to_usage(body, usage_members(tl, energy))
-        return body if out is None else out
 
     def account_full_body(self, tl: Timeline, body: bytes, headers: Mapping[str, str]) -> None:
         try:
