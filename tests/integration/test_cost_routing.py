@@ -79,7 +79,8 @@ def test_unpinned_requests_go_to_the_cheaper_precision(url: str) -> None:
     deadline = time.monotonic() + 40
     while len(_measured(url)) < 2:  # warm-up: until both have 3 s of settled meter intervals
         assert time.monotonic() < deadline, requests.get(url + "/qtrap/v1/routing", timeout=5).text
-        _chat(url)
+        for p in ("bf16", "int4"):  # pinned requests teach the curves too (the policy would starve one)
+            _chat(url, f"qwen3-8b@{p}")
     for _ in range(6):
         _chat(url)
     decisions = [_chat(url) for _ in range(30)]
