@@ -46,7 +46,10 @@ def call(
     conn = http.client.HTTPConnection(p.url.removeprefix("http://"), timeout=30)
     try:
         hdrs: dict[str, str | bytes] = {"content-type": "application/json", **(headers or {})}
-        conn.request(method, path, body=body, headers=hdrs)
+        try:
+            conn.request(method, path, body=body, headers=hdrs)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered (an early 413) and closed before the whole body went out: read the answer
         resp = conn.getresponse()
         return Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
     finally:
