@@ -278,6 +278,39 @@ class VllmEngine(e2e.Engine):
             result["protocol_proxy"] = {"error": f"{type(e).__name__}: {e}"}
 
 
+class Job:
+    """What a GPU job (vllm_facts.py, vllm_routing.py) starts from: its folders, precisions, the engine with
+    its model folders built, and a result document saved to ``out/<name>-run.json``."""
+
+    def __init__(self, args: argparse.Namespace, name: str) -> None:
+        self.out = Path(args.out)
+        self.logs = self.out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+        self.result: dict[str, Any] = {
+            "bench": f"vllm_{name}",
+            "args": vars(args),
+            "started_unix_s": time.time(),
+        }
+        self._path = self.out / f"{name}-run.json"
+        self.sim = args.engine == "sim"
+        self.engine: VllmEngine = SimEngine(args.vllm_site) if self.sim else VllmEngine(args.vllm_site)
+        self.ns = argparse.Namespace(
+            shape=args.shape,
+            precisions=args.precisions,
+            kv_tokens=args.kv_tokens,
+            max_model_len=4096,
+            max_num_seqs=256,
+            serve_args="",
+        )
+        self.engine.build(self.ns, self.work, self.logs, {}, self.result)
+
+    def save(self) -> None:
+        self._path.write_text(json.dumps(self.result, indent=1))
+
+
 def span_servers(
     engine: VllmEngine,
     ns: argparse.Namespace,

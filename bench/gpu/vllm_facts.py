@@ -31,7 +31,6 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
@@ -63,28 +62,16 @@ def main() -> int:
 
     from qtrap_common.localproc import child, free_port
 
-    out = Path(args.out)
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    result: dict[str, Any] = {"bench": "vllm_facts", "args": vars(args), "started_unix_s": time.time()}
-
-    def save() -> None:
-        (out / "facts-run.json").write_text(json.dumps(result, indent=1))
-
-    sim = args.engine == "sim"
-    engine = vllm_e2e.SimEngine(args.vllm_site) if sim else vllm_e2e.VllmEngine(args.vllm_site)
-    ns = argparse.Namespace(
-        shape=args.shape,
-        precisions=args.precisions,
-        kv_tokens=args.kv_tokens,
-        max_model_len=4096,
-        max_num_seqs=256,
-        serve_args="",
+    job = vllm_e2e.Job(args, "facts")
+    out, logs, work, precisions, result, save = (
+        job.out,
+        job.logs,
+        job.work,
+        job.precisions,
+        job.result,
+        job.save,
     )
-    engine.build(ns, work, logs, {}, result)
+    sim, engine, ns = job.sim, job.engine, job.ns
     otlp_port = free_port()
     ports, cmds, env = vllm_e2e.span_servers(
         engine, ns, work, precisions, otlp_port, args.batch_delay_ms, args.pkgs

@@ -82,28 +82,16 @@ def main() -> int:
     from qtrap_common.localproc import child, free_port
 
     started = time.monotonic()
-    out = Path(args.out)
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    result: dict[str, Any] = {"bench": "vllm_routing", "args": vars(args), "started_unix_s": time.time()}
-
-    def save() -> None:
-        (out / "routing-run.json").write_text(json.dumps(result, indent=1))
-
-    sim = args.engine == "sim"
-    engine = vllm_e2e.SimEngine(args.vllm_site) if sim else vllm_e2e.VllmEngine(args.vllm_site)
-    ns = argparse.Namespace(
-        shape=args.shape,
-        precisions=args.precisions,
-        kv_tokens=args.kv_tokens,
-        max_model_len=4096,
-        max_num_seqs=256,
-        serve_args="",
+    job = vllm_e2e.Job(args, "routing")
+    out, logs, work, precisions, result, save = (
+        job.out,
+        job.logs,
+        job.work,
+        job.precisions,
+        job.result,
+        job.save,
     )
-    engine.build(ns, work, logs, {}, result)
+    sim, engine, ns = job.sim, job.engine, job.ns
     otlp_port = free_port()
     ports, cmds, env = vllm_e2e.span_servers(
         engine, ns, work, precisions, otlp_port if args.engine_facts else None, args.batch_delay_ms, args.pkgs
