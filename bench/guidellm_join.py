@@ -5,14 +5,14 @@
 
 GUIDELLM.json is what ``guidellm run ... --output kind=json,path=GUIDELLM.json`` wrote (guidellm 0.8).
 RECORDS.jsonl is ``qtrap-proxy records export --ledger LEDGER --out RECORDS.jsonl`` (works after the
-proxy has stopped); ``--proxy`` reads the same records from a running proxy (``GET /qtrap/v1/requests``,
-every page, over the run's time span).
+proxy has stopped); either file may be gzip-compressed (``.gz``). ``--proxy`` reads the same records
+from a running proxy instead (``GET /qtrap/v1/requests``, every page, over the run's time span).
 
 The join key: guidellm keeps each answer's ``id`` as the request's ``response_id``. The proxy sends its
-own request id upstream as ``X-Request-Id``, and vLLM (and qtrap-sim) name the answer after it:
-``chatcmpl-<id>`` (chat), ``cmpl-<id>`` (completions), ``resp_<id>`` (responses). The id without that
-prefix is the record's ``id``. Backends that name their answers otherwise (TGI's OpenAI route, OpenAI)
-leave every request unmatched, and say so.
+own request id upstream as ``X-Request-Id``, and vLLM names its answer after it: ``chatcmpl-<id>``
+(chat), ``cmpl-<id>`` (completions); qtrap-sim does the same, and ``resp_<id>`` on /v1/responses. The
+id without that prefix is the record's ``id``. Backends that name their answers otherwise (TGI's OpenAI
+route, OpenAI) leave every request unmatched, and the output says so.
 
 Prints one row per guidellm benchmark and one for the whole run: guidellm's requests, how many matched a
 record, the attributed energy per request (median, p90), the total, joules per output token (the matched
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import math
 import statistics
@@ -32,7 +33,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 ID_PREFIXES = ("chatcmpl-", "cmpl-", "resp_")  # vLLM's answer ids: the prefix and the X-Request-Id
 STATUSES = ("successful", "errored", "incomplete")  # guidellm's request groups
@@ -388,22 +389,30 @@ def records_from_proxy(
         raise JoinError(f"{url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
+def _open_text(path: Path) -> IO[str]:
+    """A file, or a gzip-compressed one (``.gz``), as text."""
+    return gzip.open(path, "rt") if path.suffix == ".gz" else path.open()
+
+
 def load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        with _open_text(path) as f:
+            return json.load(f)
     except OSError as e:
         raise JoinError(f"cannot read {path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
         raise JoinError(f"{path}: not JSON ({e})") from None
 
 
 def load_records(path: Path) -> dict[str, dict[str, Any]]:
     try:
-        with path.open() as f:
+        with _open_text(path) as f:
             return read_records(f, str(path))
+    except gzip.BadGzipFile as e:
+        raise JoinError(f"{path}: not gzip ({e})") from None
     except OSError as e:
         raise JoinError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
+    except (UnicodeDecodeError, EOFError) as e:
         raise JoinError(f"{path}: not text ({e})") from None
 
 

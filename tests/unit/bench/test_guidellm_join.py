@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gzip
 import importlib.util
 import json
 import math
@@ -159,3 +160,16 @@ def test_cli_bad_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert f"{bad}:2: not JSON" in err and err.count("\n") == 1
     assert gj.main([str(REPORT), "--records", str(tmp_path / "none.jsonl")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_gzip_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report, records = tmp_path / "g.json.gz", tmp_path / "r.jsonl.gz"
+    report.write_bytes(gzip.compress(REPORT.read_bytes()))
+    records.write_bytes(gzip.compress(RECORDS.read_bytes()))
+    assert gj.main([str(report), "--records", str(records)]) == 0
+    assert "| all | 6 | 5 | 1 | 5 |" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(b"plain text")
+    assert gj.main([str(report), "--records", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not gzip" in err and err.count("\n") == 1
