@@ -46,7 +46,7 @@ The decision (``CostPolicy.decide``), for a request whose precision is not pinne
    more than ``hysteresis``. With probability ``explore`` a uniformly drawn other candidate, kept with
    probability best cost / its cost (``explore``: exploration's extra energy stays about ``explore`` of
    the pool's); else Thompson sampling: the points of each candidate's curve segment drawn from
-   Normal(mean, standard error) and its marginal cost computed from the draws; a candidate whose draw beats
+   log-normals with their means and standard errors (power and rate stay positive) and its marginal cost computed from the draws; a candidate whose draw beats
    the best's draw by more than ``hysteresis`` gets the request (``explore``), otherwise the best does
    (``cheapest``).
 """
@@ -182,6 +182,18 @@ def bracket(points: list[Point], load: float) -> tuple[int, int, float]:
     return last, last, 1.0
 
 
+def _draw(mean: float, stderr: float, gauss: Callable[[], float]) -> float:
+    """A draw of a positive quantity (power above idle, a token rate) from the log-normal with its mean and
+    standard error: never zero or negative, so a point measured for a second or two (a wide spread) cannot
+    draw a free replica (a normal draw clipped at zero power made a replica measured for half a second cost
+    nothing in one draw in thirteen, and an idle dear replica took a share of every burst). A mean at or
+    below zero is kept as it is."""
+    if mean <= 0 or stderr <= 0:
+        return mean
+    s2 = math.log1p((stderr / mean) ** 2)
+    return mean * math.exp(math.sqrt(s2) * gauss() - 0.5 * s2)
+
+
 class BackendState:
     """One backend's cost curves and recent latencies."""
 
@@ -246,9 +258,9 @@ class BackendState:
             i, j, f = bracket(pts, load + 1.0)
             (_, p0, x0, sp0, sx0), (_, p1, x1, sp1, sx1) = pts[i], pts[j]
             if gauss is not None:
-                p0, x0 = p0 + sp0 * gauss(), x0 + sx0 * gauss()
+                p0, x0 = _draw(p0, sp0, gauss), _draw(x0, sx0, gauss)
                 if j != i:
-                    p1, x1 = p1 + sp1 * gauss(), x1 + sx1 * gauss()
+                    p1, x1 = _draw(p1, sp1, gauss), _draw(x1, sx1, gauss)
                 else:
                     p1, x1 = p0, x0
             power = (1 - f) * p0 + f * p1

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from qtrap_proxy.admin import routing_report
 from qtrap_proxy.cli import main
 from qtrap_proxy.config import ProxyConfig, load_config
-from qtrap_proxy.cost import CostPolicy, Stat
+from qtrap_proxy.cost import CostPolicy, Stat, _draw
 from qtrap_proxy.costseed import bucket, bucket_label, read_seed
 from qtrap_proxy.errors import ConfigError
 from qtrap_proxy.proxy import Proxy
@@ -391,6 +391,26 @@ def test_thompson_sampling_explores_uncertain_candidates() -> None:
     explored = [n for n, r in reasons if r == "explore"]
     assert explored and set(explored) == {"int4-0"}
     assert sum(r == "cheapest" for _, r in reasons) > len(reasons) / 2
+
+
+def test_thompson_draws_stay_positive_and_keep_the_mean() -> None:
+    rng = random.Random(3)
+    draws = [_draw(10.0, 7.0, lambda: rng.gauss(0.0, 1.0)) for _ in range(40_000)]
+    assert min(draws) > 0  # a normal draw with this spread is below zero one time in thirteen
+    assert sum(draws) / len(draws) == pytest.approx(10.0, rel=0.03)
+    assert _draw(-1.0, 5.0, lambda: 2.0) == -1.0 and _draw(3.0, 0.0, lambda: 2.0) == 3.0
+
+
+def test_a_dear_replica_seen_briefly_does_not_take_a_share_of_decisions() -> None:
+    """A replica measured for half a second at 8x the best's cost: its draws are wide, but a positive
+    power cannot draw a free replica (it took about 10% of decisions when draws were normal, clipped at 0)."""
+    st = Setup(_cfg({"explore": 0, "hysteresis": 0.05}))
+    st.feed("int4-0", 1, 1.0, n=400)
+    b = st.by_name["bf16-0"]
+    st.policy.observe_interval(b.name, "dev0", 0.5, 1.0, 8.0 * 100.0, 100.0)
+    reasons = [st.decide() for _ in range(4000)]
+    share = sum(n == "bf16-0" for n, _ in reasons) / len(reasons)
+    assert share < 0.02
 
 
 def test_hysteresis_prevents_flapping() -> None:
