@@ -96,12 +96,14 @@ def embedded_stack(
     token_counters: bool = False,
     gpu: str = GPU,
     pool_options: dict[str, Any] | None = None,
+    proxy_options: dict[str, Any] | None = None,
 ) -> Iterator[Stack]:
     """Start the simulated fleet and the proxy; stop both when the block ends. ``token_counters``: the proxy
     reads the simulated backends' token counters (as replicas sharing backends do); ``gpu``: the simulator's
     profile (``h200``: calibrated to real vLLM serving; ``h100``: the 2026-11 kernel probe, whose fused INT4
     what-if crosses BF16 at low load); ``pool_options``: more keys of the pool's entry in the proxy's config
-    (compare-routing's ``routing: cost``)."""
+    (compare-routing's ``routing: cost``); ``proxy_options``: more top-level keys of the proxy's config
+    (``carbon``, ``pricing``, ...)."""
     if model not in MODELS:
         raise ValueError(
             f"the embedded default simulates {', '.join(MODELS)}, not {model!r}; use --proxy URL"
@@ -111,6 +113,7 @@ def embedded_stack(
         model, precisions, work, oracle_data or [], think_tokens, token_counters, gpu, pool_options
     )
     (work / "sim.yaml").write_text(yaml.safe_dump(sim_cfg))
+    proxy_cfg.update(proxy_options or {})
     (work / "proxy.yaml").write_text(yaml.safe_dump(proxy_cfg))
     url = f"http://127.0.0.1:{proxy_port}"
     last = precisions[-1]

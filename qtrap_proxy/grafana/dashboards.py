@@ -1021,6 +1021,38 @@ def fleet_dashboard() -> Json:
             line_at=30,
             min_=0,
         ),
+        row("Carbon and cost"),
+        timeseries(
+            "gCO2e per hour by backend",
+            "Emissions of the GPU energy attributed to finished requests, in grams of CO2-equivalent per "
+            "hour (`qtrap_co2e_grams_total`: final figures x `carbon.pue` x the grid's carbon intensity "
+            "when the request ran). The GPU's energy only (not the host's, not idle GPUs'); empty "
+            "without a `carbon` config. Requests whose energy is unknown add nothing (their records say "
+            "why).",
+            [
+                target(
+                    f"3600 * sum by (pool, backend, precision) (rate(qtrap_co2e_grams_total{rate_i}))",
+                    "{{backend}} ({{pool}}@{{precision}})",
+                )
+            ],
+            "massg",
+            min_=0,
+        ),
+        timeseries(
+            "Energy cost per hour by backend",
+            "Cost of the GPU energy attributed to finished requests per hour, in each currency the "
+            "`pricing` config names (`qtrap_energy_cost_total`: final figures x `carbon.pue` x the "
+            "energy price). Empty without a `pricing` config.",
+            [
+                target(
+                    f"3600 * sum by (pool, backend, precision, currency) "
+                    f"(rate(qtrap_energy_cost_total{rate_i}))",
+                    "{{backend}} ({{pool}}@{{precision}}) {{currency}}",
+                )
+            ],
+            "none",
+            min_=0,
+        ),
     ]
     return _dashboard(
         "qtrap-fleet",

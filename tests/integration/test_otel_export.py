@@ -6,10 +6,12 @@ llm_request span, sent to the same receiver, is the proxy span's child."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -206,3 +208,42 @@ def test_a_refused_request_has_an_error_span_with_energy_unknown(
         "qtrap.energy_j" not in a and a["qtrap.energy_null_reason"] and a["http.response.status_code"] == 404
     )
     assert span.trace_id.hex() == "ab" * 16
+
+
+def test_spans_still_batched_at_shutdown_are_flushed_before_the_proxy_exits(
+    tmp_path: Path, receiver: tuple[int, Received]
+) -> None:
+    """A batch delay of a minute and a request not yet final: on SIGTERM the proxy finalises the request
+    (energy settled or unknown with its reason), exports its span and exits 0 well before the batch was due."""
+    rport, got = receiver
+    port = free_port()
+    with sim(port, "--model", "qwen3-8b", "--step-ms", "2", "--precision", "int4"):
+        cfg: dict[str, Any] = {
+            "backends": [backend("sim-int4", port, "int4", devices=[{"host": "qtrap-sim", "index": 0}])],
+            "meter": {"kind": "dcgm", "urls": [f"http://127.0.0.1:{port}/dcgm/metrics"], "settle_s": 30},
+            "otel_export": {
+                "enabled": True,
+                "endpoint": f"http://127.0.0.1:{rport}/v1/traces",
+                "service_name": "qtrap-shutdown",
+                "batch_delay_ms": 60_000,
+            },
+        }
+        with proxy(tmp_path, cfg) as proc:
+            url = f"http://127.0.0.1:{cfg['server']['port']}"
+            wait_meter(url)
+            rid = _chat(url)
+            time.sleep(1.0)  # the exporter's first batch (if any) is long gone; this span is queued
+            with got.lock:
+                assert not [s for _, s in got.spans if attrs(s).get("qtrap.request_id") == rid]
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            stopped_s = time.monotonic() - t0
+    resource, span = got.find(
+        lambda s: attrs(s).get("qtrap.request_id") == rid, "the span flushed at exit", 1.0
+    )
+    assert resource["service.name"] == "qtrap-shutdown"
+    assert stopped_s < 30  # not the batch's minute
+    a = attrs(span)
+    assert a["qtrap.final"] is True and a["qtrap.status"] == "ok"
+    assert ("qtrap.energy_j" in a) != ("qtrap.energy_null_reason" in a)

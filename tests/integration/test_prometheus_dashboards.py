@@ -136,7 +136,16 @@ def prom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom]:
     # The B* rules need a crossing to have data: the H100 kernel-probe profile's fused INT4 what-if crosses
     # BF16 between 1 and 8 chains in flight (on the H200 profile, calibrated to vLLM, INT4 is cheaper at both).
     with embedded_stack(
-        "qwen3-8b", PRECISIONS, workdir=tmp, think_tokens=8, token_counters=True, gpu="h100"
+        "qwen3-8b",
+        PRECISIONS,
+        workdir=tmp,
+        think_tokens=8,
+        token_counters=True,
+        gpu="h100",
+        proxy_options={  # the carbon and cost panels
+            "carbon": {"intensity_g_per_kwh": 350},
+            "pricing": {"price_per_kwh": 0.2, "currency": "EUR"},
+        },
     ) as stack:
         port = free_port()
         cfg = {
