@@ -88,7 +88,7 @@ def routes(proxy: Proxy) -> list[Route]:
             rid = check_id(request.path_params["request_id"], "request id")
         except QtrapError as e:
             return _qtrap_error(e)
-        rec = records.record(rid)
+        rec = await records.record(rid)
         who = principal_of(request.scope)
         if rec is None or (who is not None and not who.may_see(rec.get("key_id"))):
             # another key's record is not found either: a key cannot tell others' ids from unknown ones
@@ -101,7 +101,7 @@ def routes(proxy: Proxy) -> list[Route]:
             offset, limit = parse_page(request.query_params.get("offset"), request.query_params.get("limit"))
         except QtrapError as e:
             return _qtrap_error(e)
-        rec = records.chain_page(cid, offset, limit, principal_of(request.scope))
+        rec = await records.chain_page(cid, offset, limit, principal_of(request.scope))
         if rec is None:
             return _error(404, f"no record of chain {cid!r}", "not_found_error")
         return JSONResponse(rec)
@@ -116,7 +116,7 @@ def routes(proxy: Proxy) -> list[Route]:
             hops = body.get("hops")
             if hops is not None:
                 hops = check_hops(hops, "hops")
-            res = records.score_chain(cid, body["correct"], hops, principal_of(request.scope))
+            res = await records.score_chain(cid, body["correct"], hops, principal_of(request.scope))
         except QtrapError as e:
             return _qtrap_error(e)
         if res is None:
@@ -155,7 +155,7 @@ def routes(proxy: Proxy) -> list[Route]:
             until = parse_time(q["until"], "until") if "until" in q else time.time() + 1.0
         except QtrapError as e:
             return _qtrap_error(e)
-        usage = records.key_usage(raw, since, until)
+        usage = await records.key_usage(raw, since, until)
         if usage is None:
             return _error(404, f"no key {raw}", "not_found_error")
         return JSONResponse(usage)
@@ -166,7 +166,7 @@ def routes(proxy: Proxy) -> list[Route]:
             query = replace(query, filter=_owned(query.filter, principal_of(request.scope)))
         except QtrapError as e:
             return _qtrap_error(e)
-        return JSONResponse(records.list_records(query))
+        return JSONResponse(await records.list_records(query))
 
     async def usage(request: Request) -> Response:
         try:
@@ -174,7 +174,7 @@ def routes(proxy: Proxy) -> list[Route]:
             filt = _owned(filt, principal_of(request.scope))
         except QtrapError as e:
             return _qtrap_error(e)
-        return JSONResponse(records.usage(filt, group_by))
+        return JSONResponse(await records.usage(filt, group_by))
 
     spec = orjson.dumps(build_openapi(proxy.config.server))
 

@@ -30,10 +30,22 @@ No exception stops persistence:
   picks up the dead one's batch; until then :meth:`state` reports ``down``.
 
 Every such event is counted in ``write_errors`` (kinds in ``ERROR_KINDS``) and logged.
+
+Reads (a record, a chain, a page of records, usage sums) are plain methods that query the database on
+the calling thread; the proxy awaits them through :meth:`Ledger.read`, which runs them in the ledger's
+own pool of ``READ_THREADS`` worker threads, never on the event loop: a PostgreSQL ledger that is slow
+or cannot be reached, or a large usage sum in SQLite, then stalls only the reads waiting for it, not the
+requests the proxy is relaying. A dedicated pool rather than ``asyncio.to_thread``: reads held up by the
+database cannot take every thread of the event loop's default executor, which others use too (the
+resolver's ``getaddrinfo`` for the backends' connections, ``to_thread``), and it is bounded and shut
+down with the ledger (:meth:`Ledger.close`), a read still waiting on the database then cancelled.
+Each database has one reader connection, guarded by a lock, so one read queries at a time; the threads
+beyond the first wait for it without holding up the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -41,9 +53,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
 import psycopg
@@ -146,6 +159,12 @@ _CLOSE_TRIES = 5  # at shutdown, tries before records the database still refuses
 _RESTART_MIN_S = 1.0  # a writer thread that died is restarted at most this often
 _MAX_TEXT = 1_024  # longest id / chain id stored in an index column as is
 _INT64 = 2**63
+READ_THREADS = 4  # the ledger's read threads (Ledger.read): reads off the event loop
+_CLOSE_READ_S = 5.0  # at close, how long a read still running (cancelled) is waited for
+_CLOSED = "the ledger is closed (the proxy is shutting down)"
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 # write_errors kinds: a refused batch (kept, retried) | a record written with a note instead of as it was |
 # the writer loop failed or its thread died (restarted) | records given up (backlog full, or refused at shutdown)
@@ -215,7 +234,8 @@ class _Db:
         raise NotImplementedError
 
     def query(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[tuple[Any, ...]]:
-        """Rows of a read (``?`` placeholders), from any thread."""
+        """Rows of a read (``?`` placeholders), from any thread (one at a time on the reader connection);
+        LedgerUnavailable once closed."""
         raise NotImplementedError
 
     def row(self, row: Row, rec: Record) -> Row:
@@ -249,8 +269,11 @@ class _Sqlite(_Db):
             conn.close()
         except (sqlite3.Error, OSError) as e:
             raise ConfigError(f"ledger.path: cannot open SQLite ledger {path!r}: {e}") from e
+        # one reader connection for the read threads (Ledger.read): one read at a time, under the lock
+        self._read_lock = threading.Lock()
         self._reader = sqlite3.connect(path, check_same_thread=False)
         self._reader.execute("PRAGMA query_only=ON")
+        self._closed = False
 
     def connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=5.0)
@@ -267,10 +290,26 @@ class _Sqlite(_Db):
             conn.execute("DELETE FROM requests WHERE start_unix_s < ?", (before_unix_s,))
 
     def query(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[tuple[Any, ...]]:
-        return self._reader.execute(sql, params).fetchall()
+        with self._read_lock:
+            if self._closed:
+                raise LedgerUnavailable(_CLOSED)
+            return self._reader.execute(sql, params).fetchall()
 
     def close(self) -> None:
-        self._reader.close()
+        if not self._read_lock.acquire(blocking=False):  # a read is running: interrupt it
+            self._reader.interrupt()
+            if not self._read_lock.acquire(timeout=_CLOSE_READ_S):
+                log.warning(
+                    "a ledger read did not stop within %.3g s; its connection is left open", _CLOSE_READ_S
+                )
+                self._closed = True
+                return
+        try:
+            if not self._closed:
+                self._closed = True
+                self._reader.close()
+        finally:
+            self._read_lock.release()
 
 
 _PG_COLUMNS = (
@@ -308,6 +347,7 @@ class _Postgres(_Db):
         self._reader: psycopg.Connection[Any] | None = None
         self._read_down_until = -math.inf
         self._read_error = ""
+        self._closed = False
         self.ensure_schema(at_start=True)
 
     def ensure_schema(self, at_start: bool = False) -> None:
@@ -353,6 +393,8 @@ class _Postgres(_Db):
         (a connection lost since the last read is made again once)."""
         pg_sql = sql.replace("?", "%s")
         with self._read_lock:
+            if self._closed:
+                raise LedgerUnavailable(_CLOSED)
             while True:
                 fresh = self._reader is None
                 try:
@@ -379,10 +421,26 @@ class _Postgres(_Db):
         return (*row, *ledger_pg.facets(rec))
 
     def close(self) -> None:
-        with self._read_lock:
+        if not self._read_lock.acquire(blocking=False):  # a read is running: cancel its query
+            reader = self._reader
+            if reader is not None:
+                try:
+                    reader.cancel_safe(timeout=_CLOSE_READ_S)
+                except Exception:
+                    log.debug("cancelling a ledger read failed", exc_info=True)
+            if not self._read_lock.acquire(timeout=_CLOSE_READ_S):
+                log.warning(
+                    "a ledger read did not stop within %.3g s; its connection is left open", _CLOSE_READ_S
+                )
+                self._closed = True
+                return
+        try:
+            self._closed = True
             if self._reader is not None:
                 _close_quietly(self._reader)
                 self._reader = None
+        finally:
+            self._read_lock.release()
 
 
 class Ledger:
@@ -399,6 +457,8 @@ class Ledger:
         self.retention_s = retention_days * 86400 if retention_days else None
         self.batch_s = batch_s
         self._db: _Db = _Postgres(url, password_env) if url else _Sqlite(path)
+        # the reads' threads (read): started on the first read, shut down by close
+        self._reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="qtrap-ledger-read")
         self._lock = threading.Lock()  # guards _pending
         self._pending: list[Record] = []  # handed over, not yet taken by the writer
         self._backlog: list[Record] = []  # taken by the writer, not yet committed (outlives a dead thread)
@@ -449,6 +509,7 @@ class Ledger:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+        self._reads.shutdown(wait=False)  # reads still queued find the database closed (503)
         self._db.close()
 
     @property
@@ -510,7 +571,17 @@ class Ledger:
         dead.join(timeout=5)  # it is on its way out; only a finished thread is replaced
         self._ensure_writer()
 
-    # -- reads (event-loop thread; WAL lets them run beside the writer) ---------------
+    # -- reads (any thread; the proxy's through read; WAL lets them run beside the writer) --
+    async def read(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """``fn(*args, **kwargs)``, one or more of the reads below, run in one of the ledger's read threads
+        (``READ_THREADS``) while the event loop goes on; what it raises (LedgerUnavailable: 503) is raised
+        here. LedgerUnavailable once the ledger is closed."""
+        try:
+            future = self._reads.submit(fn, *args, **kwargs)
+        except RuntimeError:  # the pool is shut down: the ledger is closed
+            raise LedgerUnavailable(_CLOSED) from None
+        return await asyncio.wrap_future(future)
+
     def get(self, request_id: str) -> Record | None:
         t = self._db.table
         rows = self._db.query(f"SELECT record FROM {t} WHERE id = ?", (request_id,))

@@ -9,6 +9,12 @@ ledger. Records are shaped by record.py only.
 
 Reads over records live here too: a chain's summary and its pages, scoring a chain (counted once per
 chain in ``qtrap_chains_scored_total``) and one client key's usage over the ledger.
+
+The reads are coroutines: what they ask the ledger runs in its read threads (``Ledger.read``), off the
+event loop, while everything held in memory here (the recent finals, the records committing, the
+energy service's accounts, the chains scored, the metrics and listeners) is read and changed on the
+event loop only, none of it being thread-safe. What is in memory is read before the ledger is asked,
+so that a record committed meanwhile is found in one place or the other, never in neither.
 """
 
 from __future__ import annotations
@@ -122,7 +128,9 @@ class RecordStore:
         )
 
     # -- reads -------------------------------------------------------------------------
-    def record(self, request_id: str) -> RequestRecord | None:
+    async def record(self, request_id: str) -> RequestRecord | None:
+        """A request's record: from memory while it is not final or recently final, else the ledger's.
+        (A record leaves memory only once the ledger holds it, so one not in memory now is not missed.)"""
         rec = self._finals.get(request_id)
         if rec is not None:
             return rec
@@ -132,41 +140,44 @@ class RecordStore:
         tr = self.energy.account(request_id)
         if tr is not None:
             return self._build(tr, "provisional")
-        return self.ledger.get(request_id)
+        return await self.ledger.read(self.ledger.get, request_id)
 
-    def _chain_records(self, chain_id: str) -> list[RequestRecord]:
-        """Every record of a chain, by hop and start."""
-        recs = {r["id"]: r for r in self.ledger.chain(chain_id)}
+    async def _chain_records(self, chain_id: str) -> list[RequestRecord]:
+        """Every record of a chain, by hop and start: those in memory (read first, on the event loop)
+        over the ledger's (read in its thread)."""
+        mine: dict[str, RequestRecord] = {}
         for tr in self._committing.values():
             if tr.tl.chain_id == chain_id:
-                recs[tr.tl.request_id] = self._build(tr, "committing")
-        recs.update({r["id"]: r for r in self._finals.values() if r.get("chain_id") == chain_id})
+                mine[tr.tl.request_id] = self._build(tr, "committing")
+        mine.update({r["id"]: r for r in self._finals.values() if r.get("chain_id") == chain_id})
         for tr in self.energy.open_accounts(chain_id=chain_id):
-            recs[tr.tl.request_id] = self._build(tr, "provisional")
+            mine[tr.tl.request_id] = self._build(tr, "provisional")
+        recs = {r["id"]: r for r in await self.ledger.read(self.ledger.chain, chain_id)}
+        recs.update(mine)
         return sorted(recs.values(), key=lambda r: (r.get("hop") or 0, r["start_unix_s"]))
 
-    def chain(self, chain_id: str, who: Principal | None = None) -> ChainSummary | None:
+    async def chain(self, chain_id: str, who: Principal | None = None) -> ChainSummary | None:
         """A chain's summary; for a client key (``who``) only that key's records of it. None if none."""
-        recs = self._chain_records(chain_id)
+        recs = await self._chain_records(chain_id)
         if who is not None:
             recs = [r for r in recs if who.may_see(r.get("key_id"))]
         return chain_summary(chain_id, recs) if recs else None
 
-    def chain_page(
+    async def chain_page(
         self, chain_id: str, offset: int, limit: int, who: Principal | None = None
     ) -> ChainPage | None:
         """:meth:`chain` with its ``records`` and ``hops`` cut to ``limit`` from ``offset`` (totals stay
         the chain's); ``next_offset`` is null on the last page."""
-        summary = self.chain(chain_id, who)
+        summary = await self.chain(chain_id, who)
         return None if summary is None else chain_page(summary, offset, limit)
 
-    def score_chain(
+    async def score_chain(
         self, chain_id: str, correct: bool, hops: int | None, who: Principal | None = None
     ) -> dict[str, Any] | None:
         """Count a client's verdict on a chain's final answer (once per chain); None if the chain is unknown
         (to ``who``). With auth on only the chain's owner, the key of its first record, or the admin may
         score it: another key that has records in the chain gets Forbidden, one that has none None."""
-        recs = self._chain_records(chain_id)
+        recs = await self._chain_records(chain_id)
         if who is not None and not who.admin:
             if not any(who.may_see(r.get("key_id")) for r in recs):
                 return None
@@ -220,24 +231,24 @@ class RecordStore:
                 out.append((fields, tr, "provisional"))
         return out
 
-    def list_records(self, query: RecordQuery) -> RecordPage:
+    async def list_records(self, query: RecordQuery) -> RecordPage:
         """One page of the records ``query`` selects, final ones (the ledger) and, unless ``final`` is
         true, those not final yet, merged in the query's order on (start_unix_s, id). A record is in one
         place at a time and its key never changes, so pages neither repeat nor skip a record that existed
         when the first was read (one that starts later is on a later page of an ascending query, or
-        before the first of a descending one)."""
-        recs = {r["id"]: r for r in self.ledger.records(query)}
+        before the first of a descending one).
+
+        Those not final are taken first, on the event loop, then the ledger's page is read in its thread:
+        a record that commits meanwhile is in the one or the other (in both: the ledger's, final)."""
+        recs: dict[str, RequestRecord] = {}
         if query.final is not True:
-            desc = query.order == "desc"
-            candidates = [
-                (fields, tr, stage)
-                for fields, tr, stage in self._open(query.filter)
-                if fields["id"] not in recs and query.past_cursor(fields)
-            ]  # a record both committing and committed: the ledger's, final
-            candidates.sort(key=lambda c: query.sort_key(c[0]), reverse=desc)
+            candidates = [c for c in self._open(query.filter) if query.past_cursor(c[0])]
+            candidates.sort(key=lambda c: query.sort_key(c[0]), reverse=query.order == "desc")
+            # the first limit + 1 are enough: one also in the ledger's page has the same place there
             for _, tr, stage in candidates[: query.limit + 1]:
                 rec = self._build(tr, stage)
                 recs[rec["id"]] = rec
+        recs.update({r["id"]: r for r in await self.ledger.read(self.ledger.records, query)})
         page = sorted(recs.values(), key=query.sort_key, reverse=query.order == "desc")
         more = len(page) > query.limit
         page = page[: query.limit]
@@ -250,15 +261,15 @@ class RecordStore:
             "next_cursor": query.cursor(page[-1]) if more else None,
         }
 
-    def usage(self, filt: RecordFilter, group_by: tuple[str, ...]) -> dict[str, Any]:
+    async def usage(self, filt: RecordFilter, group_by: tuple[str, ...]) -> dict[str, Any]:
         """The final records ``filt`` selects, summed per group of ``group_by`` (each group's fields, then
         the sums as per-key usage shows them: energy null with the unknown requests counted, never 0 J;
         no groups without ``group_by``), the totals, and how many selected requests are not final yet
         (not in the sums)."""
-        rows = self.ledger.usage(filt, group_by, limit=MAX_USAGE_GROUPS + 1) if group_by else []
+        not_final = len(self._open(filt))  # now, before the sums are read (in the ledger's thread)
+        rows, total = await self.ledger.read(self._usage_rows, filt, group_by)
         truncated = len(rows) > MAX_USAGE_GROUPS
         groups = [{**dict(zip(group_by, row.group, strict=True)), **_usage([row])} for row in rows]
-        total = self.ledger.usage(filt, ())
         return {
             "since_unix_s": filt.since_unix_s,
             "until_unix_s": filt.until_unix_s,
@@ -266,13 +277,20 @@ class RecordStore:
             "groups": groups[:MAX_USAGE_GROUPS],
             "truncated": truncated,
             "total": _usage([r for r in total if r.requests]),
-            "not_final_requests": len(self._open(filt)),
+            "not_final_requests": not_final,
             "note": "sums over the final records in the ledger; requests in flight or waiting for their final "
             "energy figure (not_final_requests, now) count once they are final",
         }
 
+    def _usage_rows(
+        self, filt: RecordFilter, group_by: tuple[str, ...]
+    ) -> tuple[list[UsageRow], list[UsageRow]]:
+        """The ledger's groups (one more than shown: truncated) and totals, in one call of its read thread."""
+        rows = self.ledger.usage(filt, group_by, limit=MAX_USAGE_GROUPS + 1) if group_by else []
+        return rows, self.ledger.usage(filt, ())
+
     # -- per-key usage (issue 13) ------------------------------------------------
-    def key_usage(self, key_id: str, since_unix_s: float, until_unix_s: float) -> dict[str, Any] | None:
+    async def key_usage(self, key_id: str, since_unix_s: float, until_unix_s: float) -> dict[str, Any] | None:
         """What one client key used from the ledger's final records that started in [since, until):
         requests, tokens, attributed and idle energy, by precision; None for a key the store does not
         hold. Energy sums cover the requests whose energy is known; the others are counted, never as 0 J."""
@@ -281,10 +299,10 @@ class RecordStore:
         key = self.key_ring.get(key_id)
         if key is None:
             return None
-        rows = self.ledger.key_usage(key_id, since_unix_s, until_unix_s)
-        by_precision = [{"precision": row.group[0], **_usage([row])} for row in rows]
         pending = sum(1 for _ in self.energy.open_accounts(key_id=key_id))
         pending += sum(1 for tr in self._committing.values() if tr.tl.key_id == key_id)
+        rows = await self.ledger.read(self.ledger.key_usage, key_id, since_unix_s, until_unix_s)
+        by_precision = [{"precision": row.group[0], **_usage([row])} for row in rows]
         return {
             "key_id": key.id,
             "name": key.name,

@@ -253,3 +253,44 @@ def test_a_database_restart_loses_no_final_record(tmp_path: Path) -> None:
             assert [h["index"] for h in chain["hops"]] == list(range(1, 26)) and chain["final"]
         rows = _rows(url, f"SELECT id FROM {ledger_pg.TABLE}")
         assert sorted(r[0] for r in rows) == sorted(before + during)
+
+
+def test_a_ledger_read_waiting_on_the_database_does_not_stall_the_proxy(pg: PgServer, tmp_path: Path) -> None:
+    """A records read that the database keeps waiting (here: a lock another session holds on the table)
+    runs in a worker thread: the proxy's event loop answers a liveness probe and relays a chat completion
+    meanwhile, and the read completes, with the right records, once the database answers."""
+    url = pg.url(pg.create_db())
+    fport = free_port()
+    with fake_backend.running(fport), running_proxy(tmp_path, _config(fport, url)) as p:
+        rids = [_post(p.url, "locked", i + 1) for i in range(3)]
+        for rid in rids:
+            _wait(lambda r=rid: _is_final(p.url, r), f"record {rid} did not become final")
+        with (
+            psycopg.connect(url) as locker,  # not autocommit: the lock is held until the rollback
+            psycopg.connect(url, autocommit=True) as watcher,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            locker.execute(f"LOCK TABLE {ledger_pg.TABLE} IN ACCESS EXCLUSIVE MODE")  # type: ignore[arg-type]
+
+            def waiting() -> bool:  # the proxy's read is queued behind the lock
+                sql = f"SELECT count(*) FROM pg_locks WHERE relation = '{ledger_pg.TABLE}'::regclass AND NOT granted"
+                row = watcher.execute(sql).fetchone()  # type: ignore[arg-type]
+                return row is not None and row[0] > 0
+
+            try:
+                listing = pool.submit(requests.get, p.url + "/qtrap/v1/requests?limit=10", timeout=60)
+                _wait(waiting, "the records read did not reach the database")
+                # the read is pending; the event loop answers meanwhile
+                live = requests.get(p.url + "/health/live", timeout=10)
+                assert live.status_code == 200 and live.json() == {"status": "ok"}
+                relayed = requests.post(p.url + "/v1/chat/completions", json=CHAT, timeout=10)
+                assert (
+                    relayed.status_code == 200 and relayed.json()["choices"][0]["message"]["content"] == "ok"
+                )
+                assert not listing.done(), "the records read returned while the table was locked"
+            finally:
+                locker.rollback()  # the lock is released: the read (and the writer) go on
+            page = listing.result(timeout=30)
+        assert page.status_code == 200, page.text
+        listed = {r["id"]: r for r in page.json()["data"]}
+        assert set(rids) <= set(listed) and all(listed[rid]["final"] for rid in rids)

@@ -180,15 +180,15 @@ def test_the_ledger_stores_co2e_and_cost_and_usage_sums_them_with_unknowns_count
         cols = dict(conn.execute("SELECT id, co2e_g FROM requests").fetchall())
         conn.close()
         assert cols == {"old": None, "a": 1.5, "b": 0.5, "c": None}
-        total = _store(led).usage(RecordFilter(), ())["total"]
+        total = asyncio.run(_store(led).usage(RecordFilter(), ()))["total"]
         assert (total["co2e_g"], total["cost"], total["cost_currency"]) == (2.0, 1.0, "EUR")
         assert total["co2e_unknown_requests"] == 2 and total["cost_unknown_requests"] == 2
         assert total["co2e_null_reason"] is None and total["cost_null_reason"] is None
-        only_old = _store(led).usage(RecordFilter(until_unix_s=1.5), ())["total"]
+        only_old = asyncio.run(_store(led).usage(RecordFilter(until_unix_s=1.5), ()))["total"]
         assert only_old["requests"] == 1 and only_old["energy_j"] == 2.0
         assert only_old["co2e_g"] is None and only_old["co2e_null_reason"] == reasons.CO2E_NONE_KNOWN
         _write(led, durable, [_rec("d", 5.0, co2e_g=1.0, cost=1.0, cost_currency="USD")])
-        mixed = _store(led).usage(RecordFilter(), ())["total"]
+        mixed = asyncio.run(_store(led).usage(RecordFilter(), ()))["total"]
         assert mixed["cost"] is None and mixed["cost_null_reason"] == reasons.COST_CURRENCIES
         assert mixed["co2e_g"] == 3.0
     finally:

@@ -4,6 +4,7 @@ The tests taking ``led`` (or ``ledger_args``) run on SQLite and on PostgreSQL (t
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from qtrap_proxy import ledger as ledger_mod
+from qtrap_proxy.errors import LedgerUnavailable
 from qtrap_proxy.ledger import Ledger
 
 
@@ -337,3 +339,77 @@ def test_nul_characters_which_postgresql_refuses_cost_only_their_record(led: Led
     chain = led.get("rnul-chain")
     assert chain is not None and chain["chain_id"] == "c\x00d" and "ledger_error" in chain
     assert led.get("rplain") == _rec("plain", error="a\x00b")
+
+
+def test_reads_run_in_the_ledgers_threads_concurrently_and_fail_as_unavailable_once_closed(
+    ledger_args: dict[str, str],
+) -> None:
+    """Ledger.read: the database part of a read runs in one of READ_THREADS worker threads (never the
+    caller's), many at once share the one reader connection safely, and once the ledger is closed a
+    read is a LedgerUnavailable (503), not a crash."""
+    led = Ledger(**ledger_args, batch_s=0.005)
+    durable = Durables()
+    led.start(durable)
+    for i in range(50):
+        led.put(_rec(i, chain_id=f"c{i % 5}", hop=i // 5 + 1))
+    _wait(lambda: len(durable.ids) == 50, "the records were not written")
+    threads: set[str] = set()
+
+    def chain(cid: str) -> list[str]:
+        threads.add(threading.current_thread().name)
+        return [r["id"] for r in led.chain(cid)]
+
+    async def many() -> list[list[str]]:
+        return await asyncio.gather(*(led.read(chain, f"c{i % 5}") for i in range(40)))
+
+    try:
+        chains = asyncio.run(many())
+        assert chains == [[f"r{j}" for j in range(i % 5, 50, 5)] for i in range(40)]
+        assert threads and all(t.startswith("qtrap-ledger-read") for t in threads)
+        assert len(threads) <= ledger_mod.READ_THREADS
+    finally:
+        led.close()
+    with pytest.raises(LedgerUnavailable) as e:
+        asyncio.run(led.read(led.get, "r1"))
+    assert e.value.status == 503 and "closed" in e.value.message
+    with pytest.raises(LedgerUnavailable):
+        led.get("r1")  # the database part itself, called directly
+
+
+def test_close_cancels_a_read_still_waiting_on_the_database(ledger_args: dict[str, str]) -> None:
+    """A read still running when the ledger closes is interrupted (SQLite) or cancelled (PostgreSQL), so
+    close never waits on it; the read fails (PostgreSQL's as LedgerUnavailable, 503)."""
+    led = Ledger(**ledger_args, batch_s=0.005)
+    started = threading.Event()
+    if led.backend == "sqlite":
+        reader = led._db._reader  # type: ignore[attr-defined]
+        reader.create_function("slow", 1, lambda x: (started.set(), time.sleep(0.01), x)[2])
+        slow = (
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000) "
+            "SELECT sum(slow(i)) FROM n"
+        )
+    else:
+        slow = "SELECT pg_sleep(60)"
+
+    def query() -> list[Any]:
+        started.set()
+        return led._db.query(slow, ())
+
+    async def read_and_close() -> BaseException | None:
+        reading = asyncio.ensure_future(led.read(query))
+        assert await asyncio.to_thread(started.wait, 10), "the read did not start"
+        await asyncio.sleep(0.2)  # the query is running
+        t0 = time.monotonic()
+        await asyncio.to_thread(led.close)
+        assert time.monotonic() - t0 < ledger_mod._CLOSE_READ_S  # interrupted, not waited for
+        try:
+            await asyncio.wait_for(reading, 10)
+        except BaseException as e:
+            return e
+        return None
+
+    err = asyncio.run(read_and_close())
+    if led.backend == "sqlite":
+        assert isinstance(err, sqlite3.OperationalError) and "interrupted" in str(err)
+    else:
+        assert isinstance(err, LedgerUnavailable) and "cancel" in err.message

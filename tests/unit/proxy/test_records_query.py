@@ -4,13 +4,14 @@ client request id column and the indexes added to older ledgers."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -19,6 +20,7 @@ from qtrap_proxy.ledger import Ledger
 from qtrap_proxy.query import RecordFilter, parse_record_query
 from qtrap_proxy.records import RecordStore
 
+_T = TypeVar("_T")
 KEY_A, KEY_B = "key_0123456789ab", "key_ba9876543210"
 
 
@@ -82,6 +84,11 @@ def _rec(rid: str, start: float, **kw: Any) -> dict[str, Any]:
     }
 
 
+def _sync(coro: Coroutine[Any, Any, _T]) -> _T:
+    """A record store's read run to its end (its ledger part in the ledger's read thread)."""
+    return asyncio.run(coro)
+
+
 def _store(led: Ledger) -> RecordStore:
     return RecordStore(cast(Any, _NoOpenAccounts()), led, cast(Any, None))
 
@@ -93,7 +100,7 @@ def _pages(store: RecordStore, params: list[tuple[str, str]], between: Callable[
     n = 0
     while True:
         q = parse_record_query([*params] + ([("cursor", cursor)] if cursor else []))
-        page = store.list_records(q)
+        page = _sync(store.list_records(q))
         assert len(page["data"]) <= q.limit
         seen += [r["id"] for r in page["data"]]
         assert page["has_more"] == (page["next_cursor"] is not None)
@@ -146,7 +153,7 @@ def test_filters_select_in_sql_as_in_memory(led: Ledger) -> None:
 
     def ids(*params: tuple[str, str]) -> list[str]:
         q = parse_record_query(list(params))
-        page = [r["id"] for r in store.list_records(q)["data"]]
+        page = [r["id"] for r in _sync(store.list_records(q))["data"]]
         chosen = [r for r in recs if q.filter.matches(r) and q.final in (None, r["final"])]
         expected = sorted(chosen, key=q.sort_key, reverse=q.order == "desc")
         assert page == [r["id"] for r in expected]
@@ -164,7 +171,7 @@ def test_filters_select_in_sql_as_in_memory(led: Ledger) -> None:
     assert ids(("client_request_id", "c-2")) == []
     assert ids(("final", "true")) == ["d", "c", "b", "a"]
     assert ids(("final", "false")) == []  # the ledger holds final records only; none is in flight here
-    page = store.list_records(parse_record_query([("limit", "3")]))
+    page = _sync(store.list_records(parse_record_query([("limit", "3")])))
     assert page["object"] == "list" and page["has_more"] and page["order"] == "desc" and page["limit"] == 3
     assert led.get("a") == recs[0]  # a page holds the records as stored
 
@@ -185,7 +192,7 @@ def test_usage_groups_in_sql_and_keeps_unknown_energy_null(led: Ledger) -> None:
     store = _store(led)
     window = RecordFilter(since_unix_s=100, until_unix_s=200)
 
-    rep = store.usage(window, ("pool", "precision"))
+    rep = _sync(store.usage(window, ("pool", "precision")))
     groups = {(g["pool"], g["precision"]): g for g in rep["groups"]}
     assert list(groups) == [("p", "bf16"), ("p", "int4"), ("q", "bf16")]  # ordered by the groups
     pb = groups[("p", "bf16")]
@@ -207,13 +214,15 @@ def test_usage_groups_in_sql_and_keeps_unknown_energy_null(led: Ledger) -> None:
         and rep["group_by"] == ["pool", "precision"]
     )
 
-    by_key = {g["key"]: g["requests"] for g in store.usage(window, ("key",))["groups"]}
+    by_key = {g["key"]: g["requests"] for g in _sync(store.usage(window, ("key",)))["groups"]}
     assert by_key == {None: 1, KEY_A: 3, KEY_B: 1}
-    by_status = {g["status"]: g["requests"] for g in store.usage(window, ("status", "backend"))["groups"]}
+    by_status = {
+        g["status"]: g["requests"] for g in _sync(store.usage(window, ("status", "backend")))["groups"]
+    }
     assert by_status == {"ok": 4, "upstream_error": 1}
-    only_a = store.usage(RecordFilter(key_id=KEY_A), ())
+    only_a = _sync(store.usage(RecordFilter(key_id=KEY_A), ()))
     assert only_a["groups"] == [] and only_a["total"]["requests"] == 3
-    nothing = store.usage(RecordFilter(pool="none"), ("pool",))
+    nothing = _sync(store.usage(RecordFilter(pool="none"), ("pool",)))
     assert nothing["groups"] == [] and nothing["total"]["requests"] == 0
     # the per-key usage is the same SQL, grouped by precision for one key
     assert [(r.group, r.requests, r.energy_j) for r in led.key_usage(KEY_A, 100, 200)] == [
@@ -256,8 +265,8 @@ def test_an_older_ledger_gains_the_client_request_id_column_and_the_query_indexe
         led.start(durable)
         _write(led, durable, [_rec("new", 2e9, client_request_id="mine")])
         store = _store(led)
-        assert [r["id"] for r in store.list_records(parse_record_query([]))["data"]] == ["new", "old"]
-        found = store.list_records(parse_record_query([("client_request_id", "mine")]))["data"]
+        assert [r["id"] for r in _sync(store.list_records(parse_record_query([])))["data"]] == ["new", "old"]
+        found = _sync(store.list_records(parse_record_query([("client_request_id", "mine")])))["data"]
         assert [r["id"] for r in found] == ["new"]
     finally:
         led.close()
@@ -322,7 +331,7 @@ def test_pages_merge_requests_in_flight_with_the_ledgers_final_records(led: Ledg
         seen: list[tuple[str, bool]] = []
         cursor: list[tuple[str, str]] = []
         while True:
-            page = store.list_records(parse_record_query([*params, ("limit", "3"), *cursor]))
+            page = _sync(store.list_records(parse_record_query([*params, ("limit", "3"), *cursor])))
             seen += [(r["id"], r["final"]) for r in page["data"]]
             if page["next_cursor"] is None:
                 return seen
@@ -339,11 +348,11 @@ def test_pages_merge_requests_in_flight_with_the_ledgers_final_records(led: Ledg
         ("o2", False),
         ("o1", False),
     ]
-    rec = store.list_records(parse_record_query([("final", "false"), ("limit", "1")]))["data"][0]
+    rec = _sync(store.list_records(parse_record_query([("final", "false"), ("limit", "1")])))["data"][0]
     assert (
         rec["provisional"] is True and rec["energy_j"] == 0.5
     )  # built as GET /qtrap/v1/requests/{id} shows it
-    usage = store.usage(RecordFilter(), ())
+    usage = _sync(store.usage(RecordFilter(), ()))
     assert usage["total"]["requests"] == 5 and usage["not_final_requests"] == 4
 
 
@@ -378,3 +387,74 @@ def test_pages_read_while_a_writer_thread_keeps_writing_neither_repeat_nor_skip(
         stop.set()
         thread.join()
     assert len(written) > 10  # the writer did write while the pages were read
+
+
+class _BlockingLedger:
+    """A ledger whose reads (in a worker thread, as Ledger.read runs them) wait until the test lets them
+    go; ``seen_by_read`` is what they answer: the rows as they were when the read began, or as they are
+    when it ends (a read that began before a commit, or after it)."""
+
+    def __init__(self, rows: list[dict[str, Any]], *, seen_before: bool) -> None:
+        self.rows = rows
+        self.seen_before = seen_before
+        self.reading = threading.Event()
+        self.go = threading.Event()
+
+    async def read(self, fn: Callable[..., _T], /, *args: Any) -> _T:
+        return await asyncio.to_thread(fn, *args)
+
+    def _rows(self, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        before = [r for r in self.rows if keep(r)]
+        self.reading.set()
+        assert self.go.wait(10), "the test did not let the read go"
+        return before if self.seen_before else [r for r in self.rows if keep(r)]
+
+    def records(self, query: Any) -> list[dict[str, Any]]:
+        return self._rows(query.filter.matches)
+
+    def chain(self, chain_id: str) -> list[dict[str, Any]]:
+        return self._rows(lambda r: r.get("chain_id") == chain_id)
+
+
+@pytest.mark.parametrize("seen_by_read", [False, True], ids=["read-began-before-commit", "read-saw-commit"])
+@pytest.mark.parametrize("what", ["list_records", "chain"])
+def test_a_record_committed_during_a_ledger_read_neither_vanishes_nor_repeats(
+    what: str, seen_by_read: bool
+) -> None:
+    """The interleaving the ledger's read thread allows: a record is committing when a read begins and is
+    committed (in the ledger, out of the committing records) before the ledger's answer is merged. It is
+    listed once: the ledger's (final) when the read saw it, else as it was when the read began."""
+    from qtrap_proxy.energy.attribution import Tracked
+    from qtrap_proxy.timeline import Timeline
+
+    final_old = _rec("old", 100.0, chain_id="ch", hop=1)
+    tl = Timeline("moving", route="chat", pool="p", precision="bf16", backend="b", chain_id="ch", hop=2)
+    tl.start_unix_s = 200.0
+    tr = Tracked(tl)
+    ledger = _BlockingLedger([final_old], seen_before=not seen_by_read)
+    store = RecordStore(cast(Any, _OpenAccounts([])), cast(Any, ledger), cast(Any, None))
+    store._committing["moving"] = tr  # final, queued for the ledger
+
+    async def read_while_committing() -> list[dict[str, Any]]:
+        if what == "list_records":
+            task: asyncio.Future[Any] = asyncio.ensure_future(store.list_records(parse_record_query([])))
+        else:
+            task = asyncio.ensure_future(store._chain_records("ch"))
+        # the read is in its thread, waiting
+        assert await asyncio.to_thread(ledger.reading.wait, 10), "the ledger was not read"
+        committed = {**_rec("moving", 200.0, chain_id="ch", hop=2), "final": True}
+        ledger.rows.append(committed)  # the writer commits it ...
+        store._durable([committed])  # ... and reports it durable (on the event loop, as _on_durable does)
+        assert "moving" not in store._committing
+        ledger.go.set()
+        result = await asyncio.wait_for(task, 10)
+        return list(result["data"] if what == "list_records" else result)
+
+    recs = asyncio.run(read_while_committing())
+    ids = [r["id"] for r in recs]
+    assert sorted(ids) == ["moving", "old"], ids  # neither vanished nor listed twice
+    moving = next(r for r in recs if r["id"] == "moving")
+    if what == "list_records":
+        assert moving["final"] is seen_by_read  # the ledger's version wins when it has one
+    else:
+        assert moving["final"] is False  # a chain: what was in memory overrides the ledger (as ever)

@@ -147,7 +147,7 @@ def _run(
             path = tgi or "/v1/chat/completions"
             reply = await _call(route, body, path=path, disconnect_when=disconnect_when, disconnect_soon=soon)
             rid = mock.sent[0].headers["x-request-id"]
-            record = proxy.records.record(rid)
+            record = await proxy.records.record(rid)
             assert record is not None
             return Outcome(reply, record, mock)
         finally:
