@@ -37,7 +37,9 @@ The decision (``CostPolicy.decide``), for a request whose precision is not pinne
    takes the request (``ramp``; the cheapest of those at most twice as far past as the least): a burst of arrivals spreads instead of piling onto the backend that was
    cheapest at the load before the burst, and the curves extend as the load rises. If no candidate has
    data yet, the default precision's candidates in turn (``no_data``).
-3. cost = the backend's dynamic J/token at its load plus this request / accuracy(precision).
+3. cost = the backend's dynamic J/token at its load plus this request / accuracy(precision), the load
+   being the pool's whole load spread over the candidate's precision's replicas, or its own if higher
+   (which precision is cheapest at this load; see ``decide``).
 4. ``sticky_chains``: a chain whose first hop was routed keeps that precision (its cheapest candidate
    replica; ``sticky``) while one is a candidate and its cost is within ``sticky_max_ratio`` times the
    cheapest candidate's; beyond that the chain is routed afresh (a load change can make a chain's
@@ -200,6 +202,7 @@ class BackendState:
     __slots__ = (
         "backend",
         "curves",
+        "devices",
         "itl",
         "itl_p95",
         "latency_t",
@@ -212,6 +215,7 @@ class BackendState:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.precision = backend.precision
+        self.devices = frozenset((d.host, d.index) for d in backend.cfg.devices)  # the GPUs it runs on
         self.curves: dict[str, Curve] = {}  # device key (or SEED_DEVICE) -> its curve
         self.observed = 0  # final ok records observed (ever)
         self.ttft: deque[tuple[float, float]] = deque(maxlen=_TTFT_SAMPLES)
@@ -470,17 +474,31 @@ class CostPolicy:
             return self._fallback(ps, kinds, now)
         half, h = cfg.decay_s, cfg.hysteresis
         acc = ps.accuracy
+        # each candidate's cost at the load its precision would carry if it served the pool's whole
+        # current load (spread over its live replicas), or at its own load if that is higher: which
+        # precision is cheapest at this load, not which replica is cheapest for one more request on top
+        # of how the load happens to be split now (an idle replica's first request always looks dear, so
+        # that comparison keeps the load where it is even when moving all of it would cost far less)
+        pool_load = sum(s.backend.inflight for s in ps.states)
+        replicas: dict[str, int] = {}
+        for s in live:
+            replicas[s.precision] = replicas.get(s.precision, 0) + 1
+        load = {id(s): max(s.backend.inflight, pool_load // replicas[s.precision]) for s in live}
         known: list[BackendState] = []
         costs: list[float] = []
         fresh: list[BackendState] = []
         beyond: list[tuple[float, BackendState]] = []  # slow start: past twice their measured range
         for s in live:
-            c = s.cost(s.backend.inflight, now, half)
+            c = s.cost(load[id(s)], now, half)
             if not math.isfinite(c):
                 fresh.append(s)
                 continue
             cap = RAMP_FACTOR * s.measured_load(now, half) + 1.0
-            if s.backend.inflight >= cap:
+            # slow start spreads a burst over other GPUs; replicas sharing this one's GPUs add no capacity
+            # (their batches only interleave with its own), so it holds back only for a candidate elsewhere
+            if s.backend.inflight >= cap and any(
+                o is not s and not (o.devices & s.devices) and o.has_data for o in live
+            ):
                 beyond.append((s.backend.inflight / cap, s))
                 continue
             known.append(s)
@@ -508,7 +526,7 @@ class CostPolicy:
             if beyond:  # every measured candidate is past its range: the cheapest of the least far past
                 least = min(f for f, _ in beyond)
                 near = [s for f, s in beyond if f <= RAMP_FACTOR * least]
-                pick = min(near, key=lambda s: s.cost(s.backend.inflight, now, half) / acc[s.precision][0])
+                pick = min(near, key=lambda s: s.cost(load[id(s)], now, half) / acc[s.precision][0])
                 return self._done(ps, pick, "ramp", chain_id)
             dflt = [s for s in live if s.precision == ps.default_precision] or live
             return self._done(ps, dflt[next(ps.turn) % len(dflt)], "no_data", chain_id)
@@ -519,22 +537,30 @@ class CostPolicy:
             ps.best = known[cur_i]
         if len(known) > 1:
             rng = self.rng
+
+            def worth(j: int) -> bool:
+                """Whether exploring known[j] goes ahead: with probability (the best's cost / its cost) for
+                one more request at each one's own load, what the request really adds there: the energy
+                exploration adds stays about its share of the pool's (an idle replica that costs 20x the
+                busy best is tried 20x less often)."""
+                best, other = known[cur_i], known[j]
+                own_best = best.cost(best.backend.inflight, now, half) / acc[best.precision][0]
+                own = other.cost(other.backend.inflight, now, half) / acc[other.precision][0]
+                return rng.random() * own <= own_best
+
             if cfg.explore > 0 and rng.random() < cfg.explore:
-                # a uniformly drawn other candidate, taken with probability best cost / its cost: the
-                # energy exploration adds stays about ``explore`` of the pool's (an idle replica that
-                # costs 20x the busy best is tried 20x less often)
-                j = rng.randrange(len(known) - 1)
+                j = rng.randrange(len(known) - 1)  # a uniformly drawn other candidate
                 j += j >= cur_i
-                if rng.random() * costs[j] <= costs[cur_i]:
+                if worth(j):
                     return self._done(ps, known[j], "explore", chain_id)
             gauss = rng.gauss
 
             def normal() -> float:
                 return gauss(0.0, 1.0)
 
-            draws = [s.cost(s.backend.inflight, now, half, normal) / acc[s.precision][0] for s in known]
+            draws = [s.cost(load[id(s)], now, half, normal) / acc[s.precision][0] for s in known]
             w = min(range(len(draws)), key=draws.__getitem__)
-            if w != cur_i and draws[w] < draws[cur_i] * (1.0 - h):
+            if w != cur_i and draws[w] < draws[cur_i] * (1.0 - h) and worth(w):
                 return self._done(ps, known[w], "explore", chain_id)
         return self._done(ps, known[cur_i], "cheapest", chain_id)
 

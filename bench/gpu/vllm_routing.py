@@ -7,8 +7,9 @@ proxy's packages installed, the model folders written):
    W4A16 of the 8B shape), side by side on the one GPU (``--load-format dummy``);
 2. qtrap-proxy in front of them: NVML meter, the pool with ``routing: cost`` (``--cost-config`` adds
    knobs), every server a replica of the pool;
-3. ``python -m loadgen compare-routing --proxy ...``: the schedule (``--schedule``) once per pinned
-   precision and once unpinned (the cost policy), synthetic chains, ``ignore_eos`` so every answer runs to
+3. ``python -m loadgen compare-routing --proxy ...``: the schedule (``--schedule``) once unpinned (the cost
+   policy, first, so that its curves start empty; ``--cost-last``: after the others) and once per pinned
+   precision, synthetic chains, ``ignore_eos`` so every answer runs to
    ``--max-tokens``, not scored (random weights answer nothing right: compare fleet energy per output
    token, not per correct answer);
 4. results in ``--out``: ``loadgen/`` (compare-routing.json/.md), ``routing-tables.json`` (the proxy's
@@ -57,6 +58,12 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=8.0)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--cost-config", default="{}", help="JSON: more keys of pools.<shape>.cost")
+    ap.add_argument(
+        "--cost-last",
+        action="store_true",
+        help="run the cost policy after the pinned ones (its curves then start from what the pinned runs "
+        "taught the proxy); by default it runs first, knowing nothing",
+    )
     ap.add_argument("--vllm-site", default="/tmp/vsite")
     ap.add_argument("--work", default="/tmp/qtrap-vllm")
     ap.add_argument("--out", required=True)
@@ -152,7 +159,7 @@ def main() -> int:
             )
             done = threading.Event()
 
-            def poll() -> None:  # the cost table while loadgen runs (the cost policy runs last)
+            def poll() -> None:  # the cost table while loadgen runs
                 t_poll = time.monotonic()
                 while not done.wait(4.0):
                     try:
@@ -169,7 +176,7 @@ def main() -> int:
             poller.start()
             cmd = [
                 sys.executable, "-m", "loadgen", "compare-routing", "--proxy", proxy, "--model", args.shape,
-                "--precisions", ",".join(precisions), "--policies", ",".join([*precisions, "cost"]),
+                "--precisions", ",".join(precisions), "--policies", ",".join([*precisions, "cost"] if args.cost_last else ["cost", *precisions]),
                 "--schedule", args.schedule, "--window", str(args.window), "--hops", "requests",
                 "--max-tokens", str(args.max_tokens), "--no-score", "random-weight models answer nothing",
                 "--timeout", "300", "--final-timeout", "60", "--out", str(out / "loadgen"), "--quiet",

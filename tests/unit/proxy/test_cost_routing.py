@@ -191,6 +191,63 @@ def test_cheapest_wins_at_each_load() -> None:
     assert st.decide() == ("int4-0", "ramp")
 
 
+def test_the_precision_cheapest_at_the_pools_load_wins_over_the_split_of_the_moment() -> None:
+    """INT4 carries all 31 requests at 0.5 J/token; BF16, idle, costs 3 J/token for its first request but
+    0.15 at 32 in flight. The pool's load belongs on BF16: the next request goes there (and the next ones,
+    as the chains' hops move), although one request alone on the idle BF16 replica looks dearer."""
+    st = Setup(_cfg(_quiet()))
+    st.feed("bf16-0", 1, 3.0)
+    st.feed("bf16-0", 32, 0.15)
+    st.feed("int4-0", 1, 1.5)
+    st.feed("int4-0", 16, 0.5)
+    st.by_name["int4-0"].inflight = 31
+    assert st.decide() == ("bf16-0", "cheapest")
+    # at one request in flight INT4 is the cheaper precision
+    st.by_name["int4-0"].inflight = 0
+    assert st.decide() == ("int4-0", "cheapest")
+
+
+def test_exploring_at_the_pools_load_is_paid_at_the_replicas_own_load() -> None:
+    """INT4 carries a burst of 31 at 0.08 J/token; BF16, idle, is well known alone (3 J/token) and seen
+    for 0.2 s at 32 in flight (0.3: a wide point). Thompson draws at the pool's load often make BF16 look
+    cheapest, but a request sent there now runs alone at 3 J/token: such explorations go ahead with
+    probability 0.08 / 3, so BF16 gets a small share, not the tenth or more that the draws would give."""
+    st = Setup(_cfg({"explore": 0, "hysteresis": 0.05}))
+    st.feed("bf16-0", 1, 3.0, n=200)
+    st.policy.observe_interval("bf16-0", "dev0", 0.2, 32.0, 0.3 * 3200.0, 3200.0)
+    st.feed("int4-0", 1, 1.5, n=200)
+    st.feed("int4-0", 32, 0.08, n=200)
+    st.by_name["int4-0"].inflight = 31
+    names = [st.decide()[0] for _ in range(4000)]
+    assert 0 < names.count("bf16-0") / len(names) < 0.01
+
+
+def test_slow_start_does_not_spread_over_replicas_sharing_a_gpu() -> None:
+    """Two replicas on one GPU: a burst past INT4's measured range stays on INT4 (the cheaper), since BF16
+    on the same GPU adds no capacity; on separate GPUs the burst spreads (ramp)."""
+    for shared in (True, False):
+        backends = [
+            {
+                "name": f"{p}-0",
+                "pool": "q8",
+                "precision": p,
+                "url": f"http://127.0.0.1:{9000 + i}",
+                "model": "Qwen/Qwen3-8B",
+                "devices": [{"host": "gpu-host", "index": 0 if shared else i}],
+            }
+            for i, p in enumerate(("bf16", "int4"))
+        ]
+        cfg = load_config(
+            data={"backends": backends, "pools": {"q8": {"default_precision": "bf16", "routing": "cost",
+                                                         "cost": _quiet()}}}
+        )  # fmt: skip
+        st = Setup(cfg)
+        st.feed("bf16-0", 1, 3.0)
+        st.feed("int4-0", 1, 1.0)
+        st.by_name["int4-0"].inflight = 5  # past 2 x 1 + 1
+        assert st.decide() == (("int4-0", "cheapest") if shared else ("bf16-0", "cheapest"))
+
+
 def test_accuracy_is_in_the_objective() -> None:
     st = Setup(_cfg(_quiet(accuracy={"bf16": 0.95, "int4": 0.5})))
     st.feed("bf16-0", 1, 1.5)
