@@ -168,6 +168,43 @@ def test_litellm_completion(setup: Setup) -> None:
     _check_sent(setup, usage.energy_j, usage.qtrap)
 
 
+def test_litellm_headers_as_its_proxy_server_relays_them(setup: Setup) -> None:
+    """What a LiteLLM proxy server (qtrap as its upstream, docs/clients.md) builds on: the client's headers
+    it forwards (``forward_client_headers_to_llm_api``) go to LiteLLM's SDK as ``headers``, so the client's
+    X-Request-Id becomes the record's client_request_id; and the upstream's response headers come back in
+    ``_hidden_params["additional_headers"]`` with an ``llm_provider-`` prefix, which the proxy server sends
+    to its client: ``llm_provider-x-qtrap-request-id`` names the record, and ``request-id`` is qtrap's
+    ``x-request-id`` (the client's id when it sent one). The answer's id is ``chatcmpl-`` + the record id
+    (qtrap sends its id upstream as X-Request-Id; vLLM and qtrap-sim name the answer after it)."""
+    import litellm
+
+    before = litellm.client_session
+    litellm.client_session = setup.http_client()
+    try:
+        resp = litellm.completion(
+            model="openai/qwen3-8b",
+            api_base=setup.v1,
+            api_key="x",
+            messages=MSGS,
+            max_tokens=12,
+            headers={"X-Request-Id": "litellm-order-1"},
+        )
+    finally:
+        litellm.client_session = before
+    rid = _check_sent(setup, resp.usage.energy_j, resp.usage.qtrap)
+    relayed = resp._hidden_params["additional_headers"]
+    assert relayed["llm_provider-x-qtrap-request-id"] == rid
+    assert relayed["llm_provider-x-request-id"] == "litellm-order-1"
+    assert float(relayed["llm_provider-x-qtrap-energy-j-provisional"]) == pytest.approx(
+        resp.usage.energy_j, rel=1e-5
+    )
+    assert resp.id == "chatcmpl-" + rid
+    found = requests.get(
+        setup.url + "/qtrap/v1/requests", params={"client_request_id": "litellm-order-1"}, timeout=5
+    ).json()["data"]
+    assert [r["id"] for r in found] == [rid]
+
+
 def test_stream_without_include_usage_gets_no_usage_chunk(setup: Setup) -> None:
     """Not asked for usage, a stream stays as the client expects it: its energy is in the record."""
     with (
