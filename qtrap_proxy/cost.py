@@ -40,11 +40,17 @@ The decision (``CostPolicy.decide``), for a request whose precision is not pinne
 3. cost = the backend's dynamic J/token at its load plus this request / accuracy(precision), the load
    being the pool's whole load spread over the candidate's precision's replicas, or its own if higher
    (which precision is cheapest at this load; see ``decide``).
-4. ``sticky_chains``: a chain whose first hop was routed keeps that precision (its cheapest candidate
+4. Backends sharing a GPU (their ``devices`` overlap): one takes a busy GPU's fresh requests at a time,
+   the one with the most in flight there (the lead); another on that GPU takes them only when its cost is
+   below the lead's by more than ``hysteresis``, and then the GPU's traffic moves to it as a whole. Two
+   servers busy on one GPU time-slice it at two small batches for the power of one large batch. A backend
+   without data is explored on a shared GPU only while the GPU is idle.
+5. ``sticky_chains``: a chain whose first hop was routed keeps that precision (its cheapest candidate
    replica; ``sticky``) while one is a candidate and its cost is within ``sticky_max_ratio`` times the
-   cheapest candidate's; beyond that the chain is routed afresh (a load change can make a chain's
-   precision several times dearer than another).
-5. The pool's current best changes only when another candidate's expected cost is lower than the best's by
+   cheapest candidate's, unless that would wake an idle server on a GPU another one leads (4); beyond that
+   the chain is routed afresh (a load change can make a chain's precision several times dearer than
+   another).
+6. The pool's current best changes only when another candidate's expected cost is lower than the best's by
    more than ``hysteresis``. With probability ``explore`` a uniformly drawn other candidate, kept with
    probability best cost / its cost (``explore``: exploration's extra energy stays about ``explore`` of
    the pool's); else Thompson sampling: the points of each candidate's curve segment drawn from
@@ -207,6 +213,7 @@ class BackendState:
         "itl_p95",
         "latency_t",
         "observed",
+        "peers",
         "precision",
         "ttft",
         "ttft_p95",
@@ -216,6 +223,7 @@ class BackendState:
         self.backend = backend
         self.precision = backend.precision
         self.devices = frozenset((d.host, d.index) for d in backend.cfg.devices)  # the GPUs it runs on
+        self.peers: tuple[BackendState, ...] = ()  # the pool's other backends on any of those GPUs
         self.curves: dict[str, Curve] = {}  # device key (or SEED_DEVICE) -> its curve
         self.observed = 0  # final ok records observed (ever)
         self.ttft: deque[tuple[float, float]] = deque(maxlen=_TTFT_SAMPLES)
@@ -275,6 +283,32 @@ class BackendState:
         return total
 
 
+def _second_on_a_busy_gpu(known: list[BackendState], costs: list[float], hysteresis: float) -> set[int]:
+    """The candidates (indices into ``known``) that may not take a fresh request because another backend on
+    one of their GPUs is busy and leads there. Several servers on one GPU do not add capacity: their batches
+    time-slice it, each at its own small batch, for about the power of one large batch (on real vLLM, three
+    precisions on one H100 split between two made 1.7x the energy per token of the best alone). So a shared
+    GPU's traffic goes to one backend at a time, the one with the most requests in flight (the lead); another
+    backend there takes fresh requests only when its cost at the load it would carry is below the lead's by
+    more than ``hysteresis``: then the GPU's traffic moves to it as a whole (it becomes the lead as its
+    load grows and the old lead drains). A lead that is not a candidate (down, full, over a latency budget)
+    blocks nothing."""
+    index = {id(s): i for i, s in enumerate(known)}
+    blocked: set[int] = set()
+    for i, s in enumerate(known):
+        if not s.peers:
+            continue
+        mine = s.backend.inflight
+        lead = max(s.peers, key=lambda o: o.backend.inflight)
+        if lead.backend.inflight <= mine:
+            continue  # it leads its GPU (or the GPU is idle)
+        j = index.get(id(lead))
+        if j is None or costs[i] < costs[j] * (1.0 - hysteresis):
+            continue
+        blocked.add(i)
+    return blocked
+
+
 def _p95(samples: deque[tuple[float, float]], since: float) -> float | None:
     """The p95 of the samples since ``since``; None below _MIN_LATENCY_SAMPLES of them."""
     values = sorted(v for t, v in samples if t >= since)
@@ -289,6 +323,8 @@ class PoolState:
         self.cfg = cfg
         self.default_precision = default_precision
         self.states = [BackendState(b) for b in backends]
+        for s in self.states:
+            s.peers = tuple(o for o in self.states if o is not s and o.devices & s.devices)
         self.by_name = {s.backend.name: s for s in self.states}
         self.precisions = sorted({s.precision for s in self.states})
         self.best: BackendState | None = None
@@ -503,10 +539,16 @@ class CostPolicy:
                 continue
             known.append(s)
             costs.append(c / acc[s.precision][0])
+        blocked = _second_on_a_busy_gpu(known, costs, h) if any(s.peers for s in known) else set()
         if chain_id is not None and cfg.sticky_chains:
             precision = ps.chains.get(chain_id)
             if precision is not None:
-                same = [i for i, s in enumerate(known) if s.precision == precision]
+                # a chain keeps its precision unless that would wake a second server on a busy GPU
+                same = [
+                    i
+                    for i, s in enumerate(known)
+                    if s.precision == precision and not (i in blocked and s.backend.inflight == 0)
+                ]
                 ratio = cfg.sticky_max_ratio
                 if same:
                     j = min(same, key=costs.__getitem__)
@@ -519,7 +561,9 @@ class CostPolicy:
                         ps.chains.move_to_end(chain_id)
                         return self._done(ps, unknown[next(ps.turn) % len(unknown)], "sticky", None)
         if fresh:
-            idle = [s for s in fresh if s.backend.inflight == 0]
+            idle = [
+                s for s in fresh if s.backend.inflight == 0 and not any(o.backend.inflight for o in s.peers)
+            ]
             if idle:
                 return self._done(ps, idle[next(ps.turn) % len(idle)], "explore", chain_id)
         if not known:
@@ -530,6 +574,9 @@ class CostPolicy:
                 return self._done(ps, pick, "ramp", chain_id)
             dflt = [s for s in live if s.precision == ps.default_precision] or live
             return self._done(ps, dflt[next(ps.turn) % len(dflt)], "no_data", chain_id)
+        if blocked:
+            known = [s for i, s in enumerate(known) if i not in blocked]
+            costs = [c for i, c in enumerate(costs) if i not in blocked]
         best_i = min(range(len(costs)), key=costs.__getitem__)
         cur_i = next((i for i, s in enumerate(known) if s is ps.best), -1)
         if cur_i < 0 or costs[best_i] < costs[cur_i] * (1.0 - h):

@@ -248,6 +248,99 @@ def test_slow_start_does_not_spread_over_replicas_sharing_a_gpu() -> None:
         assert st.decide() == (("int4-0", "cheapest") if shared else ("bf16-0", "cheapest"))
 
 
+def _one_gpu(cost: dict[str, Any], precisions: tuple[str, ...] = ("bf16", "fp8", "int4")) -> Setup:
+    """One replica per precision, all on GPU 0 of one host (three vLLM servers side by side)."""
+    backends = [
+        {
+            "name": f"{p}-0",
+            "pool": "q8",
+            "precision": p,
+            "url": f"http://127.0.0.1:{9000 + i}",
+            "model": "Qwen/Qwen3-8B",
+            "devices": [{"host": "gpu-host", "index": 0}],
+        }
+        for i, p in enumerate(precisions)
+    ]
+    pool = {"default_precision": precisions[0], "routing": "cost", "cost": cost}
+    return Setup(load_config(data={"backends": backends, "pools": {"q8": pool}}))
+
+
+def test_a_busy_shared_gpu_serves_one_precision_at_a_time() -> None:
+    """FP8 leads the GPU with 20 in flight; INT4 is 3% cheaper there (within the 5% hysteresis) and BF16
+    dearer. Every fresh request stays on FP8, even when exploration and Thompson draws pick another (with
+    replicas on separate GPUs they would go ahead): a second server busy on the GPU time-slices it."""
+    st = _one_gpu({"explore": 0.5, "hysteresis": 0.05})
+    for name, jpt in (("bf16-0", 0.5), ("fp8-0", 0.30), ("int4-0", 0.291)):
+        st.feed(name, 1, 3 * jpt, n=200)
+        st.feed(name, 16, jpt, n=2)  # wide points: Thompson draws often invert the order
+    st.by_name["fp8-0"].inflight = 20
+    assert {st.decide()[0] for _ in range(2000)} == {"fp8-0"}
+    # the same costs on separate GPUs: exploration does send some requests elsewhere
+    sep = Setup(_cfg({"explore": 0.5, "hysteresis": 0.05}, precisions=("bf16", "fp8", "int4")))
+    for name, jpt in (("bf16-0", 0.5), ("fp8-0", 0.30), ("int4-0", 0.291)):
+        sep.feed(name, 1, 3 * jpt, n=200)
+        sep.feed(name, 16, jpt, n=2)
+    sep.by_name["fp8-0"].inflight = 20
+    assert len({sep.decide()[0] for _ in range(2000)}) > 1
+
+
+def test_a_shared_gpus_traffic_moves_as_a_whole_to_a_precision_cheaper_past_hysteresis() -> None:
+    st = _one_gpu(_quiet(hysteresis=0.05))
+    st.feed("bf16-0", 1, 1.5)
+    st.feed("bf16-0", 16, 0.5)
+    st.feed("fp8-0", 1, 1.0)
+    st.feed("fp8-0", 16, 0.30)
+    st.feed("int4-0", 1, 0.9)
+    st.feed("int4-0", 16, 0.20)  # a third cheaper than FP8 at the GPU's load
+    st.by_name["fp8-0"].inflight = 20
+    assert st.decide() == ("int4-0", "cheapest")
+    st.by_name["int4-0"].inflight = 1  # INT4 now takes the GPU's fresh requests while FP8 drains
+    assert {st.decide() for _ in range(50)} == {("int4-0", "cheapest")}
+    st.by_name["int4-0"].inflight, st.by_name["fp8-0"].inflight = 20, 3  # INT4 leads: FP8 is not woken
+    assert {st.decide()[0] for _ in range(50)} == {"int4-0"}
+    # the GPU idle: every precision is free again (a chain of one request at a time picks the cheapest alone)
+    st.set_load(0)
+    assert st.decide() == ("int4-0", "cheapest")
+
+
+def test_a_lead_that_cannot_take_more_blocks_nothing() -> None:
+    st = _one_gpu(_quiet(hysteresis=0.05, max_inflight=20))
+    st.feed("fp8-0", 16, 0.30)
+    st.feed("int4-0", 16, 0.31)
+    st.feed("bf16-0", 16, 0.5)
+    st.by_name["fp8-0"].inflight = 20  # full: not a candidate
+    assert st.decide() == ("int4-0", "cheapest")
+    st.by_name["fp8-0"].inflight = 10
+    assert st.decide() == ("fp8-0", "cheapest")
+    st.by_name["fp8-0"].probe_ok = False  # down: the others are free
+    assert st.decide() == ("int4-0", "cheapest")
+
+
+def test_sticky_chains_do_not_wake_a_second_server_on_a_busy_gpu() -> None:
+    st = _one_gpu(_quiet(hysteresis=0.05), precisions=("fp8", "int4"))
+    st.feed("fp8-0", 1, 1.0)
+    st.feed("fp8-0", 16, 0.30)
+    st.feed("int4-0", 1, 0.8)
+    st.feed("int4-0", 16, 0.31)
+    assert st.decide("c1") == ("int4-0", "cheapest")  # GPU idle: INT4 is cheapest alone
+    st.by_name["fp8-0"].inflight = 20  # a burst went to FP8 meanwhile
+    assert st.decide("c1") == ("fp8-0", "cheapest")  # INT4's server is idle: the chain is routed afresh
+    assert st.decide("c2") == ("fp8-0", "cheapest")
+    st.by_name["int4-0"].inflight = 2  # INT4 still busy with its own chains: a chain keeps it
+    assert st.decide("c3") == ("fp8-0", "cheapest")
+    st.policy.pools["q8"].chains["c3"] = "int4"
+    assert st.decide("c3") == ("int4-0", "sticky")
+
+
+def test_backends_without_data_are_explored_on_a_shared_gpu_only_while_it_is_idle() -> None:
+    st = _one_gpu(_quiet(), precisions=("fp8", "int4"))
+    st.feed("fp8-0", 1, 1.0)
+    st.by_name["fp8-0"].inflight = 4
+    assert {st.decide() for _ in range(20)} == {("fp8-0", "cheapest")}
+    st.by_name["fp8-0"].inflight = 0
+    assert st.decide() == ("int4-0", "explore")
+
+
 def test_accuracy_is_in_the_objective() -> None:
     st = Setup(_cfg(_quiet(accuracy={"bf16": 0.95, "int4": 0.5})))
     st.feed("bf16-0", 1, 1.5)
