@@ -2,7 +2,8 @@
 
     PYTHONPATH=. .venv/bin/python bench/route_decision.py [--iterations 200000] [--repeats 5]
 
-Builds a pool of 3 precisions x 2 replicas with `routing: cost` (default knobs: explore 0.02, hysteresis
+Builds a pool of 3 precisions x 2 replicas (a GPU each; with ``--shared-gpus`` one replica of every precision
+on each of 2 GPUs, so the one-busy-server-per-GPU rule runs too) with `routing: cost` (default knobs: explore 0.02, hysteresis
 0.05, sticky chains), fills every backend's cost curve at 7 load buckets (settled meter intervals), gives each replica a random
 number of requests in flight before every decision, and times:
 
@@ -34,7 +35,7 @@ from qtrap_proxy.upstream import Backend
 PRECISIONS = {"bf16": 1.0, "fp8": 0.62, "int4": 0.66}  # J/token at one in flight, relative
 
 
-def build() -> tuple[Router, CostPolicy, list[Backend]]:
+def build(shared_gpus: bool = False) -> tuple[Router, CostPolicy, list[Backend]]:
     backends: list[dict[str, Any]] = [
         {
             "name": f"{p}-{r}",
@@ -42,6 +43,8 @@ def build() -> tuple[Router, CostPolicy, list[Backend]]:
             "precision": p,
             "url": f"http://127.0.0.1:{9000 + i}",
             "model": "m",
+            # --shared-gpus: replica r of every precision on GPU r (three servers per GPU); else a GPU each
+            "devices": [{"host": "h", "index": r if shared_gpus else i}],
         }
         for i, (p, r) in enumerate((p, r) for p in PRECISIONS for r in range(2))
     ]
@@ -101,13 +104,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=200_000)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--shared-gpus",
+        action="store_true",
+        help="one replica of each precision per GPU (2 GPUs), not a GPU each",
+    )
     args = p.parse_args()
-    router, policy, backends = build()
+    router, policy, backends = build(args.shared_gpus)
     n, k = args.iterations, args.repeats
     print(
         f"python {platform.python_version()} on {platform.machine()}; {n} decisions x {k} repeats, best repeat"
     )
-    print("pool: 3 precisions x 2 replicas, every backend's curve with 7 points, loads random in 0-47")
+    gpus = "3 servers on each of 2 GPUs" if args.shared_gpus else "a GPU each"
+    print(
+        f"pool: 3 precisions x 2 replicas ({gpus}), every backend's curve with 7 points, loads random in 0-47"
+    )
     fresh = itertools.count()
     rows = [
         ("decide", timed(lambda i: policy.decide("q8"), backends, n, k)),
