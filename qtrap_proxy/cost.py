@@ -134,7 +134,8 @@ _TABLE_LOADS = (0, 1, 3, 7, 15, 31, 63, 127)
 _POINTS_TTL_S = 1.0  # a curve's points are recomputed at most this often between intervals  # GET /qtrap/v1/routing: the marginal cost at these loads
 SEED_DEVICE = "seed"  # the curve a seed report fills, used until a device's own intervals arrive
 
-Point = tuple[float, float, float, float, float]  # load, power W, rate tokens/s, their standard errors
+# load, power W, rate tokens/s, and the log-normal spreads of power and rate (``_log_sigma``) for the draws
+Point = tuple[float, float, float, float, float]
 
 
 class Curve:
@@ -174,7 +175,9 @@ class Curve:
                 continue
             n = ls.n(now, half_life_s)
             p, r = self.power[b], self.rate[b]
-            pts.append((ls.mean, p.mean, r.mean, p.stderr(n), r.stderr(n)))
+            pts.append(
+                (ls.mean, p.mean, r.mean, _log_sigma(p.mean, p.stderr(n)), _log_sigma(r.mean, r.stderr(n)))
+            )
         self._cache = (now, pts)
         return pts
 
@@ -190,22 +193,30 @@ def bracket(points: list[Point], load: float) -> tuple[int, int, float]:
     return last, last, 1.0
 
 
-def _draw(mean: float, stderr: float, gauss: Callable[[], float]) -> float:
-    """A draw of a positive quantity (power above idle, a token rate) from the log-normal with its mean and
-    standard error: never zero or negative, so a point measured for a second or two (a wide spread) cannot
-    draw a free replica (a normal draw clipped at zero power made a replica measured for half a second cost
-    nothing in one draw in thirteen, and an idle dear replica took a share of every burst). A mean at or
-    below zero is kept as it is."""
+def _log_sigma(mean: float, stderr: float) -> float:
+    """The spread (sigma of the logarithm) of the log-normal with this mean and standard error; 0 where the
+    mean is at or below zero or the error is 0 (``_draw`` then keeps the mean)."""
     if mean <= 0 or stderr <= 0:
+        return 0.0
+    return math.sqrt(math.log1p((stderr / mean) ** 2))
+
+
+def _draw(mean: float, sigma: float, gauss: Callable[[], float]) -> float:
+    """A draw of a positive quantity (power above idle, a token rate) from the log-normal with its mean and
+    spread ``sigma`` (``_log_sigma`` of its standard error): never zero or negative, so a point measured for
+    a second or two (a wide spread) cannot draw a free replica (a normal draw clipped at zero power made a
+    replica measured for half a second cost nothing in one draw in thirteen, and an idle dear replica took a
+    share of every burst). A mean at or below zero, or no spread, is kept as it is."""
+    if sigma <= 0:
         return mean
-    s2 = math.log1p((stderr / mean) ** 2)
-    return mean * math.exp(math.sqrt(s2) * gauss() - 0.5 * s2)
+    return mean * math.exp(sigma * (gauss() - 0.5 * sigma))
 
 
 class BackendState:
     """One backend's cost curves and recent latencies."""
 
     __slots__ = (
+        "_measured",
         "backend",
         "curves",
         "devices",
@@ -231,6 +242,7 @@ class BackendState:
         self.ttft_p95: float | None = None
         self.itl_p95: float | None = None
         self.latency_t = -math.inf  # when the last latency sample came
+        self._measured: list[Curve] | None = None  # measured()'s answer until a curve changes
 
     @property
     def seeded(self) -> bool:
@@ -238,11 +250,18 @@ class BackendState:
 
     def measured(self) -> list[Curve]:
         """The curves of the devices measured so far; the seed's until there is one."""
-        own = [c for k, c in self.curves.items() if k != SEED_DEVICE and c.seconds > 0]
-        if own:
-            return own
-        seed = self.curves.get(SEED_DEVICE)
-        return [seed] if seed is not None else []
+        found = self._measured
+        if found is None:
+            found = [c for k, c in self.curves.items() if k != SEED_DEVICE and c.seconds > 0]
+            if not found:
+                seed = self.curves.get(SEED_DEVICE)
+                found = [seed] if seed is not None else []
+            self._measured = found
+        return found
+
+    def changed(self) -> None:
+        """A curve was added or observed: ``measured`` looks again."""
+        self._measured = None
 
     @property
     def has_data(self) -> bool:
@@ -404,6 +423,7 @@ class CostPolicy:
             if not mine:
                 continue
             curve = s.curves[SEED_DEVICE] = Curve()
+            s.changed()
             for lv in mine:
                 # a level's power: its J/token times its token rate (the report's, else one token/s per
                 # request in flight: the slopes between levels keep their proportions)
@@ -455,6 +475,7 @@ class CostPolicy:
         if curve is None:
             curve = s.curves[device] = Curve()
         curve.add(load, dynamic_j / dt, tokens / dt, self.clock(), ps.cfg.decay_s, dt)
+        s.changed()
 
     def scored(self, pool: str | None, precision: str | None, correct: bool) -> None:
         """A chain's verdict (counted once per chain): live accuracy where none is configured."""
@@ -600,12 +621,8 @@ class CostPolicy:
                 j += j >= cur_i
                 if worth(j):
                     return self._done(ps, known[j], "explore", chain_id)
-            gauss = rng.gauss
-
-            def normal() -> float:
-                return gauss(0.0, 1.0)
-
-            draws = [s.cost(load[id(s)], now, half, normal) / acc[s.precision][0] for s in known]
+            gauss = rng.gauss  # a standard normal draw with its defaults (mu 0, sigma 1)
+            draws = [s.cost(load[id(s)], now, half, gauss) / acc[s.precision][0] for s in known]
             w = min(range(len(draws)), key=draws.__getitem__)
             if w != cur_i and draws[w] < draws[cur_i] * (1.0 - h) and worth(w):
                 return self._done(ps, known[w], "explore", chain_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from qtrap_proxy.admin import routing_report
 from qtrap_proxy.cli import main
 from qtrap_proxy.config import ProxyConfig, load_config
-from qtrap_proxy.cost import CostPolicy, Stat, _draw
+from qtrap_proxy.cost import CostPolicy, Stat, _draw, _log_sigma
 from qtrap_proxy.costseed import bucket, bucket_label, read_seed
 from qtrap_proxy.errors import ConfigError
 from qtrap_proxy.proxy import Proxy
@@ -545,10 +546,12 @@ def test_thompson_sampling_explores_uncertain_candidates() -> None:
 
 def test_thompson_draws_stay_positive_and_keep_the_mean() -> None:
     rng = random.Random(3)
-    draws = [_draw(10.0, 7.0, lambda: rng.gauss(0.0, 1.0)) for _ in range(40_000)]
+    draws = [_draw(10.0, _log_sigma(10.0, 7.0), lambda: rng.gauss(0.0, 1.0)) for _ in range(40_000)]
     assert min(draws) > 0  # a normal draw with this spread is below zero one time in thirteen
     assert sum(draws) / len(draws) == pytest.approx(10.0, rel=0.03)
-    assert _draw(-1.0, 5.0, lambda: 2.0) == -1.0 and _draw(3.0, 0.0, lambda: 2.0) == 3.0
+    assert statistics.stdev(draws) == pytest.approx(7.0, rel=0.1)
+    assert _log_sigma(-1.0, 5.0) == 0.0 and _log_sigma(3.0, 0.0) == 0.0
+    assert _draw(-1.0, 0.0, lambda: 2.0) == -1.0 and _draw(3.0, 0.0, lambda: 2.0) == 3.0
 
 
 def test_a_dear_replica_seen_briefly_does_not_take_a_share_of_decisions() -> None:
