@@ -113,7 +113,9 @@ class Stat:
         self.w += weight
         delta = x - self.mean
         self.mean += delta * weight / self.w
-        self.m2 += weight * delta * (x - self.mean)
+        # never below zero: rounding in this update can leave a variance of one value at -1e-9, and a
+        # negative variance is a math domain error in stderr (found with a seed of one level per bucket)
+        self.m2 = max(0.0, self.m2 + weight * delta * (x - self.mean))
 
     def n(self, now: float, half_life_s: float) -> float:
         """The effective number of observations now."""

@@ -17,7 +17,8 @@ from qtrap_sim.server import SimConfigError, load_sim_config, serve_all
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qtrap-sim",
-        description="A vLLM/TGI-compatible inference server on a simulated GPU (no GPU needed).",
+        description="A vLLM/TGI-compatible inference server on a simulated GPU (no GPU needed). "
+        "`qtrap-sim seed --help`: write a routing seed from a GPU profile instead.",
     )
     p.add_argument("--version", action="version", version=f"qtrap-sim {__version__}")
     p.add_argument(
@@ -93,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["seed"]:  # `qtrap-sim seed ...`: a routing seed from a profile (qtrap_sim/seed.py)
+        from qtrap_sim.seed import main as seed_main
+
+        return seed_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     try:

@@ -131,6 +131,16 @@ def test_stat_decays_and_widens() -> None:
     assert s.mean == pytest.approx((2.0 * 1.5 + 10.0) / 2.5)
 
 
+def test_stat_variance_never_goes_negative() -> None:
+    """One value added alone can leave m2 slightly below zero by rounding (1452.357... with weight 3:
+    -1e-9), and stderr then raised a math domain error inside a routing decision (found with a seed of one
+    level per bucket)."""
+    for x, w in ((1452.3571825113872, 3.0), (2025.265753114621, 0.1), (3092.226614379983, 0.1)):
+        s = Stat()
+        s.add(x, 1.0, 600, w)
+        assert s.m2 >= 0 and s.stderr(s.n(1.0, 600)) >= 0
+
+
 def test_cost_is_dynamic_power_over_rate_at_the_load_with_the_request() -> None:
     st = Setup(_cfg(_quiet()))
     # 1 request: 200 W above idle for 100 tokens/s; 8 requests: 400 W for 800 tokens/s
