@@ -57,6 +57,13 @@ def main() -> None:
         help="the simulated GPUs' energy counters refresh every 0.85-1.15x this (default: 85-115 ms, an "
         "H100's NVML counter); the proxy samples them 5x as often",
     )
+    ap.add_argument(
+        "--no-cached-tokens",
+        dest="cached_tokens",
+        action="store_false",
+        help="the simulated engines' usage does not say how many prompt tokens their prefix cache held "
+        "(vLLM without --enable-prompt-tokens-details): the proxy counts every prompt token as prefilled",
+    )
     args = ap.parse_args()
     if args.proxy:
         external(args)
@@ -82,7 +89,14 @@ def main() -> None:
         yaml.safe_dump(
             {
                 "backends": [
-                    {"model": "qwen3-8b", "precision": p, "port": port, **facts, **counter}
+                    {
+                        "model": "qwen3-8b",
+                        "precision": p,
+                        "port": port,
+                        **facts,
+                        **counter,
+                        "enable_prompt_tokens_details": args.cached_tokens,
+                    }
                     for p, port in ports.items()
                 ]
             }

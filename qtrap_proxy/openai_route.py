@@ -169,6 +169,7 @@ class OpenAIStreamFilter(StreamFilter):
         pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if isinstance(pt, int):
             tl.prompt_tokens = pt
+            tl.cached_tokens = cached_tokens(usage, pt)
         if isinstance(ct, int):
             tl.completion_tokens = ct
             if self.continuous and tl.tokens_exact:  # not after a fallback to per-chunk estimates
@@ -180,6 +181,19 @@ class OpenAIStreamFilter(StreamFilter):
     def error_event(self, err: QtrapError) -> bytes:
         body = openai_error_body(err.message, err.type, None, err.status)
         return b"data: " + body + b"\n\ndata: [DONE]\n\n"
+
+
+def cached_tokens(usage: Mapping[str, Any], prompt_tokens: int) -> int | None:
+    """``usage.prompt_tokens_details.cached_tokens`` (vLLM with --enable-prompt-tokens-details, OpenAI's
+    field) when it is an integer in 0..prompt_tokens, else None (unknown: the whole prompt counts as
+    prefilled). An upstream value, bounded before it reaches the attribution."""
+    details = usage.get("prompt_tokens_details")
+    if not isinstance(details, dict):
+        return None
+    n = details.get("cached_tokens")
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= prompt_tokens:
+        return None
+    return n
 
 
 def _content_text(choices: Any) -> str:
@@ -292,6 +306,7 @@ class OpenAIRoute(OpenAIEdgeRoute):
             pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(pt, int):
                 tl.prompt_tokens = pt
+                tl.cached_tokens = cached_tokens(usage, pt)
             if isinstance(ct, int):
                 tl.completion_tokens = ct
                 tl.tokens_exact = True

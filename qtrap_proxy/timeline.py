@@ -52,6 +52,9 @@ class Timeline:
     chunk_tokens: list[int] = field(default_factory=list)
     chunk_hop: list[int] | None = None  # hop (0-based) of each chunk, with x-qtrap-hop-split
     prompt_tokens: int | None = None
+    # the prompt's leading tokens the engine found in its prefix cache (vLLM's usage.prompt_tokens_details
+    # .cached_tokens, with --enable-prompt-tokens-details): not prefilled, so no prefill rows
+    cached_tokens: int | None = None
     completion_tokens: int | None = None
     # True when chunk_tokens come from the backend's own counters (vLLM continuous
     # usage stats, TGI's one-token events); False when they are one-per-chunk estimates.
@@ -70,6 +73,14 @@ class Timeline:
         """What goes upstream: the client's trace (else one named by the request id), this request's
         span, sampled (an engine with a parent-based sampler records a span only for a sampled parent)."""
         return f"00-{self.trace_id or self.request_id}-{self.request_id[:16]}-01"
+
+    def prefilled(self, prompt_tokens: int | None) -> int | None:
+        """The prompt tokens the engine prefilled: ``prompt_tokens`` (the engine's count, else the usage's)
+        less those its prefix cache held, where the usage said."""
+        if prompt_tokens is None:
+            return None
+        cached = self.cached_tokens
+        return prompt_tokens if cached is None else max(0, prompt_tokens - cached)
 
     def add_chunk(self, t: float, tokens: int) -> None:
         self.chunk_t.append(t)

@@ -114,6 +114,11 @@ class SimBackendConfig(BaseModel):
         description="the GPU energy counter refreshes every [lo, hi] ms, uniformly drawn (an H100's NVML "
         "counter: 85-115 ms); shorter to study how attribution depends on the meter's granularity",
     )
+    enable_prompt_tokens_details: bool = Field(
+        False,
+        description="vLLM's --enable-prompt-tokens-details: usage carries prompt_tokens_details.cached_tokens "
+        "(the prompt's leading tokens found in the prefix cache, not prefilled again)",
+    )
     clock_skew_s: float = Field(
         0.0,
         allow_inf_nan=False,

@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         "unless OTEL_BSP_SCHEDULE_DELAY is set)",
     )
     p.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="as vLLM's flag: usage carries prompt_tokens_details.cached_tokens (prefix-cache hits)",
+    )
+    p.add_argument(
         "--clock-skew-s",
         type=float,
         default=0.0,
@@ -126,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                     otlp_traces_endpoint=args.otlp_traces_endpoint,
                     otlp_batch_delay_ms=args.otlp_batch_delay_ms,
                     clock_skew_s=args.clock_skew_s,
+                    enable_prompt_tokens_details=args.enable_prompt_tokens_details,
                 )
             ]
     except (SimConfigError, ValidationError) as e:

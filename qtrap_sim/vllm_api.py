@@ -133,12 +133,17 @@ def create_vllm_app(backend: SimBackend) -> Starlette:
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
 
-        def usage() -> dict[str, int]:
-            return {
+        details = backend.cfg.enable_prompt_tokens_details
+
+        def usage() -> dict[str, Any]:
+            u: dict[str, Any] = {
                 "prompt_tokens": prompt_tokens,
                 "total_tokens": prompt_tokens + req.generated,
                 "completion_tokens": req.generated,
             }
+            if details:  # as vLLM with --enable-prompt-tokens-details
+                u["prompt_tokens_details"] = {"cached_tokens": req.cached_tokens}
+            return u
 
         if not stream:
             answer = await backend.collect(gen, request.receive)

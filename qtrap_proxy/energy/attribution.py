@@ -221,7 +221,7 @@ class Tracked:
         if not tl.stream:  # one answer at the end: spread its tokens evenly once they are known
             if end is None or tl.completion_tokens is None:
                 return None
-            total = tl.completion_tokens + prefill_weight * (tl.prompt_tokens or 0)
+            total = tl.completion_tokens + prefill_weight * (tl.prefilled(tl.prompt_tokens) or 0)
             return total * (hi - lo) / max(end - start, 1e-9)
         times = tl.chunk_t
         first = times[0] if times else None
@@ -231,9 +231,10 @@ class Tracked:
         prefill_end = first if first is not None else (end if end is not None else t1)
         p_lo, p_hi = max(t0, start), min(t1, prefill_end)
         if p_hi > p_lo:
-            if first is None or tl.prompt_tokens is None:
+            prefilled = tl.prefilled(tl.prompt_tokens)
+            if first is None or prefilled is None:
                 return None  # prefilling a prompt of unknown size
-            w += prefill_weight * tl.prompt_tokens * (p_hi - p_lo) / max(first - start, 1e-9)
+            w += prefill_weight * prefilled * (p_hi - p_lo) / max(first - start, 1e-9)
         return w
 
     def _engine_work(self, e: EngineTimes, t0: float, t1: float, prefill_weight: float) -> float | None:
@@ -244,7 +245,7 @@ class Tracked:
         lo, hi = max(t0, tl.start), min(t1, tl.end if tl.end is not None else t1)
         if hi <= lo:
             return 0.0
-        prompt = e.prompt_tokens if e.prompt_tokens is not None else tl.prompt_tokens
+        prompt = tl.prefilled(e.prompt_tokens if e.prompt_tokens is not None else tl.prompt_tokens)
         generated = e.completion_tokens if e.completion_tokens is not None else tl.completion_tokens
         if e.first_token is None:
             if prompt is None or generated is None:
@@ -268,8 +269,9 @@ class Tracked:
 
     def rows_and_kv(self, t0: float, t1: float, engine_view: bool = True) -> tuple[float, float] | None:
         """Rows this request put through the model in (t0, t1] (prompt and decoded tokens alike) and the
-        KV-cache tokens its attention read: each prompt row its prompt once (prefill), each decoded token
-        its context (prompt plus the tokens generated before it). None where its work is unknown."""
+        KV-cache tokens its attention read: its prefill the prompt once (prompt tokens its engine's prefix
+        cache held are read but are no rows), each decoded token its context (prompt plus the tokens
+        generated before it). None where its work is unknown."""
         work = self.work if engine_view else self.proxy_work
         decode = work(t0, t1, 0.0)
         rows = work(t0, t1, 1.0)
@@ -287,7 +289,11 @@ class Tracked:
             lo = e.first_token if e is not None and e.first_token is not None else tl.start
             hi = e.last_token if e is not None else (tl.end if tl.end is not None else t1)
             before = total * min(1.0, max(0.0, (t0 - lo) / (hi - lo))) if hi > lo else 0.0
-        return rows, (rows - decode) + decode * (prompt + before + decode / 2)
+        # a prefill's attention reads the whole prompt once, its cached prefix included, while only the
+        # uncached tokens are rows: the prompt rows' reads scaled up by prompt / prefilled
+        prefilled = tl.prefilled(prompt) or 0
+        reads = (rows - decode) * (prompt / prefilled if prefilled > 0 else 1.0)
+        return rows, reads + decode * (prompt + before + decode / 2)
 
     def running(self, t0: float, t1: float, engine_view: bool = True) -> float:
         """Seconds of (t0, t1] this request was running on the engine: from its prefill to its last token

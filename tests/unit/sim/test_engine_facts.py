@@ -423,3 +423,35 @@ def test_bad_tracing_options(kw: dict[str, Any], needle: str) -> None:
 def test_no_endpoint_no_tracer() -> None:
     assert SimBackend(_cfg()).tracer is None
     assert SimBackend(_cfg(api="tgi"), span_exporter=InMemorySpanExporter()).tracer is None
+
+
+def test_prompt_tokens_details_report_prefix_cache_hits_when_enabled() -> None:
+    """As vLLM with --enable-prompt-tokens-details: the second identical prompt finds all but its last token
+    in the prefix cache, and usage says so, streamed or not; without the flag usage has no such member."""
+    prompt = "the same long prompt " * 40
+
+    async def go(enabled: bool) -> list[dict[str, Any]]:
+        backend = SimBackend(_cfg(enable_prompt_tokens_details=enabled))
+        usages: list[dict[str, Any]] = []
+        async with _client(backend) as client:
+            for stream in (False, True):
+                body: dict[str, Any] = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "stream": stream}
+                if stream:
+                    body["stream_options"] = {"include_usage": True}
+                r = await client.post("/v1/completions", json=body)
+                assert r.status_code == 200
+                if stream:
+                    events = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+                    usages.append(next(e["usage"] for e in events if e.get("usage")))
+                else:
+                    usages.append(r.json()["usage"])
+        return usages
+
+    for enabled in (False, True):
+        usages = asyncio.run(go(enabled))
+        if not enabled:
+            assert all("prompt_tokens_details" not in u for u in usages)
+            continue
+        first, second = usages
+        assert first["prompt_tokens_details"]["cached_tokens"] == 0
+        assert second["prompt_tokens_details"]["cached_tokens"] == second["prompt_tokens"] - 1

@@ -376,3 +376,39 @@ def test_a_span_that_cannot_be_placed_stops_the_wait_and_says_why() -> None:
     svc.on_facts([EngineFacts("otlp", parent_span_id=tl.span_id, e2e_s=1.0)])  # no start time
     assert svc.facts_outcomes["unplaceable"] == 1
     assert not tr.facts_expected and tr.facts == "proxy" and tr.facts_reason == reasons.FACTS_UNPLACEABLE
+
+
+def test_prompt_tokens_the_prefix_cache_held_are_no_prefill_rows_but_are_read() -> None:
+    """A prompt of 1,000 tokens of which the engine's prefix cache held 900 (vLLM's
+    usage.prompt_tokens_details.cached_tokens): its prefill puts 100 rows through the model, and its
+    attention still reads all 1,000 once. Without the count all 1,000 are rows."""
+    for cached, rows in ((None, 1000.0), (900, 100.0), (1000, 0.0)):
+        tl = _tl("p", 0.0, 2.0, [(1.0, 1)], 1000, True)
+        tl.cached_tokens = cached
+        tr = Tracked(tl)
+        tr.engine = EngineTimes("otlp", 0.0, 0.5, 1.0, 1.0, 1000, 1, 0.0)
+        got = tr.rows_and_kv(0.5, 0.99)  # 98% of the prefill (0.5 to 1.0), before the first token
+        assert got is not None
+        assert got[0] == pytest.approx(0.98 * rows)
+        assert got[1] == pytest.approx(0.98 * 1000.0 if rows else 0.0)  # all cached: no rows to scale
+        # the proxy's own view (no engine facts) counts the same rows over arrival to first chunk
+        assert tr.proxy_work(0.0, 1.0, 1.0) == pytest.approx(rows + 1)
+
+
+def test_cached_tokens_from_usage_are_validated() -> None:
+    from qtrap_proxy.openai_route import cached_tokens
+
+    assert cached_tokens({"prompt_tokens_details": {"cached_tokens": 30}}, 100) == 30
+    for bad in (
+        {},
+        {"prompt_tokens_details": None},
+        {"prompt_tokens_details": {"cached_tokens": -1}},
+        {"prompt_tokens_details": {"cached_tokens": 101}},
+        {"prompt_tokens_details": {"cached_tokens": True}},
+        {"prompt_tokens_details": {"cached_tokens": 3.0}},
+    ):
+        assert cached_tokens(bad, 100) is None
+    tl = _tl("q", 0.0, 1.0, [], 50, True)
+    assert tl.prefilled(50) == 50 and tl.prefilled(None) is None
+    tl.cached_tokens = 20
+    assert tl.prefilled(50) == 30 and tl.prefilled(10) == 0
