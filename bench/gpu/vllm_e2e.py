@@ -324,8 +324,12 @@ def span_servers(
     spans to ``http://127.0.0.1:<otlp_port>/v1/traces`` over OTLP/HTTP (none without ``otlp_port``)."""
     from qtrap_common.localproc import free_port
 
-    if otlp_port is not None:
-        ns.serve_args = f"--otlp-traces-endpoint http://127.0.0.1:{otlp_port}/v1/traces"
+    if (
+        otlp_port is not None
+    ):  # and usage says how many prompt tokens the prefix cache held (the proxy's rows)
+        ns.serve_args = (
+            f"--otlp-traces-endpoint http://127.0.0.1:{otlp_port}/v1/traces --enable-prompt-tokens-details"
+        )
     ports = {p: free_port() for p in precisions}
     cmds = engine.commands(ns, work, ports)
     if isinstance(engine, SimEngine) and otlp_port is not None:  # qtrap-sim takes them as options
