@@ -18,8 +18,7 @@ interpolated between the curve's points (past the last point, the last point's),
 devices. Power over rate at one point is used rather than the slope between two (the strict marginal
 cost): a slope between two noisy points is far noisier than their ratio, and under batching the two rank
 replicas alike. An optional loadgen report seeds a curve per precision (costseed.read_seed; each level a
-point of ``seed_n`` seconds' weight) until measured intervals arrive, and past a measured curve's highest
-load after that (a backend on one device: its own points where measured, the seed's above them); a seed's power is the attributed
+point of ``seed_n`` seconds' weight) until measured intervals arrive; a seed's power is the attributed
 power, idle share included, so seeded costs read high at low load.
 
 Final records feed the latency budgets and the counts; chain scores the live accuracy.
@@ -220,7 +219,6 @@ class BackendState:
 
     __slots__ = (
         "_measured",
-        "_merged",
         "backend",
         "curves",
         "devices",
@@ -247,7 +245,6 @@ class BackendState:
         self.itl_p95: float | None = None
         self.latency_t = -math.inf  # when the last latency sample came
         self._measured: list[Curve] | None = None  # measured()'s answer until a curve changes
-        self._merged: tuple[list[Point], list[Point], list[Point]] | None = None  # (own, seed, merged)
 
     @property
     def seeded(self) -> bool:
@@ -268,31 +265,13 @@ class BackendState:
         """A curve was added or observed: ``measured`` looks again."""
         self._measured = None
 
-    def points(self, c: Curve, now: float, half_life_s: float) -> list[Point]:
-        """A measured curve's points, extended past its highest load by a seed's points there (a backend
-        on one device): a replica measured only at low load so far keeps the seed's view of high load
-        instead of extrapolating its low-load figure (and slow start holding it back at twice its low
-        load), until its own intervals reach there."""
-        own = c.points(now, half_life_s)
-        seed = self.curves.get(SEED_DEVICE)
-        if seed is None or c is seed or len(self.curves) != 2:
-            return own
-        seed_pts = seed.points(now, half_life_s)
-        cached = self._merged
-        if cached is not None and cached[0] is own and cached[1] is seed_pts:
-            return cached[2]
-        top = own[-1][0]
-        merged = own + [p for p in seed_pts[1:] if p[0] > top]
-        self._merged = (own, seed_pts, merged)
-        return merged
-
     @property
     def has_data(self) -> bool:
         return bool(self.measured())
 
     def measured_load(self, now: float, half_life_s: float) -> float:
         """The highest load its curves have a point at (slow start: see ``CostPolicy.decide``)."""
-        return max((self.points(c, now, half_life_s)[-1][0] for c in self.measured()), default=0.0)
+        return max((c.points(now, half_life_s)[-1][0] for c in self.measured()), default=0.0)
 
     def cost(
         self, load: int, now: float, half_life_s: float, gauss: Callable[[], float] | None = None
@@ -306,7 +285,7 @@ class BackendState:
             return math.inf
         total = 0.0
         for c in curves:
-            pts = self.points(c, now, half_life_s)
+            pts = c.points(now, half_life_s)
             if len(pts) < 2:
                 return math.inf
             i, j, f = bracket(pts, load + 1.0)

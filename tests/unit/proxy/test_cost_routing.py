@@ -673,37 +673,6 @@ def test_seed_reader_and_seeded_decisions(tmp_path: Path) -> None:
     assert all(b["seeded"] for b in pool["backends"])
 
 
-def test_a_seed_covers_the_loads_a_replica_has_not_been_measured_at(tmp_path: Path) -> None:
-    """Seeded at 1 and 32 in flight; then both replicas are measured at one request in flight only. Past
-    their measured load the seed's points still count: at 31 in flight BF16 (seeded 0.1 J/token at 32) is
-    the cheaper, where its own low-load figure alone (2.0) would extrapolate to the dearer, and slow start
-    does not hold INT4 back at 2 x 1 + 1 while its seed reaches 32."""
-    path = tmp_path / "report.json"
-    levels = [
-        _level("bf16", 1, 2.0),
-        _level("bf16", 32, 0.1),
-        _level("int4", 1, 1.0),
-        _level("int4", 32, 0.3),
-    ]
-    path.write_text(json.dumps(_report(levels)))
-    st = Setup(_cfg(_quiet(seed_n=5)), seeds={"q8": read_seed(path)})
-    st.feed("bf16-0", 1, 2.0)
-    st.feed("int4-0", 1, 1.0)
-    now = st.clock()
-    s = st.policy.pools["q8"].by_name["int4-0"]
-    assert s.measured_load(now, 600) == pytest.approx(32.0)
-    st.set_load(0)
-    assert st.decide() == ("int4-0", "cheapest")
-    st.set_load(31)
-    assert st.decide() == ("bf16-0", "cheapest")
-    st.by_name["bf16-0"].inflight = 0  # INT4 carries 31: within its seeded range, no ramp
-    assert st.decide() == ("bf16-0", "cheapest")  # the pool's load of 31 still belongs on BF16
-    # measured points replace the seed's where they exist
-    st.feed("bf16-0", 32, 0.5, n=400)
-    st.set_load(31)
-    assert st.decide() == ("int4-0", "cheapest")
-
-
 @pytest.mark.parametrize(
     ("content", "message"),
     [
