@@ -136,6 +136,7 @@ class RequestRecord(TypedDict):
     error: str | None
     start_unix_s: float
     prompt_tokens: int | None
+    cached_tokens: int | None  # prompt tokens the engine's prefix cache held, where its usage said
     completion_tokens: int | None
     ttft_s: float | None
     e2e_s: float | None

@@ -274,6 +274,12 @@ class RequestRecord(_Open):
     precision: str | None
     status: str | None
     prompt_tokens: int | None
+    cached_tokens: int | None = Field(
+        None,
+        description="prompt tokens the engine's prefix cache held (usage.prompt_tokens_details.cached_tokens, "
+        "vLLM with --enable-prompt-tokens-details): not prefilled, so not counted as prefill work; null "
+        "when the engine did not say",
+    )
     completion_tokens: int | None
     ttft_s: float | None
     e2e_s: float | None

@@ -59,6 +59,7 @@ def build_record(
         "error": tl.error,
         "start_unix_s": tl.start_unix_s,
         "prompt_tokens": tl.prompt_tokens,
+        "cached_tokens": tl.cached_tokens,
         "completion_tokens": completion,
         "ttft_s": tl.ttft_s,
         "e2e_s": tl.e2e_s,
