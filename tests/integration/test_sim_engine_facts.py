@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -14,7 +16,7 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from tests.helpers import free_port, sim
+from tests.helpers import backend, free_port, proxy, sim
 
 SKEW_S = -2.5
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -106,3 +108,27 @@ def test_spans_reach_the_receiver_skewed_and_are_flushed_at_exit(receiver: Recei
 
 def _attr(span: Span, key: str) -> str:
     return str(next(kv.value.string_value for kv in span.attributes if kv.key == key))
+
+
+def test_prefix_cache_hits_reach_the_record(tmp_path: Path) -> None:
+    """A simulated vLLM with --enable-prompt-tokens-details behind the proxy: the same long prompt twice,
+    streamed and not; the second request's record says the prefix cache held all but its last token. The
+    client's usage is passed on as the engine wrote it."""
+    port, pport = free_port(), free_port()
+    prompt = "the same long prompt " * 50
+    config = {"server": {"port": pport}, "backends": [backend("b", port)]}
+    with sim(port, "--step-ms", "2", "--enable-prompt-tokens-details"), proxy(tmp_path, config):
+        url = f"http://127.0.0.1:{pport}"
+        records = []
+        for i, stream in enumerate((False, True)):
+            body: dict[str, Any] = {"model": "qwen3-8b", "prompt": prompt, "max_tokens": 4, "stream": stream}
+            r = requests.post(
+                url + "/v1/completions", json=body, headers={"X-Request-Id": f"pc-{i}"}, timeout=30
+            )
+            assert r.status_code == 200, r.text
+            rid = r.headers["x-qtrap-request-id"]
+            records.append(requests.get(f"{url}/qtrap/v1/requests/{rid}", timeout=5).json())
+        first, second = records
+        assert first["cached_tokens"] == 0
+        assert second["prompt_tokens"] == first["prompt_tokens"] >= 200
+        assert second["cached_tokens"] == second["prompt_tokens"] - 1
