@@ -233,34 +233,11 @@ def test_exploring_at_the_pools_load_is_paid_at_the_replicas_own_load() -> None:
     assert 0 < names.count("bf16-0") / len(names) < 0.01
 
 
-def test_slow_start_does_not_spread_over_replicas_sharing_a_gpu() -> None:
-    """Two replicas on one GPU: a burst past INT4's measured range stays on INT4 (the cheaper), since BF16
-    on the same GPU adds no capacity; on separate GPUs the burst spreads (ramp)."""
-    for shared in (True, False):
-        backends = [
-            {
-                "name": f"{p}-0",
-                "pool": "q8",
-                "precision": p,
-                "url": f"http://127.0.0.1:{9000 + i}",
-                "model": "Qwen/Qwen3-8B",
-                "devices": [{"host": "gpu-host", "index": 0 if shared else i}],
-            }
-            for i, p in enumerate(("bf16", "int4"))
-        ]
-        cfg = load_config(
-            data={"backends": backends, "pools": {"q8": {"default_precision": "bf16", "routing": "cost",
-                                                         "cost": _quiet()}}}
-        )  # fmt: skip
-        st = Setup(cfg)
-        st.feed("bf16-0", 1, 3.0)
-        st.feed("int4-0", 1, 1.0)
-        st.by_name["int4-0"].inflight = 5  # past 2 x 1 + 1
-        assert st.decide() == (("int4-0", "cheapest") if shared else ("bf16-0", "cheapest"))
-
-
-def _one_gpu(cost: dict[str, Any], precisions: tuple[str, ...] = ("bf16", "fp8", "int4")) -> Setup:
-    """One replica per precision, all on GPU 0 of one host (three vLLM servers side by side)."""
+def _one_gpu(
+    cost: dict[str, Any], precisions: tuple[str, ...] = ("bf16", "fp8", "int4"), shared: bool = True
+) -> Setup:
+    """One replica per precision, all on GPU 0 of one host (vLLM servers side by side); with ``shared``
+    False, GPU i of that host each."""
     backends = [
         {
             "name": f"{p}-0",
@@ -268,12 +245,23 @@ def _one_gpu(cost: dict[str, Any], precisions: tuple[str, ...] = ("bf16", "fp8",
             "precision": p,
             "url": f"http://127.0.0.1:{9000 + i}",
             "model": "Qwen/Qwen3-8B",
-            "devices": [{"host": "gpu-host", "index": 0}],
+            "devices": [{"host": "gpu-host", "index": 0 if shared else i}],
         }
         for i, p in enumerate(precisions)
     ]
     pool = {"default_precision": precisions[0], "routing": "cost", "cost": cost}
     return Setup(load_config(data={"backends": backends, "pools": {"q8": pool}}))
+
+
+def test_slow_start_does_not_spread_over_replicas_sharing_a_gpu() -> None:
+    """Two replicas on one GPU: a burst past INT4's measured range stays on INT4 (the cheaper), since BF16
+    on the same GPU adds no capacity; on separate GPUs the burst spreads (ramp)."""
+    for shared in (True, False):
+        st = _one_gpu(_quiet(), ("bf16", "int4"), shared)
+        st.feed("bf16-0", 1, 3.0)
+        st.feed("int4-0", 1, 1.0)
+        st.by_name["int4-0"].inflight = 5  # past 2 x 1 + 1
+        assert st.decide() == (("int4-0", "cheapest") if shared else ("bf16-0", "cheapest"))
 
 
 def test_a_busy_shared_gpu_serves_one_precision_at_a_time() -> None:
