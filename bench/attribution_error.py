@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,8 @@ def main() -> None:
             tmp / "proxy.log",
         ),
     ):
-        rows = send_workload(url, args, rng)
+        sims = [f"http://127.0.0.1:{port}/sim/v1/energy" for port in ports.values()]
+        rows = send_workload(url, args, rng, lambda: engine_slip(sims))
         for row in wait_final(url, rows):
             truth = requests.get(
                 f"http://127.0.0.1:{ports[row['precision']]}/sim/v1/requests/{row['id']}", timeout=10
@@ -186,8 +188,28 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
-def send_workload(url: str, args: argparse.Namespace, rng: random.Random) -> list[dict[str, Any]]:
-    """The mixed workload, level by level: short and long prompts and outputs, 70% streamed."""
+def engine_slip(urls: list[str]) -> tuple[float, float, int]:
+    """The simulated engines' modelled busy seconds, their slip behind real time (seconds a step ran past its
+    modelled length: this host's scheduling, not the GPU's) and their steps so far, summed."""
+    busy = slip = 0.0
+    steps = 0
+    for u in urls:
+        d = requests.get(u, timeout=10).json()
+        busy += d["busy_s"]
+        slip += d["slip_s_mean"] * d["steps"]
+        steps += d["steps"]
+    return busy, slip, steps
+
+
+def send_workload(
+    url: str,
+    args: argparse.Namespace,
+    rng: random.Random,
+    slip: Callable[[], tuple[float, float, int]] | None = None,
+) -> list[dict[str, Any]]:
+    """The mixed workload, level by level: short and long prompts and outputs, 70% streamed. With ``slip``
+    (the simulated engines' busy and slip seconds so far), each level's line says how far the engines slipped
+    behind real time while it ran."""
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     extra = json.loads(args.extra_body)
 
@@ -221,8 +243,17 @@ def send_workload(url: str, args: argparse.Namespace, rng: random.Random) -> lis
             )
             for _ in range(max(args.requests_per_level, level))
         ]
+        before = slip() if slip else None
         with concurrent.futures.ThreadPoolExecutor(level) as pool:
             ids = list(pool.map(one, jobs))
+        slipped = ""
+        if slip and before:
+            busy, late, steps = (b - a for a, b in zip(before, slip(), strict=True))
+            if steps > 0:
+                slipped = (
+                    f"; engines behind real time by {1000 * late / steps:.2f} ms per step "
+                    f"({100 * late / max(1e-9, busy + late):.1f}% of their busy time)"
+                )
         for rid, job in zip(ids, jobs, strict=True):
             rows.append(
                 {
@@ -234,7 +265,7 @@ def send_workload(url: str, args: argparse.Namespace, rng: random.Random) -> lis
                     "stream": job[3],
                 }
             )
-        print(f"level {level}: {len(ids)} requests sent", flush=True)
+        print(f"level {level}: {len(ids)} requests sent{slipped}", flush=True)
     return rows
 
 
@@ -312,8 +343,14 @@ def print_context(rows: list[dict[str, Any]], energy: dict[str, Any]) -> None:
         if fit and fit["shared_power_w"] is not None:
             print(
                 f"  work model fit over {fit['intervals']} intervals: shared {fit['shared_power_w']:.1f} W, "
-                f"{fit['energy_per_row_j'] * 1000:.3f} mJ per row, {fit['energy_per_kv_read_j'] * 1e6:.3f} uJ per KV read"
+                f"{fit['energy_per_prompt_row_j'] * 1000:.3f} mJ per prompt row, {fit['energy_per_kv_read_j'] * 1e6:.3f} uJ per KV read"
             )
+            if fit.get("energy_per_decoded_token_j") is not None:
+                by = ", ".join(
+                    f"batch {lo}+: {j * 1000:.3f}"
+                    for lo, j in zip(fit["decode_batch_from"], fit["energy_per_decoded_token_j"], strict=True)
+                )
+                print(f"  mJ per decoded token, {by}")
 
 
 def external(args: argparse.Namespace) -> None:

@@ -355,7 +355,7 @@ class MeterConfig(_Strict):
         "shared",
         description="how an interval's energy is shared by the requests in it: rows (by work: decode tokens, "
         "prompt tokens x prefill_weight) or shared (learnt per device: a part by running time, shared by "
-        "whatever runs, and a part per row through the model; docs/design.md)",
+        "whatever runs, and parts per prompt row, per decoded token by batch and per KV read; docs/design.md)",
     )
     compare_views: bool = Field(
         False,

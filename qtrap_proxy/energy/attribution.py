@@ -55,7 +55,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from qtrap_proxy.energy import reasons
 from qtrap_proxy.energy.counters import ForeignLedger, TokenCounter
@@ -66,63 +66,130 @@ Policy = Literal["full", "active"]
 WorkModel = Literal["rows", "shared"]
 
 
+class SharedFitEstimate(NamedTuple):
+    """What the shared work model has learnt of a device."""
+
+    shared_power_w: float  # the part shared by whatever runs, per busy second
+    prefill_row_j: float  # energy of one prompt row through the linear layers
+    decode_row_j: tuple[float, ...]  # of one decoded token, by the batch it was made in (DECODE_BATCH_EDGES)
+    kv_read_j: float  # of one KV-cache token read by attention
+
+    def decode_row_at(self, batch: float) -> float:
+        return self.decode_row_j[decode_bucket(batch)]
+
+
+# decoded rows' buckets by the mean number of requests running in the interval: 1, 2-3, 4-7, 8 or more
+DECODE_BATCH_EDGES = (1.5, 3.5, 7.5)
+
+
+def decode_bucket(batch: float) -> int:
+    return bisect.bisect_right(DECODE_BATCH_EDGES, batch)
+
+
 class SharedRowsFit:
     """Online non-negative least squares, without intercept, of a device's busy energy per interval
-    against three things the requests did in it: E ~ p * busy_s + e * rows + a * kv_reads, older intervals
-    fading (``FORGET`` per interval: a time constant of about 500 intervals, a minute at NVML's pace).
-    ``p`` is the power shared by whatever runs (weights streamed once per step, fixed overheads; W), ``e``
-    the energy of one row through the linear layers (a decoded token or a prompt token; J), ``a`` the
-    energy of one KV-cache token read by attention (J). None of them may be negative: where the
-    unconstrained fit says so, the best fit over the others alone is taken."""
+    against what the requests did in it: E ~ p * busy_s + e_p * prefill_rows + e_d[b] * decode_rows
+    + a * kv_reads, older intervals fading (``FORGET`` per interval: a time constant of about 500 intervals,
+    a minute at NVML's pace). ``p`` is the power shared by whatever runs (weights streamed once per step,
+    fixed overheads; W), ``e_p`` the energy of one prompt row through the linear layers, ``e_d[b]`` that of
+    one decoded token made while the interval's mean batch (requests running) was in bucket ``b``
+    (``DECODE_BATCH_EDGES``: a row's marginal energy is near zero while a step streams the weights and grows
+    once it computes, so one per-row figure over all batches is a compromise that, where rows, reads and busy
+    time move together, collapses onto busy time alone), ``a`` the energy of one KV-cache token read by
+    attention (J). None of them may be negative (Lawson-Hanson's active set on the normal equations)."""
 
     FORGET = 0.998
     MIN_INTERVALS = 20
-    K = 3
+    K = 3 + len(DECODE_BATCH_EDGES) + 1  # busy, prefill rows, decode rows by bucket, KV reads
 
     def __init__(self) -> None:
         self.n = 0
         self._s = [[0.0] * self.K for _ in range(self.K)]  # sum x x^T
         self._c = [0.0] * self.K  # sum x y
-        self._cached: tuple[int, tuple[float, float, float] | None] | None = None
+        self._cached: tuple[int, SharedFitEstimate | None] | None = None
 
-    def add(self, busy_s: float, rows: float, energy_j: float, kv_reads: float = 0.0) -> None:
+    @classmethod
+    def features(
+        cls, busy_s: float, rows: float, kv_reads: float, decode_rows: float, batch: float
+    ) -> list[float]:
+        x = [0.0] * cls.K
+        x[0], x[1], x[-1] = busy_s, max(0.0, rows - decode_rows), kv_reads
+        x[2 + decode_bucket(batch)] = decode_rows
+        return x
+
+    def add(
+        self,
+        busy_s: float,
+        rows: float,
+        energy_j: float,
+        kv_reads: float = 0.0,
+        decode_rows: float = 0.0,
+        batch: float = 1.0,
+    ) -> None:
+        """One busy interval: its busy seconds, its rows (prompt and decoded; ``decode_rows`` of them
+        decoded, made at a mean ``batch`` of requests running), its energy and its KV reads."""
         lam = self.FORGET
-        x = (busy_s, rows, kv_reads)
+        x = self.features(busy_s, rows, kv_reads, decode_rows, batch)
         s, c = self._s, self._c
         for i in range(self.K):
-            c[i] = lam * c[i] + x[i] * energy_j
+            xi = x[i]
+            c[i] = lam * c[i] + xi * energy_j
             row = s[i]
             for k in range(self.K):
-                row[k] = lam * row[k] + x[i] * x[k]
+                row[k] = lam * row[k] + xi * x[k]
         self.n += 1
 
-    def estimate(self) -> tuple[float, float, float] | None:
-        """(shared power W, energy per row J, energy per KV token read J), or None before
-        ``MIN_INTERVALS`` intervals."""
+    def estimate(self) -> SharedFitEstimate | None:
+        """What the fit says, or None before ``MIN_INTERVALS`` intervals."""
         if self.n < self.MIN_INTERVALS or self._s[0][0] <= 0:
             return None
         if self._cached is not None and self._cached[0] == self.n:
             return self._cached[1]
-        est = self._solve_nonnegative()
+        b = _nnls_normal(self._s, self._c)
+        est = None if b is None else SharedFitEstimate(b[0], b[1], tuple(b[2:-1]), b[-1])
         self._cached = (self.n, est)
         return est
 
-    def _solve_nonnegative(self) -> tuple[float, float, float] | None:
-        best: tuple[float, list[float]] | None = None
-        for subset in ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,)):
-            b = _solve([[self._s[i][k] for k in subset] for i in subset], [self._c[i] for i in subset])
-            if b is None or any(v < 0 for v in b):
-                continue
-            gain = sum(v * self._c[i] for v, i in zip(b, subset, strict=True))  # the residual is Syy - gain
-            if best is None or gain > best[0] * (1 + 1e-12):
-                full = [0.0] * self.K
-                for v, i in zip(b, subset, strict=True):
-                    full[i] = v
-                best = (gain, full)
-        if best is None:
-            return None
-        p, e, a = best[1]
-        return p, e, a
+
+def _nnls_normal(s: list[list[float]], c: list[float]) -> list[float] | None:
+    """argmin over x >= 0 of x's' s x - 2 c'x (least squares given its normal equations): Lawson and Hanson's
+    active set, on the problem scaled to a unit diagonal (busy seconds, rows and KV reads differ by 10^7)."""
+    k = len(c)
+    d = [math.sqrt(s[i][i]) if s[i][i] > 0 else 1.0 for i in range(k)]
+    m = [[s[i][j] / (d[i] * d[j]) for j in range(k)] for i in range(k)]
+    v = [c[i] / d[i] for i in range(k)]
+    x = [0.0] * k
+    active: list[int] = []  # the variables free to be positive
+    barred: set[int] = set()  # singular with the active ones
+    for _ in range(4 * k):
+        grad = [v[i] - sum(m[i][j] * x[j] for j in range(k)) for i in range(k)]
+        cand = [i for i in range(k) if i not in active and i not in barred and grad[i] > 1e-10]
+        if not cand:
+            break
+        new = max(cand, key=lambda i: grad[i])
+        active.append(new)
+        for _ in range(4 * k):
+            z = _solve([[m[i][j] for j in active] for i in active], [v[i] for i in active])
+            if z is None:
+                active.remove(new)
+                barred.add(new)
+                break
+            if all(zi > 0 for zi in z):
+                x = [0.0] * k
+                for zi, i in zip(z, active, strict=True):
+                    x[i] = zi
+                break
+            # step from x toward z until the first variable reaches zero, and drop it
+            alpha = min(x[i] / (x[i] - zi) for zi, i in zip(z, active, strict=True) if zi <= 0)
+            for zi, i in zip(z, active, strict=True):
+                x[i] += alpha * (zi - x[i])
+            active = [i for i in active if x[i] > 1e-14]
+            x = [x[i] if i in active else 0.0 for i in range(k)]
+            if not active:
+                break
+    if not any(xi > 0 for xi in x):
+        return None
+    return [x[i] / d[i] for i in range(k)]
 
 
 def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:
@@ -267,11 +334,13 @@ class Tracked:
             w += _spread(max(0, generated - 1), e.first_token, e.last_token, t0, t1)
         return w
 
-    def rows_and_kv(self, t0: float, t1: float, engine_view: bool = True) -> tuple[float, float] | None:
-        """Rows this request put through the model in (t0, t1] (prompt and decoded tokens alike) and the
-        KV-cache tokens its attention read: its prefill the prompt once (prompt tokens its engine's prefix
-        cache held are read but are no rows), each decoded token its context (prompt plus the tokens
-        generated before it). None where its work is unknown."""
+    def rows_and_kv(
+        self, t0: float, t1: float, engine_view: bool = True
+    ) -> tuple[float, float, float] | None:
+        """Rows this request put through the model in (t0, t1] (prompt and decoded tokens alike), the
+        KV-cache tokens its attention read (its prefill the prompt once: prompt tokens its engine's prefix
+        cache held are read but are no rows; each decoded token its context: prompt plus the tokens
+        generated before it) and how many of the rows were decoded tokens. None where its work is unknown."""
         work = self.work if engine_view else self.proxy_work
         decode = work(t0, t1, 0.0)
         rows = work(t0, t1, 1.0)
@@ -293,7 +362,7 @@ class Tracked:
         # uncached tokens are rows: the prompt rows' reads scaled up by prompt / prefilled
         prefilled = tl.prefilled(prompt) or 0
         reads = (rows - decode) * (prompt / prefilled if prefilled > 0 else 1.0)
-        return rows, reads + decode * (prompt + before + decode / 2)
+        return rows, reads + decode * (prompt + before + decode / 2), decode
 
     def running(self, t0: float, t1: float, engine_view: bool = True) -> float:
         """Seconds of (t0, t1] this request was running on the engine: from its prefill to its last token
@@ -623,32 +692,41 @@ class DeviceAccount:
         learn: bool,
     ) -> list[float] | None:
         """The ``shared`` work model: each request's fraction of the interval's busy energy. The device's
-        energy while busy is learnt as a part proportional to busy time (weights streamed once per step,
-        fixed overheads: shared by the requests running, by their running time) and a part per row through
-        the model (decode tokens and prompt rows alike: each request's own rows); None until the fit has
-        seen enough intervals to say how large each part is."""
+        energy while busy is learnt (SharedRowsFit) as a part proportional to busy time (weights streamed once
+        per step, fixed overheads: shared by the requests running, by their running time), a part per prompt
+        row and a part per decoded token at the interval's batch (each request's own rows), and a part per
+        KV-cache read (each request's own reads); None until the fit has seen enough intervals to say how
+        large each part is. The fractions sum to 1."""
         t0, t1 = iv.t0, iv.t1
-        both = [tr.rows_and_kv(t0, t1, engine_view) for tr in overlapping]
-        rows = _fill_unknown([None if b is None else b[0] for b in both], overlaps)
-        kv = _fill_unknown([None if b is None else b[1] for b in both], overlaps)
+        each = [tr.rows_and_kv(t0, t1, engine_view) for tr in overlapping]
+        rows = _fill_unknown([None if b is None else b[0] for b in each], overlaps)
+        kv = _fill_unknown([None if b is None else b[1] for b in each], overlaps)
+        dec = _fill_unknown([None if b is None else min(b[2], b[0]) for b in each], overlaps)
+        pre = [max(0.0, n - d) for n, d in zip(rows, dec, strict=True)]
         run = [tr.running(t0, t1, engine_view) for tr in overlapping]
-        total_rows, total_run, total_kv = sum(rows), sum(run), sum(kv)
+        total_pre, total_dec, total_run, total_kv = sum(pre), sum(dec), sum(run), sum(kv)
+        batch = total_run / busy_s if busy_s > 0 else 1.0
         if learn and busy_s > 0:
-            self.fit.add(busy_s, total_rows, e_busy, total_kv)
+            self.fit.add(busy_s, total_pre + total_dec, e_busy, total_kv, total_dec, batch)
         est = self.fit.estimate()
         if est is None or total_run <= 0:
             return None
-        p_shared, e_row, e_kv = est
-        parts = (p_shared * busy_s, e_row * total_rows, e_kv * total_kv)
+        parts = (
+            est.shared_power_w * busy_s,
+            est.prefill_row_j * total_pre,
+            est.decode_row_at(batch) * total_dec,
+            est.kv_read_j * total_kv,
+        )
         whole = sum(parts)
         if whole <= 0:
             return None
-        f_run, f_rows, f_kv = (x / whole for x in parts)
+        f_run, f_pre, f_dec, f_kv = (x / whole for x in parts)
         return [
             f_run * r / total_run
-            + (f_rows * n / total_rows if total_rows > 0 else 0.0)
+            + (f_pre * n / total_pre if total_pre > 0 else 0.0)
+            + (f_dec * d / total_dec if total_dec > 0 else 0.0)
             + (f_kv * k / total_kv if total_kv > 0 else 0.0)
-            for r, n, k in zip(run, rows, kv, strict=True)
+            for r, n, d, k in zip(run, pre, dec, kv, strict=True)
         ]
 
     def _foreign_work(self, iv: Interval, overlapping: list[Tracked], weights: list[float]) -> float:

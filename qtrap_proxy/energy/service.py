@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,7 +34,7 @@ from typing import Any, Protocol
 from qtrap_common.background import STOP_TIMEOUT_S, Background
 from qtrap_proxy.config import BackendConfig, ProxyConfig
 from qtrap_proxy.energy import reasons
-from qtrap_proxy.energy.attribution import DeviceAccount, IntervalObserver, Tracked
+from qtrap_proxy.energy.attribution import DECODE_BATCH_EDGES, DeviceAccount, IntervalObserver, Tracked
 from qtrap_proxy.energy.counters import CounterPoller, TokenCounter
 from qtrap_proxy.energy.facts import ClockOffset, EngineFacts, header_times, otlp_times
 from qtrap_proxy.energy.meters import DcgmMeter, Meter, MeterError, NullMeter, NvmlMeter, device_key
@@ -51,16 +52,19 @@ FACT_OUTCOMES = ("joined", "unmatched", "duplicate", "unplaceable")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
-def _fit_report(acc: DeviceAccount) -> dict[str, float | int | None] | None:
+def _fit_report(acc: DeviceAccount) -> dict[str, object] | None:
     """The shared work model's fit on a device: what it has learnt (null before enough intervals)."""
     if acc.work_model != "shared":
         return None
     est = acc.fit.estimate()
     return {
         "intervals": acc.fit.n,
-        "shared_power_w": None if est is None else est[0],
-        "energy_per_row_j": None if est is None else est[1],
-        "energy_per_kv_read_j": None if est is None else est[2],
+        "shared_power_w": None if est is None else est.shared_power_w,
+        "energy_per_prompt_row_j": None if est is None else est.prefill_row_j,  # a prompt token prefilled
+        # a decoded token, by the mean batch it was made in (decode_batch_from: each bucket's lowest batch)
+        "energy_per_decoded_token_j": None if est is None else list(est.decode_row_j),
+        "decode_batch_from": [1, *(math.ceil(e) for e in DECODE_BATCH_EDGES)],
+        "energy_per_kv_read_j": None if est is None else est.kv_read_j,
     }
 
 

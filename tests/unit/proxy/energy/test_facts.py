@@ -4,6 +4,7 @@ decode), waiting for them and giving up."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -258,7 +259,9 @@ def test_compare_views_keeps_both_figures_and_each_conserves() -> None:
 
 
 # -- the shared work model -----------------------------------------------------------------------------------
-def test_the_shared_rows_fit_recovers_the_two_parts() -> None:
+def test_the_shared_rows_fit_recovers_its_parts() -> None:
+    """Shared power, a prompt row, a decoded token by the batch it was made in, a KV read: each recovered from
+    intervals that mix them."""
     from qtrap_proxy.energy.attribution import SharedRowsFit
 
     rng = random.Random(3)
@@ -266,20 +269,76 @@ def test_the_shared_rows_fit_recovers_the_two_parts() -> None:
     for _ in range(SharedRowsFit.MIN_INTERVALS - 1):
         fit.add(0.1, 50.0, 200.0 * 0.1 + 0.05 * 50.0)
     assert fit.estimate() is None  # too few intervals to say
-    for _ in range(300):
-        busy, rows = rng.uniform(0.05, 0.12), rng.choice([8.0, 16.0, 64.0, 2000.0]) * rng.uniform(0.5, 1.5)
-        kv = rows * rng.uniform(10.0, 3000.0)
-        fit.add(busy, rows, 200.0 * busy + 0.05 * rows + 2e-6 * kv, kv)
+    per_decoded = {1.0: 0.30, 2.5: 0.10, 5.0: 0.02, 40.0: 0.01}  # J per decoded token at each batch
+    for _ in range(400):
+        busy, batch = rng.uniform(0.05, 0.12), rng.choice(list(per_decoded))
+        prompt = rng.choice([0.0, 0.0, 16.0, 2000.0]) * rng.uniform(0.5, 1.5)
+        decoded = batch * busy / 0.02 * rng.uniform(0.8, 1.2)  # a step of about 20 ms
+        kv = (prompt + decoded) * rng.uniform(10.0, 3000.0)
+        energy = 200.0 * busy + 0.05 * prompt + per_decoded[batch] * decoded + 2e-6 * kv
+        fit.add(busy, prompt + decoded, energy, kv, decoded, batch)
     est = fit.estimate()
     assert est is not None
-    assert est == pytest.approx((200.0, 0.05, 2e-6), rel=1e-4)
+    assert est.shared_power_w == pytest.approx(200.0, rel=1e-4)
+    assert est.prefill_row_j == pytest.approx(0.05, rel=1e-4)
+    assert est.decode_row_j == pytest.approx(tuple(per_decoded.values()), rel=1e-4)
+    assert est.kv_read_j == pytest.approx(2e-6, rel=1e-4)
+    assert [est.decode_row_at(b) for b in (1.0, 1.4, 1.6, 3.4, 3.6, 7.4, 7.6, 64.0)] == pytest.approx(
+        [0.30, 0.30, 0.10, 0.10, 0.02, 0.02, 0.01, 0.01], rel=1e-4
+    )
     # energy that does not grow with rows or reads: all of it is the shared part, none negative
     flat = SharedRowsFit()
     for _ in range(50):
         busy, rows = rng.uniform(0.05, 0.12), rng.uniform(1.0, 100.0)
-        flat.add(busy, rows, 300.0 * busy - 1e-3 * rows, rows * 100.0)
-    p, e, a = flat.estimate() or (0.0, 1.0, 1.0)
-    assert p > 0 and e == 0.0 and a == 0.0
+        flat.add(busy, rows, 300.0 * busy - 1e-3 * rows, rows * 100.0, rows / 2, rng.choice([1.0, 3.0, 9.0]))
+    est = flat.estimate()
+    assert est is not None
+    assert est.shared_power_w > 0
+    assert est.prefill_row_j == 0.0 and est.kv_read_j == 0.0 and set(est.decode_row_j) == {0.0}
+
+
+def test_the_non_negative_least_squares_meets_its_optimality_conditions() -> None:
+    """Lawson-Hanson on random problems, unknowns at very different scales: x >= 0; where x > 0 the gradient
+    is zero, where x = 0 it does not point into the feasible side (KKT); and it is never worse than any
+    single unknown alone or the unconstrained solution made non-negative."""
+    from qtrap_proxy.energy.attribution import _nnls_normal
+
+    rng = random.Random(11)
+    for _ in range(200):
+        k = rng.randint(2, 7)
+        scale = [10.0 ** rng.uniform(-3, 4) for _ in range(k)]
+        truth = [rng.choice([0.0, rng.uniform(-1.0, 2.0)]) / sc for sc in scale]
+        s = [[0.0] * k for _ in range(k)]
+        c = [0.0] * k
+        for _ in range(rng.randint(k, 40)):
+            x = [rng.uniform(0.0, 1.0) * sc for sc in scale]
+            y = sum(xi * ti for xi, ti in zip(x, truth, strict=True)) + rng.gauss(0.0, 0.1)
+            for i in range(k):
+                c[i] += x[i] * y
+                for j in range(k):
+                    s[i][j] += x[i] * x[j]
+        b = _nnls_normal(s, c)
+
+        def loss(v: list[float], s: list[list[float]] = s, c: list[float] = c) -> float:
+            n = len(c)
+            return sum(v[i] * s[i][j] * v[j] for i in range(n) for j in range(n)) - 2 * sum(
+                v[i] * c[i] for i in range(n)
+            )
+
+        if b is None:  # only when no unknown can lower the loss from zero
+            assert all(c[i] <= 1e-9 * math.sqrt(s[i][i]) for i in range(k))
+            continue
+        assert all(v >= 0 for v in b)
+        for i in range(k):
+            grad = (c[i] - sum(s[i][j] * b[j] for j in range(k))) / math.sqrt(s[i][i])
+            if b[i] > 0:
+                assert abs(grad) <= 1e-6 * (1 + abs(c[i]) / math.sqrt(s[i][i]))
+            else:
+                assert grad <= 1e-6 * (1 + abs(c[i]) / math.sqrt(s[i][i]))
+        for i in range(k):  # one unknown alone, at its best non-negative value
+            alone = [0.0] * k
+            alone[i] = max(0.0, c[i] / s[i][i])
+            assert loss(b) <= loss(alone) + 1e-9 * abs(loss(alone))
 
 
 def test_the_shared_model_splits_an_interval_by_running_time_and_rows() -> None:
@@ -287,10 +346,11 @@ def test_the_shared_model_splits_an_interval_by_running_time_and_rows() -> None:
     prompt rows (+1 token) while b decodes 10 tokens: 20 J shared by running time (a ran half of it), 50 J by
     rows; a gets 5 + 50 * 991 / 1001 J."""
     acc = DeviceAccount("h:0", settle_s=0.0, prefill_weight=0.1, work_model="shared")
-    for _ in range(100):  # what the device has shown so far (no attention cost)
+    for _ in range(100):  # what the device has shown so far (no attention cost; decoded tokens at batch 2-3)
         acc.fit.add(0.1, 100.0, 200.0 * 0.1 + 0.05 * 100.0, 5000.0)
         acc.fit.add(0.05, 1000.0, 200.0 * 0.05 + 0.05 * 1000.0, 9000.0)
-        acc.fit.add(0.08, 300.0, 200.0 * 0.08 + 0.05 * 300.0, 100.0)
+        acc.fit.add(0.08, 300.0, 200.0 * 0.08 + 0.05 * 300.0, 100.0, 200.0, 2.0)
+        acc.fit.add(0.1, 50.0, 200.0 * 0.1 + 0.05 * 50.0, 100.0, 50.0, 3.0)
     a = Tracked(_tl("a", 0.0, 1.2, [(1.1, 1)], 990, stream=True))
     a.engine = _times(0.0, 1.05, 1.1, 1.1, 990, 1)
     b = Tracked(_tl("b", 0.0, 1.2, [(1.0 + 0.01 * k, 1) for k in range(1, 12)], 10, stream=True))
