@@ -20,10 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from loadgen import datasets
 from loadgen.analysis import analyse, observe
-from loadgen.client import ChatClient
-from loadgen.context import build_context, fetch_backends
+from loadgen.client import ChatClient, key_middlewares
+from loadgen.context import build_context, fetch_backends, redact_keys
 from loadgen.embedded import PRECISIONS, embedded_stack
-from loadgen.proxyapi import ProxyError, energy_snapshot, fetch_records, pool_precisions
+from loadgen.proxyapi import ProxyError, admin_refused, energy_snapshot, fetch_records, pool_precisions
 from loadgen.report import build, energy_summary, print_summary, write_csv, write_html, write_json
 from loadgen.runner import Chain, LevelPlan, LevelRun, run_level
 from loadgen.schema import Config, Report
@@ -175,9 +175,13 @@ async def _sweep(
     max_tokens = args.max_tokens or (1024 if args.hops == "stream" else 256)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     scored = not args.no_score
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, middlewares=key_middlewares(args.api_key, args.admin_key)
+    ) as session:
         model = args.model or "qwen3-8b"
         first = await energy_snapshot(session, url)
+        if first is None and (refused := await admin_refused(session, url)):
+            print(f"loadgen: warning: {refused}", file=sys.stderr)
 
         async def accounts() -> dict[str, Any]:
             last, facts["backends"] = await asyncio.gather(
@@ -391,12 +395,12 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_score
         else f"not scored: {args.no_score}",
         no_score=args.no_score,
-        argv=sys.argv[1:],
+        argv=redact_keys(sys.argv[1:]),
     )
     backends, backends_reason = facts.get("backends") or ([], "not asked (the run stopped first)")
     context = build_context(
         started_unix_s=started,
-        argv=sys.argv[1:],
+        argv=redact_keys(sys.argv[1:]),
         proxy_url=url,
         embedded=not args.proxy,
         model=args.model or "qwen3-8b",
@@ -430,7 +434,7 @@ def external_precisions(args: argparse.Namespace, model: str) -> list[str]:
     ``model`` (one-line Fail otherwise), else all it serves."""
 
     async def check() -> list[str]:
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(middlewares=key_middlewares(args.api_key, args.admin_key)) as s:
             return await pool_precisions(s, args.proxy, model)
 
     try:

@@ -11,6 +11,7 @@ machine had no matplotlib); ``python -m loadgen schema`` prints report.json's JS
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,17 @@ COMPARE_ROUTING_EPILOG = """examples:
 
 outputs in --out: compare-routing.json (loadgen/schema.py CompareRouting), compare-routing.md, requests.csv.
 exit status: 0 done, 1 no policy ran, 2 bad input or unreachable proxy, 130 interrupted."""
+
+
+def check_keys(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Keys go to a running proxy only (the embedded default's proxy has no auth); with --proxy they default
+    to $QTRAP_API_KEY and $QTRAP_ADMIN_KEY."""
+    if not args.proxy:
+        if args.api_key or args.admin_key:
+            p.error("--api-key and --admin-key need --proxy (the embedded default's proxy has no auth)")
+        return
+    args.api_key = args.api_key or os.environ.get("QTRAP_API_KEY") or None
+    args.admin_key = args.admin_key or os.environ.get("QTRAP_ADMIN_KEY") or None
 
 
 def check_schedule(p: argparse.ArgumentParser, args: argparse.Namespace, required: bool) -> None:
@@ -210,6 +222,18 @@ def run_parser(compare_routing: bool = False) -> argparse.ArgumentParser:
         help="a running qtrap proxy; without it the embedded default starts "
         "simulated backends (BF16, FP8, INT8 W8A8, INT4 W4A16 on simulated H200s calibrated to real vLLM serving) "
         "and a proxy, and stops them afterwards",
+    )
+    t.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="a client key for a proxy with auth.enabled, sent on the serving routes and, without "
+        "--admin-key, on /qtrap/v1/* (records and scores of its own requests only) (default: $QTRAP_API_KEY)",
+    )
+    t.add_argument(
+        "--admin-key",
+        metavar="KEY",
+        help="the proxy's admin key, sent on /qtrap/v1/* (the energy counters and backends need it when "
+        "auth is on) (default: $QTRAP_ADMIN_KEY); neither key is written to the report",
     )
     t.add_argument(
         "--model",
@@ -478,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = run_parser(compare_routing=True)
         args = parser.parse_args(argv[1:])
         check_schedule(parser, args, required=True)
+        check_keys(parser, args)
         from loadgen.routing import compare_routing
 
         return compare_routing(args)
@@ -486,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = run_parser()
     args = parser.parse_args(argv)
     check_schedule(parser, args, required=False)
+    check_keys(parser, args)
     if args.schedule is not None:
         from loadgen.routing import run_scheduled
 

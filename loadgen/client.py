@@ -56,6 +56,25 @@ class Exchange:
         return (self.t_end - self.t_first) / (n - 1)
 
 
+def key_middlewares(api_key: str | None, admin_key: str | None) -> tuple[Any, ...]:
+    """aiohttp client middlewares that send the proxy's keys (``auth.enabled``): the admin key on its
+    ``/qtrap/v1/*`` routes (energy, backends, records) where one is given, else the client key; the client key
+    everywhere else (the serving routes refuse the admin key). A request that already carries
+    ``Authorization`` keeps it. Nothing when neither key is given."""
+    if not api_key and not admin_key:
+        return ()
+
+    async def send_key(
+        req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        key = admin_key if admin_key and "/qtrap/v1/" in req.url.path else api_key
+        if key and "Authorization" not in req.headers:
+            req.headers["Authorization"] = f"Bearer {key}"
+        return await handler(req)
+
+    return (send_key,)
+
+
 def _error_message(body: bytes) -> str:
     try:
         doc = orjson.loads(body)

@@ -22,6 +22,25 @@ from qtrap_client import ApiError, ProtocolError, ProxyUnreachable, QtrapClient
 from qtrap_common import wire
 
 COMMAND = "python -m loadgen"
+KEY_OPTIONS = ("--api-key", "--admin-key")
+
+
+def redact_keys(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the values of the key options replaced by ``REDACTED`` (the report must not carry a key)."""
+    out: list[str] = []
+    hide = False
+    for a in argv:
+        if hide:
+            out.append("REDACTED")
+            hide = False
+        elif a in KEY_OPTIONS:
+            out.append(a)
+            hide = True
+        elif a.startswith(tuple(o + "=" for o in KEY_OPTIONS)):
+            out.append(a.split("=", 1)[0] + "=REDACTED")
+        else:
+            out.append(a)
+    return out
 
 
 async def fetch_backends(
@@ -90,7 +109,7 @@ def build_context(
     return {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_unix_s)),
         "qtrap_version": __version__,
-        "command_line": shlex.join([*COMMAND.split(), *argv]),
+        "command_line": shlex.join([*COMMAND.split(), *redact_keys(argv)]),
         "proxy_url": proxy_url,
         "embedded": embedded,
         "model": model,

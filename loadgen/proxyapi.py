@@ -39,6 +39,21 @@ async def pool_precisions(session: aiohttp.ClientSession, base: str, model: str)
     return list(dict.fromkeys(precs))
 
 
+async def admin_refused(session: aiohttp.ClientSession, base: str) -> str | None:
+    """Why the proxy's admin routes are closed to this run (auth on, no admin key), or None."""
+    try:
+        await client(session, base).energy(timeout_s=5.0)
+    except ApiError as e:
+        if e.status in (401, 403):
+            return (
+                f"the proxy refused GET /qtrap/v1/energy (HTTP {e.status}): measured energy and the backends "
+                "need its admin key (--admin-key or $QTRAP_ADMIN_KEY); records are read with the client key"
+            )
+    except QtrapClientError:
+        pass
+    return None
+
+
 async def energy_snapshot(session: aiohttp.ClientSession, base: str) -> dict[str, Any] | None:
     """``GET /qtrap/v1/energy`` with the client's clock; None when the proxy does not answer."""
     t = time.monotonic()

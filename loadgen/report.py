@@ -31,7 +31,10 @@ def energy_summary(start: dict[str, Any] | None, end: dict[str, Any] | None) -> 
     last level's records were final: conservation (attributed + idle + foreign = measured) over the
     proxy's lifetime, and what each device's counter measured during the run (``Energy``'s fields)."""
     if end is None:
-        return {"devices": [], "null_reason": "the proxy's GET /qtrap/v1/energy did not answer"}
+        return {
+            "devices": [],
+            "null_reason": "the proxy's GET /qtrap/v1/energy did not answer (or refused: auth on and no admin key)",
+        }
     keys = (
         "meter", "meter_up", "updates", "counter_resets", "measured_j", "attributed_j", "idle_j", "foreign_j",
         "conservation_error_j", "conservation_error_ratio", "pending_intervals",

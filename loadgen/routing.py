@@ -38,10 +38,11 @@ from loadgen.app import (
     external_precisions,
     write_outputs,
 )
-from loadgen.client import ChatClient
+from loadgen.client import ChatClient, key_middlewares
+from loadgen.context import redact_keys
 from loadgen.datasets import write_source
 from loadgen.embedded import PRECISIONS, embedded_stack
-from loadgen.proxyapi import energy_snapshot, fetch_records
+from loadgen.proxyapi import admin_refused, energy_snapshot, fetch_records
 from loadgen.report import _clean, build_scheduled, energy_summary, write_csv
 from loadgen.runner import Chain, LevelRun
 from loadgen.schedreport import (
@@ -98,7 +99,7 @@ def _config(args: argparse.Namespace, precisions: list[str]) -> Config:
         bootstrap=args.bootstrap,
         scoring="strict (#### N / Answer: letter)" if not args.no_score else f"not scored: {args.no_score}",
         no_score=args.no_score,
-        argv=sys.argv[1:],
+        argv=redact_keys(sys.argv[1:]),
         schedule=sched.spec,
         schedule_unit=args.schedule_unit,
         arrivals=None if args.schedule_unit == "concurrency" else args.arrivals,
@@ -207,8 +208,12 @@ async def _run_policies(
     out = []
     run_id = uuid.uuid4().hex[:8]
     try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), middlewares=key_middlewares(args.api_key, args.admin_key)
+        ) as session:
             first = await energy_snapshot(session, url)
+            if first is None and (refused := await admin_refused(session, url)):
+                print(f"loadgen: warning: {refused}", file=sys.stderr)
             for policy in policies:
                 if stop.is_set():
                     break

@@ -4,7 +4,10 @@ metered through their DCGM counters, driven with the openai SDK, TGI's client an
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -442,3 +445,44 @@ def test_the_new_routes_under_auth(setup: Setup) -> None:
     # the record_url in usage is readable with the key that made the request, not with another
     assert setup.get(q["record_url"], alice).json()["id"] == q["request_id"]
     assert setup.get(q["record_url"], carol).status_code == 404
+
+
+def test_loadgen_drives_a_proxy_with_auth_on_and_keeps_the_keys_out_of_its_report(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """`python -m loadgen --proxy URL --api-key K --admin-key A`: its requests are the key's, its records
+    and the energy counters are read back, and neither key appears in anything it writes."""
+    key, secret = setup.store.create("loadgen")
+    out = tmp_path / "lg"
+    env = {k: v for k, v in os.environ.items() if k not in ("QTRAP_API_KEY", "QTRAP_ADMIN_KEY")}
+    cmd = [sys.executable, "-m", "loadgen", "--proxy", setup.url, "--model", "qwen3-8b", "--precisions", "bf16",
+           "--concurrency", "1", "--num-chains", "2", "--warmup", "0", "--bootstrap", "50", "--quiet",
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.run([*cmd, "--api-key", secret, "--admin-key", ADMIN], capture_output=True, text=True,
+                          timeout=180, env=env, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    [level] = report["levels"]
+    assert level["errors"] == 0 and level["energy_j"] > 0  # its own records, read back final
+    assert report["energy"]["null_reason"] is None and report["energy"]["devices"]  # the admin routes
+    assert "--api-key REDACTED --admin-key REDACTED" in report["context"]["command_line"]
+    for f in out.rglob("*"):
+        if f.is_file():
+            text = f.read_bytes()
+            assert secret.encode() not in text and ADMIN.encode() not in text, f
+    mine = setup.get(f"/qtrap/v1/requests?key={key.id}&limit=1000", ADMIN).json()["data"]
+    assert len(mine) >= level["window_requests"] and {r["key_id"] for r in mine} == {key.id}
+    # the same through the environment; a client key alone is refused the admin routes, so the run has
+    # no measured energy (null, with the proxy's refusal as the reason) but still its records
+    env_run = subprocess.run([*cmd[:-1], str(tmp_path / "lg2")], capture_output=True, text=True, timeout=180,
+                             env={**env, "QTRAP_API_KEY": secret}, check=False)  # fmt: skip
+    assert env_run.returncode == 0, env_run.stderr
+    alone = json.loads((tmp_path / "lg2" / "report.json").read_text())
+    assert alone["levels"][0]["energy_j"] > 0 and alone["levels"][0]["errors"] == 0
+    assert alone["energy"]["devices"] == [] and alone["energy"]["null_reason"]
+    assert "refused GET /qtrap/v1/energy (HTTP 403)" in env_run.stderr and "--admin-key" in env_run.stderr
+    # keys go to a running proxy only
+    bad = subprocess.run([sys.executable, "-m", "loadgen", "--api-key", secret], capture_output=True, text=True,
+                         timeout=60, env=env, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "need --proxy" in bad.stderr.strip().splitlines()[-1]
+    assert secret not in bad.stderr
