@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from loadgen import datasets
 from loadgen.analysis import analyse, observe
-from loadgen.client import ChatClient, key_middlewares
+from loadgen.client import ChatClient, key_session_args
 from loadgen.context import build_context, fetch_backends, redact_keys
 from loadgen.embedded import PRECISIONS, embedded_stack
 from loadgen.proxyapi import ProxyError, admin_refused, energy_snapshot, fetch_records, pool_precisions
@@ -176,7 +176,7 @@ async def _sweep(
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     scored = not args.no_score
     async with aiohttp.ClientSession(
-        connector=connector, middlewares=key_middlewares(args.api_key, args.admin_key)
+        connector=connector, **key_session_args(args.api_key, args.admin_key)
     ) as session:
         model = args.model or "qwen3-8b"
         first = await energy_snapshot(session, url)
@@ -434,7 +434,7 @@ def external_precisions(args: argparse.Namespace, model: str) -> list[str]:
     ``model`` (one-line Fail otherwise), else all it serves."""
 
     async def check() -> list[str]:
-        async with aiohttp.ClientSession(middlewares=key_middlewares(args.api_key, args.admin_key)) as s:
+        async with aiohttp.ClientSession(**key_session_args(args.api_key, args.admin_key)) as s:
             return await pool_precisions(s, args.proxy, model)
 
     try:

@@ -56,6 +56,13 @@ class Exchange:
         return (self.t_end - self.t_first) / (n - 1)
 
 
+def key_session_args(api_key: str | None, admin_key: str | None) -> dict[str, Any]:
+    """``aiohttp.ClientSession`` keyword arguments that send the keys (none without keys, so that an aiohttp
+    older than 3.12, without client middlewares, still runs keyless)."""
+    mw = key_middlewares(api_key, admin_key)
+    return {"middlewares": mw} if mw else {}
+
+
 def key_middlewares(api_key: str | None, admin_key: str | None) -> tuple[Any, ...]:
     """aiohttp client middlewares that send the proxy's keys (``auth.enabled``): the admin key on its
     ``/qtrap/v1/*`` routes (energy, backends, records) where one is given, else the client key; the client key

@@ -38,7 +38,7 @@ from loadgen.app import (
     external_precisions,
     write_outputs,
 )
-from loadgen.client import ChatClient, key_middlewares
+from loadgen.client import ChatClient, key_session_args
 from loadgen.context import redact_keys
 from loadgen.datasets import write_source
 from loadgen.embedded import PRECISIONS, embedded_stack
@@ -209,7 +209,7 @@ async def _run_policies(
     run_id = uuid.uuid4().hex[:8]
     try:
         async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), middlewares=key_middlewares(args.api_key, args.admin_key)
+            connector=aiohttp.TCPConnector(limit=0), **key_session_args(args.api_key, args.admin_key)
         ) as session:
             first = await energy_snapshot(session, url)
             if first is None and (refused := await admin_refused(session, url)):
