@@ -15,11 +15,12 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-sim-attr-out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-export PYTHONPATH="/tmp/qtrap-vllm-pkgs:/tmp/vsite" PYTHONUNBUFFERED=1
+PKGS="/tmp/qtrap-vllm-pkgs:/tmp/vsite"
+export PYTHONUNBUFFERED=1
 SEEDS=${SEEDS:-1,2,3}
 ARGS=${ARGS:---engine-facts}
 echo "sim_attribution: $(date -u +%FT%TZ), $(nproc) cores, seeds $SEEDS, args $ARGS, commit $(git rev-parse --short HEAD 2>/dev/null)"
-python3 -c "import requests, yaml, aiohttp, starlette, uvicorn, opentelemetry.sdk, opentelemetry.proto" || {
+PYTHONPATH="$PWD:$PKGS" python3 -c "import requests, yaml, aiohttp, starlette, uvicorn, opentelemetry.sdk, opentelemetry.proto, qtrap_proxy, qtrap_sim" || {
   echo "missing packages: run vllm_e2e.sh's set-up on this machine first"
   exit 3
 }
@@ -29,7 +30,7 @@ for seed in ${SEEDS//,/ }; do
     dir=$PWD
     [ "$code" = alt ] && dir=$(cd "$ALT" && pwd)
     # shellcheck disable=SC2086
-    (cd "$dir" && python3 bench/attribution_error.py --seed "$seed" $ARGS --json "$OUT/$code-$seed.json" \
+    (cd "$dir" && PYTHONPATH="$dir:$PKGS" python3 bench/attribution_error.py --seed "$seed" $ARGS --json "$OUT/$code-$seed.json" \
       >"$OUT/$code-$seed.log" 2>&1) &
     pids+=($!)
   done
