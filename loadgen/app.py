@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from loadgen import datasets
 from loadgen.analysis import analyse, observe
 from loadgen.client import ChatClient, key_session_args
-from loadgen.context import build_context, fetch_backends, redact_keys
+from loadgen.context import fetch_backends, redact_keys, run_context
 from loadgen.embedded import PRECISIONS, embedded_stack
 from loadgen.proxyapi import ProxyError, admin_refused, energy_snapshot, fetch_records, pool_precisions
 from loadgen.report import build, energy_summary, print_summary, write_csv, write_html, write_json
@@ -397,21 +397,7 @@ def run(args: argparse.Namespace) -> int:
         no_score=args.no_score,
         argv=redact_keys(sys.argv[1:]),
     )
-    backends, backends_reason = facts.get("backends") or ([], "not asked (the run stopped first)")
-    context = build_context(
-        started_unix_s=started,
-        argv=redact_keys(sys.argv[1:]),
-        proxy_url=url,
-        embedded=not args.proxy,
-        model=args.model or "qwen3-8b",
-        dataset=args.dataset,
-        data_file=args.data_file,
-        hops=args.hops,
-        precisions=precisions,
-        backends=backends,
-        backends_null_reason=backends_reason,
-        energy=facts.get("energy"),
-    )
+    context = run_context(args, url, precisions, facts, started, redact_keys(sys.argv[1:]))
     report = build(
         config,
         analysis,

@@ -136,3 +136,30 @@ def engine_line(b: Any) -> str:
     """``vLLM 0.26.0`` / ``qtrap-sim (simulated) 0.1.0`` / ``TGI (version unknown)`` of a BackendInfo."""
     version = b.engine_version or "(version unknown)"
     return f"{b.engine} {version}"
+
+
+def run_context(
+    args: Any,
+    url: str,
+    precisions: Sequence[str],
+    facts: dict[str, Any],
+    started_unix_s: float,
+    argv: Sequence[str],
+) -> dict[str, Any]:
+    """``build_context`` for a loadgen run: its options (``args``), the proxy it ran against, and what it asked
+    the proxy (``facts``: ``backends`` as ``fetch_backends`` gives them, ``energy`` the last snapshot)."""
+    backends, backends_reason = facts.get("backends") or ([], "not asked (the run stopped first)")
+    return build_context(
+        started_unix_s=started_unix_s,
+        argv=argv,
+        proxy_url=url,
+        embedded=not args.proxy,
+        model=args.model or "qwen3-8b",
+        dataset=args.dataset,
+        data_file=args.data_file,
+        hops=args.hops,
+        precisions=precisions,
+        backends=backends,
+        backends_null_reason=backends_reason,
+        energy=facts.get("energy"),
+    )

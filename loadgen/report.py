@@ -18,7 +18,7 @@ from rich.table import Table
 
 from loadgen.analysis import Analysis
 from loadgen.runner import LevelRun
-from loadgen.schema import GENERATOR, IGNORE_UNKNOWN, Config, Energy, Report
+from loadgen.schema import GENERATOR, IGNORE_UNKNOWN, CompareRouting, Config, Energy, Report
 from loadgen.schema import SCHEMA_VERSION as SCHEMA_VERSION  # defined in loadgen.schema; re-exported
 
 
@@ -93,8 +93,10 @@ def build_scheduled(
     started_unix_s: float,
     duration_s: float,
     energy: Energy | Mapping[str, Any] | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> Report:
-    """The report of a ``--schedule`` run: no levels, one ``schedules`` entry per precision."""
+    """The report of a ``--schedule`` run: no levels, one ``schedules`` entry per precision; ``context``: the
+    header (loadgen/context.py)."""
     return Report.model_validate(
         _clean(
             {
@@ -111,6 +113,7 @@ def build_scheduled(
                 "indices": [],
                 "energy": energy if energy is not None else {"devices": [], "null_reason": "not recorded"},
                 "schedules": list(schedules),
+                "context": context,
             }
         )
     )
@@ -392,7 +395,7 @@ def tail_rows(report: Report) -> list[list[str]]:
     ]
 
 
-def context_lines(report: Report) -> list[str]:
+def context_lines(report: Report | CompareRouting) -> list[str]:
     """The header in lines: date, version, command, proxy, backends and engines, GPUs, meter, workload."""
     ctx = report.context
     if ctx is None:

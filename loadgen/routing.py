@@ -39,7 +39,7 @@ from loadgen.app import (
     write_outputs,
 )
 from loadgen.client import ChatClient, key_session_args
-from loadgen.context import redact_keys
+from loadgen.context import fetch_backends, redact_keys, run_context
 from loadgen.datasets import write_source
 from loadgen.embedded import PRECISIONS, embedded_stack
 from loadgen.proxyapi import admin_refused, energy_snapshot, fetch_records
@@ -196,8 +196,9 @@ async def _run_policies(
     problems: list[Any],
     display: Display,
     stopped: list[bool],
-) -> tuple[list[tuple[Policy, dict[str, Any], LevelRun]], dict[str, Any]]:
-    """``stopped`` carries Ctrl-C from one event loop to the next (each stack runs in its own loop, and an
+) -> tuple[list[tuple[Policy, dict[str, Any], LevelRun]], dict[str, Any], dict[str, Any]]:
+    """The policies' runs, the proxy's energy accounts over them and what the report's header needs from the
+    proxy (``facts``: its backends and last energy snapshot). ``stopped`` carries Ctrl-C from one event loop to the next (each stack runs in its own loop, and an
     asyncio.Event belongs to the loop it was first awaited in)."""
     stop = asyncio.Event()
     if stopped[0]:
@@ -219,7 +220,8 @@ async def _run_policies(
                     break
                 doc, run = await _run_policy(session, url, policy, args, problems, display, stop, run_id)
                 out.append((policy, doc, run))
-            return out, energy_summary(first, await energy_snapshot(session, url))
+            last, backends = await asyncio.gather(energy_snapshot(session, url), fetch_backends(session, url))
+            return out, energy_summary(first, last), {"energy": last, "backends": backends}
     finally:
         stopped[0] = stopped[0] or stop.is_set()
 
@@ -267,10 +269,11 @@ def _embedded(
 
 def _execute(
     args: argparse.Namespace, names: list[str] | None, out: Path, compare: bool
-) -> tuple[list[dict[str, Any]], list[LevelRun], dict[str, Any], list[str], bool]:
+) -> tuple[list[dict[str, Any]], list[LevelRun], dict[str, Any], list[str], bool, dict[str, Any]]:
     """Run the policies (``names``; None: every precision pinned, then with ``compare`` round_robin, and
     cost with the embedded default); (PolicyResult docs, runs, the proxy's energy accounts (the last
-    stack's), precisions, interrupted)."""
+    stack's), precisions, interrupted, the report's header (loadgen/context.py))."""
+    started = time.time()
     model = args.model or "qwen3-8b"
     if args.data_file and args.dataset == "synthetic":
         raise Fail("--data-file needs --dataset gsm8k or mathqa")
@@ -287,6 +290,8 @@ def _execute(
     results: dict[str, dict[str, Any]] = {}
     runs: list[LevelRun] = []
     energy: dict[str, Any] = {"devices": [], "null_reason": "not recorded"}
+    facts: dict[str, Any] = {}
+    url = args.proxy.rstrip("/") if args.proxy else "embedded default (not started)"
     # the embedded default: one stack for the policies of the default config, another for routing: cost
     groups: list[tuple[dict[str, Any] | None, list[Policy]]]
     if args.proxy:
@@ -328,7 +333,9 @@ def _execute(
                             continue
                         raise Fail(f"cannot start the embedded default: {_rejection(e)}") from e
                 with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-                    done, energy = runner.run(_run_policies(args, url, group, problems, display, stopped))
+                    done, energy, facts = runner.run(
+                        _run_policies(args, url, group, problems, display, stopped)
+                    )
                 for policy, doc, run in done:
                     results[policy.name] = {"ran": True, "not_run_reason": None, "run": doc}
                     runs.append(run)
@@ -336,7 +343,8 @@ def _execute(
     for p in policies:
         r = results.get(p.name, {"ran": False, "not_run_reason": "interrupted before it ran"})
         docs.append({"policy": p.name, "kind": p.kind, "model": p.model, "run": None, **r})
-    return docs, runs, energy, precisions, stopped[0]
+    context = run_context(args, url, precisions, facts, started, redact_keys(sys.argv[1:]))
+    return docs, runs, energy, precisions, stopped[0], context
 
 
 def compare_routing(args: argparse.Namespace) -> int:
@@ -344,7 +352,7 @@ def compare_routing(args: argparse.Namespace) -> int:
     out = Path(args.out)
     started, t0 = time.time(), time.monotonic()
     try:
-        docs, runs, _energy, precisions, partial = _execute(args, args.policies, out, compare=True)
+        docs, runs, _energy, precisions, partial, context = _execute(args, args.policies, out, compare=True)
     except Fail as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -361,6 +369,7 @@ def compare_routing(args: argparse.Namespace) -> int:
                 "duration_s": time.monotonic() - t0,
                 "config": _config(args, precisions),
                 "policies": docs,
+                "context": context,
             }
         )
     )
@@ -385,7 +394,7 @@ def run_scheduled(args: argparse.Namespace) -> int:
     out = Path(args.out)
     started, t0 = time.time(), time.monotonic()
     try:
-        docs, runs, energy, precisions, partial = _execute(args, None, out, compare=False)
+        docs, runs, energy, precisions, partial, context = _execute(args, None, out, compare=False)
     except Fail as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -399,5 +408,6 @@ def run_scheduled(args: argparse.Namespace) -> int:
         started_unix_s=started,
         duration_s=time.monotonic() - t0,
         energy=energy,
+        context=context,
     )
     return write_outputs(report, runs, out, render_schedules, scored=not args.no_score, partial=partial)

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from loadgen.report import _CSS, _table, fmt, fmt_ci
+from loadgen.report import _CSS, _table, context_lines, fmt, fmt_ci
 from loadgen.schema import CompareRouting, Report, ScheduleRun
 
 
@@ -143,6 +143,8 @@ def write_markdown(doc: CompareRouting, path: Path) -> Path:
         + (f", {cfg.arrivals} arrivals" if cfg.arrivals else "")
         + f"), model `{cfg.model}`, dataset `{cfg.dataset}`, proxy {cfg.proxy}; schema {doc.schema_version}.",
         "",
+        *[f"* {line}" for line in context_lines(doc)],
+        "",
         "Fleet energy: every metered device's counter over the policy's run (schedule and drain), idle devices"
         " and idle time included; J/correct = fleet energy / correct answers. Intervals: 95% bootstrap.",
         "",
@@ -192,6 +194,7 @@ def render_schedules(report: Report, out: Path) -> None:
         for s in report.schedules
     )
     cfg = report.config
+    header = "".join(f"<li>{html.escape(line)}</li>" for line in context_lines(report))
     (out / "report.html").write_text(
         f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>qtrap loadgen schedule report</title><style>{_CSS}</style></head>
@@ -199,6 +202,7 @@ def render_schedules(report: Report, out: Path) -> None:
 <p class="note">schedule <code>{html.escape(str(cfg.schedule))}</code> ({html.escape(str(cfg.schedule_unit))}),
 model <code>{html.escape(str(cfg.model))}</code>, dataset <code>{html.escape(str(cfg.dataset))}</code>,
 proxy <code>{html.escape(str(cfg.proxy))}</code>; schema {report.schema_version}.</p>
+{f'<ul class="note">{header}</ul>' if header else ""}
 <h2>Whole runs</h2>{_table(SCHED_HEAD, schedule_rows(report))}
 {body}
 <p class="note">Fleet energy: every metered device's counter over the run (schedule and drain), idle included.

@@ -710,6 +710,7 @@ class CompareRouting(_Model):
     duration_s: float
     config: Config
     policies: list[PolicyResult]
+    context: Context | None = None
 
 
 class _Generator(GenerateJsonSchema):

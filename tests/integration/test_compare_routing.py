@@ -71,6 +71,12 @@ def test_compare_routing_on_the_embedded_default(tmp_path: Path) -> None:
     assert set(pols["round_robin"]["run"]["totals"]["precision_share"]) <= {"bf16", "int4"}
     md = (out / "compare-routing.md").read_text()
     assert "| round_robin |" in md and "fleet J" in md
+    # the header: what ran, where and on what (the simulated backends and their GPUs, the meter)
+    ctx = doc["context"]
+    assert ctx["embedded"] is True and ctx["command_line"].startswith("python -m loadgen compare-routing")
+    assert {(b["precision"], b["simulated"]) for b in ctx["backends"]} == {("bf16", True), ("int4", True)}
+    assert ctx["gpu_count"] == 2 and ctx["meter"]["kind"] == "dcgm"
+    assert f"* command: {ctx['command_line']}" in md and "* backend sim-int4: int4" in md
     # the comparison: the best pinned policy, the per-window oracle (never worse than it), each unpinned one
     jpc = {p["policy"]: p["run"]["totals"]["j_per_correct"] for p in ran}
     best = min(("bf16", "int4"), key=jpc.__getitem__)
@@ -97,6 +103,12 @@ def test_schedule_run_report(tmp_path: Path) -> None:
     assert s.label == "int4" and s.model == "qwen3-8b@int4" and len(s.windows) >= 3
     assert s.totals.fleet_energy_j is not None and s.totals.fleet_energy_j > 0
     assert s.windows[0].offered < s.windows[2].offered
+    assert (
+        rep.context is not None
+        and rep.context.embedded
+        and [b.precision for b in rep.context.backends] == ["int4"]
+    )
     assert "int4: ramp:1..3@3s" in proc.stdout and (out / "report.html").exists()
+    assert "<li>command: python -m loadgen --schedule ramp:1..3@3s" in (out / "report.html").read_text()
     again = loadgen("render", str(out / "report.json"), "--out", str(tmp_path / "r"))
     assert again.returncode == 0, again.stderr
