@@ -397,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
         no_score=args.no_score,
         argv=redact_keys(sys.argv[1:]),
     )
-    context = run_context(args, url, precisions, facts, started, redact_keys(sys.argv[1:]))
+    context = run_context(args, url, precisions, facts, started, sys.argv[1:])
     report = build(
         config,
         analysis,

@@ -147,7 +147,8 @@ def run_context(
     argv: Sequence[str],
 ) -> dict[str, Any]:
     """``build_context`` for a loadgen run: its options (``args``), the proxy it ran against, and what it asked
-    the proxy (``facts``: ``backends`` as ``fetch_backends`` gives them, ``energy`` the last snapshot)."""
+    the proxy (``facts``: ``backends`` as ``fetch_backends`` gives them, ``energy`` the last snapshot); the
+    key options' values in ``argv`` are redacted."""
     backends, backends_reason = facts.get("backends") or ([], "not asked (the run stopped first)")
     return build_context(
         started_unix_s=started_unix_s,

@@ -198,8 +198,9 @@ async def _run_policies(
     stopped: list[bool],
 ) -> tuple[list[tuple[Policy, dict[str, Any], LevelRun]], dict[str, Any], dict[str, Any]]:
     """The policies' runs, the proxy's energy accounts over them and what the report's header needs from the
-    proxy (``facts``: its backends and last energy snapshot). ``stopped`` carries Ctrl-C from one event loop to the next (each stack runs in its own loop, and an
-    asyncio.Event belongs to the loop it was first awaited in)."""
+    proxy (``facts``: its backends and last energy snapshot). ``stopped`` carries Ctrl-C from one event loop
+    to the next (each stack runs in its own loop, and an asyncio.Event belongs to the loop it was first
+    awaited in)."""
     stop = asyncio.Event()
     if stopped[0]:
         stop.set()
@@ -343,7 +344,7 @@ def _execute(
     for p in policies:
         r = results.get(p.name, {"ran": False, "not_run_reason": "interrupted before it ran"})
         docs.append({"policy": p.name, "kind": p.kind, "model": p.model, "run": None, **r})
-    context = run_context(args, url, precisions, facts, started, redact_keys(sys.argv[1:]))
+    context = run_context(args, url, precisions, facts, started, sys.argv[1:])
     return docs, runs, energy, precisions, stopped[0], context
 
 
