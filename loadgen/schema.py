@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic.json_schema import GenerateJsonSchema
 
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 GENERATOR = "qtrap loadgen"
 IGNORE_UNKNOWN = "ignore_unknown_fields"  # validation context key: a report of a newer minor version
 SCHEMA_COMMAND = "python -m loadgen schema > docs/report-schema.json"
@@ -679,7 +679,8 @@ class Report(_Model):
     schedules: list[ScheduleRun] = Field(default_factory=list)
     """`--schedule` runs, one per precision (levels, crossovers and indices are then empty); added in 1.2"""
     context: Context | None = None
-    """the run's header: date, versions, command line, backends, GPUs, meter; added in 1.3"""
+    """the run's header: date, versions, command line, backends, GPUs, meter; added in 1.3 (in `--schedule`
+    reports from 1.5)"""
     checks: Checks | None = None
     """the thresholds of the validity checks; added in 1.3"""
     warnings: list[ReportWarning] = Field(default_factory=list)
@@ -711,6 +712,7 @@ class CompareRouting(_Model):
     config: Config
     policies: list[PolicyResult]
     context: Context | None = None
+    """the run's header, as in report.json; added in 1.5"""
 
 
 class _Generator(GenerateJsonSchema):

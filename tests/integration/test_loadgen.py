@@ -52,7 +52,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 def test_embedded_default_report(embedded: Run) -> None:
     rep = embedded.report
-    assert rep["schema_version"] == "1.4" and rep["partial"] is False
+    assert rep["schema_version"] == "1.5" and rep["partial"] is False
     assert rep["accuracy_measured"] is True and rep["accuracy_null_reason"] is None
     assert rep["config"]["precisions"] == ["bf16", "fp8", "int8", "int4"] and rep["baseline"] == "bf16"
     assert {(lv["precision"], lv["concurrency"]) for lv in rep["levels"]} == {
