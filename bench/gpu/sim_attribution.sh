@@ -3,9 +3,14 @@
 # cores keep the simulated engines in real time at 64 in flight, where this project's 2-core development
 # machine lets them slip (the bench prints the slip per level). Nothing here uses the GPU.
 #
-# Run it on a machine that vllm_e2e.sh left warm (vLLM's packages in /tmp/vsite, the proxy's wheels and the
-# OpenTelemetry wheels in /tmp/qtrap-vllm-pkgs): those are the packages the proxy, qtrap-sim and the bench
-# import. Seeds run side by side, one bench (a simulator, a proxy, a client) per seed.
+# The packages the proxy, qtrap-sim and the bench import: on a machine that vllm_e2e.sh left warm, vLLM's
+# in /tmp/vsite and the proxy's and OpenTelemetry's wheels in /tmp/qtrap-vllm-pkgs (the default PKGS); on a
+# fresh one, carry cp312 wheels of the project's dependencies (`pip download --only-binary=:all:
+# --python-version 3.12 ... -d .gpu-wheels/simbench aiohttp orjson pydantic pydantic-settings pyyaml
+# prometheus-client starlette uvicorn opentelemetry-proto opentelemetry-sdk
+# opentelemetry-exporter-otlp-proto-http googleapis-common-protos "psycopg[binary]" requests`) and set
+# WHEELS=.gpu-wheels/simbench: they are installed into /tmp/qtrap-simbench-pkgs first.
+# Seeds run side by side, one bench (a simulator, a proxy, a client) per seed.
 #
 # Environment: SEEDS (default 1,2,3), ARGS (more bench options, default --engine-facts), ALT (a folder holding
 # another copy of the repository, e.g. `git archive <commit> | tar -x -C alt`, run the same way beside this
@@ -15,7 +20,11 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-sim-attr-out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-PKGS="/tmp/qtrap-vllm-pkgs:/tmp/vsite"
+PKGS=${PKGS:-/tmp/qtrap-vllm-pkgs:/tmp/vsite}
+if [ -n "${WHEELS:-}" ]; then
+  PKGS=/tmp/qtrap-simbench-pkgs
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$PKGS" "$WHEELS"/*.whl 2>&1 | tail -3
+fi
 export PYTHONUNBUFFERED=1
 SEEDS=${SEEDS:-1,2,3}
 ARGS=${ARGS:---engine-facts}
