@@ -19,6 +19,7 @@ Definitions (docs/methodology.md explains each):
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -311,7 +312,8 @@ class Bootstrap:
 
     def resample(self, key: str, groups: list[np.ndarray]) -> np.ndarray:
         """Column sums over a two-stage resample (repeats, then rows within each): shape (n, cols)."""
-        rng = np.random.default_rng([self.seed, abs(hash(key)) % (2**32)])
+        # crc32, not hash(): str hashes change per process (PYTHONHASHSEED); one --seed, one report
+        rng = np.random.default_rng([self.seed, zlib.crc32(key.encode())])
         groups = [g for g in groups if len(g)]
         if not groups:
             return np.zeros((self.n, 0))
