@@ -4,7 +4,10 @@ the latency tails and the context header, in report.json, the terminal summary a
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -292,3 +295,22 @@ def test_context_tails_and_warnings_in_json_terminal_and_html(tmp_path: Any) -> 
     assert html.index('id="warnings"') < html.index("<h2>")  # at the top
     assert "<code>errors</code> bf16 at concurrency 1: 5 of 100" in html
     assert "vLLM 0.26.0" in html and "Throughput and latency tails" in html and "990.1" in html
+
+
+def test_one_seed_gives_one_report_in_any_process() -> None:
+    """The bootstrap's intervals must not depend on the process's string-hash salt (PYTHONHASHSEED)."""
+    code = (
+        "import json\n"
+        "from loadgen.analysis import analyse\n"
+        "from tests.unit.loadgen.test_validity import _clean_fleet\n"
+        "a = analyse(_clean_fleet(), bootstrap=200, seed=5)\n"
+        "print(json.dumps([lv['ci'] for lv in a.levels], sort_keys=True))\n"
+    )
+    outs = set()
+    for salt in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": salt}
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        outs.add(run.stdout)
+    assert len(outs) == 1 and '"j_per_token": [' in next(iter(outs))
