@@ -72,11 +72,18 @@ class SharedFitEstimate(NamedTuple):
     shared_power_w: float  # the part shared by whatever runs, per busy second
     prefill_row_j: float  # energy of one prompt row through the linear layers
     decode_row_j: tuple[float, ...]  # of one decoded token, by the batch it was made in (DECODE_BATCH_EDGES)
-    kv_read_j: float  # of one KV-cache token read by attention
+    kv_read_j: float  # of one KV-cache token read by attention, beyond the busy time it adds
+    # busy seconds one KV read and one prefilled row add to a step (the busy-time fit, shrunk by its standard
+    # error toward 0 where the meter's data do not tell it apart from the steps and the decoded tokens)
+    kv_read_s: float = 0.0
+    prefill_row_s: float = 0.0
 
     def decode_row_at(self, batch: float) -> float:
         return self.decode_row_j[decode_bucket(batch)]
 
+
+# the most of an interval's busy time the shared model gives to the KV reads and prefilled rows that added it
+MAX_MOVED = 0.95
 
 # decoded rows' buckets by the mean number of requests running in the interval: 1, 2-3, 4-7, 8 or more
 DECODE_BATCH_EDGES = (1.5, 3.5, 7.5)
@@ -84,6 +91,56 @@ DECODE_BATCH_EDGES = (1.5, 3.5, 7.5)
 
 def decode_bucket(batch: float) -> int:
     return bisect.bisect_right(DECODE_BATCH_EDGES, batch)
+
+
+class _NormalEquations:
+    """Running sums of x x', x y and y^2 for a least-squares fit without intercept, older rows fading by
+    ``forget`` per row; solved for non-negative coefficients, with their standard errors."""
+
+    def __init__(self, k: int, forget: float) -> None:
+        self.k = k
+        self.forget = forget
+        self.n = 0
+        self.weight = 0.0  # the faded count of rows
+        self.s = [[0.0] * k for _ in range(k)]
+        self.c = [0.0] * k
+        self.yy = 0.0
+        self.seen = [0.0] * k  # the faded count of rows where each x was not 0
+
+    def add(self, x: list[float], y: float) -> None:
+        lam = self.forget
+        s, c = self.s, self.c
+        for i in range(self.k):
+            xi = x[i]
+            c[i] = lam * c[i] + xi * y
+            row = s[i]
+            for k in range(self.k):
+                row[k] = lam * row[k] + xi * x[k]
+        self.yy = lam * self.yy + y * y
+        self.weight = lam * self.weight + 1.0
+        for i in range(self.k):
+            self.seen[i] = lam * self.seen[i] + (1.0 if x[i] != 0 else 0.0)
+        self.n += 1
+
+    def solve(self) -> list[float] | None:
+        return _nnls_normal(self.s, self.c)
+
+    def standard_errors(self, b: list[float]) -> list[float]:
+        """Each positive coefficient's standard error (the residual variance times the diagonal of the inverse
+        normal matrix over the positive ones); 0 for those at zero, inf where that matrix is singular."""
+        act = [i for i in range(self.k) if b[i] > 0]
+        out = [0.0] * self.k
+        if not act:
+            return out
+        rss = self.yy - 2 * sum(b[i] * self.c[i] for i in act)
+        rss += sum(b[i] * self.s[i][j] * b[j] for i in act for j in act)
+        var = max(0.0, rss) / max(1.0, self.weight - len(act))
+        m = [[self.s[i][j] for j in act] for i in act]
+        for pos, i in enumerate(act):
+            unit = [1.0 if q == pos else 0.0 for q in range(len(act))]
+            col = _solve(m, unit)
+            out[i] = math.inf if col is None else math.sqrt(var * max(0.0, col[pos]))
+        return out
 
 
 class SharedRowsFit:
@@ -96,17 +153,32 @@ class SharedRowsFit:
     (``DECODE_BATCH_EDGES``: a row's marginal energy is near zero while a step streams the weights and grows
     once it computes, so one per-row figure over all batches is a compromise that, where rows, reads and busy
     time move together, collapses onto busy time alone), ``a`` the energy of one KV-cache token read by
-    attention (J). None of them may be negative (Lawson-Hanson's active set on the normal equations)."""
+    attention (J). None of them may be negative (Lawson-Hanson's active set on the normal equations).
+
+    Busy seconds are a regressor, so the energy of the time a KV read or a prefilled row adds to a step is in
+    ``p``, not in ``a`` or ``e_p``. A second fit, of each interval's busy seconds on its engine steps (the
+    decoded tokens over the mean batch), its decoded tokens by batch bucket, its KV reads and its prefilled
+    rows (``TIME_FORGET``: slower, as a kernel's timing does not drift), says how much time a read and a
+    prefilled row add, so the split can give that time's energy to whoever read or prefilled. Each is shrunk
+    toward 0 by its standard error (b * b^2 / (b^2 + se^2)): where the reads move with the steps and decoded
+    tokens the meter's data cannot say, and nothing is moved; and neither is used before reads (prompt rows)
+    were seen in ``MIN_INTERVALS`` intervals."""
 
     FORGET = 0.998
+    TIME_FORGET = 0.9995
     MIN_INTERVALS = 20
     K = 3 + len(DECODE_BATCH_EDGES) + 1  # busy, prefill rows, decode rows by bucket, KV reads
+    # time fit: steps, decode rows by bucket, KV reads, prefill rows
+    KT = 1 + len(DECODE_BATCH_EDGES) + 1 + 2
 
     def __init__(self) -> None:
-        self.n = 0
-        self._s = [[0.0] * self.K for _ in range(self.K)]  # sum x x^T
-        self._c = [0.0] * self.K  # sum x y
+        self.energy = _NormalEquations(self.K, self.FORGET)
+        self.time = _NormalEquations(self.KT, self.TIME_FORGET)
         self._cached: tuple[int, SharedFitEstimate | None] | None = None
+
+    @property
+    def n(self) -> int:
+        return self.energy.n
 
     @classmethod
     def features(
@@ -115,6 +187,14 @@ class SharedRowsFit:
         x = [0.0] * cls.K
         x[0], x[1], x[-1] = busy_s, max(0.0, rows - decode_rows), kv_reads
         x[2 + decode_bucket(batch)] = decode_rows
+        return x
+
+    @classmethod
+    def time_features(cls, rows: float, kv_reads: float, decode_rows: float, batch: float) -> list[float]:
+        x = [0.0] * cls.KT
+        x[0] = decode_rows / batch  # engine steps: every running request decodes one token per step
+        x[1 + decode_bucket(batch)] = decode_rows
+        x[-2], x[-1] = kv_reads, max(0.0, rows - decode_rows)
         return x
 
     def add(
@@ -128,27 +208,39 @@ class SharedRowsFit:
     ) -> None:
         """One busy interval: its busy seconds, its rows (prompt and decoded; ``decode_rows`` of them
         decoded, made at a mean ``batch`` of requests running), its energy and its KV reads."""
-        lam = self.FORGET
-        x = self.features(busy_s, rows, kv_reads, decode_rows, batch)
-        s, c = self._s, self._c
-        for i in range(self.K):
-            xi = x[i]
-            c[i] = lam * c[i] + xi * energy_j
-            row = s[i]
-            for k in range(self.K):
-                row[k] = lam * row[k] + xi * x[k]
-        self.n += 1
+        self.energy.add(self.features(busy_s, rows, kv_reads, decode_rows, batch), energy_j)
+        if decode_rows > 0 and batch > 0:
+            self.time.add(self.time_features(rows, kv_reads, decode_rows, batch), busy_s)
 
     def estimate(self) -> SharedFitEstimate | None:
         """What the fit says, or None before ``MIN_INTERVALS`` intervals."""
-        if self.n < self.MIN_INTERVALS or self._s[0][0] <= 0:
+        if self.n < self.MIN_INTERVALS or self.energy.s[0][0] <= 0:
             return None
         if self._cached is not None and self._cached[0] == self.n:
             return self._cached[1]
-        b = _nnls_normal(self._s, self._c)
-        est = None if b is None else SharedFitEstimate(b[0], b[1], tuple(b[2:-1]), b[-1])
+        b = self.energy.solve()
+        est = None
+        if b is not None:
+            kv_s = prefill_s = 0.0
+            if self.time.n >= self.MIN_INTERVALS:
+                t = self.time.solve()
+                if t is not None:
+                    se = self.time.standard_errors(t)
+                    # a time seen in fewer than MIN_INTERVALS intervals is one interval's noise, not a fact
+                    kv_s, prefill_s = (
+                        _shrunk(t[i], se[i]) if self.time.seen[i] >= self.MIN_INTERVALS else 0.0
+                        for i in (-2, -1)
+                    )
+            est = SharedFitEstimate(b[0], b[1], tuple(b[2:-1]), b[-1], kv_s, prefill_s)
         self._cached = (self.n, est)
         return est
+
+
+def _shrunk(b: float, se: float) -> float:
+    """A coefficient shrunk toward 0 by its standard error: b^3 / (b^2 + se^2)."""
+    if b <= 0 or math.isinf(se):
+        return 0.0
+    return b * b * b / (b * b + se * se)
 
 
 def _nnls_normal(s: list[list[float]], c: list[float]) -> list[float] | None:
@@ -367,13 +459,18 @@ class Tracked:
     def running(self, t0: float, t1: float, engine_view: bool = True) -> float:
         """Seconds of (t0, t1] this request was running on the engine: from its prefill to its last token
         where the engine said so, else (the proxy's view) all the time it was in flight."""
+        lo, hi = self.running_span(t0, t1, engine_view)
+        return max(0.0, hi - lo)
+
+    def running_span(self, t0: float, t1: float, engine_view: bool = True) -> tuple[float, float]:
+        """The part of (t0, t1] this request was running (empty: hi <= lo)."""
         e = self.engine if engine_view else None
         tl = self.tl
         if e is not None:
             lo, hi = e.prefill_start, e.last_token
         else:
             lo, hi = tl.start, tl.end if tl.end is not None else t1
-        return max(0.0, min(t1, hi) - max(t0, lo))
+        return max(t0, lo), min(t1, hi)
 
     def chunk_weights(self, t0: float, t1: float) -> list[tuple[int, int]]:
         """(chunk index, tokens) of the chunks that arrived in (t0, t1]."""
@@ -703,30 +800,42 @@ class DeviceAccount:
         kv = _fill_unknown([None if b is None else b[1] for b in each], overlaps)
         dec = _fill_unknown([None if b is None else min(b[2], b[0]) for b in each], overlaps)
         pre = [max(0.0, n - d) for n, d in zip(rows, dec, strict=True)]
-        run = [tr.running(t0, t1, engine_view) for tr in overlapping]
-        total_pre, total_dec, total_run, total_kv = sum(pre), sum(dec), sum(run), sum(kv)
+        spans = [tr.running_span(t0, t1, engine_view) for tr in overlapping]
+        total_pre, total_dec, total_kv = sum(pre), sum(dec), sum(kv)
+        total_run = sum(max(0.0, hi - lo) for lo, hi in spans)
         batch = total_run / busy_s if busy_s > 0 else 1.0
         if learn and busy_s > 0:
             self.fit.add(busy_s, total_pre + total_dec, e_busy, total_kv, total_dec, batch)
         est = self.fit.estimate()
         if est is None or total_run <= 0:
             return None
+        # the time reads and prefilled rows added to the steps, at the shared power, is theirs (at most
+        # MAX_MOVED of the busy time: the rest of a step, its weights and overheads, is shared)
+        t_kv, t_pre = est.kv_read_s * total_kv, est.prefill_row_s * total_pre
+        if t_kv + t_pre > MAX_MOVED * busy_s:
+            scale = MAX_MOVED * busy_s / (t_kv + t_pre)
+            t_kv, t_pre = t_kv * scale, t_pre * scale
+        p = est.shared_power_w
         parts = (
-            est.shared_power_w * busy_s,
-            est.prefill_row_j * total_pre,
+            p * (busy_s - t_kv - t_pre),
+            est.prefill_row_j * total_pre + p * t_pre,
             est.decode_row_at(batch) * total_dec,
-            est.kv_read_j * total_kv,
+            est.kv_read_j * total_kv + p * t_kv,
         )
         whole = sum(parts)
         if whole <= 0:
             return None
         f_run, f_pre, f_dec, f_kv = (x / whole for x in parts)
+        # the shared part by each request's share of the time it ran: a step's shared energy goes equally to
+        # the requests in it, so a request alone for part of the interval has all of that part
+        share = _time_shares(spans)
+        total_share = sum(share)
         return [
-            f_run * r / total_run
+            f_run * r / total_share
             + (f_pre * n / total_pre if total_pre > 0 else 0.0)
             + (f_dec * d / total_dec if total_dec > 0 else 0.0)
             + (f_kv * k / total_kv if total_kv > 0 else 0.0)
-            for r, n, d, k in zip(run, pre, dec, kv, strict=True)
+            for r, n, d, k in zip(share, pre, dec, kv, strict=True)
         ]
 
     def _foreign_work(self, iv: Interval, overlapping: list[Tracked], weights: list[float]) -> float:
@@ -796,6 +905,33 @@ def _add_hop(tr: Tracked, hop: int, joules: float) -> None:
     while len(tr.hop_energy_j) <= hop:
         tr.hop_energy_j.append(0.0)
     tr.hop_energy_j[hop] += joules
+
+
+def _time_shares(spans: list[tuple[float, float]]) -> list[float]:
+    """Each span's integral of 1 / (spans covering t) over its own length: the time each request had to
+    itself, shared equally with whoever ran beside it (empty spans, hi <= lo, get 0). They sum to the length
+    of the spans' union."""
+    events: list[tuple[float, int, int]] = []
+    for i, (lo, hi) in enumerate(spans):
+        if hi > lo:
+            events.append((lo, 1, i))
+            events.append((hi, -1, i))
+    events.sort()
+    out = [0.0] * len(spans)
+    cum = 0.0  # the integral of 1 / n(t) so far
+    live = 0
+    last = events[0][0] if events else 0.0
+    for t, kind, i in events:
+        if live > 0:
+            cum += (t - last) / live
+        last = t
+        if kind > 0:
+            out[i] = -cum
+            live += 1
+        else:
+            out[i] += cum
+            live -= 1
+    return out
 
 
 def _union_length(spans: list[tuple[float, float]]) -> float:

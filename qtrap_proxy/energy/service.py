@@ -65,6 +65,9 @@ def _fit_report(acc: DeviceAccount) -> dict[str, object] | None:
         "energy_per_decoded_token_j": None if est is None else list(est.decode_row_j),
         "decode_batch_from": [1, *(math.ceil(e) for e in DECODE_BATCH_EDGES)],
         "energy_per_kv_read_j": None if est is None else est.kv_read_j,
+        # busy seconds one KV read and one prefilled row add (their energy at the shared power is theirs)
+        "busy_s_per_kv_read": None if est is None else est.kv_read_s,
+        "busy_s_per_prompt_row": None if est is None else est.prefill_row_s,
     }
 
 

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from qtrap_proxy.energy import reasons
-from qtrap_proxy.energy.attribution import DeviceAccount, Tracked
+from qtrap_proxy.energy.attribution import DeviceAccount, Tracked, _union_length
 from qtrap_proxy.energy.facts import ClockOffset, EngineFacts, EngineTimes, header_times, otlp_times
 from qtrap_proxy.timeline import Timeline
 
@@ -342,15 +342,18 @@ def test_the_non_negative_least_squares_meets_its_optimality_conditions() -> Non
 
 
 def test_the_shared_model_splits_an_interval_by_running_time_and_rows() -> None:
-    """Once the fit knows the device (200 W shared, 0.05 J per row), an interval of 0.1 s where a prefills 990
-    prompt rows (+1 token) while b decodes 10 tokens: 20 J shared by running time (a ran half of it), 50 J by
-    rows; a gets 5 + 50 * 991 / 1001 J."""
+    """Once the fit knows the device (200 W shared, 0.05 J per row; steps whose length does not grow with
+    reads or prompt rows), an interval of 0.1 s where a prefills 990 prompt rows (+1 token) in its last half
+    while b decodes 10 tokens throughout: 20 J shared by the time each ran, split equally where both ran (b
+    had the first 0.05 s alone: a gets 0.025 s of the 0.1 s), 50 J by rows; a gets 5 + 50 * 991 / 1001 J."""
     acc = DeviceAccount("h:0", settle_s=0.0, prefill_weight=0.1, work_model="shared")
     for _ in range(100):  # what the device has shown so far (no attention cost; decoded tokens at batch 2-3)
         acc.fit.add(0.1, 100.0, 200.0 * 0.1 + 0.05 * 100.0, 5000.0)
         acc.fit.add(0.05, 1000.0, 200.0 * 0.05 + 0.05 * 1000.0, 9000.0)
-        acc.fit.add(0.08, 300.0, 200.0 * 0.08 + 0.05 * 300.0, 100.0, 200.0, 2.0)
-        acc.fit.add(0.1, 50.0, 200.0 * 0.1 + 0.05 * 50.0, 100.0, 50.0, 3.0)
+        acc.fit.add(0.08, 200.0, 200.0 * 0.08 + 0.05 * 200.0, 0.0, 200.0, 2.0)
+        acc.fit.add(0.1, 50.0, 200.0 * 0.1 + 0.05 * 50.0, 0.0, 50.0, 3.0)
+    est = acc.fit.estimate()
+    assert est is not None and est.kv_read_s == 0.0 and est.prefill_row_s == 0.0
     a = Tracked(_tl("a", 0.0, 1.2, [(1.1, 1)], 990, stream=True))
     a.engine = _times(0.0, 1.05, 1.1, 1.1, 990, 1)
     b = Tracked(_tl("b", 0.0, 1.2, [(1.0 + 0.01 * k, 1) for k in range(1, 12)], 10, stream=True))
@@ -363,9 +366,107 @@ def test_the_shared_model_splits_an_interval_by_running_time_and_rows() -> None:
     rows_a, rows_b = 990.0 + 1.0, 10.0
     f = 20.0 / 70.0
     assert a.energy_j == pytest.approx(
-        70.0 * (f * 0.5 / 1.5 + (1 - f) * rows_a / (rows_a + rows_b)), rel=0.01
+        70.0 * (f * 0.025 / 0.1 + (1 - f) * rows_a / (rows_a + rows_b)), rel=0.01
     )
     assert a.energy_j + b.energy_j == pytest.approx(70.0)
+
+
+def test_time_shares_split_each_moment_equally_among_the_requests_running() -> None:
+    """0-1 s: a alone; 1-3 s: a, b and c; 3-4 s: c alone; d never ran."""
+    from qtrap_proxy.energy.attribution import _time_shares
+
+    shares = _time_shares([(0.0, 3.0), (1.0, 3.0), (1.0, 4.0), (2.0, 2.0)])
+    assert shares == pytest.approx([1.0 + 2.0 / 3, 2.0 / 3, 2.0 / 3 + 1.0, 0.0])
+    assert sum(shares) == pytest.approx(4.0)  # the union of the spans
+    assert _time_shares([]) == [] and _time_shares([(1.0, 0.5)]) == [0.0]
+    rng = random.Random(5)
+    for _ in range(50):  # any spans: non-negative, summing to their union, equal spans equal shares
+        spans = [(lo, lo + rng.uniform(-0.1, 1.0)) for lo in (rng.uniform(0.0, 2.0) for _ in range(8))]
+        spans.append(spans[0])
+        got = _time_shares(spans)
+        assert all(x >= 0 for x in got) and got[0] == pytest.approx(got[-1])
+        assert sum(got) == pytest.approx(_union_length(spans))
+
+
+def test_the_time_reads_and_prompt_rows_add_goes_to_them() -> None:
+    """A device whose steps last 20 ms plus 0.1 us per KV read plus 20 us per prompt row prefilled, at 400 W
+    whatever runs (the energy has no part per read or row beyond the time they add): the busy-time fit finds
+    both times, and in an interval where a reads 20 times what b reads, a pays for the time its reads took."""
+    from qtrap_proxy.energy.attribution import SharedRowsFit
+
+    rng = random.Random(8)
+    acc = DeviceAccount("h:0", settle_s=0.0, prefill_weight=1.0, work_model="shared")
+    for _ in range(400):
+        batch = rng.uniform(1.0, 20.0)
+        steps = rng.uniform(3.0, 6.0)
+        decoded = batch * steps
+        kv = decoded * rng.uniform(50.0, 3000.0)
+        prompt = rng.choice([0.0, 0.0, 500.0]) * rng.uniform(0.5, 1.5)
+        busy = 0.02 * steps + 1e-7 * kv + 2e-5 * prompt
+        acc.fit.add(busy, prompt + decoded, 400.0 * busy, kv, decoded, batch)
+    est = acc.fit.estimate()
+    assert est is not None
+    assert est.kv_read_s == pytest.approx(1e-7, rel=0.02)
+    assert est.prefill_row_s == pytest.approx(2e-5, rel=0.02)
+    assert est.shared_power_w == pytest.approx(400.0, rel=0.01)
+
+    # both decode one token per 20 ms step for 0.1 s at 400 W (40 J); a's context is 20,000 tokens, b's 1,000
+    def pair(acc: DeviceAccount) -> tuple[Tracked, Tracked]:
+        out = []
+        for rid, prompt in (("a", 20_000), ("b", 1_000)):
+            tr = Tracked(_tl(rid, 0.0, 1.2, [(1.0 + 0.02 * k, 1) for k in range(1, 6)], prompt, stream=True))
+            tr.engine = _times(0.0, 0.0, 0.01, 1.1, prompt, 5)
+            tr.tl.completion_tokens = 5
+            acc.track(tr)
+            out.append(tr)
+        acc.on_reading(1.0, 0.0)
+        acc.on_reading(1.1, 40.0)
+        acc.settle(10.0)
+        return out[0], out[1]
+
+    reads = [tr.rows_and_kv(1.0, 1.1)[1] for tr in pair(DeviceAccount("x:0"))]  # type: ignore[index]
+    a, b = pair(acc)
+    assert a.energy_j + b.energy_j == pytest.approx(40.0)
+    # the reads' time (about 10.5 ms of the 100) at 400 W is the readers'; the rest is shared equally
+    tau = 1e-7
+    assert a.energy_j == pytest.approx(
+        400.0 * (0.1 - tau * sum(reads)) / 2 + 400.0 * tau * reads[0], rel=0.02
+    )
+    assert a.energy_j / b.energy_j > 1.15
+    # without the busy-time fit's figures (no decoded tokens seen) the same interval is split equally
+    plain = DeviceAccount("h:0", settle_s=0.0, prefill_weight=1.0, work_model="shared")
+    for _ in range(SharedRowsFit.MIN_INTERVALS):
+        plain.fit.add(0.1, 10.0, 40.0, 1000.0)
+    a2, b2 = pair(plain)
+    assert a2.energy_j == pytest.approx(b2.energy_j, rel=0.01)
+
+
+def test_a_time_the_meter_cannot_tell_apart_is_shrunk_to_nothing() -> None:
+    """Busy time that does not depend on the reads at all (noise of 10% per interval): the fit's KV-read time
+    is within its standard errors of zero, the shrunk figure is below the raw one, and the time it would move
+    to the readers of a typical interval is under 2% of that interval."""
+    from qtrap_proxy.energy.attribution import SharedRowsFit, _shrunk
+
+    rng = random.Random(2)
+    fit = SharedRowsFit()
+    for _ in range(300):
+        steps = rng.uniform(3.0, 6.0)
+        kv = 5 * steps * rng.uniform(100.0, 3000.0)
+        busy = 0.02 * steps * rng.gauss(1.0, 0.1)
+        fit.add(busy, 5 * steps, 400.0 * busy, kv, 5 * steps, 5.0)
+    raw = fit.time.solve()
+    assert raw is not None
+    se = fit.time.standard_errors(raw)
+    est = fit.estimate()
+    assert est is not None
+    if raw[-2] > 0:
+        assert raw[-2] < 3 * se[-2]
+        assert est.kv_read_s == pytest.approx(_shrunk(raw[-2], se[-2])) and est.kv_read_s < 0.9 * raw[-2]
+        assert est.kv_read_s * 5 * 4.5 * 1550.0 < 0.02 * 0.02 * 4.5
+    else:
+        assert est.kv_read_s == 0.0
+    assert _shrunk(1.0, 0.0) == 1.0 and _shrunk(1.0, 1.0) == 0.5 and _shrunk(0.0, 1.0) == 0.0
+    assert _shrunk(1.0, math.inf) == 0.0
 
 
 # -- the service joins spans to requests ------------------------------------------------------------------------
