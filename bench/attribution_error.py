@@ -345,6 +345,11 @@ def print_context(rows: list[dict[str, Any]], energy: dict[str, Any]) -> None:
                 f"  work model fit over {fit['intervals']} intervals: shared {fit['shared_power_w']:.1f} W, "
                 f"{fit['energy_per_prompt_row_j'] * 1000:.3f} mJ per prompt row, {fit['energy_per_kv_read_j'] * 1e6:.3f} uJ per KV read"
             )
+            if fit.get("busy_s_per_kv_read") is not None:
+                print(
+                    f"  busy time added per KV read {fit['busy_s_per_kv_read'] * 1e9:.2f} ns, "
+                    f"per prompt row {fit['busy_s_per_prompt_row'] * 1e6:.2f} us (their energy is theirs)"
+                )
             if fit.get("energy_per_decoded_token_j") is not None:
                 by = ", ".join(
                     f"batch {lo}+: {j * 1000:.3f}"

@@ -354,8 +354,9 @@ class MeterConfig(_Strict):
     work_model: Literal["rows", "shared"] = Field(
         "shared",
         description="how an interval's energy is shared by the requests in it: rows (by work: decode tokens, "
-        "prompt tokens x prefill_weight) or shared (learnt per device: a part by running time, shared by "
-        "whatever runs, and parts per prompt row, per decoded token by batch and per KV read; docs/design.md)",
+        "prompt tokens x prefill_weight) or shared (learnt per device: a part shared, at each moment, by "
+        "whatever runs then, and parts per prompt row, per decoded token by batch and per KV read, with the "
+        "busy time reads and prompt rows add; docs/design.md)",
     )
     compare_views: bool = Field(
         False,

@@ -790,10 +790,11 @@ class DeviceAccount:
     ) -> list[float] | None:
         """The ``shared`` work model: each request's fraction of the interval's busy energy. The device's
         energy while busy is learnt (SharedRowsFit) as a part proportional to busy time (weights streamed once
-        per step, fixed overheads: shared by the requests running, by their running time), a part per prompt
-        row and a part per decoded token at the interval's batch (each request's own rows), and a part per
-        KV-cache read (each request's own reads); None until the fit has seen enough intervals to say how
-        large each part is. The fractions sum to 1."""
+        per step, fixed overheads: at each moment shared equally by the requests running then), a part per
+        prompt row and a part per decoded token at the interval's batch (each request's own rows), and a part
+        per KV-cache read (each request's own reads); the busy time that reads and prefilled rows add (the
+        busy-time fit) goes, at the shared power, with them. None until the fit has seen enough intervals to
+        say how large each part is. The fractions sum to 1."""
         t0, t1 = iv.t0, iv.t1
         each = [tr.rows_and_kv(t0, t1, engine_view) for tr in overlapping]
         rows = _fill_unknown([None if b is None else b[0] for b in each], overlaps)

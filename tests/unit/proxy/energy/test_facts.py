@@ -573,3 +573,30 @@ def test_cached_tokens_from_usage_are_validated() -> None:
     assert tl.prefilled(50) == 50 and tl.prefilled(None) is None
     tl.cached_tokens = 20
     assert tl.prefilled(50) == 30 and tl.prefilled(10) == 0
+
+
+def test_the_energy_route_reports_what_the_shared_model_learnt() -> None:
+    """``work_fit`` in GET /qtrap/v1/energy: null figures before enough intervals, then the fit's parts and
+    the busy time a read and a prompt row add; nothing for the rows model."""
+    from qtrap_proxy.energy.service import _fit_report
+
+    assert _fit_report(DeviceAccount("h:0", work_model="rows")) is None
+    acc = DeviceAccount("h:0", work_model="shared")
+    early = _fit_report(acc)
+    assert early is not None and early["intervals"] == 0 and early["shared_power_w"] is None
+    assert early["busy_s_per_kv_read"] is None and early["decode_batch_from"] == [1, 2, 4, 8]
+    rng = random.Random(4)
+    for _ in range(300):
+        batch, steps = rng.uniform(1.0, 20.0), rng.uniform(3.0, 6.0)
+        decoded = batch * steps
+        kv = decoded * rng.uniform(50.0, 3000.0)
+        prompt = rng.choice([0.0, 500.0]) * rng.uniform(0.5, 1.5)
+        busy = 0.02 * steps + 1e-7 * kv + 2e-5 * prompt
+        acc.fit.add(busy, prompt + decoded, 300.0 * busy + 1e-5 * kv, kv, decoded, batch)
+    rep = _fit_report(acc)
+    assert rep is not None and rep["intervals"] == 300
+    assert rep["shared_power_w"] == pytest.approx(300.0, rel=1e-3)
+    assert rep["energy_per_kv_read_j"] == pytest.approx(1e-5, rel=1e-3)
+    assert rep["busy_s_per_kv_read"] == pytest.approx(1e-7, rel=1e-3)
+    assert rep["busy_s_per_prompt_row"] == pytest.approx(2e-5, rel=1e-3)
+    assert rep["energy_per_prompt_row_j"] == pytest.approx(0.0, abs=1e-9)
