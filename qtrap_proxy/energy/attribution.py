@@ -810,8 +810,11 @@ class DeviceAccount:
         est = self.fit.estimate()
         if est is None or total_run <= 0:
             return None
-        # the time reads and prefilled rows added to the steps, at the shared power, is theirs (at most
-        # MAX_MOVED of the busy time: the rest of a step, its weights and overheads, is shared)
+        # the time reads and prefilled rows added to the steps (at most MAX_MOVED of the busy time: the rest of
+        # a step, its weights and overheads, is shared) is theirs: their part is the fit's energy for them, and
+        # never less than that time at the shared power (the fit's per-read figure is the energy beyond the
+        # time where the busy seconds took the time in, and the whole where they did not: the larger of the
+        # two never counts the time twice)
         t_kv, t_pre = est.kv_read_s * total_kv, est.prefill_row_s * total_pre
         if t_kv + t_pre > MAX_MOVED * busy_s:
             scale = MAX_MOVED * busy_s / (t_kv + t_pre)
@@ -819,9 +822,9 @@ class DeviceAccount:
         p = est.shared_power_w
         parts = (
             p * (busy_s - t_kv - t_pre),
-            est.prefill_row_j * total_pre + p * t_pre,
+            max(est.prefill_row_j * total_pre, p * t_pre),
             est.decode_row_at(batch) * total_dec,
-            est.kv_read_j * total_kv + p * t_kv,
+            max(est.kv_read_j * total_kv, p * t_kv),
         )
         whole = sum(parts)
         if whole <= 0:

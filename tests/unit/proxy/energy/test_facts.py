@@ -391,7 +391,8 @@ def test_time_shares_split_each_moment_equally_among_the_requests_running() -> N
 def test_the_time_reads_and_prompt_rows_add_goes_to_them() -> None:
     """A device whose steps last 20 ms plus 0.1 us per KV read plus 20 us per prompt row prefilled, at 400 W
     whatever runs (the energy has no part per read or row beyond the time they add): the busy-time fit finds
-    both times, and in an interval where a reads 20 times what b reads, a pays for the time its reads took."""
+    both times, and in an interval where a reads 20 times what b reads, a pays for the time its reads took;
+    where the fit also finds energy per read beyond that time, the reads' part is the larger of the two."""
     from qtrap_proxy.energy.attribution import SharedRowsFit
 
     rng = random.Random(8)
@@ -433,6 +434,23 @@ def test_the_time_reads_and_prompt_rows_add_goes_to_them() -> None:
         400.0 * (0.1 - tau * sum(reads)) / 2 + 400.0 * tau * reads[0], rel=0.02
     )
     assert a.energy_j / b.energy_j > 1.15
+    # a device whose reads also cost energy beyond their time (the fit's own figure, 100 uJ per read, above
+    # the 40 uJ their time costs at 400 W): the reads' part is the larger of the two, never both
+    rich = DeviceAccount("h:0", settle_s=0.0, prefill_weight=1.0, work_model="shared")
+    for _ in range(400):
+        batch, steps = rng.uniform(1.0, 20.0), rng.uniform(3.0, 6.0)
+        decoded = batch * steps
+        kv = decoded * rng.uniform(50.0, 3000.0)
+        busy = 0.02 * steps + 1e-7 * kv
+        rich.fit.add(busy, decoded, 400.0 * busy + 1e-4 * kv, kv, decoded, batch)
+    est = rich.fit.estimate()
+    assert est is not None and est.kv_read_j == pytest.approx(1e-4, rel=1e-3)
+    a3, b3 = pair(rich)
+    assert a3.energy_j + b3.energy_j == pytest.approx(40.0)
+    k_all = sum(reads)
+    parts = (400.0 * (0.1 - tau * k_all), 1e-4 * k_all)  # the shared part, the reads' part
+    want_a = 40.0 * (parts[0] / 2 + parts[1] * reads[0] / k_all) / sum(parts)
+    assert a3.energy_j == pytest.approx(want_a, rel=0.02)
     # without the busy-time fit's figures (no decoded tokens seen) the same interval is split equally
     plain = DeviceAccount("h:0", settle_s=0.0, prefill_weight=1.0, work_model="shared")
     for _ in range(SharedRowsFit.MIN_INTERVALS):
