@@ -97,9 +97,8 @@ class _NormalEquations:
     """Running sums of x x', x y and y^2 for a least-squares fit without intercept, older rows fading by
     ``forget`` per row; solved for non-negative coefficients, with their standard errors."""
 
-    def __init__(self, k: int, forget: float) -> None:
+    def __init__(self, k: int) -> None:
         self.k = k
-        self.forget = forget
         self.n = 0
         self.weight = 0.0  # the faded count of rows
         self.s = [[0.0] * k for _ in range(k)]
@@ -107,8 +106,9 @@ class _NormalEquations:
         self.yy = 0.0
         self.seen = [0.0] * k  # the faded count of rows where each x was not 0
 
-    def add(self, x: list[float], y: float) -> None:
-        lam = self.forget
+    def add(self, x: list[float], y: float, forget: float) -> None:
+        """One row; what came before fades by ``forget``."""
+        lam = forget
         s, c = self.s, self.c
         for i in range(self.k):
             xi = x[i]
@@ -146,34 +146,37 @@ class _NormalEquations:
 class SharedRowsFit:
     """Online non-negative least squares, without intercept, of a device's busy energy per interval
     against what the requests did in it: E ~ p * busy_s + e_p * prefill_rows + e_d[b] * decode_rows
-    + a * kv_reads, older intervals fading (``FORGET`` per interval: a time constant of about 500 intervals,
-    a minute at NVML's pace). ``p`` is the power shared by whatever runs (weights streamed once per step,
+    + a * kv_reads. ``p`` is the power shared by whatever runs (weights streamed once per step,
     fixed overheads; W), ``e_p`` the energy of one prompt row through the linear layers, ``e_d[b]`` that of
     one decoded token made while the interval's mean batch (requests running) was in bucket ``b``
     (``DECODE_BATCH_EDGES``: a row's marginal energy is near zero while a step streams the weights and grows
     once it computes, so one per-row figure over all batches is a compromise that, where rows, reads and busy
     time move together, collapses onto busy time alone), ``a`` the energy of one KV-cache token read by
     attention (J). None of them may be negative (Lawson-Hanson's active set on the normal equations).
+    Older intervals fade with the busy time since (``MEMORY_S``: e^(-t / 50 s), about 500 intervals at
+    NVML's pace; a fit whose memory were counted in intervals would forget five times faster on a meter
+    five times finer, and hold less than one load level).
 
     Busy seconds are a regressor, so the energy of the time a KV read or a prefilled row adds to a step is in
     ``p``, not in ``a`` or ``e_p``. A second fit, of each interval's busy seconds on its engine steps (the
     decoded tokens over the mean batch), its decoded tokens by batch bucket, its KV reads and its prefilled
-    rows (``TIME_FORGET``: slower, as a kernel's timing does not drift), says how much time a read and a
+    rows (``TIME_MEMORY_S``: longer, as a kernel's timing does not drift), says how much time a read and a
     prefilled row add, so the split can give that time's energy to whoever read or prefilled. Each is shrunk
     toward 0 by its standard error (b * b^2 / (b^2 + se^2)): where the reads move with the steps and decoded
     tokens the meter's data cannot say, and nothing is moved; and neither is used before reads (prompt rows)
     were seen in ``MIN_INTERVALS`` intervals."""
 
-    FORGET = 0.998
-    TIME_FORGET = 0.9995
+    MEMORY_S = 50.0
+    TIME_MEMORY_S = 200.0
+    DEFAULT_INTERVAL_S = 0.1  # an interval's length where the caller does not say (NVML's pace)
     MIN_INTERVALS = 20
     K = 3 + len(DECODE_BATCH_EDGES) + 1  # busy, prefill rows, decode rows by bucket, KV reads
     # time fit: steps, decode rows by bucket, KV reads, prefill rows
     KT = 1 + len(DECODE_BATCH_EDGES) + 1 + 2
 
     def __init__(self) -> None:
-        self.energy = _NormalEquations(self.K, self.FORGET)
-        self.time = _NormalEquations(self.KT, self.TIME_FORGET)
+        self.energy = _NormalEquations(self.K)
+        self.time = _NormalEquations(self.KT)
         self._cached: tuple[int, SharedFitEstimate | None] | None = None
 
     @property
@@ -205,12 +208,20 @@ class SharedRowsFit:
         kv_reads: float = 0.0,
         decode_rows: float = 0.0,
         batch: float = 1.0,
+        interval_s: float | None = None,
     ) -> None:
         """One busy interval: its busy seconds, its rows (prompt and decoded; ``decode_rows`` of them
-        decoded, made at a mean ``batch`` of requests running), its energy and its KV reads."""
-        self.energy.add(self.features(busy_s, rows, kv_reads, decode_rows, batch), energy_j)
+        decoded, made at a mean ``batch`` of requests running), its energy, its KV reads and its length."""
+        dt = self.DEFAULT_INTERVAL_S if interval_s is None else max(0.0, interval_s)
+        self.energy.add(
+            self.features(busy_s, rows, kv_reads, decode_rows, batch), energy_j, math.exp(-dt / self.MEMORY_S)
+        )
         if decode_rows > 0 and batch > 0:
-            self.time.add(self.time_features(rows, kv_reads, decode_rows, batch), busy_s)
+            self.time.add(
+                self.time_features(rows, kv_reads, decode_rows, batch),
+                busy_s,
+                math.exp(-dt / self.TIME_MEMORY_S),
+            )
 
     def estimate(self) -> SharedFitEstimate | None:
         """What the fit says, or None before ``MIN_INTERVALS`` intervals."""
@@ -806,7 +817,7 @@ class DeviceAccount:
         total_run = sum(max(0.0, hi - lo) for lo, hi in spans)
         batch = total_run / busy_s if busy_s > 0 else 1.0
         if learn and busy_s > 0:
-            self.fit.add(busy_s, total_pre + total_dec, e_busy, total_kv, total_dec, batch)
+            self.fit.add(busy_s, total_pre + total_dec, e_busy, total_kv, total_dec, batch, t1 - t0)
         est = self.fit.estimate()
         if est is None or total_run <= 0:
             return None

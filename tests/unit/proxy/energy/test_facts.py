@@ -618,3 +618,24 @@ def test_the_energy_route_reports_what_the_shared_model_learnt() -> None:
     assert rep["busy_s_per_kv_read"] == pytest.approx(1e-7, rel=1e-3)
     assert rep["busy_s_per_prompt_row"] == pytest.approx(2e-5, rel=1e-3)
     assert rep["energy_per_prompt_row_j"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_fit_remembers_seconds_not_intervals() -> None:
+    """The same minute of work seen through a meter of 100 ms and one of 20 ms intervals (each interval the
+    same mix, so a finer meter only cuts it finer): after the device's shared power moves from 300 W to
+    400 W for 20 s, both fits have moved by the same amount, part of the way (a memory of about 50 s)."""
+    from qtrap_proxy.energy.attribution import SharedRowsFit
+
+    ests = []
+    for dt in (0.1, 0.02):
+        fit = SharedRowsFit()
+        for power, seconds in ((300.0, 60.0), (400.0, 20.0)):
+            for i in range(round(seconds / dt)):
+                rows = (50.0 + 40.0 * (i % 5)) * dt / 0.1
+                kv = rows * (100.0 + 300.0 * (i % 3))
+                fit.add(dt, rows, power * dt + 0.05 * rows + 1e-6 * kv, kv, 0.0, 1.0, dt)
+        est = fit.estimate()
+        assert est is not None
+        ests.append(est.shared_power_w)
+    assert ests[0] == pytest.approx(ests[1], rel=1e-3)
+    assert 300.0 + 100.0 * 0.25 < ests[0] < 300.0 + 100.0 * 0.5  # 1 - e^(-20/50) = 0.33 of the way
