@@ -94,8 +94,8 @@ def decode_bucket(batch: float) -> int:
 
 
 class _NormalEquations:
-    """Running sums of x x', x y and y^2 for a least-squares fit without intercept, older rows fading by
-    ``forget`` per row; solved for non-negative coefficients, with their standard errors."""
+    """Running sums of x x', x y and y^2 for a least-squares fit without intercept, older rows fading by the
+    ``forget`` each new row brings; solved for non-negative coefficients, with their standard errors."""
 
     def __init__(self, k: int) -> None:
         self.k = k
@@ -116,10 +116,9 @@ class _NormalEquations:
             row = s[i]
             for k in range(self.k):
                 row[k] = lam * row[k] + xi * x[k]
+            self.seen[i] = lam * self.seen[i] + (1.0 if xi != 0 else 0.0)
         self.yy = lam * self.yy + y * y
         self.weight = lam * self.weight + 1.0
-        for i in range(self.k):
-            self.seen[i] = lam * self.seen[i] + (1.0 if x[i] != 0 else 0.0)
         self.n += 1
 
     def solve(self) -> list[float] | None:
@@ -467,14 +466,9 @@ class Tracked:
         reads = (rows - decode) * (prompt / prefilled if prefilled > 0 else 1.0)
         return rows, reads + decode * (prompt + before + decode / 2), decode
 
-    def running(self, t0: float, t1: float, engine_view: bool = True) -> float:
-        """Seconds of (t0, t1] this request was running on the engine: from its prefill to its last token
-        where the engine said so, else (the proxy's view) all the time it was in flight."""
-        lo, hi = self.running_span(t0, t1, engine_view)
-        return max(0.0, hi - lo)
-
     def running_span(self, t0: float, t1: float, engine_view: bool = True) -> tuple[float, float]:
-        """The part of (t0, t1] this request was running (empty: hi <= lo)."""
+        """The part of (t0, t1] this request was running on the engine (empty: hi <= lo): from its prefill to
+        its last token where the engine said so, else (the proxy's view) all the time it was in flight."""
         e = self.engine if engine_view else None
         tl = self.tl
         if e is not None:
@@ -804,7 +798,8 @@ class DeviceAccount:
         per step, fixed overheads: at each moment shared equally by the requests running then), a part per
         prompt row and a part per decoded token at the interval's batch (each request's own rows), and a part
         per KV-cache read (each request's own reads); the busy time that reads and prefilled rows add (the
-        busy-time fit) goes, at the shared power, with them. None until the fit has seen enough intervals to
+        busy-time fit) leaves the shared part, and their parts are the larger of the fit's figure for them and
+        that time at the shared power. None until the fit has seen enough intervals to
         say how large each part is. The fractions sum to 1."""
         t0, t1 = iv.t0, iv.t1
         each = [tr.rows_and_kv(t0, t1, engine_view) for tr in overlapping]
