@@ -93,12 +93,20 @@ def test_unpinned_requests_go_to_the_cheaper_precision(url: str) -> None:
 
     # a pin wins, and a chain keeps the precision of its first hop
     assert _chat(url, "qwen3-8b@bf16") == ("bf16", "pinned")
-    assert _chat(url, chain="chain-a")[0] == cheaper
-    assert _chat(url, chain="chain-a") == (cheaper, "sticky")
+    # (a chain's first hop is routed like any request, so exploration may send it elsewhere: a few chains
+    # until one starts on the cheaper precision; its next hop must stay there)
+    chain = next((c for c in (f"chain-a{i}" for i in range(8)) if _chat(url, chain=c)[0] == cheaper), None)
+    assert chain is not None, "eight chains' first hops all went to the dearer precision"
+    assert _chat(url, chain=chain) == (cheaper, "sticky")
     assert _chat(url, "qwen3-8b@bf16", chain="chain-b") == ("bf16", "pinned")
     # a chain stays while its precision is within sticky_max_ratio (1.5) of the cheapest, else moves
+    # (routed afresh, exploration may still pick bf16, but then not as "cheapest")
     kept = measured["bf16"] <= 1.5 * measured["int4"]
-    assert _chat(url, chain="chain-b") == (("bf16", "sticky") if kept else ("int4", "cheapest"))
+    hop = _chat(url, chain="chain-b")
+    if kept:
+        assert hop == ("bf16", "sticky")
+    else:
+        assert hop in {("int4", "cheapest"), ("bf16", "explore"), ("int4", "explore")}, hop
 
     table = requests.get(url + "/qtrap/v1/routing", timeout=5).json()
     (pool,) = table["pools"]
