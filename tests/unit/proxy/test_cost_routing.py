@@ -79,7 +79,7 @@ class Setup:
         """``n`` one-second meter intervals of ``name`` at ``load`` in flight, 100 tokens/s per request at
         ``jpt`` J/token above idle (unless not ``energy``), and ``n`` final records with these latencies."""
         b = self.by_name[name]
-        rng = random.Random(hash((name, load, jpt)))
+        rng = random.Random(f"{name}|{load}|{jpt}")  # the same noise in every process (hash() is salted)
         for _ in range(n):
             if energy and status == "ok":
                 rate = 100.0 * load
