@@ -31,7 +31,13 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             backend(f"sim-{p}", port, p, devices=[{"host": "qtrap-sim", "index": i}])
             for i, (p, port) in enumerate(ports.items())
         ],
-        "pools": {"qwen3-8b": {"default_precision": "bf16", "routing": "cost", "cost": {"probe_s": 1.0}}},
+        "pools": {
+            "qwen3-8b": {
+                "default_precision": "bf16",
+                "routing": "cost",
+                "cost": {"probe_s": 1.0, "sticky_max_ratio": 4.0},
+            }
+        },
         "meter": {
             "kind": "dcgm",
             "urls": [f"http://127.0.0.1:{port}/dcgm/metrics" for port in ports.values()],
@@ -99,14 +105,11 @@ def test_unpinned_requests_go_to_the_cheaper_precision(url: str) -> None:
     assert chain is not None, "eight chains' first hops all went to the dearer precision"
     assert _chat(url, chain=chain) == (cheaper, "sticky")
     assert _chat(url, "qwen3-8b@bf16", chain="chain-b") == ("bf16", "pinned")
-    # a chain stays while its precision is within sticky_max_ratio (1.5) of the cheapest, else moves
-    # (routed afresh, exploration may still pick bf16, but then not as "cheapest")
-    kept = measured["bf16"] <= 1.5 * measured["int4"]
-    hop = _chat(url, chain="chain-b")
-    if kept:
-        assert hop == ("bf16", "sticky")
-    else:
-        assert hop in {("int4", "cheapest"), ("bf16", "explore"), ("int4", "explore")}, hop
+    # a chain stays while its precision is within sticky_max_ratio of the cheapest (set to 4 here: BF16 costs
+    # about 1.4-1.8x W4A16 on the simulated H200, and a ratio near the default 1.5 would make the outcome
+    # depend on the curves' last intervals; moving beyond the ratio is unit-tested on constructed curves)
+    assert measured["bf16"] < 3 * measured["int4"], measured
+    assert _chat(url, chain="chain-b") == ("bf16", "sticky")
 
     table = requests.get(url + "/qtrap/v1/routing", timeout=5).json()
     (pool,) = table["pools"]
