@@ -105,9 +105,9 @@ def test_unpinned_requests_go_to_the_cheaper_precision(url: str) -> None:
     assert chain is not None, "eight chains' first hops all went to the dearer precision"
     assert _chat(url, chain=chain) == (cheaper, "sticky")
     assert _chat(url, "qwen3-8b@bf16", chain="chain-b") == ("bf16", "pinned")
-    # a chain stays while its precision is within sticky_max_ratio of the cheapest (set to 4 here: BF16 costs
-    # about 1.4-1.8x W4A16 on the simulated H200, and a ratio near the default 1.5 would make the outcome
-    # depend on the curves' last intervals; moving beyond the ratio is unit-tested on constructed curves)
+    # a chain stays while its precision is within sticky_max_ratio of the cheapest (set to 4 here: BF16's cost
+    # over W4A16's on the simulated H200 sits near the default 1.5, where the outcome would turn on the
+    # curves' last intervals; moving beyond the ratio is unit-tested on constructed curves)
     assert measured["bf16"] < 3 * measured["int4"], measured
     assert _chat(url, chain="chain-b") == ("bf16", "sticky")
 
