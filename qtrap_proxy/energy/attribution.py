@@ -108,14 +108,13 @@ class _NormalEquations:
 
     def add(self, x: list[float], y: float, forget: float) -> None:
         """One row; what came before fades by ``forget``."""
-        lam = forget
-        s, c = self.s, self.c
+        lam, s, c = forget, self.s, self.c
         for i in range(self.k):
             xi = x[i]
             c[i] = lam * c[i] + xi * y
             row = s[i]
-            for k in range(self.k):
-                row[k] = lam * row[k] + xi * x[k]
+            for j in range(self.k):
+                row[j] = lam * row[j] + xi * x[j]
             self.seen[i] = lam * self.seen[i] + (1.0 if xi != 0 else 0.0)
         self.yy = lam * self.yy + y * y
         self.weight = lam * self.weight + 1.0
